@@ -1,0 +1,49 @@
+//! Chunked, fused cross-entropy for [candle](https://github.com/huggingface/candle),
+//! with a hand-written backward: the loss that language-model training needs,
+//! exact to PyTorch's `F.cross_entropy`, without the `[N, V]` f32 temporaries of
+//! `candle_nn::loss::cross_entropy`.
+//!
+//! ```
+//! use candle::{Device, Tensor, Var};
+//! use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+//!
+//! # fn main() -> candle::Result<()> {
+//! let device = Device::Cpu;
+//! // Four tokens over a vocabulary of 5; the third token is padding.
+//! let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 5), &device)?)?;
+//! let labels = Tensor::new(&[1i64, 4, -100, 0], &device)?;
+//!
+//! let loss = ChunkedCrossEntropy::default().forward(&logits, &labels, None)?;
+//! let grads = loss.backward()?;
+//! let grad = grads.get(&logits).expect("the logits get a gradient");
+//! assert_eq!(grad.dims(), &[4, 5]);
+//! // The padding row contributes no gradient.
+//! assert_eq!(grad.get(2)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+//!
+//! // Per-token losses, with a mask instead of ignore_index.
+//! let mask = Tensor::new(&[1u8, 1, 0, 1], &device)?;
+//! let labels = Tensor::new(&[1u32, 4, 2, 0], &device)?;
+//! let per_token = ChunkedCrossEntropy::default()
+//!     .reduction(Reduction::None)
+//!     .forward(&logits, &labels, Some(&mask))?;
+//! assert_eq!(per_token.dims(), &[4]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`ChunkedCrossEntropy`]: the configurable loss (chunk length, fused or
+//!   primitive kernels, `ignore_index`, [`Reduction`], in-place gradient), with
+//!   `num_label_tokens` for gradient accumulation.
+//! - [`compute_cross_entropy`]: the sum of per-row losses (NeMo's function).
+//! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
+//!   autograd, the reference the tests hold the fast path against.
+//!
+//! Features: none by default (CPU); `cuda` builds candle with CUDA.
+
+mod cpu;
+mod loss;
+mod op;
+pub mod reference;
+
+pub use cpu::instruction_set;
+pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, Reduction};

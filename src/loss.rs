@@ -1,0 +1,266 @@
+//! The public API: [`ChunkedCrossEntropy`], [`Reduction`] and
+//! [`compute_cross_entropy`]. Every argument is validated here, once; the ops
+//! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
+//! contiguous i64 labels with masked rows already set to `ignore_index`.
+
+use crate::op::{self, CrossEntropyNode, Engine, OpConfig};
+use candle::{bail, DType, Result, Tensor};
+
+/// How per-token losses are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// Sum of the per-token losses divided by the number of valid tokens (or
+    /// by `num_label_tokens` when given). A scalar.
+    #[default]
+    Mean,
+    /// Sum of the per-token losses. A scalar.
+    Sum,
+    /// The per-token losses, shaped like the labels (`[N]` or `[B, S]`), 0 on
+    /// ignored tokens.
+    None,
+}
+
+/// Chunked, fused cross-entropy over `[N, V]` or `[B, S, V]` logits, after
+/// NVIDIA NeMo AutoModel's `ChunkedCrossEntropy`, with a hand-written backward.
+///
+/// The whole loss is one node of candle's graph. Its forward reduces each row
+/// in f32 (f64 for f64 logits) without materialising any `[N, V]` buffer; its
+/// backward writes `(softmax(x) - onehot(y)) * upstream / n` straight into one
+/// gradient buffer in the logits' dtype (or into the logits themselves with
+/// [`inplace_grad`](Self::inplace_grad)).
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | `chunk_len` | 32 | rows per work unit; bounds the f32 scratch (`compile = false`: `[chunk_len, V]` temporaries) |
+/// | `compile` | `true` | fused CPU kernels (`true`) or candle's primitive ops chunk by chunk (`false`) |
+/// | `ignore_index` | -100 | label value whose token contributes no loss and no gradient |
+/// | `reduction` | [`Reduction::Mean`] | mean over valid tokens, sum, or per-token |
+/// | `inplace_grad` | `false` | write the gradient over the logits (destroys them; needs `compile = true`) |
+///
+/// # Divergences from PyTorch's `F.cross_entropy`
+/// - When every token is ignored (or `num_label_tokens` is 0, or there are no
+///   tokens) the loss and its gradient are exactly 0; PyTorch gives NaN.
+/// - bf16/f16 logits are reduced in f32 and the loss is f32; the gradient is
+///   formed in f32 and rounded once to the logits' dtype.
+/// - NaN or `+inf` in a valid row's logits make that row's loss NaN, as in
+///   PyTorch (so that mixed-precision loss scalers can see the overflow);
+///   ignored rows are never read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkedCrossEntropy {
+    chunk_len: usize,
+    compile: bool,
+    ignore_index: i64,
+    reduction: Reduction,
+    inplace_grad: bool,
+}
+
+impl Default for ChunkedCrossEntropy {
+    fn default() -> Self {
+        Self::new(32, true, -100)
+    }
+}
+
+impl ChunkedCrossEntropy {
+    /// The NeMo constructor: `ChunkedCrossEntropy(chunk_len, compile,
+    /// ignore_index)`, with [`Reduction::Mean`] and `inplace_grad = false`.
+    /// `chunk_len` is checked when the loss is computed (0 is an error).
+    pub fn new(chunk_len: usize, compile: bool, ignore_index: i64) -> Self {
+        Self { chunk_len, compile, ignore_index, reduction: Reduction::Mean, inplace_grad: false }
+    }
+
+    /// Sets the number of rows per work unit (at least 1).
+    pub fn chunk_len(mut self, chunk_len: usize) -> Self {
+        self.chunk_len = chunk_len;
+        self
+    }
+
+    /// Selects the fused kernels (`true`) or candle's primitive ops (`false`).
+    pub fn compile(mut self, compile: bool) -> Self {
+        self.compile = compile;
+        self
+    }
+
+    /// Sets the label value that marks a token to ignore.
+    pub fn ignore_index(mut self, ignore_index: i64) -> Self {
+        self.ignore_index = ignore_index;
+        self
+    }
+
+    /// Sets how per-token losses are combined.
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+
+    /// Writes the gradient into the logits' storage during backward, saving one
+    /// `[N, V]` buffer. The logits hold the gradient afterwards: use it only
+    /// when nothing else reads the logits after the loss's backward (true for
+    /// logits straight out of an `lm_head` matmul). Requires `compile = true`.
+    pub fn inplace_grad(mut self, inplace_grad: bool) -> Self {
+        self.inplace_grad = inplace_grad;
+        self
+    }
+
+    /// The loss of `logits` against `labels`.
+    ///
+    /// - `logits`: `[N, V]` or `[B, S, V]`, f32, f64, bf16 or f16, any strides.
+    /// - `labels`: `[N]` or `[B, S]` (the logits' shape without `V`), u8, u32,
+    ///   i16, i32 or i64; each in `[0, V)` or equal to `ignore_index`. Never
+    ///   modified.
+    /// - `mask`: optional, same shape as `labels`, any dtype; tokens where it is
+    ///   0 are ignored.
+    ///
+    /// Returns an f32 tensor (f64 for f64 logits): a scalar for
+    /// [`Reduction::Mean`] and [`Reduction::Sum`], the labels' shape for
+    /// [`Reduction::None`]. Differentiable with respect to the logits.
+    ///
+    /// # Errors
+    /// A `candle::Error` naming the problem for: logits of rank other than 2 or
+    /// 3, or not a float dtype; labels not integer or not shaped like the
+    /// logits without `V`; a mask of another shape; a label outside `[0, V)`
+    /// that is not `ignore_index` (the message gives the row and the value);
+    /// `V = 0` with tokens present; `chunk_len = 0`; `inplace_grad` with
+    /// `compile = false`; logits and labels on different devices.
+    pub fn forward(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with_num_label_tokens(logits, labels, mask, None)
+    }
+
+    /// [`forward`](Self::forward) for gradient accumulation and data
+    /// parallelism: with [`Reduction::Mean`], the summed loss is divided by
+    /// `num_label_tokens` (the global count of valid tokens across all
+    /// micro-batches and ranks) instead of this call's own count, so that the
+    /// accumulated gradients equal one big batch's. `Some(0)` gives a loss and
+    /// gradient of exactly 0. `None` behaves like [`forward`](Self::forward).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward), and `num_label_tokens` given with a
+    /// reduction other than [`Reduction::Mean`].
+    pub fn forward_with_num_label_tokens(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Tensor> {
+        let cfg = self.op_config()?;
+        if num_label_tokens.is_some() && self.reduction != Reduction::Mean {
+            bail!("chunked cross-entropy: num_label_tokens applies to Reduction::Mean only, not {:?}", self.reduction)
+        }
+        let logits = checked_logits(logits)?;
+        let labels_shape = labels.shape().clone();
+        let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
+        let rows = labels.dim(0)?;
+        if rows > 0 && logits.dim(candle::D::Minus1)? == 0 {
+            bail!("chunked cross-entropy: logits {:?} have an empty vocabulary dim", logits.shape())
+        }
+        if cfg.engine == Engine::Primitive {
+            // The fused op checks labels inside its kernel; the primitive path checks them here.
+            op::row_labels(&labels.to_vec1::<i64>()?, logits.dim(candle::D::Minus1)?, self.ignore_index)?;
+        }
+        let stats = op::row_stats(&logits, &labels, cfg)?;
+        let node = logits.apply_op3(&labels, &stats, CrossEntropyNode(cfg))?;
+        let per_token = node.narrow(1, 0, 1)?.squeeze(1)?;
+        match self.reduction {
+            Reduction::None => per_token.reshape(labels_shape),
+            Reduction::Sum => per_token.sum_all(),
+            Reduction::Mean => {
+                let total = per_token.sum_all()?;
+                match num_label_tokens {
+                    // Not `affine(0, 0)`: candle's backprop prunes a zero affine, which
+                    // would leave the logits without a gradient.
+                    Some(0) => total.broadcast_mul(&total.zeros_like()?),
+                    Some(n) => total.affine(1.0 / n as f64, 0.0),
+                    // Dividing by a device-side count (at least 1) keeps an all-ignored batch at 0.
+                    None => total.broadcast_div(&valid_count(&labels, self.ignore_index, total.dtype())?),
+                }
+            }
+        }
+    }
+
+    fn op_config(&self) -> Result<OpConfig> {
+        if self.chunk_len == 0 {
+            bail!("chunked cross-entropy: chunk_len must be at least 1, got 0")
+        }
+        if self.inplace_grad && !self.compile {
+            bail!("chunked cross-entropy: inplace_grad needs the fused kernels (compile = true)")
+        }
+        Ok(OpConfig {
+            engine: if self.compile { Engine::Fused } else { Engine::Primitive },
+            ignore_index: self.ignore_index,
+            chunk_len: self.chunk_len,
+            inplace_grad: self.inplace_grad,
+        })
+    }
+}
+
+/// The sum over rows of the f32 cross-entropy of `logits` (`[N, V]` or `[B, S,
+/// V]`, any float dtype) against `targets` (`[N]` or `[B, S]`, integer),
+/// skipping rows whose target is `ignore_index`: NeMo's
+/// `compute_cross_entropy`. An f32 scalar (f64 for f64 logits), differentiable
+/// with respect to the logits. Uses the fused kernels with the default
+/// `chunk_len`.
+///
+/// # Errors
+/// As [`ChunkedCrossEntropy::forward`].
+pub fn compute_cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    ChunkedCrossEntropy::default().ignore_index(ignore_index).reduction(Reduction::Sum).forward(logits, targets, None)
+}
+
+/// Checks rank and dtype, and gives the vocabulary dim unit stride (a copy
+/// only when it has another stride, e.g. transposed logits).
+fn checked_logits(logits: &Tensor) -> Result<Tensor> {
+    if !matches!(logits.rank(), 2 | 3) {
+        bail!("chunked cross-entropy: logits must be [N, V] or [B, S, V], got {:?}", logits.shape())
+    }
+    if !matches!(logits.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
+        bail!("chunked cross-entropy: logits must be f32, f64, bf16 or f16, got {:?}", logits.dtype())
+    }
+    let vocab = logits.dim(candle::D::Minus1)?;
+    let unit_stride = logits.stride().last() == Some(&1) || vocab <= 1;
+    if unit_stride {
+        Ok(logits.clone())
+    } else {
+        logits.contiguous()
+    }
+}
+
+/// Checks labels (and mask) against the logits and returns them as `[N]`
+/// contiguous i64, masked tokens set to `ignore_index`. The caller's tensors
+/// are not modified.
+fn checked_labels(logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>, ignore_index: i64) -> Result<Tensor> {
+    let expected = &logits.dims()[..logits.rank() - 1];
+    if labels.dims() != expected {
+        bail!(
+            "chunked cross-entropy: labels {:?} must have the logits' shape {:?} without the vocabulary dim, i.e. {expected:?}",
+            labels.shape(),
+            logits.shape()
+        )
+    }
+    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64) {
+        bail!(
+            "chunked cross-entropy: labels must be an integer dtype (u8, u32, i16, i32, i64), got {:?}",
+            labels.dtype()
+        )
+    }
+    if !labels.device().same_device(logits.device()) {
+        bail!("chunked cross-entropy: labels are on {:?} but logits on {:?}", labels.device(), logits.device())
+    }
+    let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
+    let labels = match mask {
+        None => labels,
+        Some(mask) => {
+            if mask.dims() != expected {
+                bail!("chunked cross-entropy: mask {:?} must have the labels' shape {expected:?}", mask.shape())
+            }
+            let keep = mask.flatten_all()?.ne(0f64)?;
+            keep.where_cond(&labels, &Tensor::full(ignore_index, labels.shape(), labels.device())?)?
+        }
+    };
+    labels.contiguous()
+}
+
+/// The number of labels that are not `ignore_index`, at least 1, as a scalar
+/// of `dtype` on the labels' device (no host round trip).
+fn valid_count(labels: &Tensor, ignore_index: i64, dtype: DType) -> Result<Tensor> {
+    labels.ne(ignore_index as f64)?.to_dtype(dtype)?.sum_all()?.maximum(1f64)
+}

@@ -1,0 +1,160 @@
+//! Cross-entropy from candle's primitive ops.
+//!
+//! Two things live here:
+//! - the `compile = false` engine: the maths of `op.rs` (forward statistics and
+//!   the hand-written gradient) run with candle ops on detached tensors, one
+//!   chunk of `chunk_len` rows at a time, so that its f32 temporaries are
+//!   `[chunk_len, V]`;
+//! - [`cross_entropy_slow`], the plain, unchunked formula differentiated by
+//!   candle's own autograd: the reference the tests hold both engines against.
+
+use candle::{DType, Tensor, D};
+
+/// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every
+/// other float type is widened to f32.
+fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Per-row cross-entropy of `logits` (`[N, V]`, any float dtype and strides)
+/// against `labels` (`[N]`, u8/u32/i64), by candle's autograd: `logsumexp(x) -
+/// x[y]` computed in f32 (f64 for f64 logits), 0 on rows whose label equals
+/// `ignore_index`. Returns `[N]`.
+///
+/// This is the slow twin of [`crate::ChunkedCrossEntropy`]: it materialises
+/// several `[N, V]` f32 buffers and records every op for backward.
+///
+/// # Errors
+/// If `logits` is not rank 2, `labels` not `[N]`, or a label (other than
+/// `ignore_index`) falls outside `[0, V)` (candle's `gather` reports it).
+pub fn cross_entropy_slow(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> candle::Result<Tensor> {
+    let (rows, _vocab) = logits.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    if labels.dims() != [rows] {
+        candle::bail!("cross_entropy_slow: labels {:?} do not match logits {:?}", labels.shape(), logits.shape())
+    }
+    let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
+    let valid = labels.ne(ignore_index as f64)?;
+    let safe_labels = valid.where_cond(&labels, &labels.zeros_like()?)?;
+    let log_probs = candle_nn::ops::log_softmax(&x, D::Minus1)?;
+    let target = log_probs.gather(&safe_labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+    valid.where_cond(&target.neg()?, &target.zeros_like()?)
+}
+
+/// The `compile = false` forward: `[N, 2] = (loss, lse)` per row, zeros on
+/// ignored rows. `logits` is `[.., V]`, `labels` `[N]` i64.
+pub(crate) fn row_stats_chunked(
+    logits: &Tensor,
+    labels: &Tensor,
+    ignore_index: i64,
+    chunk_len: usize,
+) -> candle::Result<Tensor> {
+    let logits = as_rows(logits)?;
+    let rows = logits.dim(0)?;
+    let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_len));
+    for start in (0..rows).step_by(chunk_len) {
+        let len = chunk_len.min(rows - start);
+        let x = logits.narrow(0, start, len)?;
+        let x = x.to_dtype(compute_dtype(x.dtype()))?;
+        let chunk = ChunkLabels::new(&labels.narrow(0, start, len)?, ignore_index)?;
+        let max = x.max_keepdim(1)?;
+        let shifted = x.broadcast_sub(&max)?;
+        let target = shifted.gather(&chunk.safe, 1)?;
+        let target_term = target.exp()?;
+        let total = shifted.exp()?.sum_keepdim(1)?;
+        let rest = shifted.exp()?.mul(&chunk.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
+        let lse = (total.log()? + max)?;
+        // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
+        let confident = rest.le(&target_term)?;
+        let loss = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(total.log()? - target)?)?;
+        let stats = Tensor::cat(&[loss, lse], 1)?;
+        chunks.push(chunk.zero_ignored(&stats)?);
+    }
+    if chunks.is_empty() {
+        return Tensor::zeros((0, 2), compute_dtype(logits.dtype()), logits.device());
+    }
+    Tensor::cat(&chunks, 0)
+}
+
+/// The `compile = false` backward: `(softmax(x) - onehot(y)) * scale` in the
+/// logits' dtype and shape, zero on ignored rows. `factors` is `[N, 3] =
+/// (scale, lse, loss)`; the target term is `-Σ_{j≠y} p_j` (see op.rs).
+pub(crate) fn grad_chunked(
+    logits: &Tensor,
+    labels: &Tensor,
+    factors: &Tensor,
+    ignore_index: i64,
+    chunk_len: usize,
+) -> candle::Result<Tensor> {
+    let rows_view = as_rows(logits)?;
+    let (rows, vocab) = rows_view.dims2()?;
+    let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_len));
+    for start in (0..rows).step_by(chunk_len) {
+        let len = chunk_len.min(rows - start);
+        let x = rows_view.narrow(0, start, len)?;
+        let x = x.to_dtype(compute_dtype(x.dtype()))?;
+        let chunk = ChunkLabels::new(&labels.narrow(0, start, len)?, ignore_index)?;
+        let f = factors.narrow(0, start, len)?;
+        let (scale, lse) = (f.narrow(1, 0, 1)?, f.narrow(1, 1, 1)?);
+        let probs = x.broadcast_sub(&lse)?.exp()?;
+        let not_target = chunk.not_target(vocab, probs.dtype())?;
+        let others = probs.mul(&not_target)?;
+        let rest = others.sum_keepdim(1)?;
+        let onehot = (1.0 - not_target)?;
+        let grad = (others - onehot.broadcast_mul(&rest)?)?.broadcast_mul(&scale)?;
+        chunks.push(chunk.zero_ignored(&grad)?.to_dtype(logits.dtype())?);
+    }
+    if chunks.is_empty() {
+        return logits.zeros_like();
+    }
+    Tensor::cat(&chunks, 0)?.reshape(logits.shape())
+}
+
+/// A chunk's labels as gather indices (`[len, 1]`, ignored rows pointing at
+/// class 0) and the mask of its valid rows.
+struct ChunkLabels {
+    safe: Tensor,
+    valid: Tensor,
+}
+
+impl ChunkLabels {
+    fn new(labels: &Tensor, ignore_index: i64) -> candle::Result<Self> {
+        let valid = labels.ne(ignore_index as f64)?.unsqueeze(1)?;
+        let safe = valid.where_cond(&labels.unsqueeze(1)?, &labels.unsqueeze(1)?.zeros_like()?)?;
+        Ok(Self { safe, valid })
+    }
+
+    /// `[len, vocab]`: 0 at each row's target class, 1 elsewhere.
+    fn not_target(&self, vocab: usize, dtype: DType) -> candle::Result<Tensor> {
+        let classes = Tensor::arange(0, vocab as i64, self.safe.device())?.unsqueeze(0)?;
+        self.safe.broadcast_ne(&classes)?.to_dtype(dtype)
+    }
+
+    /// Zeroes the ignored rows of `t` (`[len, k]`), NaN or not.
+    fn zero_ignored(&self, t: &Tensor) -> candle::Result<Tensor> {
+        self.valid.broadcast_as(t.shape())?.where_cond(t, &t.zeros_like()?)
+    }
+}
+
+/// `ln(1 + z)` without losing small `z` to the rounding of `1 + z`
+/// (Goldberg's trick; candle has no `log1p`): `ln(u) * z / (u - 1)` with
+/// `u = 1 + z`, and `z` itself where `u` rounds to 1.
+fn ln_1p(z: &Tensor) -> candle::Result<Tensor> {
+    let u = (z + 1.0)?;
+    let d = (&u - 1.0)?;
+    let exact = d.eq(0f64)?;
+    let safe_d = exact.where_cond(&d.ones_like()?, &d)?;
+    exact.where_cond(z, &u.log()?.mul(z)?.div(&safe_d)?)
+}
+
+/// Views `[.., V]` logits as `[N, V]` (copying only when the leading dims
+/// cannot be merged).
+fn as_rows(logits: &Tensor) -> candle::Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    let rows = logits.elem_count().checked_div(vocab).unwrap_or(0);
+    logits.reshape((rows, vocab))
+}

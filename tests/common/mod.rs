@@ -1,0 +1,169 @@
+//! Helpers shared by the integration tests: deterministic inputs, the loss and
+//! gradient through our op and through the slow autograd reference, and
+//! comparisons with stated tolerances.
+#![allow(dead_code)]
+
+use candle::{DType, Device, Result, Tensor, Var};
+use candle_chunked_ce::{reference::cross_entropy_slow, ChunkedCrossEntropy, Reduction};
+
+/// Runs each listed `fn name(device: &Device) -> anyhow::Result<()>` as a test on
+/// the CPU, and on CUDA when the feature is on (skipping with a message when no
+/// GPU is present).
+#[macro_export]
+macro_rules! device_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn cpu() -> anyhow::Result<()> {
+                super::$name(&candle::Device::Cpu)
+            }
+
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() -> anyhow::Result<()> {
+                match candle::Device::new_cuda(0) {
+                    Ok(device) => super::$name(&device),
+                    Err(e) => {
+                        eprintln!("SKIP {}: no CUDA device ({e})", stringify!($name));
+                        Ok(())
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+/// A small deterministic generator (SplitMix64) so that every test input is
+/// reproducible without a seeded candle RNG.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn uniform(&mut self, scale: f64) -> f64 {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// `[dims..]` logits, uniform in `[-scale, scale)`, as f64 then cast to `dtype`.
+pub fn logits(rng: &mut Rng, dims: &[usize], scale: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let values: Vec<f64> = (0..n).map(|_| rng.uniform(scale)).collect();
+    Tensor::from_vec(values, dims, device)?.to_dtype(dtype)
+}
+
+/// Labels in `[0, vocab)`, about `ignored_fraction` of them set to `ignore_index`.
+pub fn labels(
+    rng: &mut Rng,
+    dims: &[usize],
+    vocab: usize,
+    ignored_fraction: f64,
+    ignore_index: i64,
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let values: Vec<i64> = (0..n)
+        .map(|_| if (rng.uniform(0.5) + 0.5) < ignored_fraction { ignore_index } else { rng.below(vocab) as i64 })
+        .collect();
+    Tensor::from_vec(values, dims, device)
+}
+
+/// A 0/1 u8 mask keeping about `keep` of the tokens.
+pub fn mask(rng: &mut Rng, dims: &[usize], keep: f64, device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let values: Vec<u8> = (0..n).map(|_| u8::from(rng.uniform(0.5) + 0.5 < keep)).collect();
+    Tensor::from_vec(values, dims, device)
+}
+
+/// The loss and the logits' gradient through `ce`. For `Reduction::None`, the
+/// backward starts from `sum(per_token * weights)` so that a non-uniform
+/// upstream gradient is exercised.
+pub fn loss_and_grad(
+    ce: &ChunkedCrossEntropy,
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    num_label_tokens: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
+    let var = Var::from_tensor(logits)?;
+    let loss = ce.forward_with_num_label_tokens(var.as_tensor(), labels, mask, num_label_tokens)?;
+    let grads = backward_of(&loss)?.backward()?;
+    let grad = grads.get(var.as_tensor()).expect("logits received no gradient").clone();
+    Ok((loss, grad))
+}
+
+/// The scalar that backward starts from: the loss itself, or a weighted sum of
+/// per-token losses (weights 0.5, 1.5, 2.5, ... in token order).
+pub fn backward_of(loss: &Tensor) -> Result<Tensor> {
+    if loss.rank() == 0 {
+        return Ok(loss.clone());
+    }
+    let weights = upstream_weights(loss.elem_count(), loss.dtype(), loss.device())?.reshape(loss.shape())?;
+    (loss * weights)?.sum_all()
+}
+
+pub fn upstream_weights(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    Tensor::arange(0u32, n as u32, device)?.to_dtype(dtype)?.affine(1.0, 0.5)
+}
+
+/// The same loss and gradient from [`cross_entropy_slow`] (candle autograd,
+/// unchunked), computed in f64 on `logits` widened to f64: the truth that f32
+/// results are held against.
+pub fn slow_loss_and_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    ignore_index: i64,
+    reduction: Reduction,
+    num_label_tokens: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
+    let var = Var::from_tensor(&logits.to_dtype(DType::F64)?)?;
+    let vocab = logits.dim(candle::D::Minus1)?;
+    let rows = var.as_tensor().reshape(((), vocab))?;
+    let mut flat_labels = labels.to_dtype(DType::I64)?.flatten_all()?;
+    if let Some(mask) = mask {
+        let ignored = Tensor::full(ignore_index, flat_labels.shape(), flat_labels.device())?;
+        flat_labels = mask.flatten_all()?.ne(0f64)?.where_cond(&flat_labels, &ignored)?;
+    }
+    let per_token = cross_entropy_slow(&rows, &flat_labels, ignore_index)?;
+    let valid = flat_labels.ne(ignore_index as f64)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let loss = match reduction {
+        Reduction::None => per_token.reshape(labels.shape())?,
+        Reduction::Sum => per_token.sum_all()?,
+        Reduction::Mean => {
+            let n = num_label_tokens.map_or(valid, |n| n as f64);
+            let scale = Tensor::new(if n == 0.0 { 0.0 } else { 1.0 / n }, per_token.device())?;
+            per_token.sum_all()?.mul(&scale)?
+        }
+    };
+    let grads = backward_of(&loss)?.backward()?;
+    let grad = grads.get(var.as_tensor()).expect("slow reference: no gradient").clone();
+    Ok((loss, grad))
+}
+
+/// Asserts `|a - b| <= atol + rtol * |b|` element-wise, naming `what` on failure.
+pub fn assert_close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) -> Result<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let a: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let bound = atol + rtol * y.abs();
+        assert!((x - y).abs() <= bound, "{what}: element {i}: {x} vs {y} (diff {:e} > {bound:e})", (x - y).abs());
+    }
+    Ok(())
+}
