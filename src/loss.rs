@@ -143,20 +143,11 @@ impl ChunkedCrossEntropy {
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
         let cfg = self.op_config()?;
+        let labels_shape = labels.shape().clone();
         if num_label_tokens.is_some() && self.reduction != Reduction::Mean {
             bail!("chunked cross-entropy: num_label_tokens applies to Reduction::Mean only, not {:?}", self.reduction)
         }
-        let logits = checked_logits(logits)?;
-        let labels_shape = labels.shape().clone();
-        let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
-        let rows = labels.dim(0)?;
-        if rows > 0 && logits.dim(candle::D::Minus1)? == 0 {
-            bail!("chunked cross-entropy: logits {:?} have an empty vocabulary dim", logits.shape())
-        }
-        if cfg.engine == Engine::Primitive {
-            // The fused op checks labels inside its kernel; the primitive path checks them here.
-            op::row_labels(&labels.to_vec1::<i64>()?, logits.dim(candle::D::Minus1)?, self.ignore_index)?;
-        }
+        let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
         let stats = op::row_stats(&logits, &labels, cfg)?;
         let node = logits.apply_op3(&labels, &stats, CrossEntropyNode(cfg))?;
         let per_token = node.narrow(1, 0, 1)?.squeeze(1)?;
@@ -175,6 +166,45 @@ impl ChunkedCrossEntropy {
                 }
             }
         }
+    }
+
+    /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:
+    /// the forward op's row statistics `[N, 2]`, then the backward op's
+    /// gradient (upstream gradient 1). Not part of the stable API.
+    #[doc(hidden)]
+    pub fn bench_ops(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(std::time::Duration, std::time::Duration, Tensor)> {
+        let cfg = self.op_config()?;
+        let (logits, labels) = self.checked_inputs(logits, labels, None)?;
+        let start = std::time::Instant::now();
+        let stats = op::row_stats(&logits, &labels, cfg)?;
+        let forward = start.elapsed();
+        let count = valid_count(&labels, self.ignore_index, stats.dtype())?;
+        let scale = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
+        let factors = Tensor::cat(&[&scale, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
+        let start = std::time::Instant::now();
+        let grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
+        Ok((forward, start.elapsed(), grad))
+    }
+
+    /// Validates logits, labels and mask (see [`forward`](Self::forward)) and
+    /// returns the logits with a unit-stride vocabulary dim and the labels as
+    /// `[N]` contiguous i64 with masked tokens set to `ignore_index`.
+    fn checked_inputs(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let logits = checked_logits(logits)?;
+        let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
+        let vocab = logits.dim(candle::D::Minus1)?;
+        if labels.dim(0)? > 0 && vocab == 0 {
+            bail!("chunked cross-entropy: logits {:?} have an empty vocabulary dim", logits.shape())
+        }
+        if !self.compile {
+            // The fused op checks labels inside its kernel; the primitive path checks them here.
+            op::row_labels(&labels.to_vec1::<i64>()?, vocab, self.ignore_index)?;
+        }
+        Ok((logits, labels))
     }
 
     fn op_config(&self) -> Result<OpConfig> {

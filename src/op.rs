@@ -109,17 +109,25 @@ impl CustomOp3 for CrossEntropyNode {
         let scale = grad.narrow(1, 0, 1)?;
         let (loss, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
         let factors = Tensor::cat(&[&scale, &lse, &loss], 1)?;
-        let logits_grad = match (cfg.engine, cfg.inplace_grad) {
-            (Engine::Fused, false) => logits.apply_op3_no_bwd(labels, &factors, &FusedBackward(cfg))?,
-            (Engine::Fused, true) => {
-                logits.inplace_op3(labels, &factors, &FusedBackwardInPlace(cfg))?;
-                logits.detach()
-            }
-            (Engine::Primitive, _) => {
-                reference::grad_chunked(&logits.detach(), labels, &factors, cfg.ignore_index, cfg.chunk_len)?
-            }
-        };
-        Ok((Some(logits_grad), None, None))
+        Ok((Some(logits_grad(logits, labels, &factors, cfg)?), None, None))
+    }
+}
+
+/// The gradient of the loss with respect to `logits` (shaped like them, in
+/// their dtype), from `factors = [N, 3] = (scale, lse, loss)`, with nothing
+/// recorded for backward. With `inplace_grad` it is written over `logits`.
+pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cfg: OpConfig) -> Result<Tensor> {
+    // `cat` along dim 1 of non-contiguous columns can return a strided tensor.
+    let factors = &factors.contiguous()?;
+    match (cfg.engine, cfg.inplace_grad) {
+        (Engine::Fused, false) => logits.apply_op3_no_bwd(labels, factors, &FusedBackward(cfg)),
+        (Engine::Fused, true) => {
+            logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg))?;
+            Ok(logits.detach())
+        }
+        (Engine::Primitive, _) => {
+            reference::grad_chunked(&logits.detach(), labels, factors, cfg.ignore_index, cfg.chunk_len)
+        }
     }
 }
 

@@ -33,7 +33,7 @@ fn literal_case(device: &Device, dtype: DType) -> candle::Result<(Tensor, Tensor
     Ok((logits, labels))
 }
 
-const LITERAL_PER_TOKEN: [f64; 4] = [1.704056885439032, 0.0, 1.093631110710800, 1.046429156255147];
+const LITERAL_PER_TOKEN: [f64; 4] = [1.704056885439032, 0.0, 1.0936311107108, 1.046429156255147];
 const LITERAL_SUM: f64 = 3.8441171524049786;
 const LITERAL_MEAN: f64 = 1.2813723841349929;
 #[rustfmt::skip]
@@ -310,7 +310,35 @@ fn inplace_grad_reuses_logits(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Confident tokens (`p_y` close to 1): the per-token loss and the target's
+/// gradient keep full f32 relative precision where `lse - x_y` and
+/// `softmax - 1` cancel. Expected values from NumPy in f64, via `log1p` and
+/// `expm1` (not from this crate):
+/// ```python
+/// import numpy as np
+/// x = np.array([[12.0, -3.0, 1.0, 0.5], [-2.0, 0.25, 16.5, 3.0]])
+/// loss = [np.log1p(np.exp(x[0, 1:] - 12).sum()), np.log1p(np.exp(x[1] - 16.5).sum() - 1)]
+/// target_grad = [np.expm1(-l) for l in loss]  # Reduction::Sum, upstream 1
+/// ```
+fn confident_tokens_keep_precision(device: &Device) -> anyhow::Result<()> {
+    let logits = Tensor::new(&[[12.0f32, -3.0, 1.0, 0.5], [-2.0, 0.25, 16.5, 3.0]], device)?;
+    let labels = Tensor::new(&[0u32, 2], device)?;
+    let want_loss = Tensor::new(&[2.713732848874861e-05f64, 1.4678379410573912e-06], device)?;
+    let want_target_grad = Tensor::new(&[-2.7136960274780648e-05f64, -1.4678368637838076e-06], device)?;
+    for ce in engines(1) {
+        let ce = ce.reduction(Reduction::None);
+        let var = Var::from_tensor(&logits)?;
+        let loss = ce.forward(var.as_tensor(), &labels, None)?;
+        let grad = loss.sum_all()?.backward()?.get(var.as_tensor()).expect("no gradient").clone();
+        let target_grad = grad.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+        assert_close(&loss, &want_loss, 2e-6, 0.0, &format!("{ce:?} confident loss"))?;
+        assert_close(&target_grad, &want_target_grad, 2e-6, 0.0, &format!("{ce:?} confident target grad"))?;
+    }
+    Ok(())
+}
+
 device_tests!(
+    confident_tokens_keep_precision,
     literal_values,
     matches_slow_reference,
     half_precision_against_f32,

@@ -1,17 +1,18 @@
 //! CPU kernels for the fused cross-entropy: one generic row driver, rayon over
-//! chunks of rows, and f32 row primitives compiled for AVX-512, AVX2+FMA and a
-//! portable baseline, chosen once per process at run time.
+//! chunks of `chunk_len` rows, on top of the SIMD row primitives in `lanes`.
 //!
 //! The maths (what each row computes) is written once, in `op.rs`. Here a row is
 //! a contiguous slice of `V` logits; every row is reduced in f32 (f64 for f64
 //! logits) whatever the storage type, because candle's own bf16 reductions
 //! accumulate in bf16 and lose about a nat at V = 50257.
 
+mod lanes;
+
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use lanes::Lane;
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::OnceLock;
 
 /// Where the rows of a logits tensor live in its storage: row `r` is
 /// `storage[row_offsets[r]..row_offsets[r] + vocab]`.
@@ -23,8 +24,7 @@ pub(crate) struct RowLayout {
 /// One validated label per row; `None` marks an ignored row.
 pub(crate) type RowLabel = Option<usize>;
 
-/// A logits element type: how a row is widened to f32 for the maths and how an
-/// f32 gradient row is written back.
+/// A logits element type the f32-accumulating row kernels handle.
 pub(crate) trait Logit: Copy + Send + Sync + 'static {
     /// `(loss, lse)` of one row with target class `target` (see `op.rs`).
     fn row_loss_lse(row: &[Self], target: usize, scratch: &mut Vec<f32>) -> (f32, f32);
@@ -36,60 +36,63 @@ pub(crate) trait Logit: Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
 }
 
-impl Logit for f32 {
-    fn row_loss_lse(row: &[f32], target: usize, _: &mut Vec<f32>) -> (f32, f32) {
-        loss_and_lse_f32(row, target)
-    }
-    fn row_scaled_softmax(row: &[f32], lse: f32, scale: f32, out: &mut [f32], _: &mut Vec<f32>) {
-        (kernels().scaled_softmax)(row, lse, scale, out)
-    }
-    fn row_scaled_softmax_in_place(row: &mut [f32], lse: f32, scale: f32, _: &mut Vec<f32>) {
-        (kernels().scaled_softmax_in_place)(row, lse, scale)
-    }
-    fn from_f32(v: f32) -> f32 {
-        v
-    }
-}
-
-/// bf16 and f16 rows are widened into a per-thread f32 scratch row (it stays in
-/// L2), processed there, and rounded back once.
-macro_rules! impl_half_logit {
-    ($t:ty, $widen:expr, $narrow:expr) => {
+/// f32 and bf16 rows go straight through the lane kernels.
+macro_rules! impl_lane_logit {
+    ($($t:ty),*) => {$(
         impl Logit for $t {
-            fn row_loss_lse(row: &[$t], target: usize, scratch: &mut Vec<f32>) -> (f32, f32) {
-                loss_and_lse_f32(widen_into(row, scratch, $widen), target)
+            fn row_loss_lse(row: &[$t], target: usize, _: &mut Vec<f32>) -> (f32, f32) {
+                loss_and_lse_lanes(row, target)
             }
-            fn row_scaled_softmax(row: &[$t], lse: f32, scale: f32, out: &mut [$t], scratch: &mut Vec<f32>) {
-                let wide = widen_into(row, scratch, $widen);
-                (kernels().scaled_softmax_in_place)(wide, lse, scale);
-                $narrow(wide, out);
+            fn row_scaled_softmax(row: &[$t], lse: f32, scale: f32, out: &mut [$t], _: &mut Vec<f32>) {
+                (<$t>::kernels().scaled_softmax)(row, lse, scale, out)
             }
-            fn row_scaled_softmax_in_place(row: &mut [$t], lse: f32, scale: f32, scratch: &mut Vec<f32>) {
-                let wide = widen_into(row, scratch, $widen);
-                (kernels().scaled_softmax_in_place)(wide, lse, scale);
-                $narrow(wide, row);
+            fn row_scaled_softmax_in_place(row: &mut [$t], lse: f32, scale: f32, _: &mut Vec<f32>) {
+                (<$t>::kernels().scaled_softmax_in_place)(row, lse, scale)
             }
             fn from_f32(v: f32) -> $t {
-                <$t>::from_f32(v)
+                <$t as Lane>::narrow(v)
             }
         }
-    };
+    )*};
 }
-impl_half_logit!(bf16, |s: &[bf16], d: &mut [f32]| (kernels().widen_bf16)(s, d), |s: &[f32], d: &mut [bf16]| {
-    (kernels().narrow_bf16)(s, d)
-});
-impl_half_logit!(f16, |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d), |s: &[f32], d: &mut [f16]| d
-    .convert_from_f32_slice(s));
+impl_lane_logit!(f32, bf16);
 
-fn widen_into<'a, T>(row: &[T], scratch: &'a mut Vec<f32>, widen: impl Fn(&[T], &mut [f32])) -> &'a mut [f32] {
+/// f16 rows are widened into a per-thread f32 scratch row (it stays in L2)
+/// with `half`'s F16C conversions, processed as f32, and rounded back once.
+impl Logit for f16 {
+    fn row_loss_lse(row: &[f16], target: usize, scratch: &mut Vec<f32>) -> (f32, f32) {
+        loss_and_lse_lanes(widen_f16(row, scratch), target)
+    }
+    fn row_scaled_softmax(row: &[f16], lse: f32, scale: f32, out: &mut [f16], scratch: &mut Vec<f32>) {
+        let wide = widen_f16(row, scratch);
+        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale);
+        out.convert_from_f32_slice(wide);
+    }
+    fn row_scaled_softmax_in_place(row: &mut [f16], lse: f32, scale: f32, scratch: &mut Vec<f32>) {
+        let wide = widen_f16(row, scratch);
+        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale);
+        row.convert_from_f32_slice(wide);
+    }
+    fn from_f32(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+fn widen_f16<'a>(row: &[f16], scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
     scratch.resize(row.len(), 0.0);
-    widen(row, scratch);
+    row.convert_to_f32_slice(scratch);
     scratch
 }
 
+/// The instruction set the CPU row kernels run with: `"avx512"`, `"avx2"` or
+/// `"portable"`, detected once per process.
+pub fn instruction_set() -> &'static str {
+    f32::kernels().name
+}
+
 thread_local! {
-    /// One f32 row per worker thread, reused across rows and calls so that the
-    /// kernels allocate nothing in steady state.
+    /// One f32 row per worker thread (f16 only), reused across rows and calls
+    /// so that the kernels allocate nothing in steady state.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -200,11 +203,18 @@ fn target_grad<F: Float>(loss: F, scale: F) -> F {
     (-loss).exp_m1() * scale
 }
 
-fn loss_and_lse_f32(row: &[f32], target: usize) -> (f32, f32) {
-    let k = kernels();
-    let max = (k.max)(row);
-    let rest = (k.sum_exp)(&row[..target], max) + (k.sum_exp)(&row[target + 1..], max);
-    loss_and_lse(max, row[target], rest)
+/// `(loss, lse)` of a row read through the lane kernels: the classes before
+/// and after the target are reduced separately so that `rest` never includes
+/// the target's own term.
+fn loss_and_lse_lanes<T: Lane>(row: &[T], target: usize) -> (f32, f32) {
+    let k = T::kernels();
+    let (before_max, before_sum) = (k.max_sum_exp)(&row[..target]);
+    let (after_max, after_sum) = (k.max_sum_exp)(&row[target + 1..]);
+    let target_logit = row[target].widen();
+    let max = before_max.max(after_max).max(target_logit);
+    let rescale = |m: f32, s: f32| if s == 0.0 { 0.0 } else { s * (m - max).exp() };
+    let rest = rescale(before_max, before_sum) + rescale(after_max, after_sum);
+    loss_and_lse(max, target_logit, rest)
 }
 
 /// A raw row pointer that rayon may share between threads.
@@ -300,195 +310,4 @@ fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64]) {
         *x = (*x - lse).exp() * scale;
     }
     row[target] = target_grad(loss, scale);
-}
-
-// ---------------------------------------------------------------------------
-// f32 row primitives, one body compiled per instruction set.
-// ---------------------------------------------------------------------------
-
-/// The f32 row primitives for the instruction set picked at start-up.
-struct RowKernels {
-    name: &'static str,
-    max: fn(&[f32]) -> f32,
-    sum_exp: fn(&[f32], f32) -> f32,
-    scaled_softmax: fn(&[f32], f32, f32, &mut [f32]),
-    scaled_softmax_in_place: fn(&mut [f32], f32, f32),
-    widen_bf16: fn(&[bf16], &mut [f32]),
-    narrow_bf16: fn(&[f32], &mut [bf16]),
-}
-
-/// Lanes per accumulator block: one AVX-512 register of f32.
-const LANES: usize = 16;
-
-/// `e^x` for `x <= 0` (larger values are not needed: rows are shifted by their
-/// max or their log-sum-exp first). Cody-Waite reduction `x = n ln2 + r`,
-/// `|r| <= ln2 / 2`, then a degree-7 Taylor polynomial (truncation error
-/// below 6e-9 relative). Branch-free so that the loops below vectorise;
-/// NaN propagates, and inputs below f32's normal range give exactly 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const UNDERFLOW: f32 = -87.336_55;
-    let clamped = if x < UNDERFLOW { UNDERFLOW } else { x };
-    let n = (clamped * LOG2_E + 0.5).floor();
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
-    if x < UNDERFLOW {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
-/// The largest element (`-inf` for an empty slice; NaN is skipped, and
-/// surfaces later through `sum_exp`).
-#[inline(always)]
-fn max_body(row: &[f32]) -> f32 {
-    let blocks = row.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    for block in blocks {
-        for (m, &x) in lanes.iter_mut().zip(block) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-}
-
-/// `Σ exp(x - shift)` with `LANES` independent f32 accumulators.
-#[inline(always)]
-fn sum_exp_body(row: &[f32], shift: f32) -> f32 {
-    let blocks = row.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    let mut sums = [0f32; LANES];
-    for block in blocks {
-        for (s, &x) in sums.iter_mut().zip(block) {
-            *s += exp_nonpositive(x - shift);
-        }
-    }
-    sums.iter().sum::<f32>() + tail.iter().map(|&x| exp_nonpositive(x - shift)).sum::<f32>()
-}
-
-#[inline(always)]
-fn scaled_softmax_body(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = exp_nonpositive(x - lse) * scale;
-    }
-}
-
-#[inline(always)]
-fn scaled_softmax_in_place_body(row: &mut [f32], lse: f32, scale: f32) {
-    for x in row.iter_mut() {
-        *x = exp_nonpositive(*x - lse) * scale;
-    }
-}
-
-#[inline(always)]
-fn widen_bf16_body(src: &[bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits((s.to_bits() as u32) << 16);
-    }
-}
-
-/// Round-to-nearest-even from f32 to bf16 (what `bf16::from_f32` does), in a
-/// form that vectorises; NaN stays a quiet NaN.
-#[inline(always)]
-fn narrow_bf16_body(src: &[f32], dst: &mut [bf16]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        let bits = s.to_bits();
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        let out = if s.is_nan() { (bits >> 16) | 0x40 } else { rounded };
-        *d = bf16::from_bits(out as u16);
-    }
-}
-
-/// Instantiates the row primitives for one instruction set.
-macro_rules! row_kernels {
-    ($name:ident, $($feature:literal),*) => {
-        mod $name {
-            use super::*;
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn max(row: &[f32]) -> f32 { max_body(row) }
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn sum_exp(row: &[f32], shift: f32) -> f32 { sum_exp_body(row, shift) }
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn scaled_softmax(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
-                scaled_softmax_body(row, lse, scale, out)
-            }
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn scaled_softmax_in_place(row: &mut [f32], lse: f32, scale: f32) {
-                scaled_softmax_in_place_body(row, lse, scale)
-            }
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn widen_bf16(src: &[bf16], dst: &mut [f32]) { widen_bf16_body(src, dst) }
-            #[target_feature($(enable = $feature),*)]
-            pub unsafe fn narrow_bf16(src: &[f32], dst: &mut [bf16]) { narrow_bf16_body(src, dst) }
-        }
-    };
-}
-
-#[cfg(target_arch = "x86_64")]
-row_kernels!(avx512, "avx512f", "avx512bw", "avx512vl", "fma");
-#[cfg(target_arch = "x86_64")]
-row_kernels!(avx2, "avx2", "fma");
-
-/// Builds a safe [`RowKernels`] table from one instruction set's module.
-macro_rules! kernel_table {
-    ($name:ident) => {
-        RowKernels {
-            name: stringify!($name),
-            // SAFETY (all six): the table is built only after
-            // `is_x86_feature_detected!` confirmed this module's features.
-            max: |row| unsafe { $name::max(row) },
-            sum_exp: |row, shift| unsafe { $name::sum_exp(row, shift) },
-            scaled_softmax: |row, lse, scale, out| unsafe { $name::scaled_softmax(row, lse, scale, out) },
-            scaled_softmax_in_place: |row, lse, scale| unsafe { $name::scaled_softmax_in_place(row, lse, scale) },
-            widen_bf16: |src, dst| unsafe { $name::widen_bf16(src, dst) },
-            narrow_bf16: |src, dst| unsafe { $name::narrow_bf16(src, dst) },
-        }
-    };
-}
-
-fn kernels() -> &'static RowKernels {
-    static KERNELS: OnceLock<RowKernels> = OnceLock::new();
-    KERNELS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("fma")
-            {
-                return kernel_table!(avx512);
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return kernel_table!(avx2);
-            }
-        }
-        RowKernels {
-            name: "portable",
-            max: max_body,
-            sum_exp: sum_exp_body,
-            scaled_softmax: scaled_softmax_body,
-            scaled_softmax_in_place: scaled_softmax_in_place_body,
-            widen_bf16: widen_bf16_body,
-            narrow_bf16: narrow_bf16_body,
-        }
-    })
-}
-
-/// The instruction set the CPU row kernels run with: `"avx512"`, `"avx2"` or
-/// `"portable"`, detected once per process.
-pub fn instruction_set() -> &'static str {
-    kernels().name
 }

@@ -1,0 +1,239 @@
+//! The f32 row primitives under the fused CPU kernels, written once as
+//! branch-free loops over lanes and compiled for AVX-512, AVX2+FMA and a
+//! portable baseline; the instruction set is detected once per process.
+//!
+//! Rows of f32 and bf16 are read and written directly (bf16 is widened and
+//! rounded lane by lane, so it never needs a scratch row); everything is
+//! accumulated in f32.
+
+use half::bf16;
+use std::sync::OnceLock;
+
+/// A logits element the row primitives read and write directly.
+pub(crate) trait Lane: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+    /// Rounds to nearest, ties to even.
+    fn narrow(v: f32) -> Self;
+    /// The primitives for this element type and the detected instruction set.
+    fn kernels() -> &'static RowKernels<Self>;
+}
+
+impl Lane for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+    fn kernels() -> &'static RowKernels<f32> {
+        static KERNELS: OnceLock<RowKernels<f32>> = OnceLock::new();
+        KERNELS.get_or_init(select)
+    }
+}
+
+impl Lane for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    /// What `bf16::from_f32` does, in a form that vectorises; NaN stays a
+    /// quiet NaN.
+    #[inline(always)]
+    fn narrow(v: f32) -> bf16 {
+        let bits = v.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
+        bf16::from_bits(out as u16)
+    }
+    fn kernels() -> &'static RowKernels<bf16> {
+        static KERNELS: OnceLock<RowKernels<bf16>> = OnceLock::new();
+        KERNELS.get_or_init(select)
+    }
+}
+
+/// The row primitives for one element type, compiled for one instruction set.
+pub(crate) struct RowKernels<T> {
+    /// `"avx512"`, `"avx2"` or `"portable"`.
+    pub name: &'static str,
+    /// `(max, Σ exp(x - max))` of a row: see [`max_sum_exp_body`].
+    pub max_sum_exp: fn(&[T]) -> (f32, f32),
+    /// `out = exp(row - lse) * scale`.
+    pub scaled_softmax: fn(&[T], f32, f32, &mut [T]),
+    /// `row = exp(row - lse) * scale`.
+    pub scaled_softmax_in_place: fn(&mut [T], f32, f32),
+}
+
+/// Lanes per accumulator block: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// Elements per block of the online reduction: 4 KiB of f32, so that the
+/// second read of a block (for the exponentials) hits L1 while the first
+/// streams from memory.
+const BLOCK: usize = 1024;
+
+/// `e^x` for `x <= 0` (larger values are not needed: rows are shifted by their
+/// max or their log-sum-exp first). Cody-Waite reduction `x = n ln2 + r`,
+/// `|r| <= ln2 / 2`, then a degree-7 Taylor polynomial (truncation error
+/// below 6e-9 relative). Branch-free and without float-to-int casts (Rust's
+/// saturating `as i32` does not vectorise), so the loops below compile to
+/// AVX-512 / AVX2 lanes; NaN propagates, and inputs below f32's normal range
+/// give exactly 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const UNDERFLOW: f32 = -87.336_55;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUNDER: f32 = 12_582_912.0;
+    let clamped = if x < UNDERFLOW { UNDERFLOW } else { x };
+    let shifted = clamped * LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // 2^n for n in [-126, 0]: the low bits of `shifted` hold n; add the exponent
+    // bias and shift it into the exponent field (the rounder's own bits shift out).
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+    if x < UNDERFLOW {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// The largest element (`-inf` for an empty slice; NaN is skipped here and
+/// surfaces through the sum of exponentials).
+#[inline(always)]
+fn max_body<T: Lane>(row: &[T]) -> f32 {
+    let blocks = row.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for block in blocks {
+        for (m, &x) in lanes.iter_mut().zip(block) {
+            let x = x.widen();
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    lanes.into_iter().chain(tail.iter().map(|x| x.widen())).fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
+}
+
+/// `Σ exp(x - shift)` with `LANES` independent f32 accumulators.
+#[inline(always)]
+fn sum_exp_body<T: Lane>(row: &[T], shift: f32) -> f32 {
+    let blocks = row.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    let mut sums = [0f32; LANES];
+    for block in blocks {
+        for (s, &x) in sums.iter_mut().zip(block) {
+            *s += exp_nonpositive(x.widen() - shift);
+        }
+    }
+    sums.iter().sum::<f32>() + tail.iter().map(|&x| exp_nonpositive(x.widen() - shift)).sum::<f32>()
+}
+
+/// `(max, Σ exp(x - max))` in one pass over memory: each block's max is found,
+/// the running sum is rescaled when the max grows, and the block's
+/// exponentials are summed while it is in L1. `(-inf, 0)` for an empty or
+/// all `-inf` row; NaN propagates into the sum.
+#[inline(always)]
+fn max_sum_exp_body<T: Lane>(row: &[T]) -> (f32, f32) {
+    let mut max = f32::NEG_INFINITY;
+    let mut sum = 0f32;
+    for block in row.chunks(BLOCK) {
+        let block_max = max_body(block);
+        if block_max > max {
+            sum *= (max - block_max).exp();
+            max = block_max;
+        }
+        if max > f32::NEG_INFINITY {
+            sum += sum_exp_body(block, max);
+        } else if block.iter().any(|x| x.widen().is_nan()) {
+            sum = f32::NAN;
+        }
+    }
+    (max, sum)
+}
+
+#[inline(always)]
+fn scaled_softmax_body<T: Lane>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = T::narrow(exp_nonpositive(x.widen() - lse) * scale);
+    }
+}
+
+#[inline(always)]
+fn scaled_softmax_in_place_body<T: Lane>(row: &mut [T], lse: f32, scale: f32) {
+    for x in row.iter_mut() {
+        *x = T::narrow(exp_nonpositive(x.widen() - lse) * scale);
+    }
+}
+
+/// Instantiates the row primitives for one instruction set.
+macro_rules! instruction_set {
+    ($name:ident, $($feature:literal),*) => {
+        mod $name {
+            use super::*;
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn max_sum_exp<T: Lane>(row: &[T]) -> (f32, f32) {
+                max_sum_exp_body(row)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn scaled_softmax<T: Lane>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
+                scaled_softmax_body(row, lse, scale, out)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn scaled_softmax_in_place<T: Lane>(row: &mut [T], lse: f32, scale: f32) {
+                scaled_softmax_in_place_body(row, lse, scale)
+            }
+            pub fn table<T: Lane>() -> RowKernels<T> {
+                RowKernels {
+                    name: stringify!($name),
+                    // SAFETY (all three): `table` is only called after
+                    // `is_x86_feature_detected!` confirmed this module's features.
+                    max_sum_exp: |row| unsafe { max_sum_exp(row) },
+                    scaled_softmax: |row, lse, scale, out| unsafe { scaled_softmax(row, lse, scale, out) },
+                    scaled_softmax_in_place: |row, lse, scale| unsafe { scaled_softmax_in_place(row, lse, scale) },
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+instruction_set!(avx512, "avx512f", "avx512bw", "avx512vl", "fma");
+#[cfg(target_arch = "x86_64")]
+instruction_set!(avx2, "avx2", "fma");
+
+/// The best instruction set this CPU has.
+fn select<T: Lane>() -> RowKernels<T> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |features: &[bool]| features.iter().all(|&f| f);
+        if has(&[
+            is_x86_feature_detected!("avx512f"),
+            is_x86_feature_detected!("avx512bw"),
+            is_x86_feature_detected!("avx512vl"),
+            is_x86_feature_detected!("fma"),
+        ]) {
+            return avx512::table();
+        }
+        if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
+            return avx2::table();
+        }
+    }
+    RowKernels {
+        name: "portable",
+        max_sum_exp: max_sum_exp_body,
+        scaled_softmax: scaled_softmax_body,
+        scaled_softmax_in_place: scaled_softmax_in_place_body,
+    }
+}

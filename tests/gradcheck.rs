@@ -1,0 +1,130 @@
+//! Central finite differences in f64 against the hand-written backward, for
+//! every reduction and engine, with ignored rows, masks, `num_label_tokens`,
+//! scaled and summed losses, and through an `lm_head`-style matmul.
+
+mod common;
+
+use candle::{DType, Device, Tensor, Var};
+use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+use common::{backward_of, Rng};
+
+/// Step of the central difference; with f64 maths the truncation error is
+/// O(h^2) ~ 1e-10 and the rounding error O(eps / h) ~ 1e-10.
+const STEP: f64 = 1e-5;
+const TOLERANCE: f64 = 1e-8;
+
+/// Checks `d f / d inputs` from candle's backward (through our op) against
+/// central finite differences, element by element. `f` maps the inputs to a
+/// scalar.
+fn gradcheck(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> candle::Result<Tensor>) -> anyhow::Result<()> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<candle::Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = f(&tensors)?.backward()?;
+    for (k, input) in inputs.iter().enumerate() {
+        let analytic: Vec<f64> = grads.get(&tensors[k]).expect("input without gradient").flatten_all()?.to_vec1()?;
+        let base: Vec<f64> = input.flatten_all()?.to_vec1()?;
+        for i in 0..base.len() {
+            let value_at = |delta: f64| -> candle::Result<f64> {
+                let mut moved = base.clone();
+                moved[i] += delta;
+                let mut args = inputs.to_vec();
+                args[k] = Tensor::from_vec(moved, input.shape(), input.device())?;
+                f(&args)?.to_scalar::<f64>()
+            };
+            let numeric = (value_at(STEP)? - value_at(-STEP)?) / (2.0 * STEP);
+            let diff = (numeric - analytic[i]).abs();
+            assert!(diff <= TOLERANCE, "{what}: input {k} element {i}: analytic {} vs numeric {numeric}", analytic[i]);
+        }
+    }
+    Ok(())
+}
+
+fn engines() -> [ChunkedCrossEntropy; 2] {
+    [ChunkedCrossEntropy::new(2, true, -100), ChunkedCrossEntropy::new(2, false, -100)]
+}
+
+/// Every reduction (`None` through a weighted sum), with ignored rows.
+fn reductions_with_ignored_rows(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(21);
+    let logits = common::logits(&mut rng, &[5, 7], 3.0, DType::F64, device)?;
+    let labels = Tensor::new(&[3i64, -100, 0, 6, -100], device)?;
+    for ce in engines() {
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let ce = ce.clone().reduction(reduction);
+            gradcheck(&format!("{ce:?}"), std::slice::from_ref(&logits), |x| {
+                backward_of(&ce.forward(&x[0], &labels, None)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// `[B, S, V]` logits with a mask, and `num_label_tokens` for accumulation.
+fn mask_and_num_label_tokens(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(22);
+    let logits = common::logits(&mut rng, &[2, 3, 5], 3.0, DType::F64, device)?;
+    let labels = common::labels(&mut rng, &[2, 3], 5, 0.0, -100, device)?;
+    let mask = Tensor::new(&[[1u8, 0, 1], [1, 1, 0]], device)?;
+    for ce in engines() {
+        for num_label_tokens in [None, Some(11)] {
+            gradcheck(&format!("{ce:?} num_label_tokens={num_label_tokens:?}"), std::slice::from_ref(&logits), |x| {
+                ce.forward_with_num_label_tokens(&x[0], &labels, Some(&mask), num_label_tokens)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The loss scaled, and added to a second loss over the same logits (two
+/// gradients accumulate into one).
+fn scaled_and_summed_losses(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(23);
+    let logits = common::logits(&mut rng, &[4, 6], 3.0, DType::F64, device)?;
+    let labels_a = common::labels(&mut rng, &[4], 6, 0.25, -100, device)?;
+    let labels_b = common::labels(&mut rng, &[4], 6, 0.25, -100, device)?;
+    for ce in engines() {
+        let sum = ce.clone().reduction(Reduction::Sum);
+        gradcheck(&format!("{ce:?} scaled + summed"), std::slice::from_ref(&logits), |x| {
+            let a = (ce.forward(&x[0], &labels_a, None)? * 3.0)?;
+            let b = (sum.forward(&x[0], &labels_b, None)? * -0.5)?;
+            let c = x[0].sqr()?.sum_all()?; // a non-loss term sharing the logits
+            a + b + c
+        })?;
+    }
+    Ok(())
+}
+
+/// Gradients reach the hidden states and the weight of an `lm_head` matmul,
+/// also with the gradient written over the logits.
+fn through_lm_head(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(24);
+    let hidden = common::logits(&mut rng, &[2, 3, 4], 1.0, DType::F64, device)?;
+    let weight = common::logits(&mut rng, &[4, 9], 1.0, DType::F64, device)?;
+    let labels = common::labels(&mut rng, &[2, 3], 9, 0.2, -100, device)?;
+    let configs = [engines()[0].clone(), engines()[1].clone(), engines()[0].clone().inplace_grad(true)];
+    for ce in configs {
+        gradcheck(&format!("{ce:?} lm_head"), &[hidden.clone(), weight.clone()], |x| {
+            let logits = x[0].broadcast_matmul(&x[1])?;
+            ce.forward(&logits, &labels, None)
+        })?;
+    }
+    Ok(())
+}
+
+/// Confident tokens (`p_y` close to 1), where `softmax - 1` cancels.
+fn confident_tokens(device: &Device) -> anyhow::Result<()> {
+    let logits = Tensor::new(&[[9.0f64, -2.0, 0.5], [0.1, 12.0, -1.0]], device)?;
+    let labels = Tensor::new(&[0i64, 1], device)?;
+    for ce in engines() {
+        gradcheck(&format!("{ce:?} confident"), std::slice::from_ref(&logits), |x| ce.forward(&x[0], &labels, None))?;
+    }
+    Ok(())
+}
+
+device_tests!(
+    reductions_with_ignored_rows,
+    mask_and_num_label_tokens,
+    scaled_and_summed_losses,
+    through_lm_head,
+    confident_tokens,
+);

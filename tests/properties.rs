@@ -1,0 +1,152 @@
+//! Property tests: over random shapes (`[N, V]` and `[B, S, V]`, empty ones
+//! included), logit scales, ignored fractions, masks, reductions,
+//! `num_label_tokens`, chunk lengths and both engines, the loss and gradient of
+//! f32 logits on the CPU match the slow autograd reference computed in f64;
+//! ignored and masked rows get exactly zero gradient, and the loss is finite.
+
+mod common;
+
+use candle::{DType, Device, Tensor};
+use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+use common::{loss_and_grad, slow_loss_and_grad, Rng};
+use proptest::prelude::*;
+
+const IGNORE_INDEX: i64 = -100;
+
+/// The loss against the f64 truth: f32 row reductions over V < 48 and a sum
+/// over at most 24 tokens stay well inside 1e-5 relative; the absolute floor
+/// covers per-token losses (and sums) that are 0 or nearly so.
+const LOSS_RTOL: f64 = 1e-5;
+const LOSS_ATOL: f64 = 1e-6;
+/// The gradient against the f64 truth: `exp(x - lse)` with `lse` rounded to
+/// f32 (|x| < 20) is within a few 1e-6 relative; the absolute floor covers
+/// probabilities that underflow in f32.
+const GRAD_RTOL: f64 = 1e-5;
+const GRAD_ATOL: f64 = 1e-7;
+
+/// One generated input.
+#[derive(Debug, Clone)]
+struct Case {
+    /// The labels' dims: `[N]` or `[B, S]`; the logits are these plus `[V]`.
+    dims: Vec<usize>,
+    vocab: usize,
+    seed: u64,
+    scale: f64,
+    ignored_fraction: f64,
+    /// The fraction of tokens a mask keeps, or no mask.
+    mask_keep: Option<f64>,
+    reduction: Reduction,
+    num_label_tokens: Option<usize>,
+    chunk_len: usize,
+    compile: bool,
+}
+
+fn label_dims() -> impl Strategy<Value = Vec<usize>> {
+    prop_oneof![(0usize..24).prop_map(|n| vec![n]), (1usize..4, 0usize..8).prop_map(|(b, s)| vec![b, s])]
+}
+
+/// A reduction, with `num_label_tokens` only for `Mean`.
+fn reduction() -> impl Strategy<Value = (Reduction, Option<usize>)> {
+    prop_oneof![
+        proptest::option::of(0usize..50).prop_map(|n| (Reduction::Mean, n)),
+        Just((Reduction::Sum, None)),
+        Just((Reduction::None, None)),
+    ]
+}
+
+prop_compose! {
+    fn case()(
+        dims in label_dims(),
+        vocab in 1usize..48,
+        seed in any::<u64>(),
+        scale in 0.1f64..20.0,
+        ignored_fraction in 0.0f64..1.0,
+        mask_keep in proptest::option::of(0.0f64..1.0),
+        (reduction, num_label_tokens) in reduction(),
+        chunk_len in 1usize..10,
+        compile in any::<bool>(),
+    ) -> Case {
+        Case { dims, vocab, seed, scale, ignored_fraction, mask_keep, reduction, num_label_tokens, chunk_len, compile }
+    }
+}
+
+/// `|a - b| <= atol + rtol * |b|` element-wise, as an error naming the first
+/// element that fails.
+fn close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(a.dims() == b.dims(), "{what}: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
+    let a: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let bound = atol + rtol * y.abs();
+        anyhow::ensure!(
+            (x - y).abs() <= bound,
+            "{what}: element {i}: {x} vs {y} (diff {:e} > {bound:e})",
+            (x - y).abs()
+        );
+    }
+    Ok(())
+}
+
+fn check(case: &Case) -> anyhow::Result<()> {
+    let device = &Device::Cpu;
+    let mut rng = Rng::new(case.seed);
+    let logits_dims: Vec<usize> = case.dims.iter().copied().chain([case.vocab]).collect();
+    let logits = common::logits(&mut rng, &logits_dims, case.scale, DType::F32, device)?;
+    let labels = common::labels(&mut rng, &case.dims, case.vocab, case.ignored_fraction, IGNORE_INDEX, device)?;
+    let mask = case.mask_keep.map(|keep| common::mask(&mut rng, &case.dims, keep, device)).transpose()?;
+    let ce = ChunkedCrossEntropy::new(case.chunk_len, case.compile, IGNORE_INDEX).reduction(case.reduction);
+
+    let (loss, grad) = loss_and_grad(&ce, &logits, &labels, mask.as_ref(), case.num_label_tokens)
+        .map_err(|e| anyhow::anyhow!("chunked loss: {e}"))?;
+    let (want_loss, want_grad) = if labels.elem_count() == 0 {
+        // No tokens: `reference::cross_entropy_slow` cannot run (candle's `max`
+        // refuses an empty tensor), and the truth is plain: a zero loss (an
+        // empty one for `None`) and an empty gradient.
+        let want_loss = match case.reduction {
+            Reduction::None => Tensor::zeros(case.dims.as_slice(), DType::F64, device)?,
+            Reduction::Mean | Reduction::Sum => Tensor::new(0f64, device)?,
+        };
+        (want_loss, Tensor::zeros(logits_dims.as_slice(), DType::F64, device)?)
+    } else {
+        slow_loss_and_grad(&logits, &labels, mask.as_ref(), IGNORE_INDEX, case.reduction, case.num_label_tokens)
+            .map_err(|e| anyhow::anyhow!("slow reference: {e}"))?
+    };
+
+    anyhow::ensure!(loss.dtype() == DType::F32, "loss dtype {:?}", loss.dtype());
+    anyhow::ensure!(grad.dtype() == DType::F32, "gradient dtype {:?}", grad.dtype());
+    let want_loss_dims: &[usize] = if case.reduction == Reduction::None { &case.dims } else { &[] };
+    anyhow::ensure!(loss.dims() == want_loss_dims, "loss shape {:?}", loss.shape());
+    anyhow::ensure!(grad.dims() == logits_dims.as_slice(), "gradient shape {:?}", grad.shape());
+
+    let loss_values: Vec<f32> = loss.flatten_all()?.to_vec1()?;
+    anyhow::ensure!(loss_values.iter().all(|l| l.is_finite()), "loss not finite: {loss_values:?}");
+    close(&loss, &want_loss, LOSS_RTOL, LOSS_ATOL, "loss")?;
+    close(&grad, &want_grad, GRAD_RTOL, GRAD_ATOL, "gradient")?;
+
+    // Ignored and masked rows: exactly zero gradient (and per-token loss).
+    let label_values: Vec<i64> = labels.flatten_all()?.to_vec1()?;
+    let keep: Vec<u8> = match &mask {
+        Some(mask) => mask.flatten_all()?.to_vec1()?,
+        None => vec![1; label_values.len()],
+    };
+    let grad_rows: Vec<Vec<f32>> = grad.reshape(((), case.vocab))?.to_vec2()?;
+    for (row, (&label, &kept)) in label_values.iter().zip(&keep).enumerate() {
+        if label != IGNORE_INDEX && kept != 0 {
+            continue;
+        }
+        anyhow::ensure!(grad_rows[row].iter().all(|&g| g == 0.0), "ignored row {row}: gradient {:?}", grad_rows[row]);
+        if case.reduction == Reduction::None {
+            anyhow::ensure!(loss_values[row] == 0.0, "ignored row {row}: loss {}", loss_values[row]);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matches_f64_reference(case in case()) {
+        check(&case).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    }
+}
