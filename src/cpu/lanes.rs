@@ -79,9 +79,11 @@ const BLOCK: usize = 1024;
 /// below 6e-9 relative). Branch-free and without float-to-int casts (Rust's
 /// saturating `as i32` does not vectorise), so the loops below compile to
 /// AVX-512 / AVX2 lanes; NaN propagates, and inputs below f32's normal range
-/// give exactly 0.
+/// give exactly 0. `FMA` fuses the multiply-adds: only where the instruction
+/// set has FMA (elsewhere `mul_add` is a slow library call).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
+    let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -91,15 +93,11 @@ fn exp_nonpositive(x: f32) -> f32 {
     let clamped = if x < UNDERFLOW { UNDERFLOW } else { x };
     let shifted = clamped * LOG2_E + ROUNDER;
     let n = shifted - ROUNDER;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let r = fma(-n, LN2_LO, fma(-n, LN2_HI, clamped));
     let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = fma(p, r, c);
+    }
     // 2^n for n in [-126, 0]: the low bits of `shifted` hold n; add the exponent
     // bias and shift it into the exponent field (the rounder's own bits shift out).
     let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
@@ -128,16 +126,16 @@ fn max_body<T: Lane>(row: &[T]) -> f32 {
 
 /// `Σ exp(x - shift)` with `LANES` independent f32 accumulators.
 #[inline(always)]
-fn sum_exp_body<T: Lane>(row: &[T], shift: f32) -> f32 {
+fn sum_exp_body<T: Lane, const FMA: bool>(row: &[T], shift: f32) -> f32 {
     let blocks = row.chunks_exact(LANES);
     let tail = blocks.remainder();
     let mut sums = [0f32; LANES];
     for block in blocks {
         for (s, &x) in sums.iter_mut().zip(block) {
-            *s += exp_nonpositive(x.widen() - shift);
+            *s += exp_nonpositive::<FMA>(x.widen() - shift);
         }
     }
-    sums.iter().sum::<f32>() + tail.iter().map(|&x| exp_nonpositive(x.widen() - shift)).sum::<f32>()
+    sums.iter().sum::<f32>() + tail.iter().map(|&x| exp_nonpositive::<FMA>(x.widen() - shift)).sum::<f32>()
 }
 
 /// `(max, Σ exp(x - max))` in one pass over memory: each block's max is found,
@@ -145,7 +143,7 @@ fn sum_exp_body<T: Lane>(row: &[T], shift: f32) -> f32 {
 /// exponentials are summed while it is in L1. `(-inf, 0)` for an empty or
 /// all `-inf` row; NaN propagates into the sum.
 #[inline(always)]
-fn max_sum_exp_body<T: Lane>(row: &[T]) -> (f32, f32) {
+fn max_sum_exp_body<T: Lane, const FMA: bool>(row: &[T]) -> (f32, f32) {
     let mut max = f32::NEG_INFINITY;
     let mut sum = 0f32;
     for block in row.chunks(BLOCK) {
@@ -155,7 +153,7 @@ fn max_sum_exp_body<T: Lane>(row: &[T]) -> (f32, f32) {
             max = block_max;
         }
         if max > f32::NEG_INFINITY {
-            sum += sum_exp_body(block, max);
+            sum += sum_exp_body::<T, FMA>(block, max);
         } else if block.iter().any(|x| x.widen().is_nan()) {
             sum = f32::NAN;
         }
@@ -164,16 +162,16 @@ fn max_sum_exp_body<T: Lane>(row: &[T]) -> (f32, f32) {
 }
 
 #[inline(always)]
-fn scaled_softmax_body<T: Lane>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
+fn scaled_softmax_body<T: Lane, const FMA: bool>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
     for (o, &x) in out.iter_mut().zip(row) {
-        *o = T::narrow(exp_nonpositive(x.widen() - lse) * scale);
+        *o = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale);
     }
 }
 
 #[inline(always)]
-fn scaled_softmax_in_place_body<T: Lane>(row: &mut [T], lse: f32, scale: f32) {
+fn scaled_softmax_in_place_body<T: Lane, const FMA: bool>(row: &mut [T], lse: f32, scale: f32) {
     for x in row.iter_mut() {
-        *x = T::narrow(exp_nonpositive(x.widen() - lse) * scale);
+        *x = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale);
     }
 }
 
@@ -184,15 +182,15 @@ macro_rules! instruction_set {
             use super::*;
             #[target_feature($(enable = $feature),*)]
             pub unsafe fn max_sum_exp<T: Lane>(row: &[T]) -> (f32, f32) {
-                max_sum_exp_body(row)
+                max_sum_exp_body::<T, true>(row)
             }
             #[target_feature($(enable = $feature),*)]
             pub unsafe fn scaled_softmax<T: Lane>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
-                scaled_softmax_body(row, lse, scale, out)
+                scaled_softmax_body::<T, true>(row, lse, scale, out)
             }
             #[target_feature($(enable = $feature),*)]
             pub unsafe fn scaled_softmax_in_place<T: Lane>(row: &mut [T], lse: f32, scale: f32) {
-                scaled_softmax_in_place_body(row, lse, scale)
+                scaled_softmax_in_place_body::<T, true>(row, lse, scale)
             }
             pub fn table<T: Lane>() -> RowKernels<T> {
                 RowKernels {
@@ -232,8 +230,8 @@ fn select<T: Lane>() -> RowKernels<T> {
     }
     RowKernels {
         name: "portable",
-        max_sum_exp: max_sum_exp_body,
-        scaled_softmax: scaled_softmax_body,
-        scaled_softmax_in_place: scaled_softmax_in_place_body,
+        max_sum_exp: max_sum_exp_body::<T, false>,
+        scaled_softmax: scaled_softmax_body::<T, false>,
+        scaled_softmax_in_place: scaled_softmax_in_place_body::<T, false>,
     }
 }

@@ -243,6 +243,7 @@ macro_rules! impl_zeroed {
         impl Zeroed for $t {
             fn zeroed_vec(len: usize) -> Vec<$t> {
                 let bits = vec![<$bits>::default(); len];
+                advise_huge_pages(&bits);
                 let mut bits = std::mem::ManuallyDrop::new(bits);
                 let (ptr, len, cap) = (bits.as_mut_ptr(), bits.len(), bits.capacity());
                 // SAFETY: `$t` has the size and alignment of `$bits`, and the
@@ -254,6 +255,33 @@ macro_rules! impl_zeroed {
     )*};
 }
 impl_zeroed!(f32 => u32, f64 => u64, bf16 => u16, f16 => u16);
+
+/// Asks Linux to back a fresh, still untouched buffer with transparent huge
+/// pages. A gradient buffer is first touched by the backward kernel, and
+/// faulting it in 4 KiB pages costs more than the kernel's own passes over
+/// memory (about 1.4 µs per page on our VMs); 2 MiB pages cut the fault count
+/// 512-fold. Only the 2 MiB-aligned interior is advised; where THP is off the
+/// call is a harmless no-op, and its result is ignored either way.
+fn advise_huge_pages<T>(buf: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = buf.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let aligned_start = start.next_multiple_of(HUGE_PAGE);
+        let aligned_end = end / HUGE_PAGE * HUGE_PAGE;
+        if aligned_end > aligned_start {
+            // SAFETY: the range lies inside `buf`'s own allocation, and
+            // MADV_HUGEPAGE only changes how its pages are backed, not their
+            // contents (untouched zero pages stay zero).
+            unsafe {
+                libc::madvise(aligned_start as *mut libc::c_void, aligned_end - aligned_start, libc::MADV_HUGEPAGE)
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
 
 // ---------------------------------------------------------------------------
 // f64 rows: plain scalar maths in f64 (used for gradient checks, not speed).
