@@ -40,6 +40,8 @@
 //!
 //! Features: none by default (CPU); `cuda` builds candle with CUDA.
 
+#![warn(missing_docs)]
+
 mod cpu;
 mod loss;
 mod op;
