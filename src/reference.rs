@@ -53,31 +53,27 @@ pub(crate) fn row_stats_chunked(
     ignore_index: i64,
     chunk_len: usize,
 ) -> candle::Result<Tensor> {
-    let logits = as_rows(logits)?;
-    let rows = logits.dim(0)?;
-    let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_len));
-    for start in (0..rows).step_by(chunk_len) {
-        let len = chunk_len.min(rows - start);
-        let x = logits.narrow(0, start, len)?;
-        let x = x.to_dtype(compute_dtype(x.dtype()))?;
-        let chunk = ChunkLabels::new(&labels.narrow(0, start, len)?, ignore_index)?;
+    let rows = as_rows(logits)?;
+    let mut stats = Vec::new();
+    for chunk in row_chunks(&rows, labels, ignore_index, chunk_len) {
+        let Chunk { x, labels, .. } = chunk?;
         let max = x.max_keepdim(1)?;
         let shifted = x.broadcast_sub(&max)?;
-        let target = shifted.gather(&chunk.safe, 1)?;
+        let target = shifted.gather(&labels.safe, 1)?;
         let target_term = target.exp()?;
-        let total = shifted.exp()?.sum_keepdim(1)?;
-        let rest = shifted.exp()?.mul(&chunk.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
-        let lse = (total.log()? + max)?;
+        let exps = shifted.exp()?;
+        let log_total = exps.sum_keepdim(1)?.log()?;
+        let rest = exps.mul(&labels.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
         // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
         let confident = rest.le(&target_term)?;
-        let loss = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(total.log()? - target)?)?;
-        let stats = Tensor::cat(&[loss, lse], 1)?;
-        chunks.push(chunk.zero_ignored(&stats)?);
+        let loss = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(&log_total - target)?)?;
+        let lse = (log_total + max)?;
+        stats.push(labels.zero_ignored(&Tensor::cat(&[loss, lse], 1)?)?);
     }
-    if chunks.is_empty() {
+    if stats.is_empty() {
         return Tensor::zeros((0, 2), compute_dtype(logits.dtype()), logits.device());
     }
-    Tensor::cat(&chunks, 0)
+    Tensor::cat(&stats, 0)
 }
 
 /// The `compile = false` backward: `(softmax(x) - onehot(y)) * scale` in the
@@ -90,28 +86,48 @@ pub(crate) fn grad_chunked(
     ignore_index: i64,
     chunk_len: usize,
 ) -> candle::Result<Tensor> {
-    let rows_view = as_rows(logits)?;
-    let (rows, vocab) = rows_view.dims2()?;
-    let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_len));
-    for start in (0..rows).step_by(chunk_len) {
-        let len = chunk_len.min(rows - start);
-        let x = rows_view.narrow(0, start, len)?;
-        let x = x.to_dtype(compute_dtype(x.dtype()))?;
-        let chunk = ChunkLabels::new(&labels.narrow(0, start, len)?, ignore_index)?;
-        let f = factors.narrow(0, start, len)?;
+    let rows = as_rows(logits)?;
+    let mut grads = Vec::new();
+    for chunk in row_chunks(&rows, labels, ignore_index, chunk_len) {
+        let Chunk { start, x, labels } = chunk?;
+        let f = factors.narrow(0, start, x.dim(0)?)?;
         let (scale, lse) = (f.narrow(1, 0, 1)?, f.narrow(1, 1, 1)?);
         let probs = x.broadcast_sub(&lse)?.exp()?;
-        let not_target = chunk.not_target(vocab, probs.dtype())?;
+        let not_target = labels.not_target(x.dim(1)?, probs.dtype())?;
         let others = probs.mul(&not_target)?;
         let rest = others.sum_keepdim(1)?;
         let onehot = (1.0 - not_target)?;
         let grad = (others - onehot.broadcast_mul(&rest)?)?.broadcast_mul(&scale)?;
-        chunks.push(chunk.zero_ignored(&grad)?.to_dtype(logits.dtype())?);
+        grads.push(labels.zero_ignored(&grad)?.to_dtype(logits.dtype())?);
     }
-    if chunks.is_empty() {
+    if grads.is_empty() {
         return logits.zeros_like();
     }
-    Tensor::cat(&chunks, 0)?.reshape(logits.shape())
+    Tensor::cat(&grads, 0)?.reshape(logits.shape())
+}
+
+/// `chunk_len` rows of `[N, V]` logits, widened to the compute dtype, with
+/// their labels.
+struct Chunk {
+    start: usize,
+    x: Tensor,
+    labels: ChunkLabels,
+}
+
+fn row_chunks<'a>(
+    rows: &'a Tensor,
+    labels: &'a Tensor,
+    ignore_index: i64,
+    chunk_len: usize,
+) -> impl Iterator<Item = candle::Result<Chunk>> + 'a {
+    let total = rows.dim(0).unwrap_or(0);
+    (0..total).step_by(chunk_len).map(move |start| {
+        let len = chunk_len.min(total - start);
+        let x = rows.narrow(0, start, len)?;
+        let x = x.to_dtype(compute_dtype(x.dtype()))?;
+        let labels = ChunkLabels::new(&labels.narrow(0, start, len)?, ignore_index)?;
+        Ok(Chunk { start, x, labels })
+    })
 }
 
 /// A chunk's labels as gather indices (`[len, 1]`, ignored rows pointing at
