@@ -43,6 +43,8 @@
 #![warn(missing_docs)]
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod loss;
 mod op;
 pub mod reference;

@@ -170,7 +170,8 @@ impl ChunkedCrossEntropy {
 
     /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:
     /// the forward op's row statistics `[N, 2]`, then the backward op's
-    /// gradient (upstream gradient 1). Not part of the stable API.
+    /// gradient (upstream gradient 1), each timed between device
+    /// synchronisations. Not part of the stable API.
     #[doc(hidden)]
     pub fn bench_ops(
         &self,
@@ -179,14 +180,19 @@ impl ChunkedCrossEntropy {
     ) -> Result<(std::time::Duration, std::time::Duration, Tensor)> {
         let cfg = self.op_config()?;
         let (logits, labels) = self.checked_inputs(logits, labels, None)?;
+        let device = logits.device();
+        device.synchronize()?;
         let start = std::time::Instant::now();
         let stats = op::row_stats(&logits, &labels, cfg)?;
+        device.synchronize()?;
         let forward = start.elapsed();
         let count = valid_count(&labels, self.ignore_index, stats.dtype())?;
         let scale = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
         let factors = Tensor::cat(&[&scale, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
+        device.synchronize()?;
         let start = std::time::Instant::now();
         let grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
+        device.synchronize()?;
         Ok((forward, start.elapsed(), grad))
     }
 

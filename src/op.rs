@@ -96,6 +96,19 @@ impl CustomOp3 for CrossEntropyNode {
         Ok((copy, stats_layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle::CudaStorage,
+        _: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+        stats: &candle::CudaStorage,
+        stats_layout: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -153,6 +166,17 @@ impl CustomOp2 for FusedForward {
         };
         Ok((stats, Shape::from((labels.len(), 2))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        crate::cuda::forward(s1, l1, s2, l2, self.0.ignore_index)
+    }
 }
 
 /// Fused backward into a fresh contiguous buffer shaped like the logits. Its
@@ -185,6 +209,19 @@ impl CustomOp3 for FusedBackward {
         };
         Ok((grad, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+        s3: &candle::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        crate::cuda::backward(s1, l1, s2, l2, s3, l3, self.0.ignore_index)
+    }
 }
 
 /// Fused backward written over the logits' own storage (`inplace_grad`).
@@ -216,6 +253,19 @@ impl InplaceOp3 for FusedBackwardInPlace {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+        s3: &candle::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda::backward_in_place(s1, l1, s2, l2, s3, l3, self.0.ignore_index)
+    }
 }
 
 /// Checks every label against `[0, vocab)` and turns it into a row index, or
@@ -227,11 +277,18 @@ pub(crate) fn row_labels(labels: &[i64], vocab: usize, ignore_index: i64) -> Res
         .map(|(row, &label)| match label {
             l if l == ignore_index => Ok(None),
             l if l >= 0 && (l as u64) < vocab as u64 => Ok(Some(l as usize)),
-            l => bail!(
-                "chunked cross-entropy: label {l} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
-            ),
+            l => Err(bad_label(row, l, vocab, ignore_index)),
         })
         .collect()
+}
+
+/// The error for a label outside `[0, vocab)` that is not `ignore_index`
+/// (the CPU and CUDA paths both report it this way).
+pub(crate) fn bad_label(row: usize, label: i64, vocab: usize, ignore_index: i64) -> candle::Error {
+    candle::Error::Msg(format!(
+        "chunked cross-entropy: label {label} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+    ))
+    .bt()
 }
 
 /// Row offsets of a `[.., V]` layout whose last dim is unit-stride; any

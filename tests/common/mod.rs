@@ -21,16 +21,30 @@ macro_rules! device_tests {
             #[cfg(feature = "cuda")]
             #[test]
             fn cuda() -> anyhow::Result<()> {
-                match candle::Device::new_cuda(0) {
-                    Ok(device) => super::$name(&device),
-                    Err(e) => {
-                        eprintln!("SKIP {}: no CUDA device ({e})", stringify!($name));
-                        Ok(())
-                    }
+                match $crate::common::cuda_or_skip(stringify!($name)) {
+                    Some(device) => super::$name(&device),
+                    None => Ok(()),
                 }
             }
         }
     )*};
+}
+
+/// The first CUDA device, or `None` after printing why `what` is skipped.
+/// With `CHUNKED_CE_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) a missing
+/// device fails the test instead, so that a broken GPU setup cannot pass as skips.
+#[cfg(feature = "cuda")]
+pub fn cuda_or_skip(what: &str) -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(e) => {
+            let reason = e.to_string();
+            let reason = reason.lines().next().unwrap_or_default();
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "{what}: no CUDA device ({reason})");
+            eprintln!("SKIP {what}: no CUDA device ({reason})");
+            None
+        }
+    }
 }
 
 /// A small deterministic generator (SplitMix64) so that every test input is

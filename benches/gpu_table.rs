@@ -1,0 +1,180 @@
+//! The GPU table (feature `cuda`, run on a lent GPU by `scripts/gpu-check.sh`):
+//! forward+backward of our loss (fused and primitive, gradient in place or
+//! not) at the shapes, with synchronised timers (warm-up, median of
+//! rotating inputs), peak device memory from the CUDA memory pool, and the
+//! measured device-to-device copy bandwidth with the floors it implies.
+//! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
+//!
+//! `gpu_table [NxV ...] [--reps R]`
+
+use candle::cuda_backend::cudarc::driver::sys;
+use candle::{DType, Device, Tensor, Var};
+use candle_chunked_ce::ChunkedCrossEntropy;
+use std::time::{Duration, Instant};
+
+const SETS: usize = 2;
+const WARMUP: usize = 3;
+
+/// The CUDA default memory pool that candle's stream-ordered allocations use.
+struct Pool(sys::CUmemoryPool);
+
+impl Pool {
+    fn new() -> Self {
+        let mut device: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver queries with valid out-pointers; candle initialised the driver.
+        unsafe {
+            assert_eq!(sys::cuDeviceGet(&mut device, 0), sys::CUresult::CUDA_SUCCESS);
+            assert_eq!(sys::cuDeviceGetDefaultMemPool(&mut pool, device), sys::CUresult::CUDA_SUCCESS);
+        }
+        Self(pool)
+    }
+
+    fn attribute(&self, attr: sys::CUmemPool_attribute) -> u64 {
+        let mut value = 0u64;
+        // SAFETY: the USED_MEM_* attributes are u64 (cuuint64_t) values.
+        let rc = unsafe { sys::cuMemPoolGetAttribute(self.0, attr, (&mut value as *mut u64).cast()) };
+        assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+        value
+    }
+
+    /// Bytes in use now.
+    fn used(&self) -> u64 {
+        self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// Resets the high-water mark to the current use.
+    fn reset_peak(&self) {
+        let mut zero = 0u64;
+        // SAFETY: setting USED_MEM_HIGH to 0 resets it, as documented for the attribute.
+        let rc = unsafe {
+            sys::cuMemPoolSetAttribute(
+                self.0,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        };
+        assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+    }
+
+    fn peak(&self) -> u64 {
+        self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Device-to-device copy bandwidth in bytes/s (read + write counted).
+fn copy_bandwidth(device: &Device) -> f64 {
+    let src = Tensor::zeros(1usize << 30, DType::U8, device).unwrap();
+    let times = (0..10)
+        .map(|_| {
+            device.synchronize().unwrap();
+            let start = Instant::now();
+            let copy = src.copy().unwrap();
+            device.synchronize().unwrap();
+            drop(copy);
+            start.elapsed()
+        })
+        .collect();
+    2.0 * (1u64 << 30) as f64 / median(times).as_secs_f64()
+}
+
+struct Timing {
+    forward: Duration,
+    backward: Duration,
+    end_to_end: Duration,
+    peak: u64,
+}
+
+fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: usize, pool: &Pool) -> Timing {
+    let device = inputs[0].device();
+    let inplace = format!("{ce:?}").contains("inplace_grad: true");
+    let (mut fwd, mut bwd, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    let mut peak = 0;
+    for i in 0..WARMUP + reps {
+        let logits = &inputs[i % inputs.len()];
+        let fresh = if inplace { logits.copy().unwrap() } else { logits.clone() };
+        let (f, b, grad) = ce.bench_ops(&fresh, labels).unwrap();
+        drop(grad);
+        // A fresh variable (a copy) each run, so in-place runs never see a gradient as logits.
+        let var = Var::from_tensor(logits).unwrap();
+        device.synchronize().unwrap();
+        let base = pool.used();
+        pool.reset_peak();
+        let start = Instant::now();
+        let grads = ce.forward(var.as_tensor(), labels, None).unwrap().backward().unwrap();
+        device.synchronize().unwrap();
+        let t = start.elapsed();
+        peak = pool.peak().saturating_sub(base);
+        drop(grads);
+        if i >= WARMUP {
+            fwd.push(f);
+            bwd.push(b);
+            e2e.push(t);
+        }
+    }
+    Timing { forward: median(fwd), backward: median(bwd), end_to_end: median(e2e), peak }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps = args.iter().position(|a| a == "--reps").map_or(20, |i| args[i + 1].parse().unwrap());
+    let mut shapes: Vec<(usize, usize)> =
+        args.iter().filter_map(|a| a.split_once('x')).map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap())).collect();
+    if shapes.is_empty() {
+        shapes = vec![(8192, 32000), (8192, 128256), (16384, 128256), (8192, 262144)];
+    }
+    let device = Device::new_cuda(0).expect("a CUDA device");
+    let pool = Pool::new();
+    let bandwidth = copy_bandwidth(&device);
+    println!(
+        "device-to-device copy bandwidth: {:.0} GB/s (read + write), {reps} timed runs per cell (median)",
+        bandwidth / 1e9
+    );
+    println!(
+        "| N x V | dtype | ours | fwd op ms | bwd op ms | ops ms | e2e ms | candle share of e2e | peak extra / logits | 2-pass floor ms | ops / floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (n, v) in shapes {
+        for dtype in [DType::BF16, DType::F32] {
+            let bytes = (n * v * dtype.size_in_bytes()) as f64;
+            let floor = 2.0 * bytes / bandwidth;
+            let inputs: Vec<Tensor> = (0..SETS)
+                .map(|_| Tensor::randn(0f32, 2.0, (n, v), &device).unwrap().to_dtype(dtype).unwrap())
+                .collect();
+            let labels = Tensor::rand(0f32, v as f32, n, &device).unwrap().to_dtype(DType::I64).unwrap();
+            // The primitive engine launches ~20 candle kernels per chunk of 32 rows: time it
+            // at the smallest shape only, to keep the call short.
+            let primitive = n * v <= 8192 * 32000;
+            for (compile, inplace) in [(true, false), (true, true), (false, false)] {
+                if !compile && !primitive {
+                    continue;
+                }
+                let ce = ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace);
+                let t = measure(&ce, &inputs, &labels, if compile { reps } else { 3 }, &pool);
+                let ops = t.forward + t.backward;
+                println!(
+                    "| {n}x{v} | {dtype:?} | compile={} inplace={} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0}% | {:.2}x | {:.3} | {:.2}x |",
+                    compile as u8,
+                    inplace as u8,
+                    ms(t.forward),
+                    ms(t.backward),
+                    ms(ops),
+                    ms(t.end_to_end),
+                    100.0 * (1.0 - ops.as_secs_f64() / t.end_to_end.as_secs_f64()).max(0.0),
+                    t.peak as f64 / bytes,
+                    floor * 1e3,
+                    ops.as_secs_f64() / floor
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+// Fused cross-entropy kernels for candle-chunked-ce.
+//
+// Forward: one block per row reads the row once, keeping a running max and a
+// running sum of exponentials in f32 (f64 for f64 logits) per thread, merges
+// them across the block, and writes (loss, lse) for the row. It never
+// materialises probabilities. Backward: one block per row reads the row once
+// more and writes (softmax - onehot) * scale in the logits' dtype, into a
+// fresh buffer or over the logits. The maths, and why the loss and the target
+// term are formed as they are (no cancellation when p_y -> 1), is written once
+// in src/op.rs; the CPU kernels in src/cpu/ compute the same thing.
+//
+// Offsets are 64-bit everywhere: N * V passes 2^31 at N = 16384, V = 131072.
+// Rows may be strided (a [B, S-1, V] view of [B, S, V] logits): row r starts
+// at start + (r / inner) * stride_outer + (r % inner) * stride_inner.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// ---------------------------------------------------------------------------
+// Element conversions: every reduction runs in the accumulator type A.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ double widen(double x) { return x; }
+
+template <typename T> __device__ __forceinline__ T narrow(float x);
+template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <typename T> __device__ __forceinline__ T narrow(double x) { return x; }
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
+template <> __device__ __forceinline__ double neg_inf<double>() { return -(double)INFINITY; }
+
+__device__ __forceinline__ int64_t row_offset(int64_t r, int64_t start, int64_t inner, int64_t stride_outer,
+                                              int64_t stride_inner) {
+    return start + (r / inner) * stride_outer + (r % inner) * stride_inner;
+}
+
+// ---------------------------------------------------------------------------
+// (max, sum of exp(x - max)) pairs: the online softmax reduction.
+// ---------------------------------------------------------------------------
+
+// Adds one logit to a running (max, sum). -inf logits contribute nothing;
+// NaN poisons the sum (and so the row's loss), as in PyTorch.
+template <typename A> __device__ __forceinline__ void push(A& m, A& s, A x) {
+    if (x > m) {
+        s = (s == A(0) ? A(0) : s * exp(m - x)) + A(1);
+        m = x;
+    } else if (x != x) {
+        s = x;
+    } else if (x > neg_inf<A>()) {
+        s += exp(x - m);
+    }
+}
+
+// Merges (m2, s2) into (m, s). A sum of 0 contributes nothing whatever its max.
+template <typename A> __device__ __forceinline__ void merge(A& m, A& s, A m2, A s2) {
+    A mx = m > m2 ? m : m2;
+    A a = s == A(0) ? A(0) : s * exp(m - mx);
+    A b = s2 == A(0) ? A(0) : s2 * exp(m2 - mx);
+    m = mx;
+    s = a + b;
+}
+
+// Block-wide merge; every thread returns the block's pair. blockDim.x is a
+// multiple of 32, at most 1024.
+template <typename A> __device__ void block_merge(A& m, A& s) {
+    __shared__ A shared_m[32];
+    __shared__ A shared_s[32];
+    for (int offset = 16; offset > 0; offset /= 2) {
+        merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) {
+        shared_m[warp] = m;
+        shared_s[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? shared_m[lane] : neg_inf<A>();
+    s = lane < warps ? shared_s[lane] : A(0);
+    for (int offset = 16; offset > 0; offset /= 2) {
+        merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+    }
+    // The shared arrays are reused by the next row of this block: wait until
+    // every warp has read them.
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------
+
+// stats[r] = (loss, lse), zeros on ignored rows. A label outside [0, V) that
+// is not ignore_index lowers *first_bad_row (which the host sets to
+// ULLONG_MAX) to its row, so that the host reports the first bad row, as the
+// CPU path does; the row's stats stay zero.
+template <typename T, typename A>
+__device__ void forward(const T* logits, const int64_t* labels, A* stats, unsigned long long* first_bad_row, int64_t rows,
+                        int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,
+                        int64_t stride_inner) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int64_t label = labels[r];
+        if (label == ignore_index || label < 0 || label >= vocab) {
+            if (threadIdx.x == 0) {
+                stats[2 * r] = A(0);
+                stats[2 * r + 1] = A(0);
+                if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
+            }
+            continue;
+        }
+        const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
+        // The target is left out of the sum: `rest` must not include its term.
+        A m = neg_inf<A>(), s = A(0);
+        for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+            if (j != label) push(m, s, A(widen(row[j])));
+        }
+        block_merge(m, s);
+        if (threadIdx.x == 0) {
+            const A target_logit = A(widen(row[label]));
+            const A max = m > target_logit ? m : target_logit;
+            // +inf logits: x - max is NaN in PyTorch's formula; say so.
+            const A rest = max == -neg_inf<A>() ? A(NAN) : (s == A(0) ? A(0) : s * exp(m - max));
+            const A target_term = exp(target_logit - max);
+            const A total = rest + target_term;
+            stats[2 * r] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
+            stats[2 * r + 1] = max + log(total);
+        }
+    }
+}
+
+// grad[r] = (exp(x - lse) - [j == y]) * scale with factors[r] = (scale, lse,
+// loss); the target term is expm1(-loss) * scale, formed in A. Ignored rows
+// (and, defensively, rows with an invalid label) are written as zeros. `grad`
+// may be `logits` itself (in place): each element is read before it is written,
+// by the same thread.
+template <typename T, typename A>
+__device__ void backward(const T* logits, const int64_t* labels, const A* factors, T* grad, int64_t rows,
+                         int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,
+                         int64_t stride_inner, int64_t out_start, int64_t out_inner, int64_t out_stride_outer,
+                         int64_t out_stride_inner) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int64_t label = labels[r];
+        const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
+        T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);
+        if (label == ignore_index || label < 0 || label >= vocab) {
+            for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) out[j] = narrow<T>(A(0));
+            continue;
+        }
+        const A scale = factors[3 * r], lse = factors[3 * r + 1], loss = factors[3 * r + 2];
+        for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const A g = j == label ? expm1(-loss) * scale : exp(A(widen(row[j])) - lse) * scale;
+            out[j] = narrow<T>(g);
+        }
+    }
+}
+
+#define FORWARD(NAME, T, A)                                                                                        \
+    extern "C" __global__ void NAME(const T* logits, const int64_t* labels, A* stats,                              \
+                                    unsigned long long* first_bad_row, int64_t rows, int64_t vocab,                \
+                                    int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,      \
+                                    int64_t stride_inner) {                                                        \
+        forward<T, A>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, start, inner, stride_outer, \
+                      stride_inner);                                                                               \
+    }
+
+#define BACKWARD(NAME, NAME_IN_PLACE, T, A)                                                                        \
+    extern "C" __global__ void NAME(const T* logits, const int64_t* labels, const A* factors, T* grad,            \
+                                    int64_t rows, int64_t vocab, int64_t ignore_index, int64_t start,              \
+                                    int64_t inner, int64_t stride_outer, int64_t stride_inner) {                   \
+        backward<T, A>(logits, labels, factors, grad, rows, vocab, ignore_index, start, inner, stride_outer,       \
+                       stride_inner, 0, rows > 0 ? rows : 1, 0, vocab);                                            \
+    }                                                                                                              \
+    extern "C" __global__ void NAME_IN_PLACE(T* logits, const int64_t* labels, const A* factors, int64_t rows,     \
+                                             int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner,    \
+                                             int64_t stride_outer, int64_t stride_inner) {                         \
+        backward<T, A>(logits, labels, factors, logits, rows, vocab, ignore_index, start, inner, stride_outer,     \
+                       stride_inner, start, inner, stride_outer, stride_inner);                                    \
+    }
+
+FORWARD(ce_fwd_f32, float, float)
+FORWARD(ce_fwd_bf16, __nv_bfloat16, float)
+FORWARD(ce_fwd_f16, __half, float)
+FORWARD(ce_fwd_f64, double, double)
+BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float)
+BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float)
+BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float)
+BACKWARD(ce_bwd_f64, ce_bwd_inplace_f64, double, double)
