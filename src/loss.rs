@@ -31,8 +31,8 @@ pub enum Reduction {
 ///
 /// | setting | default | meaning |
 /// |---|---|---|
-/// | `chunk_len` | 32 | rows per work unit; bounds the f32 scratch (`compile = false`: `[chunk_len, V]` temporaries) |
-/// | `compile` | `true` | fused CPU kernels (`true`) or candle's primitive ops chunk by chunk (`false`) |
+/// | `chunk_len` | 32 | rows per CPU work unit; with `compile = false`, the rows of each `[chunk_len, V]` f32 temporary (the fused kernels need no `[N, V]` scratch at all) |
+/// | `compile` | `true` | fused kernels, CPU or CUDA (`true`), or candle's primitive ops chunk by chunk (`false`) |
 /// | `ignore_index` | -100 | label value whose token contributes no loss and no gradient |
 /// | `reduction` | [`Reduction::Mean`] | mean over valid tokens, sum, or per-token |
 /// | `inplace_grad` | `false` | write the gradient over the logits (destroys them; needs `compile = true`) |
@@ -45,6 +45,9 @@ pub enum Reduction {
 /// - NaN or `+inf` in a valid row's logits make that row's loss NaN, as in
 ///   PyTorch (so that mixed-precision loss scalers can see the overflow);
 ///   ignored rows are never read.
+/// - A confident token's loss and gradient (`p_y -> 1`) keep full f32
+///   precision, where PyTorch's `lse - x_y` and `softmax - 1` cancel.
+/// - Labels at masked positions are ignored without being range-checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkedCrossEntropy {
     chunk_len: usize,

@@ -11,19 +11,22 @@
 //! grad_j = (exp(x_j - lse) - [j == y]) * scale       (0 on ignored rows)
 //! ```
 //!
-//! Both are evaluated so that they do not cancel when the target holds most
-//! of the probability (`p_y -> 1`, common late in training): with `rest =
-//! Σ_{j≠y} exp(x_j - max)`, `loss = ln(1 + rest / exp(x_y - max))`, and the
-//! target term is `p_y - 1 = expm1(-loss)` (the fused kernels) or
-//! `-Σ_{j≠y} p_j` (the primitive engine). PyTorch forms `exp(log_softmax) - 1`
-//! and keeps only about 3 significant digits of a 3e-5 gradient in f32.
-//!
 //! where `scale` is the gradient reaching this row's loss: the upstream
 //! gradient divided by the valid-token count for `Mean` (that division is an
 //! ordinary candle op on `[N]` values, so candle's autograd folds it into the
 //! per-row `scale` we receive), the upstream gradient itself for `Sum` and
-//! `None`. The target term `exp(x_y - lse) - 1` is formed in f32 before the
-//! gradient is rounded to the logits' dtype.
+//! `None`.
+//!
+//! Both are evaluated so that they do not cancel when the target holds most
+//! of the probability (`p_y -> 1`, common late in training): with `rest =
+//! Σ_{j≠y} exp(x_j - max)`, `loss = ln(1 + rest / exp(x_y - max))` when
+//! `rest <= exp(x_y - max)`, and the target term `p_y - 1` is `expm1(-loss)`
+//! (the fused kernels) or `-Σ_{j≠y} p_j` (the primitive engine), formed in
+//! f32 before the gradient is rounded to the logits' dtype. PyTorch forms
+//! `exp(log_softmax) - 1` and keeps only about 3 significant digits of a 3e-5
+//! gradient in f32. The CPU kernels (`src/cpu/`), the CUDA kernels
+//! (`cuda/cross_entropy.cu`) and the primitive engine (`src/reference.rs`)
+//! all compute exactly this.
 //!
 //! # The graph
 //!
