@@ -1,0 +1,221 @@
+//! Data, batches, the loss (ours or candle-nn's), gradient accumulation with
+//! the global token count, clipping and the learning-rate schedule.
+
+use crate::gpt2::Gpt2;
+use candle::backprop::GradStore;
+use candle::{DType, Device, Result, Tensor};
+use candle_chunked_ce::ChunkedCrossEntropy;
+
+/// Which cross-entropy the training uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    /// `candle_chunked_ce::ChunkedCrossEntropy` with the mask and the global token count.
+    Chunked,
+    /// `candle_nn::loss::cross_entropy` on the unmasked rows, rescaled to the global count.
+    CandleNn,
+}
+
+/// Token sequences with a loss mask each (0: no loss on this token's prediction).
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    pub sequences: Vec<(Vec<u32>, Vec<u8>)>,
+}
+
+impl Dataset {
+    /// Plain text: one sequence, every token trained on.
+    pub fn from_tokens(tokens: Vec<u32>) -> Self {
+        let mask = vec![1; tokens.len()];
+        Self { sequences: vec![(tokens, mask)] }
+    }
+
+    /// Total tokens.
+    pub fn len(&self) -> usize {
+        self.sequences.iter().map(|(t, _)| t.len()).sum()
+    }
+
+    /// Splits off the last `fraction` of the tokens (of each plain-text
+    /// sequence, or of the records) as validation data.
+    pub fn split(self, fraction: f64) -> (Self, Self) {
+        if self.sequences.len() == 1 {
+            let (tokens, mask) = self.sequences.into_iter().next().expect("one sequence");
+            let cut = ((tokens.len() as f64) * (1.0 - fraction)) as usize;
+            let train = (tokens[..cut].to_vec(), mask[..cut].to_vec());
+            let val = (tokens[cut..].to_vec(), mask[cut..].to_vec());
+            return (Self { sequences: vec![train] }, Self { sequences: vec![val] });
+        }
+        let cut = ((self.sequences.len() as f64) * (1.0 - fraction)).ceil() as usize;
+        let mut train = self.sequences;
+        let val = train.split_off(cut.min(train.len()));
+        (Self { sequences: train }, Self { sequences: val })
+    }
+
+    /// `batch` windows of `seq + 1` tokens at random places (records shorter
+    /// than that are padded, with mask 0). Inputs are the first `seq` tokens,
+    /// labels the next `seq`, and the mask is that of the labels.
+    pub fn batch(&self, rng: &mut Rng, batch: usize, seq: usize, device: &Device) -> Result<Batch> {
+        let (mut inputs, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        let long: Vec<&(Vec<u32>, Vec<u8>)> = self.sequences.iter().filter(|(t, _)| t.len() >= 2).collect();
+        if long.is_empty() {
+            candle::bail!("the data has no sequence of at least two tokens")
+        }
+        for _ in 0..batch {
+            let (tokens, keep) = long[rng.below(long.len())];
+            let start = rng.below(tokens.len().saturating_sub(seq + 1) + 1);
+            for i in 0..seq {
+                let (x, y) = (start + i, start + i + 1);
+                inputs.push(tokens.get(x).copied().unwrap_or(0));
+                labels.push(tokens.get(y).copied().unwrap_or(0));
+                mask.push(if y < tokens.len() { keep[y] } else { 0 });
+            }
+        }
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (batch, seq), device)?,
+            labels: Tensor::from_vec(labels, (batch, seq), device)?,
+            mask: Tensor::from_vec(mask, (batch, seq), device)?,
+        })
+    }
+}
+
+/// Inputs and labels `[B, T]` (u32) and the labels' loss mask `[B, T]` (u8).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Tensor,
+    pub labels: Tensor,
+    pub mask: Tensor,
+}
+
+impl Batch {
+    /// Tokens that count in the loss.
+    pub fn valid_tokens(&self) -> Result<usize> {
+        Ok(self.mask.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize)
+    }
+}
+
+/// This batch's share of a loss whose sum is divided by `num_label_tokens`,
+/// the valid tokens of all micro-batches of the step.
+pub fn batch_loss(model: &Gpt2, batch: &Batch, kind: LossKind, num_label_tokens: usize) -> Result<Tensor> {
+    let logits = model.logits(&batch.inputs)?;
+    match kind {
+        LossKind::Chunked => ChunkedCrossEntropy::default().forward_with_num_label_tokens(
+            &logits,
+            &batch.labels,
+            Some(&batch.mask),
+            Some(num_label_tokens),
+        ),
+        LossKind::CandleNn => {
+            // candle-nn has no mask: keep the valid rows, take their mean, rescale to the global count.
+            let vocab = logits.dim(2)?;
+            let keep: Vec<u8> = batch.mask.flatten_all()?.to_vec1()?;
+            let rows: Vec<u32> = keep.iter().enumerate().filter(|(_, &k)| k != 0).map(|(i, _)| i as u32).collect();
+            if rows.is_empty() || num_label_tokens == 0 {
+                // A zero that stays in the graph (candle prunes `affine(0, _)` from backprop).
+                return logits.sum_all()?.broadcast_mul(&Tensor::zeros((), DType::F32, logits.device())?);
+            }
+            let index = Tensor::new(rows.as_slice(), logits.device())?;
+            let logits = logits.reshape(((), vocab))?.index_select(&index, 0)?;
+            let labels = batch.labels.flatten_all()?.index_select(&index, 0)?;
+            candle_nn::loss::cross_entropy(&logits, &labels)? * (rows.len() as f64 / num_label_tokens as f64)
+        }
+    }
+}
+
+/// The loss and gradients of one optimizer step over `batches`
+/// (micro-batches): their sum equals those of one batch holding them all.
+pub fn step_gradients(model: &Gpt2, batches: &[Batch], kind: LossKind) -> Result<(f32, GradStore)> {
+    let num_label_tokens = batches.iter().map(Batch::valid_tokens).sum::<Result<usize>>()?;
+    let mut total = 0f32;
+    let mut sum: Option<GradStore> = None;
+    for batch in batches {
+        let loss = batch_loss(model, batch, kind, num_label_tokens)?;
+        total += loss.to_scalar::<f32>()?;
+        let grads = loss.backward()?;
+        sum = Some(match sum {
+            None => grads,
+            Some(mut acc) => {
+                for (_, var) in model.named_vars() {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        let merged = match acc.get(var.as_tensor()) {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        };
+                        acc.insert(var.as_tensor(), merged);
+                    }
+                }
+                acc
+            }
+        });
+    }
+    Ok((total, sum.expect("at least one micro-batch")))
+}
+
+/// Names of the parameters without a gradient in `grads`.
+pub fn missing_gradients(model: &Gpt2, grads: &GradStore) -> Vec<String> {
+    model
+        .named_vars()
+        .into_iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// Scales the gradients so that their global L2 norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+    let mut squares = 0f64;
+    for (_, var) in model.named_vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            squares += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = squares.sqrt();
+    if norm > max_norm {
+        for (_, var) in model.named_vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let clipped = (g * (max_norm / norm))?;
+                grads.insert(var.as_tensor(), clipped);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Linear warm-up over `warmup` steps, then cosine decay to 10% of `peak`.
+pub fn learning_rate(step: usize, steps: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
+}
+
+/// SplitMix64: reproducible batches and samples.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.unit();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.unit()).cos()
+    }
+}
