@@ -312,7 +312,7 @@ fn main() -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let end_val = val_curve.last().unwrap().1;
     println!(
-        "loss: train {:.3} -> {:.3}, validation {start_val:.3} -> {end_val:.3}; {:.0} tokens/s; {:.1} s; peak RSS {}",
+        "loss: train {:.6} (step 0) -> {:.3}, validation {start_val:.3} -> {end_val:.3}; {:.0} tokens/s; {:.1} s; peak RSS {}",
         first_loss.unwrap_or(f32::NAN),
         train_curve.last().unwrap().1,
         trained_tokens as f64 / seconds,
