@@ -5,6 +5,9 @@
 #[path = "../examples/finetune_gpt2/gpt2.rs"]
 #[allow(dead_code)]
 mod gpt2;
+#[path = "../examples/finetune_gpt2/rng.rs"]
+#[allow(dead_code)]
+mod rng;
 #[path = "../examples/finetune_gpt2/train.rs"]
 #[allow(dead_code)]
 mod train;
@@ -12,7 +15,8 @@ mod train;
 use candle::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gpt2::{Config, Gpt2};
-use train::{Batch, Dataset, LossKind, Rng};
+use rng::Rng;
+use train::{Batch, Dataset, LossKind};
 
 const TINY: Config = Config { vocab: 61, context: 16, width: 16, layers: 2, heads: 2 };
 

@@ -6,7 +6,7 @@
 //! `transformer.` prefix. Only differentiable candle ops are used (candle-nn's
 //! fused `LayerNorm` and `softmax_last_dim` record no backward).
 
-use crate::train::Rng;
+use crate::rng::Rng;
 use candle::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 use std::path::Path;

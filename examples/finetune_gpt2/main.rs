@@ -15,15 +15,17 @@
 //! ```
 
 mod gpt2;
+mod rng;
 mod train;
 
 use anyhow::{bail, Context, Result};
 use candle::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gpt2::{Config, Gpt2};
+use rng::Rng;
 use std::path::PathBuf;
 use std::time::Instant;
-use train::{Dataset, LossKind, Rng};
+use train::{Dataset, LossKind};
 
 /// Text this repository contains: the default training data.
 const REPO_TEXT: [&str; 6] = [

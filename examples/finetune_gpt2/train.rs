@@ -2,6 +2,7 @@
 //! the global token count, clipping and the learning-rate schedule.
 
 use crate::gpt2::Gpt2;
+use crate::rng::Rng;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::ChunkedCrossEntropy;
@@ -186,36 +187,4 @@ pub fn learning_rate(step: usize, steps: usize, warmup: usize, peak: f64) -> f64
     }
     let progress = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
-}
-
-/// SplitMix64: reproducible batches and samples.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = 1.0 - self.unit();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.unit()).cos()
-    }
 }

@@ -47,37 +47,15 @@ pub fn cuda_or_skip(what: &str) -> Option<Device> {
     }
 }
 
-/// A small deterministic generator (SplitMix64) so that every test input is
-/// reproducible without a seeded candle RNG.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-scale, scale)`.
-    pub fn uniform(&mut self, scale: f64) -> f64 {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+#[path = "../../examples/finetune_gpt2/rng.rs"]
+mod rng;
+/// The seeded generator behind every test input (shared with the example).
+pub use rng::Rng;
 
 /// `[dims..]` logits, uniform in `[-scale, scale)`, as f64 then cast to `dtype`.
 pub fn logits(rng: &mut Rng, dims: &[usize], scale: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     let n: usize = dims.iter().product();
-    let values: Vec<f64> = (0..n).map(|_| rng.uniform(scale)).collect();
+    let values: Vec<f64> = (0..n).map(|_| (rng.unit() * 2.0 - 1.0) * scale).collect();
     Tensor::from_vec(values, dims, device)?.to_dtype(dtype)
 }
 
@@ -91,16 +69,15 @@ pub fn labels(
     device: &Device,
 ) -> Result<Tensor> {
     let n: usize = dims.iter().product();
-    let values: Vec<i64> = (0..n)
-        .map(|_| if (rng.uniform(0.5) + 0.5) < ignored_fraction { ignore_index } else { rng.below(vocab) as i64 })
-        .collect();
+    let values: Vec<i64> =
+        (0..n).map(|_| if rng.unit() < ignored_fraction { ignore_index } else { rng.below(vocab) as i64 }).collect();
     Tensor::from_vec(values, dims, device)
 }
 
 /// A 0/1 u8 mask keeping about `keep` of the tokens.
 pub fn mask(rng: &mut Rng, dims: &[usize], keep: f64, device: &Device) -> Result<Tensor> {
     let n: usize = dims.iter().product();
-    let values: Vec<u8> = (0..n).map(|_| u8::from(rng.uniform(0.5) + 0.5 < keep)).collect();
+    let values: Vec<u8> = (0..n).map(|_| u8::from(rng.unit() < keep)).collect();
     Tensor::from_vec(values, dims, device)
 }
 
