@@ -3,7 +3,8 @@
 //! with the machine's bandwidth and first-touch floors.
 //!
 //! `cargo bench --bench ce_table` (all shapes), or with arguments
-//! `cargo bench --bench ce_table -- 2048x50257 [runs]`.
+//! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear` times the
+//! fused linear loss against materialised logits instead.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
@@ -177,7 +178,53 @@ fn total_memory() -> usize {
     kib.and_then(|k| k.trim().parse::<usize>().ok()).map_or(0, |k| k * 1024)
 }
 
+/// `hidden [N, H] @ weight^T [H, V]` then the loss, end to end with backward
+/// into `hidden` and `weight`: ours fused (`forward_linear`, chunks of 1024
+/// rows), ours over materialised logits, and candle-nn over materialised logits.
+fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
+    let device = Device::Cpu;
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
+    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
+    let labels = Tensor::rand(0f32, v as f32, n, &device).unwrap().to_dtype(DType::U32).unwrap();
+    let logits_bytes = (n * v * 4) as f64;
+    println!(
+        "linear cross-entropy, N={n} H={h} V={v} f32: the logits would be {:.0} MB; peak is extra memory / logits size",
+        logits_bytes / 1e6
+    );
+    println!("{:<40} {:>9} {:>9}", "implementation", "e2e ms", "peak");
+    let ce = ChunkedCrossEntropy::default().chunk_len(1024);
+    type LossFn<'a> = Box<dyn Fn(&Tensor, &Tensor) -> candle::Result<Tensor> + 'a>;
+    let cases: [(&str, LossFn); 3] = [
+        ("ours forward_linear (chunks of 1024 rows)", Box::new(|x, w| ce.forward_linear(x, w, &labels, None, None))),
+        ("ours over hidden @ weight^T", Box::new(|x, w| ce.forward(&x.matmul(&w.t()?)?, &labels, None))),
+        (
+            "candle-nn over hidden @ weight^T",
+            Box::new(|x, w| candle_nn::loss::cross_entropy(&x.matmul(&w.t()?)?, &labels)),
+        ),
+    ];
+    for (name, loss_fn) in cases {
+        let mut times = Vec::new();
+        let mut peak = 0;
+        for _ in 0..runs {
+            let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
+            let (t, p) = with_peak(|| {
+                let start = Instant::now();
+                let grads = loss_fn(x.as_tensor(), w.as_tensor()).unwrap().backward().unwrap();
+                assert!(grads.get(x.as_tensor()).is_some() && grads.get(w.as_tensor()).is_some());
+                start.elapsed()
+            });
+            times.push(t);
+            peak = p;
+        }
+        println!("{name:<40} {:>9.1} {:>8.2}x", ms(median(times)), peak as f64 / logits_bytes);
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--linear") {
+        linear_table(2048, 768, 50257, 3);
+        return;
+    }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let shapes: Vec<(usize, usize)> = match args.first() {
         Some(s) => {

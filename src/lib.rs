@@ -45,6 +45,7 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 mod loss;
 mod op;
 pub mod reference;

@@ -3,6 +3,7 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
+use crate::linear::{self, LinearNode};
 use crate::op::{self, CrossEntropyNode, Engine, OpConfig};
 use candle::{bail, DType, Result, Tensor};
 
@@ -147,12 +148,78 @@ impl ChunkedCrossEntropy {
     ) -> Result<Tensor> {
         let cfg = self.op_config()?;
         let labels_shape = labels.shape().clone();
-        if num_label_tokens.is_some() && self.reduction != Reduction::Mean {
-            bail!("chunked cross-entropy: num_label_tokens applies to Reduction::Mean only, not {:?}", self.reduction)
-        }
+        self.check_num_label_tokens(num_label_tokens)?;
         let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
         let stats = op::row_stats(&logits, &labels, cfg)?;
         let node = logits.apply_op3(&labels, &stats, CrossEntropyNode(cfg))?;
+        self.reduce(&node, &labels, labels_shape, num_label_tokens)
+    }
+
+    /// The cross-entropy of the logits `hidden @ weight^T` without ever
+    /// holding them whole: `chunk_len` rows of logits exist at a time, in
+    /// forward and in backward (which recomputes them), and the gradient
+    /// reaches `hidden` and `weight` directly. Peak extra memory is about
+    /// one `[chunk_len, V]` logits chunk plus f32 accumulators the size of
+    /// `weight` and `hidden`, instead of several `[N, V]` buffers.
+    ///
+    /// - `hidden`: `[N, H]` or `[B, S, H]`; `weight`: `[V, H]` (the `lm_head`
+    ///   or tied embedding), same float dtype and device.
+    /// - `labels`, `mask`, `num_label_tokens`, the reduction and the result: as
+    ///   in [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
+    ///   Labels are checked on the host before any chunk runs.
+    /// - `inplace_grad` does not apply (each logits chunk is a temporary and is
+    ///   always overwritten by its gradient).
+    ///
+    /// Use a larger `chunk_len` here (hundreds of rows) than the default 32,
+    /// so that each chunk's matmul is efficient.
+    ///
+    /// # Errors
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
+    /// and `weight` not `[V, H]` with `hidden`'s `H`, dtype and device.
+    pub fn forward_linear(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Tensor> {
+        let cfg = OpConfig { inplace_grad: true, ..self.op_config()? };
+        let labels_shape = labels.shape().clone();
+        self.check_num_label_tokens(num_label_tokens)?;
+        let hidden = checked_logits(hidden)?;
+        let labels = checked_labels(&hidden, labels, mask, self.ignore_index)?;
+        let width = hidden.dim(candle::D::Minus1)?;
+        let vocab = match weight.dims() {
+            [v, h] if *h == width => *v,
+            _ => bail!(
+                "chunked cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
+                weight.shape(),
+                hidden.shape()
+            ),
+        };
+        if weight.dtype() != hidden.dtype() || !weight.device().same_device(hidden.device()) {
+            bail!(
+                "chunked cross-entropy: weight ({:?}) and hidden ({:?}) must share dtype and device",
+                weight.dtype(),
+                hidden.dtype()
+            )
+        }
+        op::row_labels(&labels.to_vec1::<i64>()?, vocab, self.ignore_index)?;
+        let rows = hidden.reshape(((), width))?;
+        let stats = linear::row_stats(&rows, weight, &labels, cfg)?;
+        let node = rows.apply_op3(weight, &stats, LinearNode { cfg, labels: labels.clone() })?;
+        self.reduce(&node, &labels, labels_shape, num_label_tokens)
+    }
+
+    /// Combines the node's per-row `(loss, lse)` into the configured reduction.
+    fn reduce(
+        &self,
+        node: &Tensor,
+        labels: &Tensor,
+        labels_shape: candle::Shape,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Tensor> {
         let per_token = node.narrow(1, 0, 1)?.squeeze(1)?;
         match self.reduction {
             Reduction::None => per_token.reshape(labels_shape),
@@ -165,10 +232,17 @@ impl ChunkedCrossEntropy {
                     Some(0) => total.broadcast_mul(&total.zeros_like()?),
                     Some(n) => total.affine(1.0 / n as f64, 0.0),
                     // Dividing by a device-side count (at least 1) keeps an all-ignored batch at 0.
-                    None => total.broadcast_div(&valid_count(&labels, self.ignore_index, total.dtype())?),
+                    None => total.broadcast_div(&valid_count(labels, self.ignore_index, total.dtype())?),
                 }
             }
         }
+    }
+
+    fn check_num_label_tokens(&self, num_label_tokens: Option<usize>) -> Result<()> {
+        if num_label_tokens.is_some() && self.reduction != Reduction::Mean {
+            bail!("chunked cross-entropy: num_label_tokens applies to Reduction::Mean only, not {:?}", self.reduction)
+        }
+        Ok(())
     }
 
     /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:

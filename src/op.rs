@@ -88,15 +88,8 @@ impl CustomOp3 for CrossEntropyNode {
         stats: &CpuStorage,
         stats_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = stats_layout.contiguous_offsets() else {
-            bail!("{}: row statistics must be contiguous", self.name())
-        };
-        let copy = match stats {
-            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-            other => bail!("{}: row statistics must be f32 or f64, got {:?}", self.name(), other.dtype()),
-        };
-        Ok((copy, stats_layout.shape().clone()))
+        // `stats` is the fresh contiguous output of a forward engine: copy it whole.
+        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

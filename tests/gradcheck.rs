@@ -121,7 +121,29 @@ fn confident_tokens(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fused linear loss: gradients reach `hidden` and `weight` directly, for
+/// every reduction, with a mask and `num_label_tokens`, and chunks of 2 rows.
+fn linear_cross_entropy(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(25);
+    let hidden = common::logits(&mut rng, &[2, 3, 4], 1.0, DType::F64, device)?;
+    let weight = common::logits(&mut rng, &[9, 4], 1.0, DType::F64, device)?;
+    let labels = common::labels(&mut rng, &[2, 3], 9, 0.2, -100, device)?;
+    let mask = Tensor::new(&[[1u8, 1, 0], [1, 0, 1]], device)?;
+    for ce in engines() {
+        for (reduction, num_label_tokens) in
+            [(Reduction::Mean, None), (Reduction::Mean, Some(7)), (Reduction::Sum, None), (Reduction::None, None)]
+        {
+            let ce = ce.clone().reduction(reduction);
+            gradcheck(&format!("linear {ce:?} {num_label_tokens:?}"), &[hidden.clone(), weight.clone()], |x| {
+                backward_of(&ce.forward_linear(&x[0], &x[1], &labels, Some(&mask), num_label_tokens)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
 device_tests!(
+    linear_cross_entropy,
     reductions_with_ignored_rows,
     mask_and_num_label_tokens,
     scaled_and_summed_losses,
