@@ -9,7 +9,7 @@
 //! at the start of the measured call, as a multiple of the logits' size.
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::ChunkedCrossEntropy;
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
 use rayon::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -179,8 +179,9 @@ fn total_memory() -> usize {
 }
 
 /// `hidden [N, H] @ weight^T [H, V]` then the loss, end to end with backward
-/// into `hidden` and `weight`: ours fused (`forward_linear`, chunks of 1024
-/// rows), ours over materialised logits, and candle-nn over materialised logits.
+/// into `hidden` and `weight`: ours fused (`LinearCrossEntropy`, automatic
+/// chunks and chunks of 1024 rows), ours over materialised logits, and
+/// candle-nn over materialised logits.
 fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     let device = Device::Cpu;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
@@ -191,11 +192,14 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
         "linear cross-entropy, N={n} H={h} V={v} f32: the logits would be {:.0} MB; peak is extra memory / logits size",
         logits_bytes / 1e6
     );
-    println!("{:<40} {:>9} {:>9}", "implementation", "e2e ms", "peak");
-    let ce = ChunkedCrossEntropy::default().chunk_len(1024);
+    println!("{:<44} {:>9} {:>9}", "implementation", "e2e ms", "peak");
+    let ce = ChunkedCrossEntropy::default();
+    let linear = LinearCrossEntropy::default();
+    let linear_1024 = LinearCrossEntropy::default().chunk_len(Some(1024));
     type LossFn<'a> = Box<dyn Fn(&Tensor, &Tensor) -> candle::Result<Tensor> + 'a>;
-    let cases: [(&str, LossFn); 3] = [
-        ("ours forward_linear (chunks of 1024 rows)", Box::new(|x, w| ce.forward_linear(x, w, &labels, None, None))),
+    let cases: [(&str, LossFn); 4] = [
+        ("ours LinearCrossEntropy (automatic chunks)", Box::new(|x, w| linear.forward(x, w, &labels, None))),
+        ("ours LinearCrossEntropy (1024-row chunks)", Box::new(|x, w| linear_1024.forward(x, w, &labels, None))),
         ("ours over hidden @ weight^T", Box::new(|x, w| ce.forward(&x.matmul(&w.t()?)?, &labels, None))),
         (
             "candle-nn over hidden @ weight^T",
@@ -216,7 +220,7 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
             times.push(t);
             peak = p;
         }
-        println!("{name:<40} {:>9.1} {:>8.2}x", ms(median(times)), peak as f64 / logits_bytes);
+        println!("{name:<44} {:>9.1} {:>8.2}x", ms(median(times)), peak as f64 / logits_bytes);
     }
 }
 

@@ -34,6 +34,8 @@
 //! - [`ChunkedCrossEntropy`]: the configurable loss (chunk length, fused or
 //!   primitive kernels, `ignore_index`, [`Reduction`], in-place gradient), with
 //!   `num_label_tokens` for gradient accumulation.
+//! - [`LinearCrossEntropy`]: the loss of `hidden @ weight^T` without ever
+//!   materialising the `[N, V]` logits.
 //! - [`compute_cross_entropy`]: the sum of per-row losses (NeMo's function).
 //! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
 //!   autograd, the reference the tests hold the fast path against.
@@ -51,4 +53,5 @@ mod op;
 pub mod reference;
 
 pub use cpu::instruction_set;
+pub use linear::LinearCrossEntropy;
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, Reduction};

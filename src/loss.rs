@@ -3,7 +3,6 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
-use crate::linear::{self, LinearNode};
 use crate::op::{self, CrossEntropyNode, Engine, OpConfig};
 use candle::{bail, DType, Result, Tensor};
 
@@ -155,65 +154,13 @@ impl ChunkedCrossEntropy {
         self.reduce(&node, &labels, labels_shape, num_label_tokens)
     }
 
-    /// The cross-entropy of the logits `hidden @ weight^T` without ever
-    /// holding them whole: `chunk_len` rows of logits exist at a time, in
-    /// forward and in backward (which recomputes them), and the gradient
-    /// reaches `hidden` and `weight` directly. Peak extra memory is about
-    /// one `[chunk_len, V]` logits chunk plus f32 accumulators the size of
-    /// `weight` and `hidden`, instead of several `[N, V]` buffers.
-    ///
-    /// - `hidden`: `[N, H]` or `[B, S, H]`; `weight`: `[V, H]` (the `lm_head`
-    ///   or tied embedding), same float dtype and device.
-    /// - `labels`, `mask`, `num_label_tokens`, the reduction and the result: as
-    ///   in [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
-    ///   Labels are checked on the host before any chunk runs.
-    /// - `inplace_grad` does not apply (each logits chunk is a temporary and is
-    ///   always overwritten by its gradient).
-    ///
-    /// Use a larger `chunk_len` here (hundreds of rows) than the default 32,
-    /// so that each chunk's matmul is efficient.
-    ///
-    /// # Errors
-    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
-    /// and `weight` not `[V, H]` with `hidden`'s `H`, dtype and device.
-    pub fn forward_linear(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        labels: &Tensor,
-        mask: Option<&Tensor>,
-        num_label_tokens: Option<usize>,
-    ) -> Result<Tensor> {
-        let cfg = OpConfig { inplace_grad: true, ..self.op_config()? };
-        let labels_shape = labels.shape().clone();
-        self.check_num_label_tokens(num_label_tokens)?;
-        let hidden = checked_logits(hidden)?;
-        let labels = checked_labels(&hidden, labels, mask, self.ignore_index)?;
-        let width = hidden.dim(candle::D::Minus1)?;
-        let vocab = match weight.dims() {
-            [v, h] if *h == width => *v,
-            _ => bail!(
-                "chunked cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
-                weight.shape(),
-                hidden.shape()
-            ),
-        };
-        if weight.dtype() != hidden.dtype() || !weight.device().same_device(hidden.device()) {
-            bail!(
-                "chunked cross-entropy: weight ({:?}) and hidden ({:?}) must share dtype and device",
-                weight.dtype(),
-                hidden.dtype()
-            )
-        }
-        op::row_labels(&labels.to_vec1::<i64>()?, vocab, self.ignore_index)?;
-        let rows = hidden.reshape(((), width))?;
-        let stats = linear::row_stats(&rows, weight, &labels, cfg)?;
-        let node = rows.apply_op3(weight, &stats, LinearNode { cfg, labels: labels.clone() })?;
-        self.reduce(&node, &labels, labels_shape, num_label_tokens)
+    /// The configured `ignore_index`.
+    pub(crate) fn ignored_label(&self) -> i64 {
+        self.ignore_index
     }
 
     /// Combines the node's per-row `(loss, lse)` into the configured reduction.
-    fn reduce(
+    pub(crate) fn reduce(
         &self,
         node: &Tensor,
         labels: &Tensor,
@@ -238,7 +185,7 @@ impl ChunkedCrossEntropy {
         }
     }
 
-    fn check_num_label_tokens(&self, num_label_tokens: Option<usize>) -> Result<()> {
+    pub(crate) fn check_num_label_tokens(&self, num_label_tokens: Option<usize>) -> Result<()> {
         if num_label_tokens.is_some() && self.reduction != Reduction::Mean {
             bail!("chunked cross-entropy: num_label_tokens applies to Reduction::Mean only, not {:?}", self.reduction)
         }
@@ -290,7 +237,7 @@ impl ChunkedCrossEntropy {
         Ok((logits, labels))
     }
 
-    fn op_config(&self) -> Result<OpConfig> {
+    pub(crate) fn op_config(&self) -> Result<OpConfig> {
         if self.chunk_len == 0 {
             bail!("chunked cross-entropy: chunk_len must be at least 1, got 0")
         }
@@ -321,7 +268,7 @@ pub fn compute_cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i6
 
 /// Checks rank and dtype, and gives the vocabulary dim unit stride (a copy
 /// only when it has another stride, e.g. transposed logits).
-fn checked_logits(logits: &Tensor) -> Result<Tensor> {
+pub(crate) fn checked_logits(logits: &Tensor) -> Result<Tensor> {
     if !matches!(logits.rank(), 2 | 3) {
         bail!("chunked cross-entropy: logits must be [N, V] or [B, S, V], got {:?}", logits.shape())
     }
@@ -340,7 +287,12 @@ fn checked_logits(logits: &Tensor) -> Result<Tensor> {
 /// Checks labels (and mask) against the logits and returns them as `[N]`
 /// contiguous i64, masked tokens set to `ignore_index`. The caller's tensors
 /// are not modified.
-fn checked_labels(logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>, ignore_index: i64) -> Result<Tensor> {
+pub(crate) fn checked_labels(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    ignore_index: i64,
+) -> Result<Tensor> {
     let expected = &logits.dims()[..logits.rank() - 1];
     if labels.dims() != expected {
         bail!(

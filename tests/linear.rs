@@ -1,30 +1,36 @@
-//! `forward_linear`: the same loss and gradients as the loss over the full
-//! logits `hidden @ weight^T`, whatever the chunking, and clear errors.
+//! `LinearCrossEntropy`: the same loss and gradients as the loss over the full
+//! logits `hidden @ weight^T`, whatever the chunking; tied weights get the sum
+//! of both gradients; clear errors.
 
 mod common;
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, Reduction};
 use common::{assert_close, backward_of, Rng};
 
-/// Loss and the gradients of `hidden` and `weight`, through `forward_linear`
-/// or through the logits materialised by a matmul.
+/// Loss and the gradients of `hidden` and `weight`, through
+/// `LinearCrossEntropy` or through the logits materialised by a matmul.
 fn loss_and_grads(
-    ce: &ChunkedCrossEntropy,
+    linear: Option<&LinearCrossEntropy>,
+    full: &ChunkedCrossEntropy,
     hidden: &Tensor,
     weight: &Tensor,
     labels: &Tensor,
-    fused: bool,
 ) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
     let (h, w) = (Var::from_tensor(hidden)?, Var::from_tensor(weight)?);
-    let loss = if fused {
-        ce.forward_linear(h.as_tensor(), w.as_tensor(), labels, None, None)?
-    } else {
-        ce.forward(&h.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?, labels, None)?
+    let loss = match linear {
+        Some(ce) => ce.forward(h.as_tensor(), w.as_tensor(), labels, None)?,
+        None => full.forward(&h.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?, labels, None)?,
     };
     let grads = backward_of(&loss)?.backward()?;
     let grad = |v: &Var| grads.get(v.as_tensor()).expect("no gradient").clone();
     Ok((loss, grad(&h), grad(&w)))
+}
+
+/// `1e-5` of the largest element: gradient elements are sums of many f32 terms
+/// that partly cancel, so their error scales with the largest, not their own size.
+fn atol(t: &Tensor) -> anyhow::Result<f64> {
+    Ok(1e-5 * t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 fn matches_full_logits(device: &Device) -> anyhow::Result<()> {
@@ -34,22 +40,40 @@ fn matches_full_logits(device: &Device) -> anyhow::Result<()> {
     let labels = common::labels(&mut rng, &[3, 13], 257, 0.2, -100, device)?;
     for compile in [true, false] {
         for reduction in [Reduction::Mean, Reduction::None] {
-            for chunk_len in [1, 5, 39, 100] {
-                let ce = ChunkedCrossEntropy::new(chunk_len, compile, -100).reduction(reduction);
-                let want = loss_and_grads(&ce, &hidden, &weight, &labels, false)?;
-                let got = loss_and_grads(&ce, &hidden, &weight, &labels, true)?;
-                let what = format!("compile={compile} {reduction:?} chunk_len={chunk_len}");
+            let full = ChunkedCrossEntropy::default().compile(compile).reduction(reduction);
+            let want = loss_and_grads(None, &full, &hidden, &weight, &labels)?;
+            for chunk_len in [None, Some(1), Some(5), Some(39), Some(100)] {
+                let ce = LinearCrossEntropy::default().compile(compile).reduction(reduction).chunk_len(chunk_len);
+                let got = loss_and_grads(Some(&ce), &full, &hidden, &weight, &labels)?;
+                let what = format!("compile={compile} {reduction:?} chunk_len={chunk_len:?}");
                 assert_close(&got.0, &want.0, 1e-5, 1e-7, &format!("{what} loss"))?;
-                // Gradient elements are sums of many f32 terms that partly cancel: bound
-                // the error by the largest element, not each element's own size.
-                let atol = |t: &Tensor| -> anyhow::Result<f64> {
-                    Ok(1e-5 * t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-                };
                 assert_close(&got.1, &want.1, 1e-4, atol(&want.1)?, &format!("{what} hidden grad"))?;
                 assert_close(&got.2, &want.2, 1e-4, atol(&want.2)?, &format!("{what} weight grad"))?;
             }
         }
     }
+    Ok(())
+}
+
+/// A weight used both as the token embedding and as the output layer gets the
+/// sum of both gradients, as through materialised logits.
+fn tied_weights(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(33);
+    let table = common::logits(&mut rng, &[50, 8], 0.5, DType::F32, device)?;
+    let tokens = Tensor::new(&[3u32, 17, 17, 42, 0, 9], device)?;
+    let labels = Tensor::new(&[17i64, 17, 42, 0, 9, -100], device)?;
+    let grad_of = |fused: bool| -> anyhow::Result<Tensor> {
+        let wte = Var::from_tensor(&table)?;
+        let hidden = wte.as_tensor().index_select(&tokens, 0)?.tanh()?;
+        let loss = if fused {
+            LinearCrossEntropy::default().chunk_len(Some(4)).forward(&hidden, wte.as_tensor(), &labels, None)?
+        } else {
+            ChunkedCrossEntropy::default().forward(&hidden.matmul(&wte.as_tensor().t()?)?, &labels, None)?
+        };
+        Ok(loss.backward()?.get(wte.as_tensor()).expect("no gradient").clone())
+    };
+    let want = grad_of(false)?;
+    assert_close(&grad_of(true)?, &want, 1e-4, atol(&want)?, "tied weight gradient")?;
     Ok(())
 }
 
@@ -61,10 +85,11 @@ fn bf16_inputs(device: &Device) -> anyhow::Result<()> {
     let hidden = common::logits(&mut rng, &[64, 32], 1.0, DType::BF16, device)?;
     let weight = common::logits(&mut rng, &[500, 32], 0.5, DType::BF16, device)?;
     let labels = common::labels(&mut rng, &[64], 500, 0.1, -100, device)?;
-    let ce = ChunkedCrossEntropy::default().chunk_len(16);
-    let (loss, h_grad, w_grad) = loss_and_grads(&ce, &hidden, &weight, &labels, true)?;
+    let ce = LinearCrossEntropy::default().chunk_len(Some(16));
+    let (loss, h_grad, w_grad) = loss_and_grads(Some(&ce), &ChunkedCrossEntropy::default(), &hidden, &weight, &labels)?;
     let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-    let (want, want_h, want_w) = loss_and_grads(&ce, &f32s(&hidden)?, &f32s(&weight)?, &labels, false)?;
+    let (want, want_h, want_w) =
+        loss_and_grads(None, &ChunkedCrossEntropy::default(), &f32s(&hidden)?, &f32s(&weight)?, &labels)?;
     assert_eq!((loss.dtype(), h_grad.dtype(), w_grad.dtype()), (DType::F32, DType::BF16, DType::BF16));
     assert_close(&loss, &want, 1e-2, 0.0, "bf16 loss")?;
     assert_close(&h_grad, &want_h, 5e-2, 1e-4, "bf16 hidden grad")?;
@@ -76,18 +101,21 @@ fn bad_inputs(device: &Device) -> anyhow::Result<()> {
     let hidden = Tensor::zeros((4, 8), DType::F32, device)?;
     let weight = Tensor::zeros((10, 8), DType::F32, device)?;
     let labels = Tensor::new(&[1i64, 2, 12, 3], device)?;
-    let ce = ChunkedCrossEntropy::default();
-    let message = |r: candle::Result<Tensor>| r.expect_err("should fail").to_string();
-    let err = message(ce.forward_linear(&hidden, &weight, &labels, None, None));
-    assert!(err.contains("label 12") && err.contains("row 2"), "{err}");
     let good = Tensor::new(&[1i64, 2, 3, 4], device)?;
-    let err = message(ce.forward_linear(&hidden, &Tensor::zeros((10, 7), DType::F32, device)?, &good, None, None));
+    let ce = LinearCrossEntropy::default();
+    let message = |r: candle::Result<Tensor>| r.expect_err("should fail").to_string();
+    let err = message(ce.forward(&hidden, &weight, &labels, None));
+    assert!(err.contains("label 12") && err.contains("row 2"), "{err}");
+    let err = message(ce.forward(&hidden, &Tensor::zeros((10, 7), DType::F32, device)?, &good, None));
     assert!(err.contains("must be [V, 8]"), "{err}");
-    let err = message(ce.forward_linear(&hidden, &weight.to_dtype(DType::F64)?, &good, None, None));
+    let err = message(ce.forward(&hidden, &weight.to_dtype(DType::F64)?, &good, None));
     assert!(err.contains("share dtype"), "{err}");
-    let err = message(ce.clone().reduction(Reduction::Sum).forward_linear(&hidden, &weight, &good, None, Some(3)));
+    let sum = ce.clone().reduction(Reduction::Sum);
+    let err = message(sum.forward_with_num_label_tokens(&hidden, &weight, &good, None, Some(3)));
     assert!(err.contains("num_label_tokens"), "{err}");
+    let err = message(ce.clone().chunk_len(Some(0)).forward(&hidden, &weight, &good, None));
+    assert!(err.contains("chunk_len"), "{err}");
     Ok(())
 }
 
-device_tests!(matches_full_logits, bf16_inputs, bad_inputs);
+device_tests!(matches_full_logits, tied_weights, bf16_inputs, bad_inputs);
