@@ -36,7 +36,7 @@ fn data() -> Dataset {
 fn every_parameter_gets_a_gradient() -> anyhow::Result<()> {
     let model = tiny_model(1)?;
     let batch = data().batch(&mut Rng::new(2), 3, 8, &Device::Cpu)?;
-    for kind in [LossKind::Chunked, LossKind::CandleNn] {
+    for kind in [LossKind::Chunked, LossKind::Linear, LossKind::CandleNn] {
         let (_, grads) = train::step_gradients(&model, std::slice::from_ref(&batch), kind)?;
         assert_eq!(train::missing_gradients(&model, &grads), Vec::<String>::new(), "{kind:?}");
         for (name, var) in model.named_vars() {
@@ -48,13 +48,15 @@ fn every_parameter_gets_a_gradient() -> anyhow::Result<()> {
 }
 
 #[test]
-fn both_losses_agree_at_step_zero() -> anyhow::Result<()> {
+fn all_losses_agree_at_step_zero() -> anyhow::Result<()> {
     let model = tiny_model(3)?;
     let batches: Vec<Batch> =
         (0..2).map(|_| data().batch(&mut Rng::new(4), 4, 8, &Device::Cpu)).collect::<candle::Result<_>>()?;
     let (chunked, _) = train::step_gradients(&model, &batches, LossKind::Chunked)?;
-    let (candle_nn, _) = train::step_gradients(&model, &batches, LossKind::CandleNn)?;
-    assert!((chunked - candle_nn).abs() <= 1e-5 * chunked.abs(), "{chunked} vs {candle_nn}");
+    for kind in [LossKind::CandleNn, LossKind::Linear] {
+        let (other, _) = train::step_gradients(&model, &batches, kind)?;
+        assert!((chunked - other).abs() <= 1e-5 * chunked.abs(), "{kind:?}: {chunked} vs {other}");
+    }
     Ok(())
 }
 

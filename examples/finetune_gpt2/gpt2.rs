@@ -190,9 +190,14 @@ impl Gpt2 {
         self.layer_norm(&x, "ln_f")
     }
 
+    /// The `lm_head` weight `[V, C]`: the token embedding (tied).
+    pub fn lm_head(&self) -> &Tensor {
+        self.p("wte.weight")
+    }
+
     /// Next-token logits `[B, T, V]` through the `lm_head` tied to `wte`.
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.hidden(tokens)?.broadcast_matmul(&self.p("wte.weight").t()?)
+        self.hidden(tokens)?.broadcast_matmul(&self.lm_head().t()?)
     }
 }
 

@@ -7,7 +7,7 @@
 //! ```text
 //! --weights FILE     start from a GPT-2 model.safetensors (Hugging Face names; 124M needs --heads 12)
 //! --data FILE        plain text, or JSONL of {"prompt": .., "completion": ..} (prompts masked out of the loss)
-//! --loss chunked|candle-nn   the cross-entropy (default chunked)
+//! --loss chunked|linear|candle-nn   the cross-entropy (default chunked; linear never builds the logits)
 //! --steps N --batch B --accum K --seq T --lr X --warmup N --clip X --eval-every N --seed S
 //! --layers L --width C --heads H   the fresh model's shape (without --weights)
 //! --save FILE        checkpoint at the end     --plot FILE.svg   loss curves
@@ -90,7 +90,8 @@ impl Args {
                     args.loss = match value()?.as_str() {
                         "chunked" => LossKind::Chunked,
                         "candle-nn" => LossKind::CandleNn,
-                        other => bail!("--loss must be chunked or candle-nn, got {other}"),
+                        "linear" => LossKind::Linear,
+                        other => bail!("--loss must be chunked, linear or candle-nn, got {other}"),
                     }
                 }
                 "--steps" => args.steps = value()?.parse()?,

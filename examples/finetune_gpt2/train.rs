@@ -5,7 +5,7 @@ use crate::gpt2::Gpt2;
 use crate::rng::Rng;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor};
-use candle_chunked_ce::ChunkedCrossEntropy;
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
 
 /// Which cross-entropy the training uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,9 @@ pub enum LossKind {
     Chunked,
     /// `candle_nn::loss::cross_entropy` on the unmasked rows, rescaled to the global count.
     CandleNn,
+    /// `candle_chunked_ce::LinearCrossEntropy` on the hidden states and the tied
+    /// `wte`: the logits are never materialised.
+    Linear,
 }
 
 /// Token sequences with a loss mask each (0: no loss on this token's prediction).
@@ -95,29 +98,35 @@ impl Batch {
 /// This batch's share of a loss whose sum is divided by `num_label_tokens`,
 /// the valid tokens of all micro-batches of the step.
 pub fn batch_loss(model: &Gpt2, batch: &Batch, kind: LossKind, num_label_tokens: usize) -> Result<Tensor> {
-    let logits = model.logits(&batch.inputs)?;
+    let (labels, mask, n) = (&batch.labels, Some(&batch.mask), Some(num_label_tokens));
     match kind {
-        LossKind::Chunked => ChunkedCrossEntropy::default().forward_with_num_label_tokens(
-            &logits,
-            &batch.labels,
-            Some(&batch.mask),
-            Some(num_label_tokens),
+        LossKind::Linear => LinearCrossEntropy::default().forward_with_num_label_tokens(
+            &model.hidden(&batch.inputs)?,
+            model.lm_head(),
+            labels,
+            mask,
+            n,
         ),
-        LossKind::CandleNn => {
-            // candle-nn has no mask: keep the valid rows, take their mean, rescale to the global count.
-            let vocab = logits.dim(2)?;
-            let keep: Vec<u8> = batch.mask.flatten_all()?.to_vec1()?;
-            let rows: Vec<u32> = keep.iter().enumerate().filter(|(_, &k)| k != 0).map(|(i, _)| i as u32).collect();
-            if rows.is_empty() || num_label_tokens == 0 {
-                // A zero that stays in the graph (candle prunes `affine(0, _)` from backprop).
-                return logits.sum_all()?.broadcast_mul(&Tensor::zeros((), DType::F32, logits.device())?);
-            }
-            let index = Tensor::new(rows.as_slice(), logits.device())?;
-            let logits = logits.reshape(((), vocab))?.index_select(&index, 0)?;
-            let labels = batch.labels.flatten_all()?.index_select(&index, 0)?;
-            candle_nn::loss::cross_entropy(&logits, &labels)? * (rows.len() as f64 / num_label_tokens as f64)
+        LossKind::Chunked => {
+            ChunkedCrossEntropy::default().forward_with_num_label_tokens(&model.logits(&batch.inputs)?, labels, mask, n)
         }
+        LossKind::CandleNn => candle_nn_loss(&model.logits(&batch.inputs)?, batch, num_label_tokens),
     }
+}
+
+/// candle-nn has no mask: keep the valid rows, take their mean, rescale to the global count.
+fn candle_nn_loss(logits: &Tensor, batch: &Batch, num_label_tokens: usize) -> Result<Tensor> {
+    let vocab = logits.dim(2)?;
+    let keep: Vec<u8> = batch.mask.flatten_all()?.to_vec1()?;
+    let rows: Vec<u32> = keep.iter().enumerate().filter(|(_, &k)| k != 0).map(|(i, _)| i as u32).collect();
+    if rows.is_empty() || num_label_tokens == 0 {
+        // A zero that stays in the graph (candle prunes `affine(0, _)` from backprop).
+        return logits.sum_all()?.broadcast_mul(&Tensor::zeros((), DType::F32, logits.device())?);
+    }
+    let index = Tensor::new(rows.as_slice(), logits.device())?;
+    let logits = logits.reshape(((), vocab))?.index_select(&index, 0)?;
+    let labels = batch.labels.flatten_all()?.index_select(&index, 0)?;
+    candle_nn::loss::cross_entropy(&logits, &labels)? * (rows.len() as f64 / num_label_tokens as f64)
 }
 
 /// The loss and gradients of one optimizer step over `batches`
