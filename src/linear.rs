@@ -120,9 +120,12 @@ impl LinearCrossEntropy {
                 hidden.dtype()
             )
         }
-        op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
         let rows = hidden.reshape(((), width))?;
         let n = rows.dim(0)?;
+        if n > 0 && vocab == 0 {
+            bail!("linear cross-entropy: weight {:?} has an empty vocabulary dim", weight.shape())
+        }
+        op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
         let chunk_len = match self.chunk_len {
             Some(0) => bail!("linear cross-entropy: chunk_len must be at least 1, got 0"),
             Some(c) => c,

@@ -115,7 +115,36 @@ fn bad_inputs(device: &Device) -> anyhow::Result<()> {
     assert!(err.contains("num_label_tokens"), "{err}");
     let err = message(ce.clone().chunk_len(Some(0)).forward(&hidden, &weight, &good, None));
     assert!(err.contains("chunk_len"), "{err}");
+    let ignored = Tensor::full(-100i64, 4, device)?;
+    let err = message(ce.forward(&hidden, &Tensor::zeros((0, 8), DType::F32, device)?, &ignored, None));
+    assert!(err.contains("empty vocabulary"), "{err}");
     Ok(())
 }
 
-device_tests!(matches_full_logits, tied_weights, bf16_inputs, bad_inputs);
+/// No valid token (all ignored, `num_label_tokens = 0`, or no rows): a loss
+/// of exactly 0 and exactly zero gradients, still connected to both inputs.
+fn nothing_to_learn_is_exactly_zero(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(34);
+    let hidden = common::logits(&mut rng, &[5, 6], 1.0, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[11, 6], 1.0, DType::F32, device)?;
+    let labels = common::labels(&mut rng, &[5], 11, 0.0, -100, device)?;
+    let cases = [
+        (hidden.clone(), Tensor::full(-100i64, 5, device)?, None),
+        (hidden.clone(), labels, Some(0)),
+        (Tensor::zeros((0, 6), DType::F32, device)?, Tensor::zeros(0, DType::I64, device)?, None),
+    ];
+    for (hidden, labels, num_label_tokens) in cases {
+        let (h, w) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
+        let ce = LinearCrossEntropy::default();
+        let loss = ce.forward_with_num_label_tokens(h.as_tensor(), w.as_tensor(), &labels, None, num_label_tokens)?;
+        assert_eq!(loss.to_scalar::<f32>()?, 0.0, "{:?} {num_label_tokens:?}", hidden.shape());
+        let grads = loss.backward()?;
+        for v in [&h, &w] {
+            let g: Vec<f32> = grads.get(v.as_tensor()).expect("no gradient").flatten_all()?.to_vec1()?;
+            assert!(g.iter().all(|&x| x == 0.0), "{:?}: gradient not exactly zero", hidden.shape());
+        }
+    }
+    Ok(())
+}
+
+device_tests!(matches_full_logits, tied_weights, bf16_inputs, bad_inputs, nothing_to_learn_is_exactly_zero);
