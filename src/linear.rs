@@ -219,7 +219,7 @@ impl CustomOp3 for LinearNode {
         let factors = Tensor::cat(&[&grad.narrow(1, 0, 1)?, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
         // The weight's gradient sums over every chunk: accumulate it in f32 (f64 for f64).
         let acc = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let mut weight_grad = Tensor::zeros(weight.shape(), acc, weight.device())?;
+        let mut weight_grad: Option<Tensor> = None;
         let mut rows_grad = Vec::new();
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
@@ -227,9 +227,17 @@ impl CustomOp3 for LinearNode {
             let labels = self.labels.narrow(0, start, len)?;
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
             rows_grad.push(logits_grad.matmul(&weight)?);
-            weight_grad = (weight_grad + logits_grad.t()?.matmul(&chunk)?.to_dtype(acc)?)?;
+            let product = logits_grad.t()?.matmul(&chunk)?.to_dtype(acc)?;
+            weight_grad = Some(match weight_grad {
+                None => product,
+                Some(sum) => (sum + product)?,
+            });
         }
         let rows_grad = if rows_grad.is_empty() { rows.zeros_like()? } else { Tensor::cat(&rows_grad, 0)? };
-        Ok((Some(rows_grad), Some(weight_grad.to_dtype(weight.dtype())?), None))
+        let weight_grad = match weight_grad {
+            Some(sum) => sum.to_dtype(weight.dtype())?,
+            None => weight.zeros_like()?,
+        };
+        Ok((Some(rows_grad), Some(weight_grad), None))
     }
 }
