@@ -7,9 +7,9 @@
 //! gradients of `hidden` and `weight` with two matmuls.
 
 use crate::loss::{checked_labels, checked_logits};
-use crate::op::{self, OpConfig};
+use crate::op::{self, NodeBackward, OpConfig, StatsNode};
 use crate::{ChunkedCrossEntropy, Reduction};
-use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle::{bail, DType, Result, Tensor};
 
 /// Cross-entropy of the logits `hidden @ weight^T`, never holding them whole:
 /// a chunk of rows of logits exists at a time, in forward and in backward
@@ -134,7 +134,7 @@ impl LinearCrossEntropy {
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, ..self.config.op_config()? };
         let stats = row_stats(&rows, weight, &labels, cfg)?;
-        let node = rows.apply_op3(weight, &stats, LinearNode { cfg, labels: labels.clone() })?;
+        let node = rows.apply_op3(weight, &stats, StatsNode(LinearBackward { cfg, labels: labels.clone() }))?;
         self.config.reduce(&node, &labels, labels_shape, num_label_tokens)
     }
 }
@@ -166,57 +166,18 @@ fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)>
     (0..rows).step_by(chunk_len).map(move |start| (start, chunk_len.min(rows - start)))
 }
 
-/// The graph node over `(rows, weight, stats)`: forward passes `stats`
-/// through, backward gives the gradients of `rows` and `weight`. The labels
-/// are not differentiable and travel inside the node.
-struct LinearNode {
+/// The backward of the linear loss: the gradients of `rows` and `weight`. The
+/// labels are not differentiable and travel inside it.
+struct LinearBackward {
     cfg: OpConfig,
     labels: Tensor,
 }
 
-impl CustomOp3 for LinearNode {
-    fn name(&self) -> &'static str {
-        "chunked-linear-cross-entropy"
-    }
+impl NodeBackward for LinearBackward {
+    const NAME: &'static str = "chunked-linear-cross-entropy";
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        stats: &CpuStorage,
-        stats_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        use candle::backend::BackendStorage;
-        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle::CudaStorage,
-        _: &Layout,
-        _: &candle::CudaStorage,
-        _: &Layout,
-        stats: &candle::CudaStorage,
-        stats_layout: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        use candle::backend::BackendStorage;
-        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        rows: &Tensor,
-        weight: &Tensor,
-        stats: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, rows: &Tensor, weight: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (rows, weight) = (rows.detach(), weight.detach());
-        // `factors` as op.rs's backward expects them: (scale, lse, loss) per row.
-        let factors = Tensor::cat(&[&grad.narrow(1, 0, 1)?, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
         // The weight's gradient sums over every chunk: accumulate it in f32 (f64 for f64).
         let acc = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let mut weight_grad: Option<Tensor> = None;
@@ -238,6 +199,6 @@ impl CustomOp3 for LinearNode {
             Some(sum) => sum.to_dtype(weight.dtype())?,
             None => weight.zeros_like()?,
         };
-        Ok((Some(rows_grad), Some(weight_grad), None))
+        Ok((Some(rows_grad), Some(weight_grad)))
     }
 }

@@ -3,7 +3,7 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
-use crate::op::{self, CrossEntropyNode, Engine, OpConfig};
+use crate::op::{self, Engine, LogitsBackward, OpConfig, StatsNode};
 use candle::{bail, DType, Result, Tensor};
 
 /// How per-token losses are combined.
@@ -150,7 +150,7 @@ impl ChunkedCrossEntropy {
         self.check_num_label_tokens(num_label_tokens)?;
         let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
         let stats = op::row_stats(&logits, &labels, cfg)?;
-        let node = logits.apply_op3(&labels, &stats, CrossEntropyNode(cfg))?;
+        let node = logits.apply_op3(&labels, &stats, StatsNode(LogitsBackward(cfg)))?;
         self.reduce(&node, &labels, labels_shape, num_label_tokens)
     }
 

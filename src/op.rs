@@ -31,8 +31,9 @@
 //! # The graph
 //!
 //! A forward engine computes per-row statistics `[N, 2] = (loss, lse)` without
-//! recording anything; [`CrossEntropyNode`] then attaches them to the graph as
-//! a single node over `(logits, labels, stats)`. Chunking happens inside the
+//! recording anything; a [`StatsNode`] then attaches them to the graph as a
+//! single node over `(logits, labels, stats)` (or `(hidden, weight, stats)`
+//! for the linear loss). Chunking happens inside the
 //! engines, never as `narrow` nodes in the graph (candle's `narrow` backward
 //! pads every chunk to full size, which would make the loss quadratic). The
 //! node's backward keeps `lse` from the forward, so backward is one pass that
@@ -70,13 +71,24 @@ pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> Resu
     }
 }
 
-/// The single graph node of a loss call: its forward passes `stats` through,
-/// its backward is the hand-written gradient above.
-pub(crate) struct CrossEntropyNode(pub OpConfig);
+/// What a loss node computes in backward from its two inputs and `factors`,
+/// `[N, 3] = (scale, lse, loss)` per row, where `scale` is the gradient that
+/// reached the row's loss.
+pub(crate) trait NodeBackward: Send + Sync + 'static {
+    /// The node's name in candle's graph.
+    const NAME: &'static str;
+    /// The gradients of the node's first two inputs.
+    fn backward(&self, first: &Tensor, second: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>;
+}
 
-impl CustomOp3 for CrossEntropyNode {
+/// The single graph node of a loss call, over `(first, second, stats)`: its
+/// forward passes the row statistics `[N, 2] = (loss, lse)` through, its
+/// backward is `B`'s.
+pub(crate) struct StatsNode<B>(pub B);
+
+impl<B: NodeBackward> CustomOp3 for StatsNode<B> {
     fn name(&self) -> &'static str {
-        "chunked-cross-entropy"
+        B::NAME
     }
 
     fn cpu_fwd(
@@ -107,18 +119,29 @@ impl CustomOp3 for CrossEntropyNode {
 
     fn bwd(
         &self,
-        logits: &Tensor,
-        labels: &Tensor,
+        first: &Tensor,
+        second: &Tensor,
         stats: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let cfg = self.0;
         // Only the loss column carries gradient; `lse` is not part of the output users see.
         let scale = grad.narrow(1, 0, 1)?;
         let (loss, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
         let factors = Tensor::cat(&[&scale, &lse, &loss], 1)?;
-        Ok((Some(logits_grad(logits, labels, &factors, cfg)?), None, None))
+        let (first_grad, second_grad) = self.0.backward(first, second, &factors)?;
+        Ok((first_grad, second_grad, None))
+    }
+}
+
+/// The backward of the loss over logits: the gradient of `(logits, labels)`.
+pub(crate) struct LogitsBackward(pub OpConfig);
+
+impl NodeBackward for LogitsBackward {
+    const NAME: &'static str = "chunked-cross-entropy";
+
+    fn backward(&self, logits: &Tensor, labels: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(logits_grad(logits, labels, factors, self.0)?), None))
     }
 }
 
