@@ -99,7 +99,7 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        let ignore_index = self.config.ignored_label();
+        let ignore_index = self.config.ignore_index;
         let labels_shape = labels.shape().clone();
         self.config.check_num_label_tokens(num_label_tokens)?;
         let hidden = checked_logits(hidden)?;

@@ -52,7 +52,7 @@ pub enum Reduction {
 pub struct ChunkedCrossEntropy {
     chunk_len: usize,
     compile: bool,
-    ignore_index: i64,
+    pub(crate) ignore_index: i64,
     reduction: Reduction,
     inplace_grad: bool,
 }
@@ -152,11 +152,6 @@ impl ChunkedCrossEntropy {
         let stats = op::row_stats(&logits, &labels, cfg)?;
         let node = logits.apply_op3(&labels, &stats, StatsNode(LogitsBackward(cfg)))?;
         self.reduce(&node, &labels, labels_shape, num_label_tokens)
-    }
-
-    /// The configured `ignore_index`.
-    pub(crate) fn ignored_label(&self) -> i64 {
-        self.ignore_index
     }
 
     /// Combines the node's per-row `(loss, lse)` into the configured reduction.

@@ -190,10 +190,9 @@ const FACTORS: usize = 3;
 /// cancel (a confident token's loss of 3e-5 would lose ~1% in f32).
 fn loss_and_lse<F: Float>(max: F, target_logit: F, rest: F) -> (F, F) {
     let target_term = (target_logit - max).exp();
-    let total = rest + target_term;
-    let lse = max + total.ln();
-    let loss = if rest <= target_term { (rest / target_term).ln_1p() } else { (max - target_logit) + total.ln() };
-    (loss, lse)
+    let log_total = (rest + target_term).ln();
+    let loss = if rest <= target_term { (rest / target_term).ln_1p() } else { (max - target_logit) + log_total };
+    (loss, max + log_total)
 }
 
 /// The target-class gradient `(p_y - 1) * scale` with `p_y = exp(-loss)`,
