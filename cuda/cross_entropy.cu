@@ -1,11 +1,14 @@
 // Fused cross-entropy kernels for candle-chunked-ce.
 //
 // Forward: one block per row reads the row once, keeping a running max and a
-// running sum of exponentials in f32 (f64 for f64 logits) per thread, merges
-// them across the block, and writes (loss, lse) for the row. It never
-// materialises probabilities. Backward: one block per row reads the row once
-// more and writes (softmax - onehot) * scale in the logits' dtype, into a
-// fresh buffer or over the logits. The maths, and why the loss and the target
+// running sum of exponentials in f32 (f64 for f64 logits) per thread (plus the
+// logit sum for label smoothing, and the largest logits before and after the
+// target for token accuracy), merges them across the block, and writes
+// (ce, lse, logit_sum, correct) for the row. It never materialises
+// probabilities. Backward: one block per row reads the row once more and
+// writes the gradient in the logits' dtype, into a fresh buffer or over the
+// logits. Both apply the optional soft-cap cap * tanh(x / cap) to each logit
+// as they read it (cap = 0: none). The maths, and why the loss and the target
 // term are formed as they are (no cancellation when p_y -> 1), is written once
 // in src/op.rs; the CPU kernels in src/cpu/ compute the same thing.
 //
@@ -91,58 +94,104 @@ template <typename A> __device__ void block_merge(A& m, A& s) {
     __syncthreads();
 }
 
+// Block-wide max (NaN skipped, as fmax does) and sum; every thread returns the
+// block's value.
+template <typename A> __device__ A block_max(A v) {
+    __shared__ A shared[32];
+    for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : neg_inf<A>();
+    for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    __syncthreads();
+    return v;
+}
+
+__device__ double block_sum(double v) {
+    __shared__ double shared[32];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : 0.0;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    __syncthreads();
+    return v;
+}
+
+// The logit the loss sees: cap * tanh(x / cap), or x itself when cap == 0.
+template <typename A> __device__ __forceinline__ A capped(A x, A cap) { return cap > A(0) ? cap * tanh(x / cap) : x; }
+
+// The soft-cap's derivative at a capped logit c: 1 - (c / cap)^2.
+template <typename A> __device__ __forceinline__ A cap_slope(A c, A cap) {
+    return cap > A(0) ? A(1) - (c / cap) * (c / cap) : A(1);
+}
+
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
 
-// stats[r] = (loss, lse), zeros on ignored rows. A label outside [0, V) that
-// is not ignore_index lowers *first_bad_row (which the host sets to
-// ULLONG_MAX) to its row, so that the host reports the first bad row, as the
-// CPU path does; the row's stats stay zero.
+// stats[r] = (ce, lse, logit_sum, correct), zeros on ignored rows; logit_sum
+// only when want_sum. A label outside [0, V) that is not ignore_index lowers
+// *first_bad_row (which the host sets to ULLONG_MAX) to its row, so that the
+// host reports the first bad row, as the CPU path does; the row's stats stay
+// zero.
 template <typename T, typename A>
 __device__ void forward(const T* logits, const int64_t* labels, A* stats, unsigned long long* first_bad_row, int64_t rows,
-                        int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,
-                        int64_t stride_inner) {
+                        int64_t vocab, int64_t ignore_index, A cap, int want_sum, int64_t start, int64_t inner,
+                        int64_t stride_outer, int64_t stride_inner) {
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const int64_t label = labels[r];
         if (label == ignore_index || label < 0 || label >= vocab) {
             if (threadIdx.x == 0) {
-                stats[2 * r] = A(0);
-                stats[2 * r + 1] = A(0);
+                for (int k = 0; k < 4; ++k) stats[4 * r + k] = A(0);
                 if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
             }
             continue;
         }
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
         // The target is left out of the sum: `rest` must not include its term.
-        A m = neg_inf<A>(), s = A(0);
+        A m = neg_inf<A>(), s = A(0), before_max = neg_inf<A>(), after_max = neg_inf<A>();
+        double logit_sum = 0.0;
         for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-            if (j != label) push(m, s, A(widen(row[j])));
+            const A x = capped(A(widen(row[j])), cap);
+            if (want_sum) logit_sum += double(x);
+            if (j < label) before_max = fmax(before_max, x);
+            if (j > label) after_max = fmax(after_max, x);
+            if (j != label) push(m, s, x);
         }
         block_merge(m, s);
+        before_max = block_max(before_max);
+        after_max = block_max(after_max);
+        if (want_sum) logit_sum = block_sum(logit_sum);
         if (threadIdx.x == 0) {
-            const A target_logit = A(widen(row[label]));
+            const A target_logit = capped(A(widen(row[label])), cap);
             const A max = m > target_logit ? m : target_logit;
             // +inf logits: x - max is NaN in PyTorch's formula; say so.
             const A rest = max == -neg_inf<A>() ? A(NAN) : (s == A(0) ? A(0) : s * exp(m - max));
             const A target_term = exp(target_logit - max);
             const A total = rest + target_term;
-            stats[2 * r] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
-            stats[2 * r + 1] = max + log(total);
+            stats[4 * r] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
+            stats[4 * r + 1] = max + log(total);
+            stats[4 * r + 2] = A(logit_sum);
+            // argmax picks the first largest logit: none before the target may reach it.
+            stats[4 * r + 3] = target_logit > before_max && target_logit >= after_max ? A(1) : A(0);
         }
     }
 }
 
-// grad[r] = (exp(x - lse) - [j == y]) * scale with factors[r] = (scale, lse,
-// loss); the target term is expm1(-loss) * scale, formed in A. Ignored rows
-// (and, defensively, rows with an invalid label) are written as zeros. `grad`
-// may be `logits` itself (in place): each element is read before it is written,
-// by the same thread.
+// grad[r] from factors[r] = (g_ce, g_lse, g_sum, lse, ce), as written in
+// src/op.rs: ((g_ce + g_lse) p_j + g_sum) * cap'_j off the target, and
+// (g_ce expm1(-ce) + g_lse exp(-ce) + g_sum) * cap'_y on it, formed in A.
+// Ignored rows (and, defensively, rows with an invalid label) are written as
+// zeros. `grad` may be `logits` itself (in place): each element is read
+// before it is written, by the same thread.
 template <typename T, typename A>
 __device__ void backward(const T* logits, const int64_t* labels, const A* factors, T* grad, int64_t rows,
-                         int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,
-                         int64_t stride_inner, int64_t out_start, int64_t out_inner, int64_t out_stride_outer,
-                         int64_t out_stride_inner) {
+                         int64_t vocab, int64_t ignore_index, A cap, int64_t start, int64_t inner,
+                         int64_t stride_outer, int64_t stride_inner, int64_t out_start, int64_t out_inner,
+                         int64_t out_stride_outer, int64_t out_stride_inner) {
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const int64_t label = labels[r];
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
@@ -151,10 +200,14 @@ __device__ void backward(const T* logits, const int64_t* labels, const A* factor
             for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) out[j] = narrow<T>(A(0));
             continue;
         }
-        const A scale = factors[3 * r], lse = factors[3 * r + 1], loss = factors[3 * r + 2];
+        const A* f = factors + 5 * r;
+        const A g_ce = f[0], g_lse = f[1], g_sum = f[2], lse = f[3], ce = f[4];
+        const A scale = g_ce + g_lse;
+        const A target_grad = g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum;
         for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const A g = j == label ? expm1(-loss) * scale : exp(A(widen(row[j])) - lse) * scale;
-            out[j] = narrow<T>(g);
+            const A x = capped(A(widen(row[j])), cap);
+            const A g = j == label ? target_grad : exp(x - lse) * scale + g_sum;
+            out[j] = narrow<T>(g * cap_slope(x, cap));
         }
     }
 }
@@ -162,24 +215,24 @@ __device__ void backward(const T* logits, const int64_t* labels, const A* factor
 #define FORWARD(NAME, T, A)                                                                                        \
     extern "C" __global__ void NAME(const T* logits, const int64_t* labels, A* stats,                              \
                                     unsigned long long* first_bad_row, int64_t rows, int64_t vocab,                \
-                                    int64_t ignore_index, int64_t start, int64_t inner, int64_t stride_outer,      \
-                                    int64_t stride_inner) {                                                        \
-        forward<T, A>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, start, inner, stride_outer, \
-                      stride_inner);                                                                               \
+                                    int64_t ignore_index, A cap, int want_sum, int64_t start, int64_t inner,       \
+                                    int64_t stride_outer, int64_t stride_inner) {                                  \
+        forward<T, A>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap, want_sum, start, inner, \
+                      stride_outer, stride_inner);                                                                 \
     }
 
 #define BACKWARD(NAME, NAME_IN_PLACE, T, A)                                                                        \
     extern "C" __global__ void NAME(const T* logits, const int64_t* labels, const A* factors, T* grad,            \
-                                    int64_t rows, int64_t vocab, int64_t ignore_index, int64_t start,              \
+                                    int64_t rows, int64_t vocab, int64_t ignore_index, A cap, int64_t start,       \
                                     int64_t inner, int64_t stride_outer, int64_t stride_inner) {                   \
-        backward<T, A>(logits, labels, factors, grad, rows, vocab, ignore_index, start, inner, stride_outer,       \
+        backward<T, A>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, start, inner, stride_outer,  \
                        stride_inner, 0, rows > 0 ? rows : 1, 0, vocab);                                            \
     }                                                                                                              \
     extern "C" __global__ void NAME_IN_PLACE(T* logits, const int64_t* labels, const A* factors, int64_t rows,     \
-                                             int64_t vocab, int64_t ignore_index, int64_t start, int64_t inner,    \
-                                             int64_t stride_outer, int64_t stride_inner) {                         \
-        backward<T, A>(logits, labels, factors, logits, rows, vocab, ignore_index, start, inner, stride_outer,     \
-                       stride_inner, start, inner, stride_outer, stride_inner);                                    \
+                                             int64_t vocab, int64_t ignore_index, A cap, int64_t start,            \
+                                             int64_t inner, int64_t stride_outer, int64_t stride_inner) {          \
+        backward<T, A>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, start, inner,              \
+                       stride_outer, stride_inner, start, inner, stride_outer, stride_inner);                      \
     }
 
 FORWARD(ce_fwd_f32, float, float)

@@ -3,6 +3,8 @@
 //! per device by candle's module cache (the stand-in for `torch.compile`).
 //! What the kernels compute is written in `op.rs`.
 
+use crate::cpu::STATS;
+use crate::op::OpConfig;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -59,7 +61,8 @@ impl CudaRows {
     }
 }
 
-/// Per-row `(loss, lse)` as `[N, 2]` f32 (f64 for f64 logits). Fails, naming
+/// Per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)` (see `op.rs`),
+/// f32 (f64 for f64 logits). Fails, naming
 /// the first bad row and its value, if a label is outside `[0, V)` and not
 /// `ignore_index` (the kernel flags the row; reading the flag is the one host
 /// sync).
@@ -68,18 +71,20 @@ pub(crate) fn forward(
     logits_layout: &Layout,
     labels: &CudaStorage,
     labels_layout: &Layout,
-    ignore_index: i64,
+    cfg: &OpConfig,
 ) -> Result<(CudaStorage, Shape)> {
+    let ignore_index = cfg.ignore_index;
     let rows = CudaRows::new(logits_layout)?;
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     let first_bad_row = dev.clone_htod(&[u64::MAX])?;
-    let bad = &first_bad_row;
+    let args = ForwardArgs { dev, rows: &rows, labels: &labels, first_bad_row: &first_bad_row, cfg };
+    let cap = cfg.terms.softcap.unwrap_or(0.0);
     let stats = match logits.dtype() {
-        DType::F32 => launch_forward::<f32, f32>(dev, "ce_fwd_f32", logits, &rows, &labels, bad, ignore_index)?,
-        DType::BF16 => launch_forward::<bf16, f32>(dev, "ce_fwd_bf16", logits, &rows, &labels, bad, ignore_index)?,
-        DType::F16 => launch_forward::<f16, f32>(dev, "ce_fwd_f16", logits, &rows, &labels, bad, ignore_index)?,
-        DType::F64 => launch_forward::<f64, f64>(dev, "ce_fwd_f64", logits, &rows, &labels, bad, ignore_index)?,
+        DType::F32 => args.launch::<f32, f32>("ce_fwd_f32", logits, cap as f32)?,
+        DType::BF16 => args.launch::<bf16, f32>("ce_fwd_bf16", logits, cap as f32)?,
+        DType::F16 => args.launch::<f16, f32>("ce_fwd_f16", logits, cap as f32)?,
+        DType::F64 => args.launch::<f64, f64>("ce_fwd_f64", logits, cap)?,
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
     let row = dev.clone_dtoh(&first_bad_row)?[0];
@@ -88,36 +93,46 @@ pub(crate) fn forward(
         let label = dev.clone_dtoh(&labels.slice(row..row + 1))?[0];
         return Err(crate::op::bad_label(row, label, rows.vocab as usize, ignore_index));
     }
-    Ok((stats, Shape::from((rows.rows as usize, 2))))
+    Ok((stats, Shape::from((rows.rows as usize, STATS))))
 }
 
-fn launch_forward<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr + ValidAsZeroBits>(
-    dev: &CudaDevice,
-    name: &str,
-    logits: &CudaStorage,
-    rows: &CudaRows,
-    labels: &CudaView<'_, i64>,
-    first_bad_row: &CudaSlice<u64>,
-    ignore_index: i64,
-) -> Result<CudaStorage> {
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let stats = dev.alloc_zeros::<A>(2 * rows.rows as usize)?;
-    if rows.rows > 0 {
-        let logits = logits.as_cuda_slice::<T>()?;
-        let mut builder = func.builder();
-        builder.arg(logits).arg(labels).arg(&stats).arg(first_bad_row);
-        builder.arg(&rows.rows).arg(&rows.vocab).arg(&ignore_index);
-        builder.arg(&rows.start).arg(&rows.inner).arg(&rows.stride_outer).arg(&rows.stride_inner);
-        // SAFETY: the argument list matches `ce_fwd_*` in cuda/cross_entropy.cu; every
-        // row offset lies inside `logits` (from its layout), `labels` holds `rows`
-        // values and `stats` 2 * `rows`.
-        unsafe { builder.launch(rows.launch_config()) }.w()?;
+/// What a forward launch needs besides the logits.
+struct ForwardArgs<'a> {
+    dev: &'a CudaDevice,
+    rows: &'a CudaRows,
+    labels: &'a CudaView<'a, i64>,
+    first_bad_row: &'a CudaSlice<u64>,
+    cfg: &'a OpConfig,
+}
+
+impl ForwardArgs<'_> {
+    /// `cap` is the soft-cap in the accumulator type, 0 for none.
+    fn launch<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        name: &str,
+        logits: &CudaStorage,
+        cap: A,
+    ) -> Result<CudaStorage> {
+        let (dev, rows) = (self.dev, self.rows);
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let stats = dev.alloc_zeros::<A>(STATS * rows.rows as usize)?;
+        if rows.rows > 0 {
+            let want_sum = i32::from(self.cfg.terms.logit_sum);
+            let mut builder = func.builder();
+            builder.arg(logits.as_cuda_slice::<T>()?).arg(self.labels).arg(&stats).arg(self.first_bad_row);
+            builder.arg(&rows.rows).arg(&rows.vocab).arg(&self.cfg.ignore_index).arg(&cap).arg(&want_sum);
+            builder.arg(&rows.start).arg(&rows.inner).arg(&rows.stride_outer).arg(&rows.stride_inner);
+            // SAFETY: the argument list matches `ce_fwd_*` in cuda/cross_entropy.cu; every
+            // row offset lies inside `logits` (from its layout), `labels` holds `rows`
+            // values and `stats` 4 * `rows`.
+            unsafe { builder.launch(rows.launch_config()) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
     }
-    Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
 }
 
 /// The gradient into a fresh contiguous buffer shaped like the logits.
-/// `factors` is `[N, 3] = (scale, lse, loss)`, contiguous.
+/// `factors` is `[N, 5] = (g_ce, g_lse, g_sum, lse, ce)`, contiguous.
 pub(crate) fn backward(
     logits: &CudaStorage,
     logits_layout: &Layout,
@@ -125,17 +140,18 @@ pub(crate) fn backward(
     labels_layout: &Layout,
     factors: &CudaStorage,
     factors_layout: &Layout,
-    ignore_index: i64,
+    cfg: &OpConfig,
 ) -> Result<(CudaStorage, Shape)> {
     let rows = CudaRows::new(logits_layout)?;
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
-    let args = BackwardArgs { dev, rows: &rows, labels, ignore_index };
+    let args = BackwardArgs { dev, rows: &rows, labels, cfg };
+    let cap = cfg.terms.softcap.unwrap_or(0.0);
     let grad = match logits.dtype() {
-        DType::F32 => args.launch::<f32, f32>("ce_bwd_f32", logits, factors, factors_layout)?,
-        DType::BF16 => args.launch::<bf16, f32>("ce_bwd_bf16", logits, factors, factors_layout)?,
-        DType::F16 => args.launch::<f16, f32>("ce_bwd_f16", logits, factors, factors_layout)?,
-        DType::F64 => args.launch::<f64, f64>("ce_bwd_f64", logits, factors, factors_layout)?,
+        DType::F32 => args.launch::<f32, f32>("ce_bwd_f32", logits, factors, factors_layout, cap as f32)?,
+        DType::BF16 => args.launch::<bf16, f32>("ce_bwd_bf16", logits, factors, factors_layout, cap as f32)?,
+        DType::F16 => args.launch::<f16, f32>("ce_bwd_f16", logits, factors, factors_layout, cap as f32)?,
+        DType::F64 => args.launch::<f64, f64>("ce_bwd_f64", logits, factors, factors_layout, cap)?,
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
     Ok((grad, logits_layout.shape().clone()))
@@ -149,17 +165,24 @@ pub(crate) fn backward_in_place(
     labels_layout: &Layout,
     factors: &CudaStorage,
     factors_layout: &Layout,
-    ignore_index: i64,
+    cfg: &OpConfig,
 ) -> Result<()> {
     let rows = CudaRows::new(logits_layout)?;
     let dev = logits.device().clone();
     let labels = contiguous::<i64>(labels, labels_layout)?;
-    let args = BackwardArgs { dev: &dev, rows: &rows, labels, ignore_index };
+    let args = BackwardArgs { dev: &dev, rows: &rows, labels, cfg };
+    let cap = cfg.terms.softcap.unwrap_or(0.0);
     match logits.dtype() {
-        DType::F32 => args.launch_in_place::<f32, f32>("ce_bwd_inplace_f32", logits, factors, factors_layout),
-        DType::BF16 => args.launch_in_place::<bf16, f32>("ce_bwd_inplace_bf16", logits, factors, factors_layout),
-        DType::F16 => args.launch_in_place::<f16, f32>("ce_bwd_inplace_f16", logits, factors, factors_layout),
-        DType::F64 => args.launch_in_place::<f64, f64>("ce_bwd_inplace_f64", logits, factors, factors_layout),
+        DType::F32 => {
+            args.launch_in_place::<f32, f32>("ce_bwd_inplace_f32", logits, factors, factors_layout, cap as f32)
+        }
+        DType::BF16 => {
+            args.launch_in_place::<bf16, f32>("ce_bwd_inplace_bf16", logits, factors, factors_layout, cap as f32)
+        }
+        DType::F16 => {
+            args.launch_in_place::<f16, f32>("ce_bwd_inplace_f16", logits, factors, factors_layout, cap as f32)
+        }
+        DType::F64 => args.launch_in_place::<f64, f64>("ce_bwd_inplace_f64", logits, factors, factors_layout, cap),
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     }
 }
@@ -169,7 +192,7 @@ struct BackwardArgs<'a> {
     dev: &'a CudaDevice,
     rows: &'a CudaRows,
     labels: CudaView<'a, i64>,
-    ignore_index: i64,
+    cfg: &'a OpConfig,
 }
 
 impl BackwardArgs<'_> {
@@ -179,6 +202,7 @@ impl BackwardArgs<'_> {
         logits: &CudaStorage,
         factors: &CudaStorage,
         factors_layout: &Layout,
+        cap: A,
     ) -> Result<CudaStorage> {
         let rows = self.rows;
         let func = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
@@ -189,10 +213,10 @@ impl BackwardArgs<'_> {
             let factors = contiguous::<A>(factors, factors_layout)?;
             let mut builder = func.builder();
             builder.arg(logits.as_cuda_slice::<T>()?).arg(&self.labels).arg(&factors).arg(&grad);
-            builder.arg(&rows.rows).arg(&rows.vocab).arg(&self.ignore_index);
+            builder.arg(&rows.rows).arg(&rows.vocab).arg(&self.cfg.ignore_index).arg(&cap);
             builder.arg(&rows.start).arg(&rows.inner).arg(&rows.stride_outer).arg(&rows.stride_inner);
             // SAFETY: the argument list matches `ce_bwd_*`; `grad` holds rows * vocab
-            // elements, `factors` 3 * rows, and every logits row lies inside its storage.
+            // elements, `factors` 5 * rows, and every logits row lies inside its storage.
             unsafe { builder.launch(rows.launch_config()) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(grad, self.dev.clone()))
@@ -204,6 +228,7 @@ impl BackwardArgs<'_> {
         logits: &mut CudaStorage,
         factors: &CudaStorage,
         factors_layout: &Layout,
+        cap: A,
     ) -> Result<()> {
         let rows = self.rows;
         if rows.rows * rows.vocab == 0 {
@@ -214,7 +239,7 @@ impl BackwardArgs<'_> {
         let logits = logits.as_cuda_slice_mut::<T>()?;
         let mut builder = func.builder();
         builder.arg(logits).arg(&self.labels).arg(&factors);
-        builder.arg(&rows.rows).arg(&rows.vocab).arg(&self.ignore_index);
+        builder.arg(&rows.rows).arg(&rows.vocab).arg(&self.cfg.ignore_index).arg(&cap);
         builder.arg(&rows.start).arg(&rows.inner).arg(&rows.stride_outer).arg(&rows.stride_inner);
         // SAFETY: the argument list matches `ce_bwd_inplace_*`; candle refused layouts
         // with internal overlap, so the rows the kernel rewrites are disjoint, and each

@@ -54,4 +54,4 @@ pub mod reference;
 
 pub use cpu::instruction_set;
 pub use linear::LinearCrossEntropy;
-pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, Reduction};
+pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};

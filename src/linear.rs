@@ -6,22 +6,25 @@
 //! their gradient in place (the maths of `op.rs`), and folds that into the
 //! gradients of `hidden` and `weight` with two matmuls.
 
+use crate::cpu::STATS;
 use crate::loss::{checked_labels, checked_logits};
 use crate::op::{self, NodeBackward, OpConfig, StatsNode};
-use crate::{ChunkedCrossEntropy, Reduction};
+use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, DType, Result, Tensor};
 
-/// Cross-entropy of the logits `hidden @ weight^T`, never holding them whole:
+/// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them whole:
 /// a chunk of rows of logits exists at a time, in forward and in backward
 /// (which recomputes them), and the gradients go straight to `hidden` and
 /// `weight` (a weight shared with the token embedding gets the sum of both
 /// gradients, as candle sums gradients of one variable). Peak extra memory is
-/// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`,
-/// instead of several `[N, V]` buffers.
+/// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
+/// (and `bias`), instead of several `[N, V]` buffers.
 ///
 /// Same configuration and semantics as [`ChunkedCrossEntropy`]
-/// (`ignore_index`, mask, [`Reduction`], `num_label_tokens`, the exact zeros
-/// when nothing is valid, the errors), except that `chunk_len` defaults to
+/// (`ignore_index`, mask, [`Reduction`], `num_label_tokens`, label smoothing,
+/// z-loss, soft-cap, the outputs of
+/// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
+/// nothing is valid, the errors), except that `chunk_len` defaults to
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
 /// size of the hidden states, but at least 512 rows. Labels are checked on the
 /// host before any chunk runs.
@@ -71,7 +74,26 @@ impl LinearCrossEntropy {
         self
     }
 
-    /// The loss of `hidden @ weight^T` against `labels`.
+    /// Label smoothing `ε` in `[0, 1]`, as [`ChunkedCrossEntropy::label_smoothing`].
+    pub fn label_smoothing(mut self, label_smoothing: f64) -> Self {
+        self.config = self.config.label_smoothing(label_smoothing);
+        self
+    }
+
+    /// The z-loss coefficient, as [`ChunkedCrossEntropy::z_loss`].
+    pub fn z_loss(mut self, z_loss: f64) -> Self {
+        self.config = self.config.z_loss(z_loss);
+        self
+    }
+
+    /// The logit soft-cap, as [`ChunkedCrossEntropy::logit_softcap`].
+    pub fn logit_softcap(mut self, logit_softcap: Option<f64>) -> Self {
+        self.config = self.config.logit_softcap(logit_softcap);
+        self
+    }
+
+    /// The loss of `hidden @ weight^T` against `labels` (for a bias and the
+    /// other outputs, see [`forward_with_outputs`](Self::forward_with_outputs)).
     ///
     /// - `hidden`: `[N, H]` or `[B, S, H]`, f32, f64, bf16 or f16.
     /// - `weight`: `[V, H]` (an `lm_head`, or the tied token embedding), same
@@ -99,6 +121,28 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
+        Ok(self.forward_with_outputs(hidden, weight, None, labels, mask, num_label_tokens)?.loss)
+    }
+
+    /// The loss of `hidden @ weight^T + bias` and every other output of the
+    /// call, as [`ChunkedCrossEntropy::forward_with_outputs`].
+    ///
+    /// - `bias`: optional `[V]`, the weight's dtype and device; it receives a
+    ///   gradient (summed over rows in f32).
+    /// - the other arguments: as in [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
+    ///
+    /// # Errors
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
+    /// and a bias that is not `[V]` with the weight's dtype and device.
+    pub fn forward_with_outputs(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<CrossEntropyOutput> {
         let ignore_index = self.config.ignore_index;
         let labels_shape = labels.shape().clone();
         self.config.check_num_label_tokens(num_label_tokens)?;
@@ -113,12 +157,20 @@ impl LinearCrossEntropy {
                 hidden.shape()
             ),
         };
-        if weight.dtype() != hidden.dtype() || !weight.device().same_device(hidden.device()) {
-            bail!(
-                "linear cross-entropy: weight ({:?}) and hidden ({:?}) must share dtype and device",
-                weight.dtype(),
-                hidden.dtype()
-            )
+        for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
+            let Some(t) = t else { continue };
+            if t.dtype() != hidden.dtype() || !t.device().same_device(hidden.device()) {
+                bail!(
+                    "linear cross-entropy: {name} ({:?}) and hidden ({:?}) must share dtype and device",
+                    t.dtype(),
+                    hidden.dtype()
+                )
+            }
+        }
+        if let Some(bias) = bias {
+            if bias.dims() != [vocab] {
+                bail!("linear cross-entropy: bias {:?} must be [{vocab}] for weight {:?}", bias.shape(), weight.shape())
+            }
         }
         let rows = hidden.reshape(((), width))?;
         let n = rows.dim(0)?;
@@ -133,24 +185,48 @@ impl LinearCrossEntropy {
         };
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, ..self.config.op_config()? };
-        let stats = row_stats(&rows, weight, &labels, cfg)?;
-        let node = rows.apply_op3(weight, &stats, StatsNode(LinearBackward { cfg, labels: labels.clone() }))?;
-        self.config.reduce(&node, &labels, labels_shape, num_label_tokens)
+        let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
+        let stats = row_stats(&rows.detach(), &projection, &labels, cfg)?;
+        let node = {
+            let backward = LinearBackward { cfg, labels: labels.clone() };
+            let node = StatsNode { stats, backward };
+            match bias {
+                None => rows.apply_op2(weight, node)?,
+                Some(bias) => rows.apply_op3(weight, bias, node)?,
+            }
+        };
+        self.config.outputs(&node, &labels, labels_shape, vocab, num_label_tokens)
     }
 }
 
-/// Per-row `(loss, lse)` `[N, 2]` of `rows @ weight^T` (`rows` `[N, H]`,
-/// `weight` `[V, H]`), one chunk of rows at a time, nothing recorded.
-fn row_stats(rows: &Tensor, weight: &Tensor, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
-    let (rows, weight) = (rows.detach(), weight.detach());
+/// The output layer, detached: `weight` `[V, H]` and an optional `bias` `[V]`.
+struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    /// The logits of `rows` (`[n, H]`): `[n, V]`.
+    fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        let logits = rows.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            None => Ok(logits),
+            Some(bias) => logits.broadcast_add(bias),
+        }
+    }
+}
+
+/// Per-row statistics `[N, 4]` (see `op.rs`) of the logits of `rows` (`[N,
+/// H]`, detached), one chunk of rows at a time, nothing recorded.
+fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
     let mut stats = Vec::new();
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
-        let logits = rows.narrow(0, start, len)?.matmul(&weight.t()?)?;
+        let logits = projection.logits(&rows.narrow(0, start, len)?)?;
         stats.push(op::row_stats(&logits, &labels.narrow(0, start, len)?, cfg)?);
     }
     if stats.is_empty() {
         let dtype = if rows.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        return Tensor::zeros((0, 2), dtype, rows.device());
+        return Tensor::zeros((0, STATS), dtype, rows.device());
     }
     Tensor::cat(&stats, 0)
 }
@@ -166,8 +242,9 @@ fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)>
     (0..rows).step_by(chunk_len).map(move |start| (start, chunk_len.min(rows - start)))
 }
 
-/// The backward of the linear loss: the gradients of `rows` and `weight`. The
-/// labels are not differentiable and travel inside it.
+/// The backward of the linear loss: the gradients of `rows`, `weight` and,
+/// when it is an input, `bias`. The labels are not differentiable and travel
+/// inside it.
 struct LinearBackward {
     cfg: OpConfig,
     labels: Tensor,
@@ -176,29 +253,54 @@ struct LinearBackward {
 impl NodeBackward for LinearBackward {
     const NAME: &'static str = "chunked-linear-cross-entropy";
 
-    fn backward(&self, rows: &Tensor, weight: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, weight) = (rows.detach(), weight.detach());
-        // The weight's gradient sums over every chunk: accumulate it in f32 (f64 for f64).
+    fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let rows = inputs[0].detach();
+        let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
+        let weight = &projection.weight;
+        // The weight's and bias's gradients sum over every chunk: accumulate them in f32 (f64 for f64).
         let acc = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let mut weight_grad: Option<Tensor> = None;
+        let mut weight_grad = Sum::default();
+        let mut bias_grad = Sum::default();
         let mut rows_grad = Vec::new();
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
-            let logits = chunk.matmul(&weight.t()?)?;
+            let logits = projection.logits(&chunk)?;
             let labels = self.labels.narrow(0, start, len)?;
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
-            rows_grad.push(logits_grad.matmul(&weight)?);
-            let product = logits_grad.t()?.matmul(&chunk)?.to_dtype(acc)?;
-            weight_grad = Some(match weight_grad {
-                None => product,
-                Some(sum) => (sum + product)?,
-            });
+            rows_grad.push(logits_grad.matmul(weight)?);
+            weight_grad.add(logits_grad.t()?.matmul(&chunk)?.to_dtype(acc)?)?;
+            if projection.bias.is_some() {
+                bias_grad.add(logits_grad.to_dtype(acc)?.sum(0)?)?;
+            }
         }
         let rows_grad = if rows_grad.is_empty() { rows.zeros_like()? } else { Tensor::cat(&rows_grad, 0)? };
-        let weight_grad = match weight_grad {
-            Some(sum) => sum.to_dtype(weight.dtype())?,
-            None => weight.zeros_like()?,
-        };
-        Ok((Some(rows_grad), Some(weight_grad)))
+        let mut grads = vec![Some(rows_grad), Some(weight_grad.finish(weight)?)];
+        if let Some(bias) = &projection.bias {
+            grads.push(Some(bias_grad.finish(bias)?));
+        }
+        Ok(grads)
+    }
+}
+
+/// A gradient summed over chunks in the accumulator dtype; the first chunk's
+/// term starts the sum (no zero-filled buffer).
+#[derive(Default)]
+struct Sum(Option<Tensor>);
+
+impl Sum {
+    fn add(&mut self, term: Tensor) -> Result<()> {
+        self.0 = Some(match self.0.take() {
+            None => term,
+            Some(sum) => (sum + term)?,
+        });
+        Ok(())
+    }
+
+    /// The sum in `like`'s dtype (zeros shaped like it when there were no chunks).
+    fn finish(self, like: &Tensor) -> Result<Tensor> {
+        match self.0 {
+            Some(sum) => sum.to_dtype(like.dtype()),
+            None => like.zeros_like(),
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
+use crate::cpu::RowTerms;
 use crate::op::{self, Engine, LogitsBackward, OpConfig, StatsNode};
-use candle::{bail, DType, Result, Tensor};
+use candle::{bail, DType, Result, Shape, Tensor};
 
 /// How per-token losses are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,6 +37,13 @@ pub enum Reduction {
 /// | `ignore_index` | -100 | label value whose token contributes no loss and no gradient |
 /// | `reduction` | [`Reduction::Mean`] | mean over valid tokens, sum, or per-token |
 /// | `inplace_grad` | `false` | write the gradient over the logits (destroys them; needs `compile = true`) |
+/// | `label_smoothing` | 0 | PyTorch's `label_smoothing`: `(1 - ε) ce + ε (lse - mean_j x_j)` |
+/// | `z_loss` | 0 | coefficient `z` of the z-loss `z · lse²` added to each token's loss |
+/// | `logit_softcap` | `None` | Gemma 2's soft-cap: the loss sees `cap · tanh(x / cap)` |
+///
+/// [`forward_with_outputs`](Self::forward_with_outputs) also returns the
+/// z-loss apart, per-token losses, per-token log-sum-exp and token accuracy,
+/// all from the same pass over the logits.
 ///
 /// # Divergences from PyTorch's `F.cross_entropy`
 /// - When every token is ignored (or `num_label_tokens` is 0, or there are no
@@ -55,6 +63,31 @@ pub struct ChunkedCrossEntropy {
     pub(crate) ignore_index: i64,
     reduction: Reduction,
     inplace_grad: bool,
+    label_smoothing: f64,
+    z_loss: f64,
+    logit_softcap: Option<f64>,
+}
+
+/// Everything one loss call computes, from one pass over the logits.
+///
+/// Per-token tensors have the labels' shape (`[N]` or `[B, S]`) and the
+/// loss's dtype (f32, f64 for f64 logits), and are 0 on ignored tokens.
+#[derive(Debug, Clone)]
+pub struct CrossEntropyOutput {
+    /// The loss, reduced as configured; it includes the z-loss term.
+    /// Differentiable.
+    pub loss: Tensor,
+    /// The z-loss part of `loss` (`z · lse²` per token), reduced the same way:
+    /// for logging (its gradient already flows through `loss`). 0 when
+    /// `z_loss` is 0.
+    pub z_loss: Tensor,
+    /// Each token's loss, before reduction. Differentiable.
+    pub token_losses: Tensor,
+    /// Each token's log-sum-exp of the (soft-capped) logits.
+    pub lse: Tensor,
+    /// The fraction of valid tokens whose logits' first argmax is the label:
+    /// a scalar, 0 when no token is valid. Not differentiable.
+    pub token_accuracy: Tensor,
 }
 
 impl Default for ChunkedCrossEntropy {
@@ -68,7 +101,16 @@ impl ChunkedCrossEntropy {
     /// ignore_index)`, with [`Reduction::Mean`] and `inplace_grad = false`.
     /// `chunk_len` is checked when the loss is computed (0 is an error).
     pub fn new(chunk_len: usize, compile: bool, ignore_index: i64) -> Self {
-        Self { chunk_len, compile, ignore_index, reduction: Reduction::Mean, inplace_grad: false }
+        Self {
+            chunk_len,
+            compile,
+            ignore_index,
+            reduction: Reduction::Mean,
+            inplace_grad: false,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            logit_softcap: None,
+        }
     }
 
     /// Sets the number of rows per work unit (at least 1).
@@ -104,6 +146,28 @@ impl ChunkedCrossEntropy {
         self
     }
 
+    /// Sets the label smoothing `ε` in `[0, 1]`, as PyTorch's
+    /// `cross_entropy(label_smoothing=ε)`: each valid token's loss becomes
+    /// `(1 - ε) ce + ε (lse - Σ_j x_j / V)`.
+    pub fn label_smoothing(mut self, label_smoothing: f64) -> Self {
+        self.label_smoothing = label_smoothing;
+        self
+    }
+
+    /// Sets the z-loss coefficient `z >= 0`: `z · lse²` is added to each valid
+    /// token's loss (PaLM's auxiliary loss that keeps the log-partition near 0).
+    pub fn z_loss(mut self, z_loss: f64) -> Self {
+        self.z_loss = z_loss;
+        self
+    }
+
+    /// Soft-caps the logits before the loss, as Gemma 2: `cap · tanh(x / cap)`
+    /// with `cap > 0`, differentiated through in backward. `None` disables it.
+    pub fn logit_softcap(mut self, logit_softcap: Option<f64>) -> Self {
+        self.logit_softcap = logit_softcap;
+        self
+    }
+
     /// The loss of `logits` against `labels`.
     ///
     /// - `logits`: `[N, V]` or `[B, S, V]`, f32, f64, bf16 or f16, any strides.
@@ -123,7 +187,9 @@ impl ChunkedCrossEntropy {
     /// logits without `V`; a mask of another shape; a label outside `[0, V)`
     /// that is not `ignore_index` (the message gives the row and the value);
     /// `V = 0` with tokens present; `chunk_len = 0`; `inplace_grad` with
-    /// `compile = false`; logits and labels on different devices.
+    /// `compile = false`; `label_smoothing` outside `[0, 1]`, a negative or
+    /// non-finite `z_loss`, a soft-cap that is not positive and finite; logits
+    /// and labels on different devices.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(logits, labels, mask, None)
     }
@@ -145,24 +211,81 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
+        Ok(self.forward_with_outputs(logits, labels, mask, num_label_tokens)?.loss)
+    }
+
+    /// [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
+    /// returning every output of the call: the loss, the z-loss apart,
+    /// per-token losses and log-sum-exp, and token accuracy. They come from the
+    /// same pass over the logits; the extra outputs cost only a few `[N]` ops.
+    ///
+    /// # Errors
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
+    pub fn forward_with_outputs(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<CrossEntropyOutput> {
         let cfg = self.op_config()?;
         let labels_shape = labels.shape().clone();
         self.check_num_label_tokens(num_label_tokens)?;
         let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
+        let vocab = logits.dim(candle::D::Minus1)?;
         let stats = op::row_stats(&logits, &labels, cfg)?;
-        let node = logits.apply_op3(&labels, &stats, StatsNode(LogitsBackward(cfg)))?;
-        self.reduce(&node, &labels, labels_shape, num_label_tokens)
+        let backward = LogitsBackward { cfg, labels: labels.clone() };
+        let node = logits.apply_op1(StatsNode { stats, backward })?;
+        self.outputs(&node, &labels, labels_shape, vocab, num_label_tokens)
     }
 
-    /// Combines the node's per-row `(loss, lse)` into the configured reduction.
-    pub(crate) fn reduce(
+    /// Composes the per-token losses from the node's `[N, 4]` statistics (the
+    /// formula is in `op.rs`) and reduces them and the other outputs.
+    pub(crate) fn outputs(
         &self,
         node: &Tensor,
         labels: &Tensor,
-        labels_shape: candle::Shape,
+        labels_shape: Shape,
+        vocab: usize,
+        num_label_tokens: Option<usize>,
+    ) -> Result<CrossEntropyOutput> {
+        // With no rows, every column is empty: take them all at offset 0 (candle's
+        // reductions index the storage at a narrowed view's start, even when empty).
+        let rows = node.dim(0)?;
+        let column = |i: usize| node.narrow(1, if rows == 0 { 0 } else { i }, 1)?.squeeze(1);
+        let (ce, lse, logit_sum, correct) = (column(0)?, column(1)?, column(2)?, column(3)?);
+        // Terms with a zero coefficient are left out, not multiplied by 0: the
+        // default loss stays the bare `ce` column.
+        let mut token_losses = ce.clone();
+        if self.label_smoothing > 0.0 {
+            let eps = self.label_smoothing;
+            let smooth = (lse.affine(eps, 0.0)? - logit_sum.affine(eps / vocab as f64, 0.0)?)?;
+            token_losses = if eps < 1.0 { (ce.affine(1.0 - eps, 0.0)? + smooth)? } else { smooth };
+        }
+        let z_loss = if self.z_loss > 0.0 { lse.sqr()?.affine(self.z_loss, 0.0)? } else { lse.zeros_like()? };
+        if self.z_loss > 0.0 {
+            token_losses = (token_losses + &z_loss)?;
+        }
+        let count = valid_count(labels, self.ignore_index, ce.dtype())?;
+        let token_accuracy = correct.detach().sum_all()?.broadcast_div(&count)?;
+        Ok(CrossEntropyOutput {
+            loss: self.reduce(&token_losses, &count, &labels_shape, num_label_tokens)?,
+            z_loss: self.reduce(&z_loss, &count, &labels_shape, num_label_tokens)?,
+            token_losses: token_losses.reshape(&labels_shape)?,
+            lse: lse.reshape(&labels_shape)?,
+            token_accuracy,
+        })
+    }
+
+    /// Combines per-token values `[N]` into the configured reduction; `count`
+    /// is the number of valid tokens (at least 1), a scalar on their device.
+    fn reduce(
+        &self,
+        per_token: &Tensor,
+        count: &Tensor,
+        labels_shape: &Shape,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        let per_token = node.narrow(1, 0, 1)?.squeeze(1)?;
         match self.reduction {
             Reduction::None => per_token.reshape(labels_shape),
             Reduction::Sum => per_token.sum_all(),
@@ -174,7 +297,7 @@ impl ChunkedCrossEntropy {
                     Some(0) => total.broadcast_mul(&total.zeros_like()?),
                     Some(n) => total.affine(1.0 / n as f64, 0.0),
                     // Dividing by a device-side count (at least 1) keeps an all-ignored batch at 0.
-                    None => total.broadcast_div(&valid_count(labels, self.ignore_index, total.dtype())?),
+                    None => total.broadcast_div(count),
                 }
             }
         }
@@ -188,7 +311,7 @@ impl ChunkedCrossEntropy {
     }
 
     /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:
-    /// the forward op's row statistics `[N, 2]`, then the backward op's
+    /// the forward op's row statistics `[N, 4]`, then the backward op's
     /// gradient (upstream gradient 1), each timed between device
     /// synchronisations. Not part of the stable API.
     #[doc(hidden)]
@@ -206,8 +329,9 @@ impl ChunkedCrossEntropy {
         device.synchronize()?;
         let forward = start.elapsed();
         let count = valid_count(&labels, self.ignore_index, stats.dtype())?;
-        let scale = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
-        let factors = Tensor::cat(&[&scale, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
+        let g_ce = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
+        let zeros = g_ce.zeros_like()?;
+        let factors = Tensor::cat(&[&g_ce, &zeros, &zeros, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
         device.synchronize()?;
         let start = std::time::Instant::now();
         let grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
@@ -239,11 +363,23 @@ impl ChunkedCrossEntropy {
         if self.inplace_grad && !self.compile {
             bail!("chunked cross-entropy: inplace_grad needs the fused kernels (compile = true)")
         }
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            bail!("chunked cross-entropy: label_smoothing must be in [0, 1], got {}", self.label_smoothing)
+        }
+        if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
+            bail!("chunked cross-entropy: z_loss must be finite and >= 0, got {}", self.z_loss)
+        }
+        if let Some(cap) = self.logit_softcap {
+            if !(cap > 0.0 && cap.is_finite()) {
+                bail!("chunked cross-entropy: logit_softcap must be finite and > 0, got {cap}")
+            }
+        }
         Ok(OpConfig {
             engine: if self.compile { Engine::Fused } else { Engine::Primitive },
             ignore_index: self.ignore_index,
             chunk_len: self.chunk_len,
             inplace_grad: self.inplace_grad,
+            terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
         })
     }
 }

@@ -3,46 +3,61 @@
 //! # The maths (the one place it is written)
 //!
 //! For a row of logits `x` (length `V`) with target `y`, in f32 (f64 for f64
-//! logits):
+//! logits), after the optional soft-cap `x'_j = cap * tanh(x_j / cap)`
+//! (`x' = x` without it), the kernels compute four statistics:
 //!
 //! ```text
-//! lse    = max(x) + ln Σ_j exp(x_j - max(x))
-//! loss   = lse - x_y                                 (0 on ignored rows)
-//! grad_j = (exp(x_j - lse) - [j == y]) * scale       (0 on ignored rows)
+//! ce        = lse - x'_y                 lse = max(x') + ln Σ_j exp(x'_j - max(x'))
+//! logit_sum = Σ_j x'_j                   (only with label smoothing)
+//! correct   = 1 if y is the first index of max(x'), else 0  (token accuracy)
 //! ```
 //!
-//! where `scale` is the gradient reaching this row's loss: the upstream
-//! gradient divided by the valid-token count for `Mean` (that division is an
-//! ordinary candle op on `[N]` values, so candle's autograd folds it into the
-//! per-row `scale` we receive), the upstream gradient itself for `Sum` and
-//! `None`.
+//! all 0 on ignored rows. The per-token loss is then composed from them by
+//! ordinary candle ops on `[N]` values (`loss.rs`):
 //!
-//! Both are evaluated so that they do not cancel when the target holds most
-//! of the probability (`p_y -> 1`, common late in training): with `rest =
-//! Σ_{j≠y} exp(x_j - max)`, `loss = ln(1 + rest / exp(x_y - max))` when
-//! `rest <= exp(x_y - max)`, and the target term `p_y - 1` is `expm1(-loss)`
-//! (the fused kernels) or `-Σ_{j≠y} p_j` (the primitive engine), formed in
-//! f32 before the gradient is rounded to the logits' dtype. PyTorch forms
-//! `exp(log_softmax) - 1` and keeps only about 3 significant digits of a 3e-5
-//! gradient in f32. The CPU kernels (`src/cpu/`), the CUDA kernels
-//! (`cuda/cross_entropy.cu`) and the primitive engine (`src/reference.rs`)
-//! all compute exactly this.
+//! ```text
+//! loss = (1 - ε) ce + ε (lse - logit_sum / V) + z lse²
+//! ```
+//!
+//! (label smoothing `ε` as in PyTorch; `z` the z-loss coefficient), so that
+//! candle's autograd delivers the upstream gradients `g_ce`, `g_lse`, `g_sum`
+//! of the three differentiable statistics (the mean's `1 / n`, the `(1 - ε)`,
+//! the `2 z lse` are folded into them). The gradient of the row is then
+//!
+//! ```text
+//! p_j    = exp(x'_j - lse)
+//! grad_j = ((g_ce + g_lse) p_j + g_sum) * cap'_j          for j != y
+//! grad_y = (g_ce (p_y - 1) + g_lse p_y + g_sum) * cap'_y
+//! cap'_j = 1 - (x'_j / cap)²                              (1 without soft-cap)
+//! ```
+//!
+//! and 0 on ignored rows.
+//!
+//! `ce` and `p_y - 1` are evaluated so that they do not cancel when the target
+//! holds most of the probability (`p_y -> 1`, common late in training): with
+//! `rest = Σ_{j≠y} exp(x'_j - max)`, `ce = ln(1 + rest / exp(x'_y - max))` when
+//! `rest <= exp(x'_y - max)`, and `p_y - 1` is `expm1(-ce)` (the fused kernels)
+//! or `-Σ_{j≠y} p_j` (the primitive engine), formed in f32 before the gradient
+//! is rounded to the logits' dtype. PyTorch forms `exp(log_softmax) - 1` and
+//! keeps only about 3 significant digits of a 3e-5 gradient in f32. The CPU
+//! kernels (`src/cpu/`), the CUDA kernels (`cuda/cross_entropy.cu`) and the
+//! primitive engine (`src/reference.rs`) all compute exactly this.
 //!
 //! # The graph
 //!
-//! A forward engine computes per-row statistics `[N, 2] = (loss, lse)` without
-//! recording anything; a [`StatsNode`] then attaches them to the graph as a
-//! single node over `(logits, labels, stats)` (or `(hidden, weight, stats)`
-//! for the linear loss). Chunking happens inside the
-//! engines, never as `narrow` nodes in the graph (candle's `narrow` backward
-//! pads every chunk to full size, which would make the loss quadratic). The
-//! node's backward keeps `lse` from the forward, so backward is one pass that
-//! never re-reduces a row.
+//! A forward engine computes the per-row statistics `[N, 4] = (ce, lse,
+//! logit_sum, correct)` without recording anything; a [`StatsNode`] then
+//! attaches them to the graph as a single node over the loss's differentiable
+//! inputs (`logits`, or `hidden`, `weight` and an optional bias for the linear
+//! loss). Chunking happens inside the engines, never as `narrow` nodes in the
+//! graph (candle's `narrow` backward pads every chunk to full size, which would
+//! make the loss quadratic). The node's backward keeps `lse` and `ce` from the
+//! forward, so backward is one pass that never re-reduces a row.
 
-use crate::cpu::{self, RowLabel, RowLayout};
+use crate::cpu::{self, RowLabel, RowLayout, RowTerms, STATS};
 use crate::reference;
 use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor};
+use candle::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Storage, Tensor};
 
 /// Which kernels compute the loss: the fused ones (`compile = true`) or
 /// candle's primitive ops, a chunk of rows at a time (`compile = false`).
@@ -59,51 +74,94 @@ pub(crate) struct OpConfig {
     pub ignore_index: i64,
     pub chunk_len: usize,
     pub inplace_grad: bool,
+    pub terms: RowTerms,
 }
 
-/// Computes the per-row statistics `[N, 2] = (loss, lse)` of `logits`
-/// (`[.., V]`, last dim unit-stride) against `labels` (`[N]`, i64,
-/// contiguous), with nothing recorded for backward.
+/// Computes the per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)`
+/// of `logits` (`[.., V]`, last dim unit-stride) against `labels` (`[N]`,
+/// i64, contiguous), with nothing recorded for backward.
 pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
     match cfg.engine {
         Engine::Fused => logits.apply_op2_no_bwd(labels, &FusedForward(cfg)),
-        Engine::Primitive => reference::row_stats_chunked(&logits.detach(), labels, cfg.ignore_index, cfg.chunk_len),
+        Engine::Primitive => reference::row_stats_chunked(&logits.detach(), labels, cfg),
     }
 }
 
-/// What a loss node computes in backward from its two inputs and `factors`,
-/// `[N, 3] = (scale, lse, loss)` per row, where `scale` is the gradient that
-/// reached the row's loss.
+/// What a loss node computes in backward from its inputs and `factors`,
+/// `[N, 5] = (g_ce, g_lse, g_sum, lse, ce)` per row (see the maths above).
 pub(crate) trait NodeBackward: Send + Sync + 'static {
     /// The node's name in candle's graph.
     const NAME: &'static str;
-    /// The gradients of the node's first two inputs.
-    fn backward(&self, first: &Tensor, second: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>;
+    /// The gradients of the node's inputs, in order.
+    fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>>;
 }
 
-/// The single graph node of a loss call, over `(first, second, stats)`: its
-/// forward passes the row statistics `[N, 2] = (loss, lse)` through, its
+/// The single graph node of a loss call over its differentiable inputs (one to
+/// three): its forward returns the row statistics computed beforehand, its
 /// backward is `B`'s.
-pub(crate) struct StatsNode<B>(pub B);
+pub(crate) struct StatsNode<B> {
+    pub stats: Tensor,
+    pub backward: B,
+}
 
-impl<B: NodeBackward> CustomOp3 for StatsNode<B> {
+impl<B: NodeBackward> StatsNode<B> {
+    /// A copy of the statistics (a fresh, contiguous `[N, 4]` tensor).
+    fn stats_storage(&self) -> Result<(Storage, Shape)> {
+        let (storage, layout) = self.stats.storage_and_layout();
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn cpu_stats(&self) -> Result<(CpuStorage, Shape)> {
+        match self.stats_storage()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => bail!("chunked cross-entropy: row statistics are not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_stats(&self) -> Result<(candle::CudaStorage, Shape)> {
+        match self.stats_storage()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => bail!("chunked cross-entropy: row statistics are not on the CUDA device"),
+        }
+    }
+
+    /// The node's backward: `grad` is `[N, 4]`, the upstream gradient of each
+    /// statistic (that of `correct` is ignored).
+    fn gradients(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let upstream = grad.narrow(1, 0, 3)?;
+        let (ce, lse) = (self.stats.narrow(1, 0, 1)?, self.stats.narrow(1, 1, 1)?);
+        let factors = Tensor::cat(&[&upstream, &lse, &ce], 1)?;
+        self.backward.backward(inputs, &factors)
+    }
+}
+
+// The node's forward ignores its inputs (the statistics were computed from
+// them already); each arity only forwards to the shared methods above.
+
+impl<B: NodeBackward> CustomOp1 for StatsNode<B> {
     fn name(&self) -> &'static str {
         B::NAME
     }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        stats: &CpuStorage,
-        stats_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        // `stats` is the fresh contiguous output of a forward engine: copy it whole.
-        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_stats()
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle::CudaStorage, _: &Layout) -> Result<(candle::CudaStorage, Shape)> {
+        self.cuda_stats()
+    }
+    fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.gradients(&[a], grad)?.swap_remove(0))
+    }
+}
 
+impl<B: NodeBackward> CustomOp2 for StatsNode<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_stats()
+    }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -111,43 +169,74 @@ impl<B: NodeBackward> CustomOp3 for StatsNode<B> {
         _: &Layout,
         _: &candle::CudaStorage,
         _: &Layout,
-        stats: &candle::CudaStorage,
-        stats_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        Ok((stats.try_clone(stats_layout)?, stats_layout.shape().clone()))
+        self.cuda_stats()
     }
-
-    fn bwd(
-        &self,
-        first: &Tensor,
-        second: &Tensor,
-        stats: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Only the loss column carries gradient; `lse` is not part of the output users see.
-        let scale = grad.narrow(1, 0, 1)?;
-        let (loss, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
-        let factors = Tensor::cat(&[&scale, &lse, &loss], 1)?;
-        let (first_grad, second_grad) = self.0.backward(first, second, &factors)?;
-        Ok((first_grad, second_grad, None))
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut grads = self.gradients(&[a, b], grad)?.into_iter();
+        Ok((grads.next().flatten(), grads.next().flatten()))
     }
 }
 
-/// The backward of the loss over logits: the gradient of `(logits, labels)`.
-pub(crate) struct LogitsBackward(pub OpConfig);
+impl<B: NodeBackward> CustomOp3 for StatsNode<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_stats()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle::CudaStorage,
+        _: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.cuda_stats()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut grads = self.gradients(&[a, b, c], grad)?.into_iter();
+        Ok((grads.next().flatten(), grads.next().flatten(), grads.next().flatten()))
+    }
+}
+
+/// The backward of the loss over logits: the gradient of the logits (the
+/// labels travel inside it: they are not an input of the node).
+pub(crate) struct LogitsBackward {
+    pub cfg: OpConfig,
+    pub labels: Tensor,
+}
 
 impl NodeBackward for LogitsBackward {
     const NAME: &'static str = "chunked-cross-entropy";
 
-    fn backward(&self, logits: &Tensor, labels: &Tensor, factors: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(logits_grad(logits, labels, factors, self.0)?), None))
+    fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(logits_grad(inputs[0], &self.labels, factors, self.cfg)?)])
     }
 }
 
 /// The gradient of the loss with respect to `logits` (shaped like them, in
-/// their dtype), from `factors = [N, 3] = (scale, lse, loss)`, with nothing
-/// recorded for backward. With `inplace_grad` it is written over `logits`.
+/// their dtype), from `factors = [N, 5] = (g_ce, g_lse, g_sum, lse, ce)`, with
+/// nothing recorded for backward. With `inplace_grad` it is written over
+/// `logits`.
 pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cfg: OpConfig) -> Result<Tensor> {
     // `cat` along dim 1 of non-contiguous columns can return a strided tensor.
     let factors = &factors.contiguous()?;
@@ -157,9 +246,7 @@ pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cf
             logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg))?;
             Ok(logits.detach())
         }
-        (Engine::Primitive, _) => {
-            reference::grad_chunked(&logits.detach(), labels, factors, cfg.ignore_index, cfg.chunk_len)
-        }
+        (Engine::Primitive, _) => reference::grad_chunked(&logits.detach(), labels, factors, cfg),
     }
 }
 
@@ -175,15 +262,15 @@ impl CustomOp2 for FusedForward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
-        let chunk = self.0.chunk_len;
+        let (terms, chunk) = (self.0.terms, self.0.chunk_len);
         let stats = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, chunk)),
-            CpuStorage::BF16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, chunk)),
-            CpuStorage::F16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, chunk)),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::forward_f64(v, &layout, &labels)),
+            CpuStorage::F32(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
+            CpuStorage::BF16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
+            CpuStorage::F16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
+            CpuStorage::F64(v) => CpuStorage::F64(cpu::forward_f64(v, &layout, &labels, terms)),
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         };
-        Ok((stats, Shape::from((labels.len(), 2))))
+        Ok((stats, Shape::from((labels.len(), STATS))))
     }
 
     #[cfg(feature = "cuda")]
@@ -194,12 +281,12 @@ impl CustomOp2 for FusedForward {
         s2: &candle::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::forward(s1, l1, s2, l2, self.0.ignore_index)
+        crate::cuda::forward(s1, l1, s2, l2, &self.0)
     }
 }
 
 /// Fused backward into a fresh contiguous buffer shaped like the logits. Its
-/// third input is `factors`, `[N, 3] = (scale, lse, loss)` per row.
+/// third input is `factors`, `[N, 5]` per row (see [`logits_grad`]).
 struct FusedBackward(OpConfig);
 
 impl CustomOp3 for FusedBackward {
@@ -218,12 +305,14 @@ impl CustomOp3 for FusedBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
-        let chunk = self.0.chunk_len;
+        let (terms, chunk) = (self.0.terms, self.0.chunk_len);
         let grad = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, chunk)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, chunk)),
-            CpuStorage::F16(v) => CpuStorage::F16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, chunk)),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::backward_f64(v, &layout, &labels, f64_slice(s3, l3)?)),
+            CpuStorage::F32(v) => CpuStorage::F32(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk)),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk))
+            }
+            CpuStorage::F16(v) => CpuStorage::F16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk)),
+            CpuStorage::F64(v) => CpuStorage::F64(cpu::backward_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms)),
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         };
         Ok((grad, l1.shape().clone()))
@@ -239,7 +328,7 @@ impl CustomOp3 for FusedBackward {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::backward(s1, l1, s2, l2, s3, l3, self.0.ignore_index)
+        crate::cuda::backward(s1, l1, s2, l2, s3, l3, &self.0)
     }
 }
 
@@ -262,12 +351,12 @@ impl InplaceOp3 for FusedBackwardInPlace {
     ) -> Result<()> {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
-        let chunk = self.0.chunk_len;
+        let (terms, chunk) = (self.0.terms, self.0.chunk_len);
         match s1 {
-            CpuStorage::F32(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, chunk),
-            CpuStorage::BF16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, chunk),
-            CpuStorage::F16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, chunk),
-            CpuStorage::F64(v) => cpu::backward_in_place_f64(v, &layout, &labels, f64_slice(s3, l3)?),
+            CpuStorage::F32(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
+            CpuStorage::BF16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
+            CpuStorage::F16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
+            CpuStorage::F64(v) => cpu::backward_in_place_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms),
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         }
         Ok(())
@@ -283,7 +372,7 @@ impl InplaceOp3 for FusedBackwardInPlace {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        crate::cuda::backward_in_place(s1, l1, s2, l2, s3, l3, self.0.ignore_index)
+        crate::cuda::backward_in_place(s1, l1, s2, l2, s3, l3, &self.0)
     }
 }
 

@@ -8,6 +8,8 @@
 //! - [`cross_entropy_slow`], the plain, unchunked formula differentiated by
 //!   candle's own autograd: the reference the tests hold both engines against.
 
+use crate::cpu::{RowTerms, STATS};
+use crate::op::OpConfig;
 use candle::{DType, Tensor, D};
 
 /// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every
@@ -45,18 +47,15 @@ pub fn cross_entropy_slow(logits: &Tensor, labels: &Tensor, ignore_index: i64) -
     valid.where_cond(&target.neg()?, &target.zeros_like()?)
 }
 
-/// The `compile = false` forward: `[N, 2] = (loss, lse)` per row, zeros on
-/// ignored rows. `logits` is `[.., V]`, `labels` `[N]` i64.
-pub(crate) fn row_stats_chunked(
-    logits: &Tensor,
-    labels: &Tensor,
-    ignore_index: i64,
-    chunk_len: usize,
-) -> candle::Result<Tensor> {
+/// The `compile = false` forward: `[N, 4] = (ce, lse, logit_sum, correct)`
+/// per row (see op.rs), zeros on ignored rows. `logits` is `[.., V]`, `labels`
+/// `[N]` i64.
+pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
     let mut stats = Vec::new();
-    for chunk in row_chunks(&rows, labels, ignore_index, chunk_len) {
+    for chunk in row_chunks(&rows, labels, cfg.ignore_index, cfg.chunk_len) {
         let Chunk { x, labels, .. } = chunk?;
+        let x = softcapped(&x, cfg.terms)?;
         let max = x.max_keepdim(1)?;
         let shifted = x.broadcast_sub(&max)?;
         let target = shifted.gather(&labels.safe, 1)?;
@@ -66,44 +65,61 @@ pub(crate) fn row_stats_chunked(
         let rest = exps.mul(&labels.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
         // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
         let confident = rest.le(&target_term)?;
-        let loss = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(&log_total - target)?)?;
+        let ce = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(&log_total - &target)?)?;
         let lse = (log_total + max)?;
-        stats.push(labels.zero_ignored(&Tensor::cat(&[loss, lse], 1)?)?);
+        let logit_sum = if cfg.terms.logit_sum { x.sum_keepdim(1)? } else { lse.zeros_like()? };
+        let correct = labels.first_argmax(&x)?;
+        stats.push(labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)?);
     }
     if stats.is_empty() {
-        return Tensor::zeros((0, 2), compute_dtype(logits.dtype()), logits.device());
+        return Tensor::zeros((0, STATS), compute_dtype(logits.dtype()), logits.device());
     }
     Tensor::cat(&stats, 0)
 }
 
-/// The `compile = false` backward: `(softmax(x) - onehot(y)) * scale` in the
-/// logits' dtype and shape, zero on ignored rows. `factors` is `[N, 3] =
-/// (scale, lse, loss)`; the target term is `-Σ_{j≠y} p_j` (see op.rs).
+/// The `compile = false` backward (see op.rs) in the logits' dtype and shape,
+/// zero on ignored rows. `factors` is `[N, 5] = (g_ce, g_lse, g_sum, lse,
+/// ce)`; the target's `p_y - 1` is formed as `-Σ_{j≠y} p_j`.
 pub(crate) fn grad_chunked(
     logits: &Tensor,
     labels: &Tensor,
     factors: &Tensor,
-    ignore_index: i64,
-    chunk_len: usize,
+    cfg: OpConfig,
 ) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
     let mut grads = Vec::new();
-    for chunk in row_chunks(&rows, labels, ignore_index, chunk_len) {
+    for chunk in row_chunks(&rows, labels, cfg.ignore_index, cfg.chunk_len) {
         let Chunk { start, x, labels } = chunk?;
+        let x = softcapped(&x, cfg.terms)?;
         let f = factors.narrow(0, start, x.dim(0)?)?;
-        let (scale, lse) = (f.narrow(1, 0, 1)?, f.narrow(1, 1, 1)?);
+        let column = |i| f.narrow(1, i, 1);
+        let (g_ce, g_lse, g_sum, lse) = (column(0)?, column(1)?, column(2)?, column(3)?);
         let probs = x.broadcast_sub(&lse)?.exp()?;
         let not_target = labels.not_target(x.dim(1)?, probs.dtype())?;
         let others = probs.mul(&not_target)?;
         let rest = others.sum_keepdim(1)?;
+        let target_prob = probs.gather(&labels.safe, 1)?;
+        let target_grad = ((g_ce.neg()? * rest)? + (&g_lse * target_prob)?)?.add(&g_sum)?;
+        let off_target = others.broadcast_mul(&(&g_ce + &g_lse)?)?.broadcast_add(&g_sum)?.mul(&not_target)?;
         let onehot = (1.0 - not_target)?;
-        let grad = (others - onehot.broadcast_mul(&rest)?)?.broadcast_mul(&scale)?;
+        let mut grad = (off_target + onehot.broadcast_mul(&target_grad)?)?;
+        if let Some(cap) = cfg.terms.softcap {
+            grad = grad.mul(&(1.0 - (&x / cap)?.sqr()?)?)?;
+        }
         grads.push(labels.zero_ignored(&grad)?.to_dtype(logits.dtype())?);
     }
     if grads.is_empty() {
         return logits.zeros_like();
     }
     Tensor::cat(&grads, 0)?.reshape(logits.shape())
+}
+
+/// `cap * tanh(x / cap)` with a soft-cap, else `x` itself.
+fn softcapped(x: &Tensor, terms: RowTerms) -> candle::Result<Tensor> {
+    match terms.softcap {
+        Some(cap) => (x / cap)?.tanh()? * cap,
+        None => Ok(x.clone()),
+    }
 }
 
 /// `chunk_len` rows of `[N, V]` logits, widened to the compute dtype, with
@@ -148,6 +164,18 @@ impl ChunkLabels {
     fn not_target(&self, vocab: usize, dtype: DType) -> candle::Result<Tensor> {
         let classes = Tensor::arange(0, vocab as i64, self.safe.device())?.unsqueeze(0)?;
         self.safe.broadcast_ne(&classes)?.to_dtype(dtype)
+    }
+
+    /// `[len, 1]`: 1 where the row's first largest logit is its target's (as
+    /// `argmax` picks it: no class before the target reaches its logit, none
+    /// after exceeds it, and it is not NaN), else 0.
+    fn first_argmax(&self, x: &Tensor) -> candle::Result<Tensor> {
+        let target = x.gather(&self.safe, 1)?;
+        let classes = Tensor::arange(0, x.dim(1)? as i64, x.device())?.unsqueeze(0)?;
+        let before = classes.broadcast_lt(&self.safe)?;
+        let beats = before.where_cond(&x.broadcast_ge(&target)?, &x.broadcast_gt(&target)?)?;
+        let unbeaten = beats.to_dtype(DType::F32)?.sum_keepdim(1)?.eq(0f64)?;
+        unbeaten.to_dtype(x.dtype())? * target.eq(&target)?.to_dtype(x.dtype())?
     }
 
     /// Zeroes the ignored rows of `t` (`[len, k]`), NaN or not.

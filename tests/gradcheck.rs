@@ -142,7 +142,62 @@ fn linear_cross_entropy(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `(label_smoothing, z_loss, logit_softcap)` settings: each option alone, and
+/// all together.
+const OPTIONS: [(f64, f64, Option<f64>); 4] =
+    [(0.1, 0.0, None), (0.0, 0.05, None), (0.0, 0.0, Some(1.5)), (0.3, 0.02, Some(2.5))];
+
+/// Label smoothing, z-loss and soft-capping on the logits path, for every
+/// reduction and engine (and in place), with ignored rows and a mask.
+fn loss_options(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(26);
+    let logits = common::logits(&mut rng, &[2, 3, 7], 3.0, DType::F64, device)?;
+    let labels = Tensor::new(&[[3i64, -100, 0], [6, 2, 1]], device)?;
+    let mask = Tensor::new(&[[1u8, 1, 1], [1, 0, 1]], device)?;
+    let configs = [engines()[0].clone(), engines()[1].clone(), engines()[0].clone().inplace_grad(true)];
+    for (smoothing, z_loss, softcap) in OPTIONS {
+        for ce in &configs {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let ce =
+                    ce.clone().reduction(reduction).label_smoothing(smoothing).z_loss(z_loss).logit_softcap(softcap);
+                gradcheck(&format!("{ce:?}"), std::slice::from_ref(&logits), |x| {
+                    // `inplace_grad` overwrites its input: give it a fresh one.
+                    let logits = (&x[0] * 1.0)?;
+                    backward_of(&ce.forward(&logits, &labels, Some(&mask))?)
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The options and a bias on the linear path: gradients of hidden, weight and
+/// bias, both engines, chunks of 2 rows.
+fn linear_options_and_bias(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(27);
+    let hidden = common::logits(&mut rng, &[5, 4], 1.0, DType::F64, device)?;
+    let weight = common::logits(&mut rng, &[8, 4], 1.0, DType::F64, device)?;
+    let bias = common::logits(&mut rng, &[8], 1.0, DType::F64, device)?;
+    let labels = Tensor::new(&[7i64, -100, 0, 3, 3], device)?;
+    for (smoothing, z_loss, softcap) in [(0.0, 0.0, None)].into_iter().chain(OPTIONS) {
+        for compile in [true, false] {
+            let ce = LinearCrossEntropy::default()
+                .compile(compile)
+                .chunk_len(Some(2))
+                .label_smoothing(smoothing)
+                .z_loss(z_loss)
+                .logit_softcap(softcap);
+            gradcheck(&format!("linear {ce:?}"), &[hidden.clone(), weight.clone(), bias.clone()], |x| {
+                Ok(ce.forward_with_outputs(&x[0], &x[1], Some(&x[2]), &labels, None, None)?.loss)
+            })?;
+        }
+    }
+    Ok(())
+}
+
 device_tests!(
+    loss_options,
+    linear_options_and_bias,
     linear_cross_entropy,
     reductions_with_ignored_rows,
     mask_and_num_label_tokens,

@@ -59,10 +59,22 @@ pub(crate) struct RowKernels<T> {
     pub name: &'static str,
     /// `(max, Σ exp(x - max))` of a row: see [`max_sum_exp_body`].
     pub max_sum_exp: fn(&[T]) -> (f32, f32),
-    /// `out = exp(row - lse) * scale`.
-    pub scaled_softmax: fn(&[T], f32, f32, &mut [T]),
-    /// `row = exp(row - lse) * scale`.
-    pub scaled_softmax_in_place: fn(&mut [T], f32, f32),
+    /// `out = exp(row - lse) * scale + shift`.
+    pub scaled_softmax: fn(&[T], f32, f32, f32, &mut [T]),
+    /// `row = exp(row - lse) * scale + shift`.
+    pub scaled_softmax_in_place: fn(&mut [T], f32, f32, f32),
+}
+
+/// The f32-only primitives of the optional loss terms (soft-capping and label
+/// smoothing), which run on a widened f32 copy of the row.
+pub(crate) struct F32Kernels {
+    /// `row = cap * tanh(row / cap)`.
+    pub softcap_in_place: fn(&mut [f32], f32),
+    /// `row = (exp(row - lse) * scale + shift) * (1 - (row / cap)^2)`: the
+    /// gradient through a soft-capped row (`row` holds the capped logits).
+    pub capped_grad_in_place: fn(&mut [f32], f32, f32, f32, f32),
+    /// `Σ row`, accumulated in f64.
+    pub sum: fn(&[f32]) -> f64,
 }
 
 /// Lanes per accumulator block: one AVX-512 register of f32.
@@ -165,17 +177,66 @@ fn max_sum_exp_body<T: Lane, const FMA: bool>(row: &[T]) -> (f32, f32) {
 }
 
 #[inline(always)]
-fn scaled_softmax_body<T: Lane, const FMA: bool>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
+fn scaled_softmax_body<T: Lane, const FMA: bool>(row: &[T], lse: f32, scale: f32, shift: f32, out: &mut [T]) {
     for (o, &x) in out.iter_mut().zip(row) {
-        *o = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale);
+        *o = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale + shift);
     }
 }
 
 #[inline(always)]
-fn scaled_softmax_in_place_body<T: Lane, const FMA: bool>(row: &mut [T], lse: f32, scale: f32) {
+fn scaled_softmax_in_place_body<T: Lane, const FMA: bool>(row: &mut [T], lse: f32, scale: f32, shift: f32) {
     for x in row.iter_mut() {
-        *x = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale);
+        *x = T::narrow(exp_nonpositive::<FMA>(x.widen() - lse) * scale + shift);
     }
+}
+
+/// `tanh(u)`, branch-free: `(1 - e) / (1 + e)` with `e = exp(-2|u|)` and the
+/// sign restored, or its Taylor series `u - u^3/3 + 2u^5/15 - 17u^7/315` for
+/// `|u| < 1/16`, where `1 - e` would lose relative precision (the series'
+/// truncation error there is below 4e-9 relative).
+#[inline(always)]
+fn tanh<const FMA: bool>(u: f32) -> f32 {
+    let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    let magnitude = u.abs();
+    let e = exp_nonpositive::<FMA>(-2.0 * magnitude);
+    let large = ((1.0 - e) / (1.0 + e)).copysign(u);
+    let u2 = u * u;
+    let small = u * fma(u2, fma(u2, fma(u2, -17.0 / 315.0, 2.0 / 15.0), -1.0 / 3.0), 1.0);
+    if magnitude < 0.0625 {
+        small
+    } else {
+        large
+    }
+}
+
+#[inline(always)]
+fn softcap_in_place_body<const FMA: bool>(row: &mut [f32], cap: f32) {
+    let inv_cap = 1.0 / cap;
+    for x in row.iter_mut() {
+        *x = cap * tanh::<FMA>(*x * inv_cap);
+    }
+}
+
+#[inline(always)]
+fn capped_grad_in_place_body<const FMA: bool>(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
+    let inv_cap = 1.0 / cap;
+    for x in row.iter_mut() {
+        let t = *x * inv_cap;
+        *x = (exp_nonpositive::<FMA>(*x - lse) * scale + shift) * (1.0 - t * t);
+    }
+}
+
+#[inline(always)]
+fn sum_body(row: &[f32]) -> f64 {
+    let blocks = row.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    let mut sums = [0f64; LANES];
+    for block in blocks {
+        for (s, &x) in sums.iter_mut().zip(block) {
+            *s += x as f64;
+        }
+    }
+    sums.iter().sum::<f64>() + tail.iter().map(|&x| x as f64).sum::<f64>()
 }
 
 /// Instantiates the row primitives for one instruction set.
@@ -188,21 +249,44 @@ macro_rules! instruction_set {
                 max_sum_exp_body::<T, true>(row)
             }
             #[target_feature($(enable = $feature),*)]
-            pub unsafe fn scaled_softmax<T: Lane>(row: &[T], lse: f32, scale: f32, out: &mut [T]) {
-                scaled_softmax_body::<T, true>(row, lse, scale, out)
+            pub unsafe fn scaled_softmax<T: Lane>(row: &[T], lse: f32, scale: f32, shift: f32, out: &mut [T]) {
+                scaled_softmax_body::<T, true>(row, lse, scale, shift, out)
             }
             #[target_feature($(enable = $feature),*)]
-            pub unsafe fn scaled_softmax_in_place<T: Lane>(row: &mut [T], lse: f32, scale: f32) {
-                scaled_softmax_in_place_body::<T, true>(row, lse, scale)
+            pub unsafe fn scaled_softmax_in_place<T: Lane>(row: &mut [T], lse: f32, scale: f32, shift: f32) {
+                scaled_softmax_in_place_body::<T, true>(row, lse, scale, shift)
             }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn softcap_in_place(row: &mut [f32], cap: f32) {
+                softcap_in_place_body::<true>(row, cap)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn capped_grad_in_place(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
+                capped_grad_in_place_body::<true>(row, lse, scale, shift, cap)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn sum(row: &[f32]) -> f64 {
+                sum_body(row)
+            }
+            // SAFETY (every closure below): `table` and `f32_table` are only called
+            // after `is_x86_feature_detected!` confirmed this module's features.
             pub fn table<T: Lane>() -> RowKernels<T> {
                 RowKernels {
                     name: stringify!($name),
-                    // SAFETY (all three): `table` is only called after
-                    // `is_x86_feature_detected!` confirmed this module's features.
                     max_sum_exp: |row| unsafe { max_sum_exp(row) },
-                    scaled_softmax: |row, lse, scale, out| unsafe { scaled_softmax(row, lse, scale, out) },
-                    scaled_softmax_in_place: |row, lse, scale| unsafe { scaled_softmax_in_place(row, lse, scale) },
+                    scaled_softmax: |row, lse, scale, shift, out| unsafe { scaled_softmax(row, lse, scale, shift, out) },
+                    scaled_softmax_in_place: |row, lse, scale, shift| unsafe {
+                        scaled_softmax_in_place(row, lse, scale, shift)
+                    },
+                }
+            }
+            pub fn f32_table() -> F32Kernels {
+                F32Kernels {
+                    softcap_in_place: |row, cap| unsafe { softcap_in_place(row, cap) },
+                    capped_grad_in_place: |row, lse, scale, shift, cap| unsafe {
+                        capped_grad_in_place(row, lse, scale, shift, cap)
+                    },
+                    sum: |row| unsafe { sum(row) },
                 }
             }
         }
@@ -214,22 +298,55 @@ instruction_set!(avx512, "avx512f", "avx512bw", "avx512vl", "fma");
 #[cfg(target_arch = "x86_64")]
 instruction_set!(avx2, "avx2", "fma");
 
-/// The best instruction set this CPU has.
+/// The f32 primitives of the optional loss terms, for the detected instruction set.
+pub(crate) fn f32_kernels() -> &'static F32Kernels {
+    static KERNELS: OnceLock<F32Kernels> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        match detect() {
+            Some(InstructionSet::Avx512) => return avx512::f32_table(),
+            Some(InstructionSet::Avx2) => return avx2::f32_table(),
+            None => {}
+        }
+        F32Kernels {
+            softcap_in_place: softcap_in_place_body::<false>,
+            capped_grad_in_place: capped_grad_in_place_body::<false>,
+            sum: sum_body,
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+enum InstructionSet {
+    Avx512,
+    Avx2,
+}
+
+/// The best of our instruction sets this CPU has, if any.
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Option<InstructionSet> {
+    let has = |features: &[bool]| features.iter().all(|&f| f);
+    if has(&[
+        is_x86_feature_detected!("avx512f"),
+        is_x86_feature_detected!("avx512bw"),
+        is_x86_feature_detected!("avx512vl"),
+        is_x86_feature_detected!("fma"),
+    ]) {
+        Some(InstructionSet::Avx512)
+    } else if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
+        Some(InstructionSet::Avx2)
+    } else {
+        None
+    }
+}
+
+/// The row primitives for the best instruction set this CPU has.
 fn select<T: Lane>() -> RowKernels<T> {
     #[cfg(target_arch = "x86_64")]
-    {
-        let has = |features: &[bool]| features.iter().all(|&f| f);
-        if has(&[
-            is_x86_feature_detected!("avx512f"),
-            is_x86_feature_detected!("avx512bw"),
-            is_x86_feature_detected!("avx512vl"),
-            is_x86_feature_detected!("fma"),
-        ]) {
-            return avx512::table();
-        }
-        if has(&[is_x86_feature_detected!("avx2"), is_x86_feature_detected!("fma")]) {
-            return avx2::table();
-        }
+    match detect() {
+        Some(InstructionSet::Avx512) => return avx512::table(),
+        Some(InstructionSet::Avx2) => return avx2::table(),
+        None => {}
     }
     RowKernels {
         name: "portable",

@@ -24,14 +24,39 @@ pub(crate) struct RowLayout {
 /// One validated label per row; `None` marks an ignored row.
 pub(crate) type RowLabel = Option<usize>;
 
+/// The optional terms a row's kernels compute (see `op.rs`): soft-capping of
+/// the logits, and the sum of the (capped) logits that label smoothing needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowTerms {
+    pub softcap: Option<f64>,
+    pub logit_sum: bool,
+}
+
+impl RowTerms {
+    /// Whether the row goes through an f32 copy: soft-capping rewrites every
+    /// logit, and the logit sum is one more reduction of the copy.
+    fn widened(self) -> bool {
+        self.softcap.is_some() || self.logit_sum
+    }
+}
+
+/// Values per row in the forward statistics: `[ce, lse, logit_sum, correct]`.
+pub(crate) const STATS: usize = 4;
+/// Values per row in the backward factors: `[g_ce, g_lse, g_sum, lse, ce]`.
+pub(crate) const FACTORS: usize = 5;
+
 /// A logits element type the f32-accumulating row kernels handle.
 pub(crate) trait Logit: Copy + Send + Sync + 'static {
-    /// `(loss, lse)` of one row with target class `target` (see `op.rs`).
-    fn row_loss_lse(row: &[Self], target: usize, scratch: &mut Vec<f32>) -> (f32, f32);
-    /// Writes `softmax(row) * scale` into `out`.
-    fn row_scaled_softmax(row: &[Self], lse: f32, scale: f32, out: &mut [Self], s: &mut Vec<f32>);
-    /// Overwrites `row` with `softmax(row) * scale`.
-    fn row_scaled_softmax_in_place(row: &mut [Self], lse: f32, scale: f32, s: &mut Vec<f32>);
+    /// `(ce, lse, correct)` of one row with target class `target` (see `op.rs`).
+    fn row_ce(row: &[Self], target: usize, scratch: &mut Vec<f32>) -> (f32, f32, bool);
+    /// Writes `softmax(row) * scale + shift` into `out`.
+    fn row_scaled_softmax(row: &[Self], lse: f32, scale: f32, shift: f32, out: &mut [Self], s: &mut Vec<f32>);
+    /// Overwrites `row` with `softmax(row) * scale + shift`.
+    fn row_scaled_softmax_in_place(row: &mut [Self], lse: f32, scale: f32, shift: f32, s: &mut Vec<f32>);
+    /// Copies the row, widened to f32, into `scratch`.
+    fn widen_into<'a>(row: &[Self], scratch: &'a mut Vec<f32>) -> &'a mut [f32];
+    /// Rounds `wide` into `out`.
+    fn narrow_from(wide: &[f32], out: &mut [Self]);
     /// Rounds an f32 to this type.
     fn from_f32(v: f32) -> Self;
 }
@@ -40,14 +65,24 @@ pub(crate) trait Logit: Copy + Send + Sync + 'static {
 macro_rules! impl_lane_logit {
     ($($t:ty),*) => {$(
         impl Logit for $t {
-            fn row_loss_lse(row: &[$t], target: usize, _: &mut Vec<f32>) -> (f32, f32) {
-                loss_and_lse_lanes(row, target)
+            fn row_ce(row: &[$t], target: usize, _: &mut Vec<f32>) -> (f32, f32, bool) {
+                ce_lanes(row, target)
             }
-            fn row_scaled_softmax(row: &[$t], lse: f32, scale: f32, out: &mut [$t], _: &mut Vec<f32>) {
-                (<$t>::kernels().scaled_softmax)(row, lse, scale, out)
+            fn row_scaled_softmax(row: &[$t], lse: f32, scale: f32, shift: f32, out: &mut [$t], _: &mut Vec<f32>) {
+                (<$t>::kernels().scaled_softmax)(row, lse, scale, shift, out)
             }
-            fn row_scaled_softmax_in_place(row: &mut [$t], lse: f32, scale: f32, _: &mut Vec<f32>) {
-                (<$t>::kernels().scaled_softmax_in_place)(row, lse, scale)
+            fn row_scaled_softmax_in_place(row: &mut [$t], lse: f32, scale: f32, shift: f32, _: &mut Vec<f32>) {
+                (<$t>::kernels().scaled_softmax_in_place)(row, lse, scale, shift)
+            }
+            fn widen_into<'a>(row: &[$t], scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
+                scratch.clear();
+                scratch.extend(row.iter().map(|x| x.widen()));
+                scratch
+            }
+            fn narrow_from(wide: &[f32], out: &mut [$t]) {
+                for (o, &w) in out.iter_mut().zip(wide) {
+                    *o = <$t as Lane>::narrow(w);
+                }
             }
             fn from_f32(v: f32) -> $t {
                 <$t as Lane>::narrow(v)
@@ -60,28 +95,30 @@ impl_lane_logit!(f32, bf16);
 /// f16 rows are widened into a per-thread f32 scratch row (it stays in L2)
 /// with `half`'s F16C conversions, processed as f32, and rounded back once.
 impl Logit for f16 {
-    fn row_loss_lse(row: &[f16], target: usize, scratch: &mut Vec<f32>) -> (f32, f32) {
-        loss_and_lse_lanes(widen_f16(row, scratch), target)
+    fn row_ce(row: &[f16], target: usize, scratch: &mut Vec<f32>) -> (f32, f32, bool) {
+        ce_lanes(Self::widen_into(row, scratch), target)
     }
-    fn row_scaled_softmax(row: &[f16], lse: f32, scale: f32, out: &mut [f16], scratch: &mut Vec<f32>) {
-        let wide = widen_f16(row, scratch);
-        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale);
+    fn row_scaled_softmax(row: &[f16], lse: f32, scale: f32, shift: f32, out: &mut [f16], scratch: &mut Vec<f32>) {
+        let wide = Self::widen_into(row, scratch);
+        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale, shift);
         out.convert_from_f32_slice(wide);
     }
-    fn row_scaled_softmax_in_place(row: &mut [f16], lse: f32, scale: f32, scratch: &mut Vec<f32>) {
-        let wide = widen_f16(row, scratch);
-        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale);
+    fn row_scaled_softmax_in_place(row: &mut [f16], lse: f32, scale: f32, shift: f32, scratch: &mut Vec<f32>) {
+        let wide = Self::widen_into(row, scratch);
+        (f32::kernels().scaled_softmax_in_place)(wide, lse, scale, shift);
         row.convert_from_f32_slice(wide);
+    }
+    fn widen_into<'a>(row: &[f16], scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
+        scratch.resize(row.len(), 0.0);
+        row.convert_to_f32_slice(scratch);
+        scratch
+    }
+    fn narrow_from(wide: &[f32], out: &mut [f16]) {
+        out.convert_from_f32_slice(wide);
     }
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
     }
-}
-
-fn widen_f16<'a>(row: &[f16], scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
-    scratch.resize(row.len(), 0.0);
-    row.convert_to_f32_slice(scratch);
-    scratch
 }
 
 /// The instruction set the CPU row kernels run with: `"avx512"`, `"avx2"` or
@@ -91,38 +128,88 @@ pub fn instruction_set() -> &'static str {
 }
 
 thread_local! {
-    /// One f32 row per worker thread (f16 only), reused across rows and calls
-    /// so that the kernels allocate nothing in steady state.
+    /// One f32 row per worker thread (f16 rows and the optional terms), reused
+    /// across rows and calls so that the kernels allocate nothing in steady state.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Forward over all rows: returns `[loss, lse]` per row, row-major (`2 * rows`
-/// values), zeros on ignored rows.
-pub(crate) fn forward<T: Logit>(logits: &[T], layout: &RowLayout, labels: &[RowLabel], chunk_len: usize) -> Vec<f32> {
-    let mut stats = vec![0f32; 2 * labels.len()];
+/// Forward over all rows: returns [`STATS`] values per row, row-major, zeros
+/// on ignored rows.
+pub(crate) fn forward<T: Logit>(
+    logits: &[T],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    terms: RowTerms,
+    chunk_len: usize,
+) -> Vec<f32> {
+    let mut stats = vec![0f32; STATS * labels.len()];
     stats
-        .par_chunks_mut(2 * chunk_len)
+        .par_chunks_mut(STATS * chunk_len)
         .zip(labels.par_chunks(chunk_len))
         .zip(layout.row_offsets.par_chunks(chunk_len))
         .for_each(|((stats, labels), offsets)| {
             SCRATCH.with_borrow_mut(|scratch| {
-                for ((out, label), &offset) in stats.chunks_exact_mut(2).zip(labels).zip(offsets) {
+                for ((out, label), &offset) in stats.chunks_exact_mut(STATS).zip(labels).zip(offsets) {
                     let Some(target) = *label else { continue };
                     let row = &logits[offset..offset + layout.vocab];
-                    (out[0], out[1]) = T::row_loss_lse(row, target, scratch);
+                    out.copy_from_slice(&row_stats(row, target, terms, scratch));
                 }
             })
         });
     stats
 }
 
-/// Backward into a fresh contiguous `[rows, V]` buffer. `factors` holds
-/// `[scale, lse, loss]` per row.
+/// `[ce, lse, logit_sum, correct]` of one valid row.
+fn row_stats<T: Logit>(row: &[T], target: usize, terms: RowTerms, scratch: &mut Vec<f32>) -> [f32; STATS] {
+    if !terms.widened() {
+        let (ce, lse, correct) = T::row_ce(row, target, scratch);
+        return [ce, lse, 0.0, f32::from(u8::from(correct))];
+    }
+    let wide = T::widen_into(row, scratch);
+    let kernels = lanes::f32_kernels();
+    if let Some(cap) = terms.softcap {
+        (kernels.softcap_in_place)(wide, cap as f32);
+    }
+    let (ce, lse, correct) = ce_lanes(wide, target);
+    let logit_sum = if terms.logit_sum { (kernels.sum)(wide) as f32 } else { 0.0 };
+    [ce, lse, logit_sum, f32::from(u8::from(correct))]
+}
+
+/// One row's backward factors, combined: `grad_j = (p_j * scale + shift) *
+/// cap'_j` off the target, `target * cap'_y` on it (see `op.rs`).
+struct RowGrad<F> {
+    scale: F,
+    shift: F,
+    lse: F,
+    target: F,
+}
+
+impl<F: Float> RowGrad<F> {
+    fn new(f: &[F]) -> Self {
+        let (g_ce, g_lse, g_sum, lse, ce) = (f[0], f[1], f[2], f[3], f[4]);
+        // p_y - 1 as expm1(-ce): no cancellation when p_y -> 1.
+        let target = g_ce * (-ce).exp_m1() + g_lse * (-ce).exp() + g_sum;
+        Self { scale: g_ce + g_lse, shift: g_sum, lse, target }
+    }
+}
+
+/// Turns a widened row into its gradient through the soft-cap, in place.
+fn capped_row_grad(wide: &mut [f32], target: usize, g: &RowGrad<f32>, cap: f32) {
+    let kernels = lanes::f32_kernels();
+    (kernels.softcap_in_place)(wide, cap);
+    let t = wide[target] / cap;
+    (kernels.capped_grad_in_place)(wide, g.lse, g.scale, g.shift, cap);
+    wide[target] = g.target * (1.0 - t * t);
+}
+
+/// Backward into a fresh contiguous `[rows, V]` buffer, from [`FACTORS`]
+/// values per row.
 pub(crate) fn backward<T: Logit + Zeroed>(
     logits: &[T],
     layout: &RowLayout,
     labels: &[RowLabel],
     factors: &[f32],
+    terms: RowTerms,
     chunk_len: usize,
 ) -> Vec<T> {
     let vocab = layout.vocab;
@@ -140,9 +227,19 @@ pub(crate) fn backward<T: Logit + Zeroed>(
                 for (((out, label), f), &offset) in rows {
                     // Ignored rows keep the zeros the buffer was created with.
                     let Some(target) = *label else { continue };
-                    let (scale, lse, loss) = (f[0], f[1], f[2]);
-                    T::row_scaled_softmax(&logits[offset..offset + vocab], lse, scale, out, scratch);
-                    out[target] = T::from_f32(target_grad(loss, scale));
+                    let g = RowGrad::new(f);
+                    let row = &logits[offset..offset + vocab];
+                    match terms.softcap {
+                        None => {
+                            T::row_scaled_softmax(row, g.lse, g.scale, g.shift, out, scratch);
+                            out[target] = T::from_f32(g.target);
+                        }
+                        Some(cap) => {
+                            let wide = T::widen_into(row, scratch);
+                            capped_row_grad(wide, target, &g, cap as f32);
+                            T::narrow_from(wide, out);
+                        }
+                    }
                 }
             })
         });
@@ -155,6 +252,7 @@ pub(crate) fn backward_in_place<T: Logit>(
     layout: &RowLayout,
     labels: &[RowLabel],
     factors: &[f32],
+    terms: RowTerms,
     chunk_len: usize,
 ) {
     let vocab = layout.vocab;
@@ -168,44 +266,42 @@ pub(crate) fn backward_in_place<T: Logit>(
         // `logits`, each inside it (asserted above); `logits` is borrowed
         // mutably for the whole call.
         let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(offset), vocab) };
-        match labels[r] {
-            None => row.fill(T::from_f32(0.0)),
-            Some(target) => SCRATCH.with_borrow_mut(|scratch| {
-                let f = &factors[FACTORS * r..FACTORS * (r + 1)];
-                let (scale, lse, loss) = (f[0], f[1], f[2]);
-                T::row_scaled_softmax_in_place(row, lse, scale, scratch);
-                row[target] = T::from_f32(target_grad(loss, scale));
-            }),
-        }
+        let Some(target) = labels[r] else {
+            row.fill(T::from_f32(0.0));
+            return;
+        };
+        let g = RowGrad::new(&factors[FACTORS * r..FACTORS * (r + 1)]);
+        SCRATCH.with_borrow_mut(|scratch| match terms.softcap {
+            None => {
+                T::row_scaled_softmax_in_place(row, g.lse, g.scale, g.shift, scratch);
+                row[target] = T::from_f32(g.target);
+            }
+            Some(cap) => {
+                let wide = T::widen_into(row, scratch);
+                capped_row_grad(wide, target, &g, cap as f32);
+                T::narrow_from(wide, row);
+            }
+        });
     });
 }
 
-/// Values per row in the backward `factors`: `[scale, lse, loss]`.
-const FACTORS: usize = 3;
-
-/// `(loss, lse)` of a row from its max, the target logit, and `rest`, the sum
+/// `(ce, lse)` of a row from its max, the target logit, and `rest`, the sum
 /// of `exp(x_j - max)` over the other classes. When the target holds most of
-/// the probability (`rest <= exp(x_y - max)`), `loss = ln(1 + rest /
+/// the probability (`rest <= exp(x_y - max)`), `ce = ln(1 + rest /
 /// exp(x_y - max))` keeps full relative precision where `lse - x_y` would
 /// cancel (a confident token's loss of 3e-5 would lose ~1% in f32).
-fn loss_and_lse<F: Float>(max: F, target_logit: F, rest: F) -> (F, F) {
+fn ce_and_lse<F: Float>(max: F, target_logit: F, rest: F) -> (F, F) {
     let target_term = (target_logit - max).exp();
     let log_total = (rest + target_term).ln();
-    let loss = if rest <= target_term { (rest / target_term).ln_1p() } else { (max - target_logit) + log_total };
-    (loss, max + log_total)
+    let ce = if rest <= target_term { (rest / target_term).ln_1p() } else { (max - target_logit) + log_total };
+    (ce, max + log_total)
 }
 
-/// The target-class gradient `(p_y - 1) * scale` with `p_y = exp(-loss)`,
-/// formed as `expm1` in f32 (f64) before any rounding to the logits' dtype, so
-/// that it does not cancel when `p_y` is close to 1.
-fn target_grad<F: Float>(loss: F, scale: F) -> F {
-    (-loss).exp_m1() * scale
-}
-
-/// `(loss, lse)` of a row read through the lane kernels: the classes before
-/// and after the target are reduced separately so that `rest` never includes
-/// the target's own term.
-fn loss_and_lse_lanes<T: Lane>(row: &[T], target: usize) -> (f32, f32) {
+/// `(ce, lse, correct)` of a row read through the lane kernels: the classes
+/// before and after the target are reduced separately so that `rest` never
+/// includes the target's own term, and so that `correct` (the row's first
+/// largest logit is the target's, as `argmax` picks it) needs no extra pass.
+fn ce_lanes<T: Lane>(row: &[T], target: usize) -> (f32, f32, bool) {
     let k = T::kernels();
     let (before_max, before_sum) = (k.max_sum_exp)(&row[..target]);
     let (after_max, after_sum) = (k.max_sum_exp)(&row[target + 1..]);
@@ -213,7 +309,8 @@ fn loss_and_lse_lanes<T: Lane>(row: &[T], target: usize) -> (f32, f32) {
     let max = before_max.max(after_max).max(target_logit);
     let rescale = |m: f32, s: f32| if s == 0.0 { 0.0 } else { s * (m - max).exp() };
     let rest = rescale(before_max, before_sum) + rescale(after_max, after_sum);
-    loss_and_lse(max, target_logit, rest)
+    let (ce, lse) = ce_and_lse(max, target_logit, rest);
+    (ce, lse, target_logit > before_max && target_logit >= after_max)
 }
 
 /// A raw row pointer that rayon may share between threads.
@@ -286,25 +383,44 @@ fn advise_huge_pages<T>(buf: &[T]) {
 // f64 rows: plain scalar maths in f64 (used for gradient checks, not speed).
 // ---------------------------------------------------------------------------
 
-/// Forward for f64 logits; returns `[loss, lse]` per row in f64.
-pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel]) -> Vec<f64> {
-    let mut stats = vec![0f64; 2 * labels.len()];
-    stats.par_chunks_mut(2).zip(labels.par_iter()).zip(layout.row_offsets.par_iter()).for_each(
+/// Forward for f64 logits; returns [`STATS`] values per row in f64.
+pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel], terms: RowTerms) -> Vec<f64> {
+    let mut stats = vec![0f64; STATS * labels.len()];
+    stats.par_chunks_mut(STATS).zip(labels.par_iter()).zip(layout.row_offsets.par_iter()).for_each(
         |((out, label), &offset)| {
             if let Some(target) = *label {
-                let row = &logits[offset..offset + layout.vocab];
-                let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let row: Vec<f64> = logits[offset..offset + layout.vocab].iter().map(|&x| capped(x, terms)).collect();
+                let first_max = |xs: &[f64]| xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let (before_max, after_max) = (first_max(&row[..target]), first_max(&row[target + 1..]));
+                let max = before_max.max(after_max).max(row[target]);
                 let sum_exp = |xs: &[f64]| xs.iter().map(|&x| (x - max).exp()).sum::<f64>();
                 let rest = sum_exp(&row[..target]) + sum_exp(&row[target + 1..]);
-                (out[0], out[1]) = loss_and_lse(max, row[target], rest);
+                let (ce, lse) = ce_and_lse(max, row[target], rest);
+                let logit_sum = if terms.logit_sum { row.iter().sum() } else { 0.0 };
+                let correct = row[target] > before_max && row[target] >= after_max;
+                out.copy_from_slice(&[ce, lse, logit_sum, f64::from(u8::from(correct))]);
             }
         },
     );
     stats
 }
 
+/// `cap * tanh(x / cap)` when soft-capping, else `x`.
+fn capped(x: f64, terms: RowTerms) -> f64 {
+    match terms.softcap {
+        Some(cap) => cap * (x / cap).tanh(),
+        None => x,
+    }
+}
+
 /// Backward for f64 logits into a fresh contiguous buffer.
-pub(crate) fn backward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel], factors: &[f64]) -> Vec<f64> {
+pub(crate) fn backward_f64(
+    logits: &[f64],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    factors: &[f64],
+    terms: RowTerms,
+) -> Vec<f64> {
     let vocab = layout.vocab;
     let mut grad = f64::zeroed_vec(labels.len() * vocab);
     if vocab == 0 {
@@ -313,28 +429,39 @@ pub(crate) fn backward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabe
     grad.par_chunks_mut(vocab).enumerate().for_each(|(r, out)| {
         let row = &logits[layout.row_offsets[r]..layout.row_offsets[r] + vocab];
         out.copy_from_slice(row);
-        row_grad_f64(out, labels[r], &factors[FACTORS * r..FACTORS * (r + 1)]);
+        row_grad_f64(out, labels[r], &factors[FACTORS * r..FACTORS * (r + 1)], terms);
     });
     grad
 }
 
 /// Backward for f64 logits written over the logits.
-pub(crate) fn backward_in_place_f64(logits: &mut [f64], layout: &RowLayout, labels: &[RowLabel], factors: &[f64]) {
+pub(crate) fn backward_in_place_f64(
+    logits: &mut [f64],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    factors: &[f64],
+    terms: RowTerms,
+) {
     for (r, &label) in labels.iter().enumerate() {
         let row = &mut logits[layout.row_offsets[r]..layout.row_offsets[r] + layout.vocab];
-        row_grad_f64(row, label, &factors[FACTORS * r..FACTORS * (r + 1)]);
+        row_grad_f64(row, label, &factors[FACTORS * r..FACTORS * (r + 1)], terms);
     }
 }
 
 /// Turns one row of f64 logits into its gradient, in place.
-fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64]) {
+fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTerms) {
     let Some(target) = label else {
         row.fill(0.0);
         return;
     };
-    let (scale, lse, loss) = (factors[0], factors[1], factors[2]);
+    let g = RowGrad::new(factors);
+    let cap_slope = |x: f64| match terms.softcap {
+        Some(cap) => 1.0 - (x / cap).tanh().powi(2),
+        None => 1.0,
+    };
+    let target_slope = cap_slope(row[target]);
     for x in row.iter_mut() {
-        *x = (*x - lse).exp() * scale;
+        *x = ((capped(*x, terms) - g.lse).exp() * g.scale + g.shift) * cap_slope(*x);
     }
-    row[target] = target_grad(loss, scale);
+    row[target] = g.target * target_slope;
 }
