@@ -53,5 +53,7 @@ mod op;
 pub mod reference;
 
 pub use cpu::instruction_set;
+#[doc(hidden)]
+pub use linear::recomputed_backwards;
 pub use linear::LinearCrossEntropy;
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};

@@ -1,16 +1,27 @@
-//! Fused linear cross-entropy: the loss of `hidden @ weight^T` with `chunk_len`
-//! rows of logits alive at a time. Any `[N, V]` logits tensor, even computed
-//! chunk by chunk, would cost candle's backprop two more full-size buffers (it
-//! adds every gradient into fresh zeros); here the gradient never leaves the
-//! node as logits: its backward recomputes each chunk's logits, turns them into
-//! their gradient in place (the maths of `op.rs`), and folds that into the
-//! gradients of `hidden` and `weight` with two matmuls.
+//! Fused linear cross-entropy: the loss of `hidden @ weight^T (+ bias)` with
+//! `chunk_len` rows of logits alive at a time. Any `[N, V]` logits tensor, even
+//! computed chunk by chunk, would cost candle's backprop two more full-size
+//! buffers (it adds every gradient into fresh zeros); here the gradient never
+//! leaves the node as logits.
+//!
+//! For a scalar loss (`Mean`, `Sum`) the gradients are computed in the forward
+//! pass, as Liger-Kernel does: the upstream gradient of each row's statistics
+//! is known up to the one scalar that will reach the loss (see
+//! `ChunkedCrossEntropy::unit_factors`), so each chunk's logits are turned into
+//! their gradient in place right after their statistics, and folded into the
+//! gradients of `hidden` (`G · W`) and `weight` (`Gᵀ · H`, accumulated in f32
+//! in place) and `bias`. Backward then only scales them, after checking that
+//! the gradient it received has that expected form; if it has not (the
+//! per-token outputs were used too), or for `Reduction::None`, backward
+//! recomputes each chunk's logits instead. Either way three matmuls per chunk
+//! in all would be the minimum; the fast path does exactly three, the
+//! recomputing one four.
 
-use crate::cpu::STATS;
-use crate::loss::{checked_labels, checked_logits};
+use crate::cpu::{self, STATS};
+use crate::loss::{checked_labels, checked_logits, UnitFactors};
 use crate::op::{self, NodeBackward, OpConfig, StatsNode};
 use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
-use candle::{bail, DType, Result, Tensor};
+use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
 
 /// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them whole:
 /// a chunk of rows of logits exists at a time, in forward and in backward
@@ -186,9 +197,16 @@ impl LinearCrossEntropy {
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, ..self.config.op_config()? };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
-        let stats = row_stats(&rows.detach(), &projection, &labels, cfg)?;
+        let valid = labels.ne(ignore_index as f64)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        let (stats, precomputed) = match self.config.unit_factors(vocab, valid, num_label_tokens) {
+            Some(unit) => {
+                let (stats, gradients) = forward_with_gradients(&rows.detach(), &projection, &labels, cfg, unit)?;
+                (stats, Some(gradients))
+            }
+            None => (row_stats(&rows.detach(), &projection, &labels, cfg)?, None),
+        };
         let node = {
-            let backward = LinearBackward { cfg, labels: labels.clone() };
+            let backward = LinearBackward { cfg, labels: labels.clone(), precomputed };
             let node = StatsNode { stats, backward };
             match bias {
                 None => rows.apply_op2(weight, node)?,
@@ -231,6 +249,68 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpCon
     Tensor::cat(&stats, 0)
 }
 
+/// Gradients computed in the forward pass for an upstream gradient of 1, and
+/// the per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` they were computed with.
+struct Precomputed {
+    unit_factors: Tensor,
+    rows_grad: Tensor,
+    weight_grad: Tensor,
+    bias_grad: Option<Tensor>,
+}
+
+/// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
+/// a scalar loss whose upstream gradient is 1 (see the module docs).
+fn forward_with_gradients(
+    rows: &Tensor,
+    projection: &Projection,
+    labels: &Tensor,
+    cfg: OpConfig,
+    unit: UnitFactors,
+) -> Result<(Tensor, Precomputed)> {
+    let weight = &projection.weight;
+    let rows_grad = Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?;
+    let mut weight_grad = ProductSum::new(weight)?;
+    let mut bias_grad = Sum::default();
+    let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
+    for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
+        let chunk = rows.narrow(0, start, len)?;
+        let labels = labels.narrow(0, start, len)?;
+        let logits = projection.logits(&chunk)?;
+        let chunk_stats = op::row_stats(&logits, &labels, cfg)?;
+        let (ce, lse) = (chunk_stats.narrow(1, 0, 1)?, chunk_stats.narrow(1, 1, 1)?);
+        let constant = |v: f64| Tensor::full(v, (len, 1), lse.device())?.to_dtype(lse.dtype());
+        let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
+        let chunk_unit = Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?], 1)?;
+        let factors = Tensor::cat(&[&chunk_unit, &lse, &ce], 1)?;
+        let logits_grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
+        rows_grad.slice_set(&logits_grad.matmul(weight)?, 0, start)?;
+        weight_grad.add(&logits_grad, &chunk)?;
+        if projection.bias.is_some() {
+            bias_grad.add(logits_grad.to_dtype(weight_grad.dtype())?.sum(0)?)?;
+        }
+        stats.push(chunk_stats);
+        unit_factors.push(chunk_unit);
+    }
+    let dtype = if rows.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let cat = |parts: &[Tensor], width: usize| -> Result<Tensor> {
+        if parts.is_empty() {
+            Tensor::zeros((0, width), dtype, rows.device())
+        } else {
+            Tensor::cat(parts, 0)
+        }
+    };
+    let precomputed = Precomputed {
+        unit_factors: cat(&unit_factors, 3)?,
+        rows_grad,
+        weight_grad: weight_grad.finish()?,
+        bias_grad: match &projection.bias {
+            Some(bias) => Some(bias_grad.finish(bias)?),
+            None => None,
+        },
+    };
+    Ok((cat(&stats, STATS)?, precomputed))
+}
+
 /// The automatic chunk never has fewer rows than this: each chunk allocates a
 /// `[V, H]` weight-gradient product, and thinner chunks make those
 /// allocations and the thin matmuls dominate (measured: 31-row chunks at
@@ -244,41 +324,164 @@ fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)>
 
 /// The backward of the linear loss: the gradients of `rows`, `weight` and,
 /// when it is an input, `bias`. The labels are not differentiable and travel
-/// inside it.
+/// inside it, with the gradients the forward pass computed, if it did.
 struct LinearBackward {
     cfg: OpConfig,
     labels: Tensor,
+    precomputed: Option<Precomputed>,
 }
 
 impl NodeBackward for LinearBackward {
     const NAME: &'static str = "chunked-linear-cross-entropy";
 
     fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        if let Some(pre) = &self.precomputed {
+            if let Some(scale) = upstream_scale(&factors.narrow(1, 0, 3)?, &pre.unit_factors)? {
+                let scaled = |t: &Tensor| if scale == 1.0 { Ok(t.clone()) } else { t.affine(scale, 0.0) };
+                let weight_dtype = inputs[1].dtype();
+                let mut grads =
+                    vec![Some(scaled(&pre.rows_grad)?), Some(scaled(&pre.weight_grad)?.to_dtype(weight_dtype)?)];
+                if let Some(bias_grad) = &pre.bias_grad {
+                    grads.push(Some(scaled(bias_grad)?));
+                }
+                return Ok(grads);
+            }
+            RECOMPUTED_BACKWARDS.with(|n| n.set(n.get() + 1));
+        }
+        self.recompute(inputs, factors)
+    }
+}
+
+impl LinearBackward {
+    /// Recomputes each chunk's logits and turns them into the gradients.
+    fn recompute(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let rows = inputs[0].detach();
         let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
         let weight = &projection.weight;
-        // The weight's and bias's gradients sum over every chunk: accumulate them in f32 (f64 for f64).
-        let acc = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let mut weight_grad = Sum::default();
+        let rows_grad = Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?;
+        let mut weight_grad = ProductSum::new(weight)?;
         let mut bias_grad = Sum::default();
-        let mut rows_grad = Vec::new();
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
             let logits = projection.logits(&chunk)?;
             let labels = self.labels.narrow(0, start, len)?;
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
-            rows_grad.push(logits_grad.matmul(weight)?);
-            weight_grad.add(logits_grad.t()?.matmul(&chunk)?.to_dtype(acc)?)?;
+            rows_grad.slice_set(&logits_grad.matmul(weight)?, 0, start)?;
+            weight_grad.add(&logits_grad, &chunk)?;
             if projection.bias.is_some() {
-                bias_grad.add(logits_grad.to_dtype(acc)?.sum(0)?)?;
+                bias_grad.add(logits_grad.to_dtype(weight_grad.dtype())?.sum(0)?)?;
             }
         }
-        let rows_grad = if rows_grad.is_empty() { rows.zeros_like()? } else { Tensor::cat(&rows_grad, 0)? };
-        let mut grads = vec![Some(rows_grad), Some(weight_grad.finish(weight)?)];
+        let mut grads = vec![Some(rows_grad), Some(weight_grad.finish()?.to_dtype(weight.dtype())?)];
         if let Some(bias) = &projection.bias {
             grads.push(Some(bias_grad.finish(bias)?));
         }
         Ok(grads)
+    }
+}
+
+thread_local! {
+    /// Backward passes of this thread that could not use the gradients computed
+    /// in forward (a test hook: see [`recomputed_backwards`]).
+    static RECOMPUTED_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many linear-loss backward passes on this thread recomputed their
+/// logits although the forward pass had computed the gradients. Not part of
+/// the stable API: the tests use it to check that the fast path is taken.
+#[doc(hidden)]
+pub fn recomputed_backwards() -> usize {
+    RECOMPUTED_BACKWARDS.with(std::cell::Cell::get)
+}
+
+/// The scalar `u` with `received = u * unit` (to f32 rounding), if there is
+/// one: then the gradients computed in forward, scaled by `u`, are exact.
+/// Both are `[N, 3]`. One host sync.
+fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
+    if unit.elem_count() == 0 {
+        return Ok(Some(1.0));
+    }
+    let dtype = DType::F64;
+    let (received, unit) = (received.to_dtype(dtype)?, unit.to_dtype(dtype)?);
+    let norm = unit.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    if norm == 0.0 {
+        // Nothing valid, or `num_label_tokens = 0`: the precomputed gradients are zeros.
+        let received_max = received.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        return Ok((received_max == 0.0).then_some(0.0));
+    }
+    let scale = (&received * &unit)?.sum_all()?.to_scalar::<f64>()? / norm;
+    let error = (&received - unit.affine(scale, 0.0)?)?.abs()?;
+    let tolerance = (received.abs()? * 1e-5)?.broadcast_add(&Tensor::new(1e-30, received.device())?)?;
+    let within = error.le(&tolerance)?.to_dtype(DType::U32)?.min_keepdim(0)?.min_keepdim(1)?;
+    Ok((within.flatten_all()?.to_vec1::<u32>()?[0] == 1).then_some(scale))
+}
+
+/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64):
+/// in place on the CPU (no `[V, H]` product per chunk), by candle ops elsewhere.
+struct ProductSum {
+    acc: Tensor,
+}
+
+impl ProductSum {
+    fn new(weight: &Tensor) -> Result<Self> {
+        let dtype = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        Ok(Self { acc: Tensor::zeros(weight.shape(), dtype, weight.device())? })
+    }
+
+    fn dtype(&self) -> DType {
+        self.acc.dtype()
+    }
+
+    /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`).
+    fn add(&mut self, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+        let (lhs, rhs) = (lhs.to_dtype(self.dtype())?.contiguous()?, rhs.to_dtype(self.dtype())?.contiguous()?);
+        if self.acc.device().is_cpu() {
+            self.acc.inplace_op3(&lhs, &rhs, &AddTransposedProduct)
+        } else {
+            self.acc = (&self.acc + lhs.t()?.matmul(&rhs)?)?;
+            Ok(())
+        }
+    }
+
+    fn finish(self) -> Result<Tensor> {
+        Ok(self.acc)
+    }
+}
+
+/// `acc += lhsᵀ · rhs` in place on the CPU (see `cpu::add_transposed_product`).
+struct AddTransposedProduct;
+
+impl candle::InplaceOp3 for AddTransposedProduct {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        acc_layout: &Layout,
+        lhs: &CpuStorage,
+        lhs_layout: &Layout,
+        rhs: &CpuStorage,
+        rhs_layout: &Layout,
+    ) -> Result<()> {
+        let (Some(a), Some(l), Some(r)) =
+            (acc_layout.contiguous_offsets(), lhs_layout.contiguous_offsets(), rhs_layout.contiguous_offsets())
+        else {
+            bail!("linear cross-entropy: weight-gradient operands must be contiguous")
+        };
+        let (m, n) = acc_layout.shape().dims2()?;
+        let k = lhs_layout.shape().dims2()?.0;
+        match (acc, lhs, rhs) {
+            (CpuStorage::F32(acc), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) => {
+                cpu::add_transposed_product(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+            }
+            (CpuStorage::F64(acc), CpuStorage::F64(lhs), CpuStorage::F64(rhs)) => {
+                cpu::add_transposed_product(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+            }
+            _ => bail!("linear cross-entropy: weight-gradient operands must all be f32 or all f64"),
+        }
+        Ok(())
     }
 }
 

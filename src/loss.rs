@@ -277,6 +277,34 @@ impl ChunkedCrossEntropy {
         })
     }
 
+    /// The gradients that the statistics of a valid row receive when the
+    /// reduced loss receives 1: the derivative of the composition in
+    /// [`outputs`](Self::outputs), `g_ce = c (1 - ε)`, `g_lse = c ε + 2 c z
+    /// lse`, `g_sum = -c ε / V`, with `c` the reduction's factor. `None` for
+    /// [`Reduction::None`], whose upstream gradient is per token. `valid` is the
+    /// number of valid tokens.
+    pub(crate) fn unit_factors(
+        &self,
+        vocab: usize,
+        valid: usize,
+        num_label_tokens: Option<usize>,
+    ) -> Option<UnitFactors> {
+        let c = match (self.reduction, num_label_tokens) {
+            (Reduction::None, _) => return None,
+            (Reduction::Sum, _) => 1.0,
+            (Reduction::Mean, Some(0)) => 0.0,
+            (Reduction::Mean, Some(n)) => 1.0 / n as f64,
+            (Reduction::Mean, None) => 1.0 / valid.max(1) as f64,
+        };
+        let eps = self.label_smoothing;
+        Some(UnitFactors {
+            ce: c * (1.0 - eps),
+            lse: c * eps,
+            lse_squared: 2.0 * c * self.z_loss,
+            logit_sum: -c * eps / vocab.max(1) as f64,
+        })
+    }
+
     /// Combines per-token values `[N]` into the configured reduction; `count`
     /// is the number of valid tokens (at least 1), a scalar on their device.
     fn reduce(
@@ -382,6 +410,15 @@ impl ChunkedCrossEntropy {
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
         })
     }
+}
+
+/// See [`ChunkedCrossEntropy::unit_factors`]: `g_lse = lse + lse_squared * lse_r`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnitFactors {
+    pub ce: f64,
+    pub lse: f64,
+    pub lse_squared: f64,
+    pub logit_sum: f64,
 }
 
 /// The sum over rows of the f32 cross-entropy of `logits` (`[N, V]` or `[B, S,

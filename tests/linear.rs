@@ -5,7 +5,7 @@
 mod common;
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, Reduction};
+use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, LinearCrossEntropy, Reduction};
 use common::{assert_close, backward_of, Rng};
 
 /// Loss and the gradients of `hidden` and `weight`, through
@@ -147,4 +147,62 @@ fn nothing_to_learn_is_exactly_zero(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-device_tests!(matches_full_logits, tied_weights, bf16_inputs, bad_inputs, nothing_to_learn_is_exactly_zero);
+/// A scalar loss takes the gradients computed in forward (scaled by whatever
+/// reaches the loss); any other use of the outputs makes backward recompute.
+/// Both give the full-logits path's gradients, with every option on.
+fn gradients_from_forward_or_recomputed(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(35);
+    let hidden = common::logits(&mut rng, &[2, 9, 16], 1.0, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[97, 16], 0.5, DType::F32, device)?;
+    let bias = common::logits(&mut rng, &[97], 0.5, DType::F32, device)?;
+    let labels = common::labels(&mut rng, &[2, 9], 97, 0.2, -100, device)?;
+    type Objective = fn(&CrossEntropyOutput) -> candle::Result<Tensor>;
+    // (what the backward starts from, whether it can use the forward's gradients)
+    let objectives: [(&str, Objective, bool); 4] = [
+        ("loss", |o| Ok(o.loss.clone()), true),
+        ("loss * -2.5", |o| o.loss.affine(-2.5, 0.0), true),
+        ("loss + z_loss", |o| &o.loss + &o.z_loss, false),
+        ("loss + weighted token losses", |o| &o.loss + backward_of(&o.token_losses)?, false),
+    ];
+    for (reduction, num_label_tokens) in [(Reduction::Mean, None), (Reduction::Mean, Some(40)), (Reduction::Sum, None)]
+    {
+        for (name, objective, from_forward) in objectives {
+            let linear = LinearCrossEntropy::default()
+                .chunk_len(Some(4))
+                .reduction(reduction)
+                .label_smoothing(0.1)
+                .z_loss(1e-3)
+                .logit_softcap(Some(3.0));
+            let full = ChunkedCrossEntropy::default()
+                .reduction(reduction)
+                .label_smoothing(0.1)
+                .z_loss(1e-3)
+                .logit_softcap(Some(3.0));
+            let (h, w, b) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
+            let before = candle_chunked_ce::recomputed_backwards();
+            let out = linear.forward_with_outputs(&h, &w, Some(&b), &labels, None, num_label_tokens)?;
+            let grads = objective(&out)?.backward()?;
+            let recomputed = candle_chunked_ce::recomputed_backwards() - before;
+            let what = format!("{reduction:?} {num_label_tokens:?} {name}");
+            assert_eq!(recomputed, usize::from(!from_forward), "{what}: recomputed backward passes");
+            let (fh, fw, fb) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
+            let logits = fh.as_tensor().broadcast_matmul(&fw.as_tensor().t()?)?.broadcast_add(&fb)?;
+            let want = objective(&full.forward_with_outputs(&logits, &labels, None, num_label_tokens)?)?.backward()?;
+            for (got, expected, var) in [(&h, &fh, "hidden"), (&w, &fw, "weight"), (&b, &fb, "bias")] {
+                let got = grads.get(got).expect("no gradient");
+                let expected = want.get(expected).expect("no gradient");
+                assert_close(got, expected, 1e-4, atol(expected)?, &format!("{what}: {var} gradient"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+device_tests!(
+    matches_full_logits,
+    tied_weights,
+    bf16_inputs,
+    bad_inputs,
+    nothing_to_learn_is_exactly_zero,
+    gradients_from_forward_or_recomputed,
+);

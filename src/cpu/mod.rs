@@ -465,3 +465,49 @@ fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTer
     }
     row[target] = g.target * target_slope;
 }
+
+// ---------------------------------------------------------------------------
+// The weight-gradient accumulation of the linear loss.
+// ---------------------------------------------------------------------------
+
+/// `acc += lhs^T · rhs` in place, for row-major `acc` `[m, n]`, `lhs` `[k, m]`
+/// and `rhs` `[k, n]`: one chunk's contribution to the weight gradient
+/// (`lhs` the chunk's logits gradient, `rhs` its hidden states), added
+/// without allocating a `[m, n]` product.
+pub(crate) fn add_transposed_product<T: Copy + num_traits::One + 'static>(
+    acc: &mut [T],
+    lhs: &[T],
+    rhs: &[T],
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(acc.len() == m * n && lhs.len() == k * m && rhs.len() == k * n, "add_transposed_product: bad sizes");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let (m_i, n_i) = (m as isize, n as isize);
+    // SAFETY: the three slices hold exactly the [m, n], [k, m] and [k, n]
+    // matrices the strides describe (asserted above); `acc` is borrowed
+    // mutably and does not overlap the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            acc.as_mut_ptr(),
+            1,
+            n_i,
+            true,
+            lhs.as_ptr(),
+            m_i,
+            1,
+            rhs.as_ptr(),
+            1,
+            n_i,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
