@@ -3,8 +3,9 @@
 //! with the machine's bandwidth and first-touch floors.
 //!
 //! `cargo bench --bench ce_table` (all shapes), or with arguments
-//! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear` times the
-//! fused linear loss against materialised logits instead.
+//! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear
+//! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
+//! its floor and against materialised logits instead.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
@@ -179,57 +180,147 @@ fn total_memory() -> usize {
 }
 
 /// `hidden [N, H] @ weight^T [H, V]` then the loss, end to end with backward
-/// into `hidden` and `weight`: ours fused (`LinearCrossEntropy`, automatic
-/// chunks and chunks of 1024 rows), ours over materialised logits, and
-/// candle-nn over materialised logits.
+/// into `hidden` and `weight` (f32), against the floor of the work no
+/// implementation avoids: the three matmuls (logits, `G · W`, `Gᵀ · H`) and one
+/// fused cross-entropy pass (forward and in-place gradient), each timed on the
+/// same chunks of rows. Ours takes the gradients from its forward pass (a
+/// `Mean` loss) or recomputes the logits in backward (`Reduction::None`); the
+/// materialised-logits paths run only where they fit in memory. Peak extra
+/// memory is counted by the allocator for the forward call alone and end to
+/// end (candle's backprop adds each gradient into a fresh zero buffer, which
+/// the allocator counts although reading calloc'd zeros touches no physical
+/// memory), against the bound `chunk·V·4 + N·H·4 + V·H·4` bytes; `RSS+` is
+/// the rise of the process's peak resident memory during the call.
 fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     let device = Device::Cpu;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
     let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
     let labels = Tensor::rand(0f32, v as f32, n, &device).unwrap().to_dtype(DType::U32).unwrap();
+    let chunk = (n * h / v).max(512).min(n);
     let logits_bytes = (n * v * 4) as f64;
+    let bound = (chunk * v * 4 + n * h * 4 + v * h * 4) as f64;
     println!(
-        "linear cross-entropy, N={n} H={h} V={v} f32: the logits would be {:.0} MB; peak is extra memory / logits size",
-        logits_bytes / 1e6
+        "linear cross-entropy, N={n} H={h} V={v} f32, {} threads: logits would be {:.0} MB; automatic chunk {chunk} rows; memory bound chunk*V*4 + N*H*4 + V*H*4 = {:.0} MB",
+        rayon::current_num_threads(),
+        logits_bytes / 1e6,
+        bound / 1e6
     );
-    println!("{:<44} {:>9} {:>9}", "implementation", "e2e ms", "peak");
+    let floor = linear_floor(&hidden, &weight, &labels, chunk, runs);
+    println!(
+        "{:<50} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>9}",
+        "implementation", "e2e ms", "vs floor", "fwd peak MB", "e2e peak MB", "/logits", "/bound", "RSS+ MB"
+    );
+    println!("{:<50} {:>9.1} {:>9}", "floor: 3 matmuls + 1 fused CE pass, per chunk", ms(floor), "1.00x");
     let ce = ChunkedCrossEntropy::default();
     let linear = LinearCrossEntropy::default();
-    let linear_1024 = LinearCrossEntropy::default().chunk_len(Some(1024));
+    let linear_none = LinearCrossEntropy::default().reduction(candle_chunked_ce::Reduction::None);
     type LossFn<'a> = Box<dyn Fn(&Tensor, &Tensor) -> candle::Result<Tensor> + 'a>;
-    let cases: [(&str, LossFn); 4] = [
-        ("ours LinearCrossEntropy (automatic chunks)", Box::new(|x, w| linear.forward(x, w, &labels, None))),
-        ("ours LinearCrossEntropy (1024-row chunks)", Box::new(|x, w| linear_1024.forward(x, w, &labels, None))),
-        ("ours over hidden @ weight^T", Box::new(|x, w| ce.forward(&x.matmul(&w.t()?)?, &labels, None))),
+    let ram = total_memory() as f64;
+    let mut cases: Vec<(&str, LossFn)> = vec![
+        ("ours LinearCrossEntropy (gradients from forward)", Box::new(|x, w| linear.forward(x, w, &labels, None))),
         (
-            "candle-nn over hidden @ weight^T",
-            Box::new(|x, w| candle_nn::loss::cross_entropy(&x.matmul(&w.t()?)?, &labels)),
+            "ours LinearCrossEntropy (backward recomputes)",
+            Box::new(|x, w| linear_none.forward(x, w, &labels, None)?.sum_all()),
         ),
     ];
+    // Materialised logits: ours peaks near 4x the logits, candle-nn near 11x.
+    if 5.0 * logits_bytes < 0.8 * ram {
+        cases.push(("ours over hidden @ weight^T", Box::new(|x, w| ce.forward(&x.matmul(&w.t()?)?, &labels, None))));
+    }
+    if 12.0 * logits_bytes < 0.8 * ram {
+        cases.push((
+            "candle-nn over hidden @ weight^T",
+            Box::new(|x, w| candle_nn::loss::cross_entropy(&x.matmul(&w.t()?)?, &labels)),
+        ));
+    }
     for (name, loss_fn) in cases {
         let mut times = Vec::new();
-        let mut peak = 0;
+        let (mut peak, mut forward_peak, mut rss) = (0, 0, 0);
         for _ in 0..runs {
             let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
-            let (t, p) = with_peak(|| {
+            let rss_base = reset_rss_peak();
+            let ((t, fp), p) = with_peak(|| {
                 let start = Instant::now();
-                let grads = loss_fn(x.as_tensor(), w.as_tensor()).unwrap().backward().unwrap();
+                let (loss, fp) = with_peak(|| loss_fn(x.as_tensor(), w.as_tensor()).unwrap());
+                let grads = loss.backward().unwrap();
                 assert!(grads.get(x.as_tensor()).is_some() && grads.get(w.as_tensor()).is_some());
-                start.elapsed()
+                (start.elapsed(), fp)
             });
+            rss = rss_kib("VmHWM:").saturating_sub(rss_base) * 1024;
             times.push(t);
-            peak = p;
+            (peak, forward_peak) = (p, fp);
         }
-        println!("{name:<44} {:>9.1} {:>8.2}x", ms(median(times)), peak as f64 / logits_bytes);
+        let t = median(times);
+        println!(
+            "{name:<50} {:>9.1} {:>8.2}x {:>11.0} {:>10.0} {:>7.2}x {:>7.2}x {:>9.0}",
+            ms(t),
+            t.as_secs_f64() / floor.as_secs_f64(),
+            forward_peak as f64 / 1e6,
+            peak as f64 / 1e6,
+            peak as f64 / logits_bytes,
+            peak as f64 / bound,
+            rss as f64 / 1e6
+        );
     }
 }
 
+/// Resets the process's peak resident set size (Linux `clear_refs`) and
+/// returns the current one, in KiB (0 where unsupported).
+fn reset_rss_peak() -> usize {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    rss_kib("VmRSS:")
+}
+
+/// A KiB field of /proc/self/status (0 if unreadable).
+fn rss_kib(field: &str) -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let value = status.lines().find_map(|l| l.strip_prefix(field)).and_then(|l| l.trim().strip_suffix("kB"));
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The floor of [`linear_table`]: per chunk of rows, the logits matmul, our
+/// fused forward and in-place gradient, `G · W` and `Gᵀ · H`, each timed
+/// alone; the median over `runs` of their sum.
+fn linear_floor(hidden: &Tensor, weight: &Tensor, labels: &Tensor, chunk: usize, runs: usize) -> Duration {
+    let n = hidden.dim(0).unwrap();
+    let labels = labels.to_dtype(DType::I64).unwrap();
+    let ce = ChunkedCrossEntropy::default().inplace_grad(true);
+    let wt = weight.t().unwrap();
+    let totals = (0..runs)
+        .map(|_| {
+            let mut total = Duration::ZERO;
+            for start in (0..n).step_by(chunk) {
+                let len = chunk.min(n - start);
+                let x = hidden.narrow(0, start, len).unwrap();
+                let t = Instant::now();
+                let logits = x.matmul(&wt).unwrap();
+                total += t.elapsed();
+                let (fwd, bwd, grad) = ce.bench_ops(&logits, &labels.narrow(0, start, len).unwrap()).unwrap();
+                total += fwd + bwd;
+                let t = Instant::now();
+                std::hint::black_box(grad.matmul(weight).unwrap());
+                std::hint::black_box(grad.t().unwrap().matmul(&x).unwrap());
+                total += t.elapsed();
+            }
+            total
+        })
+        .collect();
+    median(totals)
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     if std::env::args().any(|a| a == "--linear") {
-        linear_table(2048, 768, 50257, 3);
+        let (n, h, v) = match args.first() {
+            Some(s) => {
+                let dims: Vec<usize> = s.split('x').map(|d| d.parse().expect("shape as NxHxV")).collect();
+                (dims[0], dims[1], dims[2])
+            }
+            None => (4096, 768, 50257),
+        };
+        linear_table(n, h, v, args.get(1).map_or(3, |r| r.parse().unwrap()));
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let shapes: Vec<(usize, usize)> = match args.first() {
         Some(s) => {
             let (n, v) = s.split_once('x').expect("shape as NxV");

@@ -22,6 +22,7 @@ use crate::loss::{checked_labels, checked_logits, UnitFactors};
 use crate::op::{self, NodeBackward, OpConfig, StatsNode};
 use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
+use std::sync::Mutex;
 
 /// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them whole:
 /// a chunk of rows of logits exists at a time, in forward and in backward
@@ -206,7 +207,7 @@ impl LinearCrossEntropy {
             None => (row_stats(&rows.detach(), &projection, &labels, cfg)?, None),
         };
         let node = {
-            let backward = LinearBackward { cfg, labels: labels.clone(), precomputed };
+            let backward = LinearBackward { cfg, labels: labels.clone(), precomputed: Mutex::new(precomputed) };
             let node = StatsNode { stats, backward };
             match bias {
                 None => rows.apply_op2(weight, node)?,
@@ -324,18 +325,21 @@ fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)>
 
 /// The backward of the linear loss: the gradients of `rows`, `weight` and,
 /// when it is an input, `bias`. The labels are not differentiable and travel
-/// inside it, with the gradients the forward pass computed, if it did.
+/// inside it, with the gradients the forward pass computed, if it did. Those
+/// are handed over by the first backward pass (so that the graph does not keep
+/// them alive afterwards); a later backward pass over the same graph recomputes.
 struct LinearBackward {
     cfg: OpConfig,
     labels: Tensor,
-    precomputed: Option<Precomputed>,
+    precomputed: Mutex<Option<Precomputed>>,
 }
 
 impl NodeBackward for LinearBackward {
     const NAME: &'static str = "chunked-linear-cross-entropy";
 
     fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        if let Some(pre) = &self.precomputed {
+        let precomputed = self.precomputed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(pre) = precomputed {
             if let Some(scale) = upstream_scale(&factors.narrow(1, 0, 3)?, &pre.unit_factors)? {
                 let scaled = |t: &Tensor| if scale == 1.0 { Ok(t.clone()) } else { t.affine(scale, 0.0) };
                 let weight_dtype = inputs[1].dtype();
