@@ -207,8 +207,16 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     );
     let floor = linear_floor(&hidden, &weight, &labels, chunk, runs);
     println!(
-        "{:<50} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>9}",
-        "implementation", "e2e ms", "vs floor", "fwd peak MB", "e2e peak MB", "/logits", "/bound", "RSS+ MB"
+        "{:<50} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>9} {:>13}",
+        "implementation",
+        "e2e ms",
+        "vs floor",
+        "fwd peak MB",
+        "e2e peak MB",
+        "/logits",
+        "/bound",
+        "RSS+ MB",
+        "min-max ms"
     );
     println!("{:<50} {:>9.1} {:>9}", "floor: 3 matmuls + 1 fused CE pass, per chunk", ms(floor), "1.00x");
     let ce = ChunkedCrossEntropy::default();
@@ -250,9 +258,10 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
             times.push(t);
             (peak, forward_peak) = (p, fp);
         }
+        let spread = format!("{:.0}-{:.0}", ms(*times.iter().min().unwrap()), ms(*times.iter().max().unwrap()));
         let t = median(times);
         println!(
-            "{name:<50} {:>9.1} {:>8.2}x {:>11.0} {:>10.0} {:>7.2}x {:>7.2}x {:>9.0}",
+            "{name:<50} {:>9.1} {:>8.2}x {:>11.0} {:>10.0} {:>7.2}x {:>7.2}x {:>9.0} {spread:>13}",
             ms(t),
             t.as_secs_f64() / floor.as_secs_f64(),
             forward_peak as f64 / 1e6,

@@ -5,11 +5,14 @@
 //! measured device-to-device copy bandwidth with the floors it implies.
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
 //!
-//! `gpu_table [NxV ...] [--reps R]`
+//! `gpu_table [NxV ...] [--reps R]`; `gpu_table --linear [NxHxV] [--reps R]`
+//! (default 8192x4096x128256, bf16) times `LinearCrossEntropy` instead, against
+//! issue 5's memory target (the bf16 weight gradient plus 1 GiB); PyTorch's
+//! figures for it come from `scripts/torch_linear_ce_bench.py`.
 
 use candle::cuda_backend::cudarc::driver::sys;
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::ChunkedCrossEntropy;
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
@@ -134,9 +137,63 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
     Timing { forward: median(fwd), backward: median(bwd), end_to_end: median(e2e), peak }
 }
 
+/// `LinearCrossEntropy` forward+backward into hidden and weight (bf16), median
+/// time and peak device memory above the inputs, with the weight gradient's
+/// size that the memory target is stated against.
+fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
+    let dtype = DType::BF16;
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), device).unwrap().to_dtype(dtype).unwrap();
+    let weight = Tensor::randn(0f32, 0.02, (v, h), device).unwrap().to_dtype(dtype).unwrap();
+    let labels = Tensor::rand(0f32, v as f32, n, device).unwrap().to_dtype(DType::I64).unwrap();
+    let weight_grad_gib = (v * h * dtype.size_in_bytes()) as f64 / (1u64 << 30) as f64;
+    println!(
+        "linear: N={n} H={h} V={v} bf16; weight gradient {weight_grad_gib:.2} GiB, target peak <= {:.2} GiB",
+        weight_grad_gib + 1.0
+    );
+    println!("| implementation | fwd+bwd ms | peak extra GiB |");
+    println!("|---|---:|---:|");
+    for (name, chunk_len) in
+        [("ours LinearCrossEntropy (automatic chunks)", None), ("ours, 2048-row chunks", Some(2048))]
+    {
+        let ce = LinearCrossEntropy::default().chunk_len(chunk_len);
+        let cell = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let (mut times, mut peak) = (Vec::new(), 0);
+            for i in 0..WARMUP + reps {
+                let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
+                device.synchronize().unwrap();
+                let base = pool.used();
+                pool.reset_peak();
+                let start = Instant::now();
+                let grads = ce.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap().backward().unwrap();
+                device.synchronize().unwrap();
+                let t = start.elapsed();
+                peak = pool.peak().saturating_sub(base);
+                drop(grads);
+                if i >= WARMUP {
+                    times.push(t);
+                }
+            }
+            (median(times), peak)
+        }));
+        match cell {
+            Ok((t, peak)) => println!("| {name} | {:.2} | {:.2} |", ms(t), peak as f64 / (1u64 << 30) as f64),
+            Err(_) => println!("| {name} | failed (see stderr) | - |"),
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps = args.iter().position(|a| a == "--reps").map_or(20, |i| args[i + 1].parse().unwrap());
+    if args.iter().any(|a| a == "--linear") {
+        let dims: Vec<usize> = args
+            .iter()
+            .find(|a| a.matches('x').count() == 2)
+            .map_or(vec![8192, 4096, 128256], |s| s.split('x').map(|d| d.parse().unwrap()).collect());
+        let device = Device::new_cuda(0).expect("a CUDA device");
+        linear_table(dims[0], dims[1], dims[2], reps.min(10), &Pool::new(), &device);
+        return;
+    }
     let mut shapes: Vec<(usize, usize)> =
         args.iter().filter_map(|a| a.split_once('x')).map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap())).collect();
     if shapes.is_empty() {

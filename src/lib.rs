@@ -27,15 +27,27 @@
 //!     .reduction(Reduction::None)
 //!     .forward(&logits, &labels, Some(&mask))?;
 //! assert_eq!(per_token.dims(), &[4]);
+//!
+//! // Label smoothing, z-loss and a soft-cap, with every output of the pass.
+//! let out = ChunkedCrossEntropy::default()
+//!     .label_smoothing(0.1)
+//!     .z_loss(1e-4)
+//!     .logit_softcap(Some(30.0))
+//!     .forward_with_outputs(&logits, &labels, Some(&mask), None)?;
+//! let accuracy = out.token_accuracy.to_scalar::<f32>()?;
+//! assert!((0.0..=1.0).contains(&accuracy));
+//! assert_eq!(out.lse.dims(), &[4]);
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! - [`ChunkedCrossEntropy`]: the configurable loss (chunk length, fused or
-//!   primitive kernels, `ignore_index`, [`Reduction`], in-place gradient), with
-//!   `num_label_tokens` for gradient accumulation.
-//! - [`LinearCrossEntropy`]: the loss of `hidden @ weight^T` without ever
-//!   materialising the `[N, V]` logits.
+//!   primitive kernels, `ignore_index`, [`Reduction`], in-place gradient,
+//!   label smoothing, z-loss, logit soft-cap), with `num_label_tokens` for
+//!   gradient accumulation, and [`CrossEntropyOutput`] for the per-token losses,
+//!   log-sum-exp and token accuracy.
+//! - [`LinearCrossEntropy`]: the loss of `hidden @ weight^T (+ bias)` without
+//!   ever materialising the `[N, V]` logits.
 //! - [`compute_cross_entropy`]: the sum of per-row losses (NeMo's function).
 //! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
 //!   autograd, the reference the tests hold the fast path against.

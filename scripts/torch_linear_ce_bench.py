@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""PyTorch baselines for the linear cross-entropy (issue 5's GPU part), as a markdown table.
+
+On the same device and inputs as our `gpu_table --linear`, forward+backward into hidden and weight of
+  eager    F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+  compile  the same function under torch.compile
+  liger    LigerFusedLinearCrossEntropyLoss (only if `liger_kernel` imports)
+with the median time and the allocator's peak above the inputs (CUDA only), and the size of the weight
+gradient, which our target adds 1 GiB to.
+
+Usage (GPU machine):  python3 torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16
+CPU smoke test:       python3 torch_linear_ce_bench.py --device cpu --shape 256x64x1000 --reps 2
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps, warmup):
+    """Median milliseconds of fn(), synchronised around each run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_ce(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+
+
+def implementations():
+    impls = {"eager": matmul_ce, "compile": torch.compile(matmul_ce, dynamic=False)}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        impls["liger"] = lambda h, w, y: liger(w, h, y)
+    except Exception as err:  # not installed: say so once, measure the rest
+        print(f"# liger: not available ({type(err).__name__}: {err})")
+    return impls
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", default="8192x4096x128256", help="NxHxV")
+    ap.add_argument("--dtype", default="bf16", choices=DTYPES)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    n, h, v = (int(x) for x in args.shape.lower().split("x"))
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    labels[::10] = -100
+    weight_grad_gib = v * h * hidden.element_size() / 2**30
+    print(f"# {torch.__version__} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    print(f"# N={n} H={h} V={v} {args.dtype}: weight gradient {weight_grad_gib:.2f} GiB, target peak <= {weight_grad_gib + 1:.2f} GiB")
+    impls = implementations()
+    print("| implementation | fwd+bwd ms | peak extra GiB |")
+    print("|---|---:|---:|")
+    for name, fn in impls.items():
+        def step():
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, labels).backward()
+
+        try:
+            ms = timed(step, device, args.reps, args.warmup)
+            peak = "-"
+            if device.type == "cuda":
+                hidden.grad = weight.grad = None
+                sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                step()
+                sync(device)
+                peak = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**30:.2f}"
+            print(f"| {name} | {ms:.2f} | {peak} |")
+        except Exception as err:  # e.g. out of memory: report the cell, keep going
+            print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | - |")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
