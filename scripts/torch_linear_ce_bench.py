@@ -12,32 +12,13 @@ Usage (GPU machine):  python3 torch_linear_ce_bench.py --shape 8192x4096x128256 
 CPU smoke test:       python3 torch_linear_ce_bench.py --device cpu --shape 256x64x1000 --reps 2
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from torch_ce_bench import sync, timed  # the same timers as the logits benchmark, beside this file
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, reps, warmup):
-    """Median milliseconds of fn(), synchronised around each run."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def matmul_ce(hidden, weight, labels):

@@ -250,13 +250,12 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpCon
     Tensor::cat(&stats, 0)
 }
 
-/// Gradients computed in the forward pass for an upstream gradient of 1, and
-/// the per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` they were computed with.
+/// Gradients computed in the forward pass for an upstream gradient of 1 (see
+/// [`GradientSums::finish`]), and the per-row factors `[N, 3] = (g_ce, g_lse,
+/// g_sum)` they were computed with.
 struct Precomputed {
     unit_factors: Tensor,
-    rows_grad: Tensor,
-    weight_grad: Tensor,
-    bias_grad: Option<Tensor>,
+    gradients: Vec<Tensor>,
 }
 
 /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
@@ -268,10 +267,7 @@ fn forward_with_gradients(
     cfg: OpConfig,
     unit: UnitFactors,
 ) -> Result<(Tensor, Precomputed)> {
-    let weight = &projection.weight;
-    let rows_grad = Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?;
-    let mut weight_grad = ProductSum::new(weight)?;
-    let mut bias_grad = Sum::default();
+    let mut sums = GradientSums::new(rows, projection)?;
     let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
         let chunk = rows.narrow(0, start, len)?;
@@ -283,12 +279,7 @@ fn forward_with_gradients(
         let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
         let chunk_unit = Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?], 1)?;
         let factors = Tensor::cat(&[&chunk_unit, &lse, &ce], 1)?;
-        let logits_grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
-        rows_grad.slice_set(&logits_grad.matmul(weight)?, 0, start)?;
-        weight_grad.add(&logits_grad, &chunk)?;
-        if projection.bias.is_some() {
-            bias_grad.add(logits_grad.to_dtype(weight_grad.dtype())?.sum(0)?)?;
-        }
+        sums.add(start, &chunk, &op::logits_grad(&logits, &labels, &factors, cfg)?, projection)?;
         stats.push(chunk_stats);
         unit_factors.push(chunk_unit);
     }
@@ -300,16 +291,66 @@ fn forward_with_gradients(
             Tensor::cat(parts, 0)
         }
     };
-    let precomputed = Precomputed {
-        unit_factors: cat(&unit_factors, 3)?,
-        rows_grad,
-        weight_grad: weight_grad.finish()?,
-        bias_grad: match &projection.bias {
-            Some(bias) => Some(bias_grad.finish(bias)?),
-            None => None,
-        },
-    };
+    let precomputed = Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients: sums.finish()? };
     Ok((cat(&stats, STATS)?, precomputed))
+}
+
+/// The gradients of the rows, the weight and the bias, summed chunk by chunk:
+/// each chunk's rows get `G · W` (in their dtype), the weight `Gᵀ · H` and the
+/// bias the column sums of `G` (both accumulated in f32, f64 for f64).
+struct GradientSums {
+    rows: Tensor,
+    weight: ProductSum,
+    bias: Option<Sum>,
+}
+
+impl GradientSums {
+    fn new(rows: &Tensor, projection: &Projection) -> Result<Self> {
+        Ok(Self {
+            rows: Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?,
+            weight: ProductSum::new(&projection.weight)?,
+            bias: projection.bias.as_ref().map(|_| Sum::default()),
+        })
+    }
+
+    /// Adds the chunk of rows starting at `start`, whose logits' gradient is `logits_grad`.
+    fn add(&mut self, start: usize, chunk: &Tensor, logits_grad: &Tensor, projection: &Projection) -> Result<()> {
+        self.rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
+        self.weight.add(logits_grad, chunk)?;
+        if let Some(bias) = &mut self.bias {
+            bias.add(logits_grad.to_dtype(self.weight.dtype())?.sum(0)?)?;
+        }
+        Ok(())
+    }
+
+    /// `[rows, weight, bias]` gradients (bias only when there is one), the
+    /// weight's and bias's still in the accumulator dtype.
+    fn finish(self) -> Result<Vec<Tensor>> {
+        let acc = self.weight.dtype();
+        let vocab = self.weight.acc.dim(0)?;
+        let device = self.rows.device().clone();
+        let mut gradients = vec![self.rows, self.weight.acc];
+        if let Some(bias) = self.bias {
+            gradients.push(match bias.0 {
+                Some(sum) => sum,
+                None => Tensor::zeros(vocab, acc, &device)?,
+            });
+        }
+        Ok(gradients)
+    }
+}
+
+/// The node's gradients from summed ones: scaled by the upstream `scale`
+/// (skipped when it is 1) and rounded once to each input's dtype.
+fn input_gradients(gradients: Vec<Tensor>, inputs: &[&Tensor], scale: f64) -> Result<Vec<Option<Tensor>>> {
+    gradients
+        .into_iter()
+        .zip(inputs)
+        .map(|(g, input)| {
+            let g = if scale == 1.0 { g } else { g.affine(scale, 0.0)? };
+            Ok(Some(g.to_dtype(input.dtype())?))
+        })
+        .collect()
 }
 
 /// The automatic chunk never has fewer rows than this: each chunk allocates a
@@ -341,14 +382,7 @@ impl NodeBackward for LinearBackward {
         let precomputed = self.precomputed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(pre) = precomputed {
             if let Some(scale) = upstream_scale(&factors.narrow(1, 0, 3)?, &pre.unit_factors)? {
-                let scaled = |t: &Tensor| if scale == 1.0 { Ok(t.clone()) } else { t.affine(scale, 0.0) };
-                let weight_dtype = inputs[1].dtype();
-                let mut grads =
-                    vec![Some(scaled(&pre.rows_grad)?), Some(scaled(&pre.weight_grad)?.to_dtype(weight_dtype)?)];
-                if let Some(bias_grad) = &pre.bias_grad {
-                    grads.push(Some(scaled(bias_grad)?));
-                }
-                return Ok(grads);
+                return input_gradients(pre.gradients, inputs, scale);
             }
             RECOMPUTED_BACKWARDS.with(|n| n.set(n.get() + 1));
         }
@@ -361,26 +395,15 @@ impl LinearBackward {
     fn recompute(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let rows = inputs[0].detach();
         let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
-        let weight = &projection.weight;
-        let rows_grad = Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?;
-        let mut weight_grad = ProductSum::new(weight)?;
-        let mut bias_grad = Sum::default();
+        let mut sums = GradientSums::new(&rows, &projection)?;
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
             let logits = projection.logits(&chunk)?;
             let labels = self.labels.narrow(0, start, len)?;
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
-            rows_grad.slice_set(&logits_grad.matmul(weight)?, 0, start)?;
-            weight_grad.add(&logits_grad, &chunk)?;
-            if projection.bias.is_some() {
-                bias_grad.add(logits_grad.to_dtype(weight_grad.dtype())?.sum(0)?)?;
-            }
+            sums.add(start, &chunk, &logits_grad, &projection)?;
         }
-        let mut grads = vec![Some(rows_grad), Some(weight_grad.finish()?.to_dtype(weight.dtype())?)];
-        if let Some(bias) = &projection.bias {
-            grads.push(Some(bias_grad.finish(bias)?));
-        }
-        Ok(grads)
+        input_gradients(sums.finish()?, inputs, 1.0)
     }
 }
 
@@ -446,10 +469,6 @@ impl ProductSum {
             Ok(())
         }
     }
-
-    fn finish(self) -> Result<Tensor> {
-        Ok(self.acc)
-    }
 }
 
 /// `acc += lhsᵀ · rhs` in place on the CPU (see `cpu::add_transposed_product`).
@@ -501,13 +520,5 @@ impl Sum {
             Some(sum) => (sum + term)?,
         });
         Ok(())
-    }
-
-    /// The sum in `like`'s dtype (zeros shaped like it when there were no chunks).
-    fn finish(self, like: &Tensor) -> Result<Tensor> {
-        match self.0 {
-            Some(sum) => sum.to_dtype(like.dtype()),
-            None => like.zeros_like(),
-        }
     }
 }
