@@ -20,6 +20,7 @@ mod train;
 
 use anyhow::{bail, Context, Result};
 use candle::{Device, Tensor};
+use candle_chunked_ce::ChunkedCrossEntropy;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gpt2::{Config, Gpt2};
 use rng::Rng;
@@ -147,14 +148,19 @@ fn load_data(path: Option<&PathBuf>, bpe: &tiktoken_rs::CoreBPE) -> Result<Datas
     Ok(data)
 }
 
-/// Mean loss over `batches` fixed validation batches.
-fn validation_loss(model: &Gpt2, batches: &[train::Batch]) -> Result<f32> {
-    let mut total = 0f32;
+/// Mean loss and mean token accuracy (the model's top prediction is the next
+/// token) over `batches` fixed validation batches, from one pass of the loss.
+fn validation(model: &Gpt2, batches: &[train::Batch]) -> Result<(f32, f32)> {
+    let (mut loss, mut accuracy) = (0f32, 0f32);
     for batch in batches {
-        let n = batch.valid_tokens()?;
-        total += train::batch_loss(model, batch, LossKind::Chunked, n.max(1))?.to_scalar::<f32>()?;
+        let logits = model.logits(&batch.inputs)?;
+        let out =
+            ChunkedCrossEntropy::default().forward_with_outputs(&logits, &batch.labels, Some(&batch.mask), None)?;
+        loss += out.loss.to_scalar::<f32>()?;
+        accuracy += out.token_accuracy.to_scalar::<f32>()?;
     }
-    Ok(total / batches.len() as f32)
+    let n = batches.len() as f32;
+    Ok((loss / n, accuracy / n))
 }
 
 /// Peak resident memory of this process, from /proc (Linux), in bytes.
@@ -280,8 +286,9 @@ fn main() -> Result<()> {
     let vars: Vec<candle::Var> = model.named_vars().into_iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(vars, ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() })?;
 
-    let start_val = validation_loss(&model, &val_batches)?;
+    let (start_val, start_accuracy) = validation(&model, &val_batches)?;
     let (mut train_curve, mut val_curve) = (Vec::new(), vec![(0, start_val)]);
+    let mut accuracy = start_accuracy;
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} | {msg} | ETA {eta}")?);
     let started = Instant::now();
@@ -305,19 +312,27 @@ fn main() -> Result<()> {
         trained_tokens += batches.len() * args.batch * args.seq;
         train_curve.push((step + 1, loss));
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
-            val_curve.push((step + 1, validation_loss(&model, &val_batches)?));
+            let (val_loss, val_accuracy) = validation(&model, &val_batches)?;
+            val_curve.push((step + 1, val_loss));
+            accuracy = val_accuracy;
         }
         let tokens_per_s = trained_tokens as f64 / started.elapsed().as_secs_f64();
-        bar.set_message(format!("loss {loss:.3} | val {:.3} | {tokens_per_s:.0} tok/s", val_curve.last().unwrap().1));
+        let val = val_curve.last().unwrap().1;
+        bar.set_message(format!(
+            "loss {loss:.3} | val {val:.3}, accuracy {:.1}% | {tokens_per_s:.0} tok/s",
+            100.0 * accuracy
+        ));
         bar.inc(1);
     }
     bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     let end_val = val_curve.last().unwrap().1;
     println!(
-        "loss: train {:.6} (step 0) -> {:.3}, validation {start_val:.3} -> {end_val:.3}; {:.0} tokens/s; {:.1} s; peak RSS {}",
+        "loss: train {:.6} (step 0) -> {:.3}, validation {start_val:.3} -> {end_val:.3} (token accuracy {:.1}% -> {:.1}%); {:.0} tokens/s; {:.1} s; peak RSS {}",
         first_loss.unwrap_or(f32::NAN),
         train_curve.last().unwrap().1,
+        100.0 * start_accuracy,
+        100.0 * accuracy,
         trained_tokens as f64 / seconds,
         seconds,
         peak_rss().map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
