@@ -14,7 +14,7 @@ binaries=$(cargo test --release --features cuda --no-run --message-format=json 2
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bench"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["lib"], ["test"]):
         print(m["executable"])')
 bench=$(cargo bench --features cuda --bench gpu_table --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
