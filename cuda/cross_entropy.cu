@@ -123,9 +123,12 @@ __device__ double block_sum(double v) {
 // The logit the loss sees: cap * tanh(x / cap), or x itself when cap == 0.
 template <typename A> __device__ __forceinline__ A capped(A x, A cap) { return cap > A(0) ? cap * tanh(x / cap) : x; }
 
-// The soft-cap's derivative at a capped logit c: 1 - (c / cap)^2.
-template <typename A> __device__ __forceinline__ A cap_slope(A c, A cap) {
-    return cap > A(0) ? A(1) - (c / cap) * (c / cap) : A(1);
+// The soft-cap's derivative at a raw logit x: 1 - tanh^2(x / cap), as 4e / (1 + e)^2 with
+// e = exp(-2 |x / cap|), which does not cancel where the cap saturates (1 without a cap).
+template <typename A> __device__ __forceinline__ A cap_slope(A x, A cap) {
+    if (cap <= A(0)) return A(1);
+    const A e = exp(A(-2) * fabs(x / cap));
+    return A(4) * e / ((A(1) + e) * (A(1) + e));
 }
 
 // ---------------------------------------------------------------------------
@@ -205,9 +208,9 @@ __device__ void backward(const T* logits, const int64_t* labels, const A* factor
         const A scale = g_ce + g_lse;
         const A target_grad = g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum;
         for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const A x = capped(A(widen(row[j])), cap);
-            const A g = j == label ? target_grad : exp(x - lse) * scale + g_sum;
-            out[j] = narrow<T>(g * cap_slope(x, cap));
+            const A raw = A(widen(row[j]));
+            const A g = j == label ? target_grad : exp(capped(raw, cap) - lse) * scale + g_sum;
+            out[j] = narrow<T>(g * cap_slope(raw, cap));
         }
     }
 }

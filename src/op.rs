@@ -28,10 +28,12 @@
 //! p_j    = exp(x'_j - lse)
 //! grad_j = ((g_ce + g_lse) p_j + g_sum) * cap'_j          for j != y
 //! grad_y = (g_ce (p_y - 1) + g_lse p_y + g_sum) * cap'_y
-//! cap'_j = 1 - (x'_j / cap)²                              (1 without soft-cap)
+//! cap'_j = 1 - tanh²(x_j / cap) = 4e / (1 + e)²,  e = exp(-2 |x_j / cap|)
+//!                                                         (1 without soft-cap)
 //! ```
 //!
-//! and 0 on ignored rows.
+//! and 0 on ignored rows. The slope is formed from the raw logit as `4e / (1 +
+//! e)²`, not as `1 - (x'_j / cap)²`, which cancels where the cap saturates.
 //!
 //! `ce` and `p_y - 1` are evaluated so that they do not cancel when the target
 //! holds most of the probability (`p_y -> 1`, common late in training): with

@@ -90,7 +90,8 @@ pub(crate) fn grad_chunked(
     let mut grads = Vec::new();
     for chunk in row_chunks(&rows, labels, cfg.ignore_index, cfg.chunk_len) {
         let Chunk { start, x, labels } = chunk?;
-        let x = softcapped(&x, cfg.terms)?;
+        let raw = x;
+        let x = softcapped(&raw, cfg.terms)?;
         let f = factors.narrow(0, start, x.dim(0)?)?;
         let column = |i| f.narrow(1, i, 1);
         let (g_ce, g_lse, g_sum, lse) = (column(0)?, column(1)?, column(2)?, column(3)?);
@@ -104,7 +105,9 @@ pub(crate) fn grad_chunked(
         let onehot = (1.0 - not_target)?;
         let mut grad = (off_target + onehot.broadcast_mul(&target_grad)?)?;
         if let Some(cap) = cfg.terms.softcap {
-            grad = grad.mul(&(1.0 - (&x / cap)?.sqr()?)?)?;
+            // 1 - tanh²(u) as 4e / (1 + e)², e = exp(-2|u|): no cancellation where the cap saturates.
+            let e = ((&raw / cap)?.abs()? * -2.0)?.exp()?;
+            grad = grad.mul(&((&e * 4.0)? / (&e + 1.0)?.sqr()?)?)?;
         }
         grads.push(labels.zero_ignored(&grad)?.to_dtype(logits.dtype())?);
     }

@@ -3,11 +3,13 @@
 //! `num_label_tokens`, chunk lengths and both engines, the loss and gradient of
 //! f32 logits on the CPU match the slow autograd reference computed in f64;
 //! ignored and masked rows get exactly zero gradient, and the loss is finite.
+//! With random label smoothing, z-loss and soft-cap, the fused kernels match
+//! the primitive engine run in f64, output by output.
 
 mod common;
 
 use candle::{DType, Device, Tensor};
-use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use common::{loss_and_grad, slow_loss_and_grad, Rng};
 use proptest::prelude::*;
 
@@ -142,11 +144,64 @@ fn check(case: &Case) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loss options on top of a generated case: `(label_smoothing, z_loss, logit_softcap)`.
+fn options() -> impl Strategy<Value = (f64, f64, Option<f64>)> {
+    (0.0f64..=1.0, prop_oneof![Just(0.0), 0.0f64..0.1], proptest::option::of(0.5f64..50.0))
+}
+
+/// With options, the fused kernels on f32 logits against the primitive engine
+/// run in f64 on the same values: every output and the gradient.
+fn check_options(case: &Case, (smoothing, z_loss, softcap): (f64, f64, Option<f64>)) -> anyhow::Result<()> {
+    let device = &Device::Cpu;
+    let mut rng = Rng::new(case.seed);
+    let logits_dims: Vec<usize> = case.dims.iter().copied().chain([case.vocab]).collect();
+    let logits = common::logits(&mut rng, &logits_dims, case.scale, DType::F32, device)?;
+    let labels = common::labels(&mut rng, &case.dims, case.vocab, case.ignored_fraction, IGNORE_INDEX, device)?;
+    let mask = case.mask_keep.map(|keep| common::mask(&mut rng, &case.dims, keep, device)).transpose()?;
+    let configured = |compile: bool| {
+        ChunkedCrossEntropy::new(case.chunk_len, compile, IGNORE_INDEX)
+            .reduction(case.reduction)
+            .label_smoothing(smoothing)
+            .z_loss(z_loss)
+            .logit_softcap(softcap)
+    };
+    let run = |ce: ChunkedCrossEntropy, logits: &Tensor| -> anyhow::Result<(CrossEntropyOutput, Tensor)> {
+        let var = candle::Var::from_tensor(logits)?;
+        let out = ce.forward_with_outputs(var.as_tensor(), &labels, mask.as_ref(), case.num_label_tokens)?;
+        let grads = common::backward_of(&out.loss)?.backward()?;
+        let grad = grads.get(var.as_tensor()).map_or_else(|| var.as_tensor().zeros_like(), |g| Ok(g.clone()))?;
+        Ok((out, grad))
+    };
+    let (got, grad) = run(configured(true), &logits)?;
+    let (want, want_grad) = run(configured(false), &logits.to_dtype(DType::F64)?)?;
+    // Smoothing adds `ε lse` and z-loss `z lse²`: terms of the loss's own size, so
+    // its tolerance holds; lse itself can reach 20 + ln V.
+    close(&got.loss, &want.loss, LOSS_RTOL, LOSS_ATOL, "loss")?;
+    close(&got.token_losses, &want.token_losses, LOSS_RTOL, LOSS_ATOL, "token losses")?;
+    close(&got.z_loss, &want.z_loss, LOSS_RTOL, LOSS_ATOL, "z_loss")?;
+    close(&got.lse, &want.lse, LOSS_RTOL, LOSS_ATOL, "lse")?;
+    // With smoothing a gradient `u (p_j - ε / V)` (and the target's `u (p_y - 1 + ε - ε / V)`)
+    // cancels as PyTorch's does: its f32 error is that of `u p_j`, about `u` times the
+    // rounding of `lse` (an ulp at |lse| = 20 is 2e-6), not a fraction of the small result.
+    let largest = want_grad.abs()?.flatten_all()?.to_vec1::<f64>()?.into_iter().fold(0.0, f64::max);
+    close(&grad, &want_grad, GRAD_RTOL, GRAD_ATOL + 2e-6 * largest, "gradient")?;
+    if softcap.is_none() {
+        // Soft-capped in f32, distinct logits can round to a tie that f64 keeps apart.
+        close(&got.token_accuracy, &want.token_accuracy, 1e-6, 0.0, "token accuracy (an f32 ratio)")?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn matches_f64_reference(case in case()) {
         check(&case).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    }
+
+    #[test]
+    fn options_match_f64_primitive_engine(case in case(), options in options()) {
+        check_options(&case, options).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 }

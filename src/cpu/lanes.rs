@@ -70,9 +70,9 @@ pub(crate) struct RowKernels<T> {
 pub(crate) struct F32Kernels {
     /// `row = cap * tanh(row / cap)`.
     pub softcap_in_place: fn(&mut [f32], f32),
-    /// `row = (exp(row - lse) * scale + shift) * (1 - (row / cap)^2)`: the
-    /// gradient through a soft-capped row (`row` holds the capped logits).
-    pub capped_grad_in_place: fn(&mut [f32], f32, f32, f32, f32),
+    /// `row = (exp(c - lse) * scale + shift) * (1 - tanh²(row / cap))` with
+    /// `c = cap * tanh(row / cap)`: the gradient through the soft-cap of a raw row.
+    pub softcap_grad_in_place: fn(&mut [f32], f32, f32, f32, f32),
     /// `Σ row`, accumulated in f64.
     pub sum: fn(&[f32]) -> f64,
 }
@@ -190,40 +190,45 @@ fn scaled_softmax_in_place_body<T: Lane, const FMA: bool>(row: &mut [T], lse: f3
     }
 }
 
-/// `tanh(u)`, branch-free: `(1 - e) / (1 + e)` with `e = exp(-2|u|)` and the
-/// sign restored, or its Taylor series `u - u^3/3 + 2u^5/15 - 17u^7/315` for
-/// `|u| < 1/16`, where `1 - e` would lose relative precision (the series'
-/// truncation error there is below 4e-9 relative).
+/// `(tanh(u), 1 - tanh²(u))`, branch-free, from `e = exp(-2|u|)`: `tanh =
+/// ±(1 - e) / (1 + e)`, or its Taylor series `u - u^3/3 + 2u^5/15 - 17u^7/315`
+/// for `|u| < 1/16`, where `1 - e` would lose relative precision (the series'
+/// truncation error there is below 4e-9 relative); the slope is `4e / (1 +
+/// e)²`, which keeps full relative precision where `1 - tanh²` cancels (a
+/// saturated soft-cap, `|u|` of 5 and more).
 #[inline(always)]
-fn tanh<const FMA: bool>(u: f32) -> f32 {
+fn tanh_and_slope<const FMA: bool>(u: f32) -> (f32, f32) {
     let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     let magnitude = u.abs();
     let e = exp_nonpositive::<FMA>(-2.0 * magnitude);
     let large = ((1.0 - e) / (1.0 + e)).copysign(u);
     let u2 = u * u;
     let small = u * fma(u2, fma(u2, fma(u2, -17.0 / 315.0, 2.0 / 15.0), -1.0 / 3.0), 1.0);
-    if magnitude < 0.0625 {
-        small
-    } else {
-        large
-    }
+    let tanh = if magnitude < 0.0625 { small } else { large };
+    (tanh, 4.0 * e / ((1.0 + e) * (1.0 + e)))
 }
 
 #[inline(always)]
 fn softcap_in_place_body<const FMA: bool>(row: &mut [f32], cap: f32) {
     let inv_cap = 1.0 / cap;
     for x in row.iter_mut() {
-        *x = cap * tanh::<FMA>(*x * inv_cap);
+        *x = cap * tanh_and_slope::<FMA>(*x * inv_cap).0;
     }
 }
 
 #[inline(always)]
-fn capped_grad_in_place_body<const FMA: bool>(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
+fn softcap_grad_in_place_body<const FMA: bool>(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
     let inv_cap = 1.0 / cap;
     for x in row.iter_mut() {
-        let t = *x * inv_cap;
-        *x = (exp_nonpositive::<FMA>(*x - lse) * scale + shift) * (1.0 - t * t);
+        let (tanh, slope) = tanh_and_slope::<FMA>(*x * inv_cap);
+        *x = (exp_nonpositive::<FMA>(cap * tanh - lse) * scale + shift) * slope;
     }
+}
+
+/// The soft-cap's slope `1 - tanh²(x / cap)` at one raw logit `x` (see
+/// [`tanh_and_slope`]).
+pub(crate) fn softcap_slope(x: f32, cap: f32) -> f32 {
+    tanh_and_slope::<false>(x / cap).1
 }
 
 #[inline(always)]
@@ -261,8 +266,8 @@ macro_rules! instruction_set {
                 softcap_in_place_body::<true>(row, cap)
             }
             #[target_feature($(enable = $feature),*)]
-            pub unsafe fn capped_grad_in_place(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
-                capped_grad_in_place_body::<true>(row, lse, scale, shift, cap)
+            pub unsafe fn softcap_grad_in_place(row: &mut [f32], lse: f32, scale: f32, shift: f32, cap: f32) {
+                softcap_grad_in_place_body::<true>(row, lse, scale, shift, cap)
             }
             #[target_feature($(enable = $feature),*)]
             pub unsafe fn sum(row: &[f32]) -> f64 {
@@ -283,8 +288,8 @@ macro_rules! instruction_set {
             pub fn f32_table() -> F32Kernels {
                 F32Kernels {
                     softcap_in_place: |row, cap| unsafe { softcap_in_place(row, cap) },
-                    capped_grad_in_place: |row, lse, scale, shift, cap| unsafe {
-                        capped_grad_in_place(row, lse, scale, shift, cap)
+                    softcap_grad_in_place: |row, lse, scale, shift, cap| unsafe {
+                        softcap_grad_in_place(row, lse, scale, shift, cap)
                     },
                     sum: |row| unsafe { sum(row) },
                 }
@@ -310,7 +315,7 @@ pub(crate) fn f32_kernels() -> &'static F32Kernels {
         }
         F32Kernels {
             softcap_in_place: softcap_in_place_body::<false>,
-            capped_grad_in_place: capped_grad_in_place_body::<false>,
+            softcap_grad_in_place: softcap_grad_in_place_body::<false>,
             sum: sum_body,
         }
     })

@@ -193,13 +193,11 @@ impl<F: Float> RowGrad<F> {
     }
 }
 
-/// Turns a widened row into its gradient through the soft-cap, in place.
+/// Turns a widened raw row into its gradient through the soft-cap, in place.
 fn capped_row_grad(wide: &mut [f32], target: usize, g: &RowGrad<f32>, cap: f32) {
-    let kernels = lanes::f32_kernels();
-    (kernels.softcap_in_place)(wide, cap);
-    let t = wide[target] / cap;
-    (kernels.capped_grad_in_place)(wide, g.lse, g.scale, g.shift, cap);
-    wide[target] = g.target * (1.0 - t * t);
+    let target_slope = lanes::softcap_slope(wide[target], cap);
+    (lanes::f32_kernels().softcap_grad_in_place)(wide, g.lse, g.scale, g.shift, cap);
+    wide[target] = g.target * target_slope;
 }
 
 /// Backward into a fresh contiguous `[rows, V]` buffer, from [`FACTORS`]
@@ -405,6 +403,13 @@ pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel
     stats
 }
 
+/// `1 - tanh²(u)` as `4e / (1 + e)²`, `e = exp(-2|u|)`: no cancellation where
+/// the soft-cap saturates.
+fn softcap_slope(u: f64) -> f64 {
+    let e = (-2.0 * u.abs()).exp();
+    4.0 * e / ((1.0 + e) * (1.0 + e))
+}
+
 /// `cap * tanh(x / cap)` when soft-capping, else `x`.
 fn capped(x: f64, terms: RowTerms) -> f64 {
     match terms.softcap {
@@ -456,7 +461,7 @@ fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTer
     };
     let g = RowGrad::new(factors);
     let cap_slope = |x: f64| match terms.softcap {
-        Some(cap) => 1.0 - (x / cap).tanh().powi(2),
+        Some(cap) => softcap_slope(x / cap),
         None => 1.0,
     };
     let target_slope = cap_slope(row[target]);
