@@ -5,7 +5,8 @@
 //! `cargo bench --bench ce_table` (all shapes), or with arguments
 //! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear
 //! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
-//! its floor and against materialised logits instead.
+//! its floor and against materialised logits instead; `-- --options [NxV]
+//! [runs]` (default 2048x50257) times the loss options against the plain loss.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
@@ -145,8 +146,8 @@ fn end_to_end(runs: usize, logits: &Tensor, loss_fn: impl Fn(&Tensor) -> candle:
     (median(times), peak)
 }
 
-fn ours(runs: usize, logits: &Tensor, labels: &Tensor, compile: bool, inplace: bool) -> Row {
-    let ce = ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace);
+/// Our loss configured as `ce` (`inplace` must match its `inplace_grad`).
+fn ours(runs: usize, logits: &Tensor, labels: &Tensor, ce: &ChunkedCrossEntropy, inplace: bool, name: String) -> Row {
     let mut fwd = Vec::new();
     let mut bwd = Vec::new();
     for _ in 0..runs {
@@ -161,8 +162,41 @@ fn ours(runs: usize, logits: &Tensor, labels: &Tensor, compile: bool, inplace: b
         // The in-place variant writes over `x`, which is a fresh Var copy each run.
         ce.forward(x, labels, None)
     });
-    let name = format!("ours compile={} inplace={}", compile as u8, inplace as u8);
     Row { name, forward: Some(median(fwd)), backward: Some(median(bwd)), end_to_end: e2e, peak_extra }
+}
+
+/// The fused loss with each option, and all of them, against the plain loss
+/// (`-- --options [NxV] [runs]`): the optional terms' cost.
+fn options_table(n: usize, v: usize, runs: usize) {
+    let device = Device::Cpu;
+    println!("loss options, {n}x{v}, fused kernels ({}), median of {runs}", candle_chunked_ce::instruction_set());
+    println!("{:<6} {:<40} {:>9} {:>9} {:>9} {:>12}", "dtype", "options", "fwd op", "bwd op", "e2e", "e2e / plain");
+    let plain = ChunkedCrossEntropy::default();
+    let configs = [
+        ("none", plain.clone()),
+        ("label_smoothing 0.1", plain.clone().label_smoothing(0.1)),
+        ("z_loss 1e-4", plain.clone().z_loss(1e-4)),
+        ("logit_softcap 30", plain.clone().logit_softcap(Some(30.0))),
+        ("all three", plain.clone().label_smoothing(0.1).z_loss(1e-4).logit_softcap(Some(30.0))),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        let logits = Tensor::randn(0f32, 2.0, (n, v), &device).unwrap().to_dtype(dtype).unwrap();
+        let labels = Tensor::rand(0f32, v as f32, n, &device).unwrap().to_dtype(DType::I64).unwrap();
+        let mut reference = None;
+        for (name, ce) in &configs {
+            let row = ours(runs, &logits, &labels, ce, false, name.to_string());
+            let plain_e2e = *reference.get_or_insert(row.end_to_end);
+            println!(
+                "{:<6} {:<40} {:>9.1} {:>9.1} {:>9.1} {:>11.2}x",
+                format!("{dtype:?}").to_lowercase(),
+                row.name,
+                ms(row.forward.unwrap()),
+                ms(row.backward.unwrap()),
+                ms(row.end_to_end),
+                row.end_to_end.as_secs_f64() / plain_e2e.as_secs_f64()
+            );
+        }
+    }
 }
 
 fn candle_nn(runs: usize, logits: &Tensor, labels_u32: &Tensor) -> Row {
@@ -330,11 +364,17 @@ fn main() {
         linear_table(n, h, v, args.get(1).map_or(3, |r| r.parse().unwrap()));
         return;
     }
+    let nxv = |s: &String| -> (usize, usize) {
+        let (n, v) = s.split_once('x').expect("shape as NxV");
+        (n.parse().unwrap(), v.parse().unwrap())
+    };
+    if std::env::args().any(|a| a == "--options") {
+        let (n, v) = args.first().map_or((2048, 50257), nxv);
+        options_table(n, v, args.get(1).map_or(5, |r| r.parse().unwrap()));
+        return;
+    }
     let shapes: Vec<(usize, usize)> = match args.first() {
-        Some(s) => {
-            let (n, v) = s.split_once('x').expect("shape as NxV");
-            vec![(n.parse().unwrap(), v.parse().unwrap())]
-        }
+        Some(s) => vec![nxv(s)],
         None => vec![(1024, 32000), (2048, 50257), (4096, 128256)],
     };
     let runs: usize = args.get(1).map_or(5, |r| r.parse().unwrap());
@@ -380,7 +420,9 @@ fn main() {
                 println!("(candle-nn skipped at {n}x{v}: it would need about {:.0} GB)", candle_nn_need as f64 / 1e9);
             }
             for (compile, inplace) in [(true, false), (true, true), (false, false)] {
-                rows.push(ours(if compile { runs } else { runs.min(3) }, &logits, &labels, compile, inplace));
+                let ce = ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace);
+                let name = format!("ours compile={} inplace={}", compile as u8, inplace as u8);
+                rows.push(ours(if compile { runs } else { runs.min(3) }, &logits, &labels, &ce, inplace, name));
             }
             let reference = rows.iter().find(|r| r.name.starts_with("candle-nn")).map(|r| r.end_to_end);
             for r in &rows {
