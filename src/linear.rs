@@ -161,35 +161,13 @@ impl LinearCrossEntropy {
         let hidden = checked_logits(hidden)?;
         let labels = checked_labels(&hidden, labels, mask, ignore_index)?;
         let width = hidden.dim(candle::D::Minus1)?;
-        let vocab = match weight.dims() {
-            [v, h] if *h == width => *v,
-            _ => bail!(
-                "linear cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
-                weight.shape(),
-                hidden.shape()
-            ),
-        };
-        for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
-            let Some(t) = t else { continue };
-            if t.dtype() != hidden.dtype() || !t.device().same_device(hidden.device()) {
-                bail!(
-                    "linear cross-entropy: {name} ({:?}) and hidden ({:?}) must share dtype and device",
-                    t.dtype(),
-                    hidden.dtype()
-                )
-            }
-        }
-        if let Some(bias) = bias {
-            if bias.dims() != [vocab] {
-                bail!("linear cross-entropy: bias {:?} must be [{vocab}] for weight {:?}", bias.shape(), weight.shape())
-            }
-        }
+        let vocab = checked_projection(&hidden, weight, bias)?;
         let rows = hidden.reshape(((), width))?;
         let n = rows.dim(0)?;
         if n > 0 && vocab == 0 {
             bail!("linear cross-entropy: weight {:?} has an empty vocabulary dim", weight.shape())
         }
-        op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        let valid = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?.iter().flatten().count();
         let chunk_len = match self.chunk_len {
             Some(0) => bail!("linear cross-entropy: chunk_len must be at least 1, got 0"),
             Some(c) => c,
@@ -198,7 +176,6 @@ impl LinearCrossEntropy {
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, ..self.config.op_config()? };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
-        let valid = labels.ne(ignore_index as f64)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
         let (stats, precomputed) = match self.config.unit_factors(vocab, valid, num_label_tokens) {
             Some(unit) => {
                 let (stats, gradients) = forward_with_gradients(&rows.detach(), &projection, &labels, cfg, unit)?;
@@ -216,6 +193,36 @@ impl LinearCrossEntropy {
         };
         self.config.outputs(&node, &labels, labels_shape, vocab, num_label_tokens)
     }
+}
+
+/// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against
+/// `hidden`'s dtype and device, and returns `V`.
+fn checked_projection(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<usize> {
+    let width = hidden.dim(candle::D::Minus1)?;
+    let vocab = match weight.dims() {
+        [v, h] if *h == width => *v,
+        _ => bail!(
+            "linear cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
+            weight.shape(),
+            hidden.shape()
+        ),
+    };
+    for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
+        let Some(t) = t else { continue };
+        if t.dtype() != hidden.dtype() || !t.device().same_device(hidden.device()) {
+            bail!(
+                "linear cross-entropy: {name} ({:?}) and hidden ({:?}) must share dtype and device",
+                t.dtype(),
+                hidden.dtype()
+            )
+        }
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [vocab] {
+            bail!("linear cross-entropy: bias {:?} must be [{vocab}] for weight {:?}", bias.shape(), weight.shape())
+        }
+    }
+    Ok(vocab)
 }
 
 /// The output layer, detached: `weight` `[V, H]` and an optional `bias` `[V]`.
