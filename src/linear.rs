@@ -24,11 +24,13 @@ use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
 use std::sync::Mutex;
 
-/// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them whole:
-/// a chunk of rows of logits exists at a time, in forward and in backward
-/// (which recomputes them), and the gradients go straight to `hidden` and
-/// `weight` (a weight shared with the token embedding gets the sum of both
-/// gradients, as candle sums gradients of one variable). Peak extra memory is
+/// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them
+/// whole: a chunk of rows of logits exists at a time, and the gradients go
+/// straight to `hidden`, `weight` and `bias` (a weight shared with the token
+/// embedding gets the sum of both gradients, as candle sums gradients of one
+/// variable). For a `Mean` or `Sum` loss the gradients are computed in the
+/// forward pass and backward only scales them; otherwise (or when the per-token
+/// outputs are differentiated as well) backward recomputes each chunk's logits. Peak extra memory is
 /// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
 /// (and `bias`), instead of several `[N, V]` buffers.
 ///
@@ -428,26 +430,19 @@ pub fn recomputed_backwards() -> usize {
     RECOMPUTED_BACKWARDS.with(std::cell::Cell::get)
 }
 
-/// The scalar `u` with `received = u * unit` (to f32 rounding), if there is
-/// one: then the gradients computed in forward, scaled by `u`, are exact.
-/// Both are `[N, 3]`. One host sync.
+/// The scalar `u` with `received = u * unit` element-wise (to 1e-5 relative),
+/// if there is one: then the gradients computed in forward, scaled by `u`, are
+/// exact. Both are `[N, 3]` (a few KB); they are compared on the host, with one
+/// transfer.
 fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
-    if unit.elem_count() == 0 {
-        return Ok(Some(1.0));
-    }
-    let dtype = DType::F64;
-    let (received, unit) = (received.to_dtype(dtype)?, unit.to_dtype(dtype)?);
-    let norm = unit.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    if norm == 0.0 {
-        // Nothing valid, or `num_label_tokens = 0`: the precomputed gradients are zeros.
-        let received_max = received.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-        return Ok((received_max == 0.0).then_some(0.0));
-    }
-    let scale = (&received * &unit)?.sum_all()?.to_scalar::<f64>()? / norm;
-    let error = (&received - unit.affine(scale, 0.0)?)?.abs()?;
-    let tolerance = (received.abs()? * 1e-5)?.broadcast_add(&Tensor::new(1e-30, received.device())?)?;
-    let within = error.le(&tolerance)?.to_dtype(DType::U32)?.min_keepdim(0)?.min_keepdim(1)?;
-    Ok((within.flatten_all()?.to_vec1::<u32>()?[0] == 1).then_some(scale))
+    let both = Tensor::cat(&[received, unit], 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let pairs: Vec<(f64, f64)> = both.chunks_exact(6).flat_map(|r| (0..3).map(move |i| (r[i], r[i + 3]))).collect();
+    let norm: f64 = pairs.iter().map(|(_, f)| f * f).sum();
+    // With a zero `unit` (nothing valid, `num_label_tokens = 0`, no rows) the
+    // precomputed gradients are zeros, right only if nothing was received.
+    let scale = if norm == 0.0 { 0.0 } else { pairs.iter().map(|(a, f)| a * f).sum::<f64>() / norm };
+    let proportional = pairs.iter().all(|(a, f)| (a - scale * f).abs() <= 1e-5 * a.abs());
+    Ok(proportional.then_some(scale))
 }
 
 /// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64):
