@@ -135,7 +135,9 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        Ok(self.forward_with_outputs(hidden, weight, None, labels, mask, num_label_tokens)?.loss)
+        let labels_shape = labels.shape().clone();
+        let (node, labels, vocab) = self.node(hidden, weight, None, labels, mask, num_label_tokens)?;
+        self.config.loss(&node, &labels, &labels_shape, vocab, num_label_tokens)
     }
 
     /// The loss of `hidden @ weight^T + bias` and every other output of the
@@ -157,8 +159,23 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<CrossEntropyOutput> {
-        let ignore_index = self.config.ignore_index;
         let labels_shape = labels.shape().clone();
+        let (node, labels, vocab) = self.node(hidden, weight, bias, labels, mask, num_label_tokens)?;
+        self.config.outputs(&node, &labels, &labels_shape, vocab, num_label_tokens)
+    }
+
+    /// Validates the inputs, runs the chunks, and attaches the loss's graph
+    /// node: its `[N, 4]` statistics, the checked `[N]` labels and `V`.
+    fn node(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let ignore_index = self.config.ignore_index;
         self.config.check_num_label_tokens(num_label_tokens)?;
         let hidden = checked_logits(hidden)?;
         let labels = checked_labels(&hidden, labels, mask, ignore_index)?;
@@ -185,15 +202,13 @@ impl LinearCrossEntropy {
             }
             None => (row_stats(&rows.detach(), &projection, &labels, cfg)?, None),
         };
-        let node = {
-            let backward = LinearBackward { cfg, labels: labels.clone(), precomputed: Mutex::new(precomputed) };
-            let node = StatsNode { stats, backward };
-            match bias {
-                None => rows.apply_op2(weight, node)?,
-                Some(bias) => rows.apply_op3(weight, bias, node)?,
-            }
+        let backward = LinearBackward { cfg, labels: labels.clone(), precomputed: Mutex::new(precomputed) };
+        let node = StatsNode { stats, backward };
+        let node = match bias {
+            None => rows.apply_op2(weight, node)?,
+            Some(bias) => rows.apply_op3(weight, bias, node)?,
         };
-        self.config.outputs(&node, &labels, labels_shape, vocab, num_label_tokens)
+        Ok((node, labels, vocab))
     }
 }
 

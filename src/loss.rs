@@ -211,7 +211,9 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        Ok(self.forward_with_outputs(logits, labels, mask, num_label_tokens)?.loss)
+        let labels_shape = labels.shape().clone();
+        let (node, labels, vocab) = self.node(logits, labels, mask, num_label_tokens)?;
+        self.loss(&node, &labels, &labels_shape, vocab, num_label_tokens)
     }
 
     /// [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
@@ -228,27 +230,32 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<CrossEntropyOutput> {
-        let cfg = self.op_config()?;
         let labels_shape = labels.shape().clone();
+        let (node, labels, vocab) = self.node(logits, labels, mask, num_label_tokens)?;
+        self.outputs(&node, &labels, &labels_shape, vocab, num_label_tokens)
+    }
+
+    /// Validates the inputs and attaches the loss's graph node: its `[N, 4]`
+    /// statistics, the checked `[N]` labels and `V`.
+    fn node(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let cfg = self.op_config()?;
         self.check_num_label_tokens(num_label_tokens)?;
         let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
         let vocab = logits.dim(candle::D::Minus1)?;
         let stats = op::row_stats(&logits, &labels, cfg)?;
         let backward = LogitsBackward { cfg, labels: labels.clone() };
-        let node = logits.apply_op1(StatsNode { stats, backward })?;
-        self.outputs(&node, &labels, labels_shape, vocab, num_label_tokens)
+        Ok((logits.apply_op1(StatsNode { stats, backward })?, labels, vocab))
     }
 
-    /// Composes the per-token losses from the node's `[N, 4]` statistics (the
-    /// formula is in `op.rs`) and reduces them and the other outputs.
-    pub(crate) fn outputs(
-        &self,
-        node: &Tensor,
-        labels: &Tensor,
-        labels_shape: Shape,
-        vocab: usize,
-        num_label_tokens: Option<usize>,
-    ) -> Result<CrossEntropyOutput> {
+    /// The per-token terms composed from the node's `[N, 4]` statistics (the
+    /// formula is in `op.rs`).
+    fn token_terms(&self, node: &Tensor, vocab: usize) -> Result<TokenTerms> {
         // With no rows, every column is empty: take them all at offset 0 (candle's
         // reductions index the storage at a narrowed view's start, even when empty).
         let rows = node.dim(0)?;
@@ -256,24 +263,56 @@ impl ChunkedCrossEntropy {
         let (ce, lse, logit_sum, correct) = (column(0)?, column(1)?, column(2)?, column(3)?);
         // Terms with a zero coefficient are left out, not multiplied by 0: the
         // default loss stays the bare `ce` column.
-        let mut token_losses = ce.clone();
+        let mut losses = ce.clone();
         if self.label_smoothing > 0.0 {
             let eps = self.label_smoothing;
             let smooth = (lse.affine(eps, 0.0)? - logit_sum.affine(eps / vocab as f64, 0.0)?)?;
-            token_losses = if eps < 1.0 { (ce.affine(1.0 - eps, 0.0)? + smooth)? } else { smooth };
+            losses = if eps < 1.0 { (ce.affine(1.0 - eps, 0.0)? + smooth)? } else { smooth };
         }
-        let z_loss = if self.z_loss > 0.0 { lse.sqr()?.affine(self.z_loss, 0.0)? } else { lse.zeros_like()? };
-        if self.z_loss > 0.0 {
-            token_losses = (token_losses + &z_loss)?;
+        let z_loss = if self.z_loss > 0.0 { Some(lse.sqr()?.affine(self.z_loss, 0.0)?) } else { None };
+        if let Some(z_loss) = &z_loss {
+            losses = (losses + z_loss)?;
         }
-        let count = valid_count(labels, self.ignore_index, ce.dtype())?;
-        let token_accuracy = correct.detach().sum_all()?.broadcast_div(&count)?;
+        Ok(TokenTerms { losses, z_loss, lse, correct })
+    }
+
+    /// The reduced loss of the node's statistics, and nothing else.
+    pub(crate) fn loss(
+        &self,
+        node: &Tensor,
+        labels: &Tensor,
+        labels_shape: &Shape,
+        vocab: usize,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Tensor> {
+        let terms = self.token_terms(node, vocab)?;
+        self.reduce(&terms.losses, labels_shape, num_label_tokens, || {
+            valid_count(labels, self.ignore_index, terms.losses.dtype())
+        })
+    }
+
+    /// Every output of the node's statistics (see [`CrossEntropyOutput`]).
+    pub(crate) fn outputs(
+        &self,
+        node: &Tensor,
+        labels: &Tensor,
+        labels_shape: &Shape,
+        vocab: usize,
+        num_label_tokens: Option<usize>,
+    ) -> Result<CrossEntropyOutput> {
+        let terms = self.token_terms(node, vocab)?;
+        let count = valid_count(labels, self.ignore_index, terms.losses.dtype())?;
+        let reduce = |per_token: &Tensor| self.reduce(per_token, labels_shape, num_label_tokens, || Ok(count.clone()));
+        let z_loss = match &terms.z_loss {
+            Some(z_loss) => reduce(z_loss)?,
+            None => reduce(&terms.lse.zeros_like()?)?,
+        };
         Ok(CrossEntropyOutput {
-            loss: self.reduce(&token_losses, &count, &labels_shape, num_label_tokens)?,
-            z_loss: self.reduce(&z_loss, &count, &labels_shape, num_label_tokens)?,
-            token_losses: token_losses.reshape(&labels_shape)?,
-            lse: lse.reshape(&labels_shape)?,
-            token_accuracy,
+            loss: reduce(&terms.losses)?,
+            z_loss,
+            token_losses: terms.losses.reshape(labels_shape)?,
+            lse: terms.lse.reshape(labels_shape)?,
+            token_accuracy: terms.correct.detach().sum_all()?.broadcast_div(&count)?,
         })
     }
 
@@ -306,13 +345,14 @@ impl ChunkedCrossEntropy {
     }
 
     /// Combines per-token values `[N]` into the configured reduction; `count`
-    /// is the number of valid tokens (at least 1), a scalar on their device.
+    /// gives the number of valid tokens (at least 1) as a scalar on their
+    /// device, and is only called for a `Mean` without `num_label_tokens`.
     fn reduce(
         &self,
         per_token: &Tensor,
-        count: &Tensor,
         labels_shape: &Shape,
         num_label_tokens: Option<usize>,
+        count: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
         match self.reduction {
             Reduction::None => per_token.reshape(labels_shape),
@@ -325,7 +365,7 @@ impl ChunkedCrossEntropy {
                     Some(0) => total.broadcast_mul(&total.zeros_like()?),
                     Some(n) => total.affine(1.0 / n as f64, 0.0),
                     // Dividing by a device-side count (at least 1) keeps an all-ignored batch at 0.
-                    None => total.broadcast_div(count),
+                    None => total.broadcast_div(&count()?),
                 }
             }
         }
@@ -410,6 +450,15 @@ impl ChunkedCrossEntropy {
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
         })
     }
+}
+
+/// A row's loss terms, `[N]` each: its loss (all terms included), its z-loss
+/// part when there is one, its log-sum-exp, and whether its argmax is its label.
+struct TokenTerms {
+    losses: Tensor,
+    z_loss: Option<Tensor>,
+    lse: Tensor,
+    correct: Tensor,
 }
 
 /// See [`ChunkedCrossEntropy::unit_factors`]: `g_lse = lse + lse_squared * lse_r`.
