@@ -89,13 +89,27 @@ fn close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) -> anyhow::Re
     Ok(())
 }
 
-fn check(case: &Case) -> anyhow::Result<()> {
+/// A case's f32 logits (and their dims), labels and optional mask, on the CPU.
+struct Inputs {
+    logits_dims: Vec<usize>,
+    logits: Tensor,
+    labels: Tensor,
+    mask: Option<Tensor>,
+}
+
+fn inputs(case: &Case) -> anyhow::Result<Inputs> {
     let device = &Device::Cpu;
     let mut rng = Rng::new(case.seed);
     let logits_dims: Vec<usize> = case.dims.iter().copied().chain([case.vocab]).collect();
     let logits = common::logits(&mut rng, &logits_dims, case.scale, DType::F32, device)?;
     let labels = common::labels(&mut rng, &case.dims, case.vocab, case.ignored_fraction, IGNORE_INDEX, device)?;
     let mask = case.mask_keep.map(|keep| common::mask(&mut rng, &case.dims, keep, device)).transpose()?;
+    Ok(Inputs { logits_dims, logits, labels, mask })
+}
+
+fn check(case: &Case) -> anyhow::Result<()> {
+    let device = &Device::Cpu;
+    let Inputs { logits_dims, logits, labels, mask } = inputs(case)?;
     let ce = ChunkedCrossEntropy::new(case.chunk_len, case.compile, IGNORE_INDEX).reduction(case.reduction);
 
     let (loss, grad) = loss_and_grad(&ce, &logits, &labels, mask.as_ref(), case.num_label_tokens)
@@ -152,12 +166,7 @@ fn options() -> impl Strategy<Value = (f64, f64, Option<f64>)> {
 /// With options, the fused kernels on f32 logits against the primitive engine
 /// run in f64 on the same values: every output and the gradient.
 fn check_options(case: &Case, (smoothing, z_loss, softcap): (f64, f64, Option<f64>)) -> anyhow::Result<()> {
-    let device = &Device::Cpu;
-    let mut rng = Rng::new(case.seed);
-    let logits_dims: Vec<usize> = case.dims.iter().copied().chain([case.vocab]).collect();
-    let logits = common::logits(&mut rng, &logits_dims, case.scale, DType::F32, device)?;
-    let labels = common::labels(&mut rng, &case.dims, case.vocab, case.ignored_fraction, IGNORE_INDEX, device)?;
-    let mask = case.mask_keep.map(|keep| common::mask(&mut rng, &case.dims, keep, device)).transpose()?;
+    let Inputs { logits, labels, mask, .. } = inputs(case)?;
     let configured = |compile: bool| {
         ChunkedCrossEntropy::new(case.chunk_len, compile, IGNORE_INDEX)
             .reduction(case.reduction)
