@@ -107,6 +107,21 @@ struct Timing {
     peak: u64,
 }
 
+/// `loss().backward()` between device synchronisations: its time, and the
+/// memory pool's peak above what was in use before it.
+fn timed_with_peak(device: &Device, pool: &Pool, loss: impl FnOnce() -> candle::Result<Tensor>) -> (Duration, u64) {
+    device.synchronize().unwrap();
+    let base = pool.used();
+    pool.reset_peak();
+    let start = Instant::now();
+    let grads = loss().unwrap().backward().unwrap();
+    device.synchronize().unwrap();
+    let elapsed = start.elapsed();
+    let peak = pool.peak().saturating_sub(base);
+    drop(grads);
+    (elapsed, peak)
+}
+
 fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: usize, pool: &Pool) -> Timing {
     let device = inputs[0].device();
     let inplace = format!("{ce:?}").contains("inplace_grad: true");
@@ -119,15 +134,8 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
         drop(grad);
         // A fresh variable (a copy) each run, so in-place runs never see a gradient as logits.
         let var = Var::from_tensor(logits).unwrap();
-        device.synchronize().unwrap();
-        let base = pool.used();
-        pool.reset_peak();
-        let start = Instant::now();
-        let grads = ce.forward(var.as_tensor(), labels, None).unwrap().backward().unwrap();
-        device.synchronize().unwrap();
-        let t = start.elapsed();
-        peak = pool.peak().saturating_sub(base);
-        drop(grads);
+        let (t, p) = timed_with_peak(device, pool, || ce.forward(var.as_tensor(), labels, None));
+        peak = p;
         if i >= WARMUP {
             fwd.push(f);
             bwd.push(b);
@@ -160,15 +168,8 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
             let (mut times, mut peak) = (Vec::new(), 0);
             for i in 0..WARMUP + reps {
                 let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
-                device.synchronize().unwrap();
-                let base = pool.used();
-                pool.reset_peak();
-                let start = Instant::now();
-                let grads = ce.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap().backward().unwrap();
-                device.synchronize().unwrap();
-                let t = start.elapsed();
-                peak = pool.peak().saturating_sub(base);
-                drop(grads);
+                let (t, p) = timed_with_peak(device, pool, || ce.forward(x.as_tensor(), w.as_tensor(), &labels, None));
+                peak = p;
                 if i >= WARMUP {
                     times.push(t);
                 }
