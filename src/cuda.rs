@@ -79,7 +79,7 @@ pub(crate) fn forward(
     let labels = contiguous::<i64>(labels, labels_layout)?;
     let first_bad_row = dev.clone_htod(&[u64::MAX])?;
     let args = ForwardArgs { dev, rows: &rows, labels: &labels, first_bad_row: &first_bad_row, cfg };
-    let cap = cfg.terms.softcap.unwrap_or(0.0);
+    let cap = kernel_cap(cfg);
     let stats = match logits.dtype() {
         DType::F32 => args.launch::<f32, f32>("ce_fwd_f32", logits, cap as f32)?,
         DType::BF16 => args.launch::<bf16, f32>("ce_fwd_bf16", logits, cap as f32)?,
@@ -146,7 +146,7 @@ pub(crate) fn backward(
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     let args = BackwardArgs { dev, rows: &rows, labels, cfg };
-    let cap = cfg.terms.softcap.unwrap_or(0.0);
+    let cap = kernel_cap(cfg);
     let grad = match logits.dtype() {
         DType::F32 => args.launch::<f32, f32>("ce_bwd_f32", logits, factors, factors_layout, cap as f32)?,
         DType::BF16 => args.launch::<bf16, f32>("ce_bwd_bf16", logits, factors, factors_layout, cap as f32)?,
@@ -171,7 +171,7 @@ pub(crate) fn backward_in_place(
     let dev = logits.device().clone();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     let args = BackwardArgs { dev: &dev, rows: &rows, labels, cfg };
-    let cap = cfg.terms.softcap.unwrap_or(0.0);
+    let cap = kernel_cap(cfg);
     match logits.dtype() {
         DType::F32 => {
             args.launch_in_place::<f32, f32>("ce_bwd_inplace_f32", logits, factors, factors_layout, cap as f32)
@@ -247,6 +247,11 @@ impl BackwardArgs<'_> {
         unsafe { builder.launch(rows.launch_config()) }.w()?;
         Ok(())
     }
+}
+
+/// The soft-cap as the kernels take it: 0 for none.
+fn kernel_cap(cfg: &OpConfig) -> f64 {
+    cfg.terms.softcap.unwrap_or(0.0)
 }
 
 /// The contiguous elements of an internal operand (labels, factors).
