@@ -19,8 +19,8 @@
 
 use crate::cpu::{self, STATS};
 use crate::loss::{checked_labels, checked_logits, UnitFactors};
-use crate::op::{self, NodeBackward, OpConfig, StatsNode};
-use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
+use crate::op::{self, Engine, NodeBackward, OpConfig, StatsNode};
+use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
 use std::sync::Mutex;
 
@@ -42,6 +42,12 @@ use std::sync::Mutex;
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
 /// size of the hidden states, but at least 512 rows. Labels are checked on the
 /// host before any chunk runs.
+///
+/// On a device the kernels do not cover (Metal, or CUDA without this crate's
+/// `cuda` feature; see [`ChunkedCrossEntropy`]) the logits are materialised
+/// whole by candle's matmul and the loss is candle's primitive ops
+/// differentiated by candle's autograd: the same results, without the memory
+/// savings.
 ///
 /// ```
 /// use candle::{DType, Device, Tensor, Var};
@@ -73,6 +79,14 @@ impl LinearCrossEntropy {
     /// Fused kernels on each chunk (`true`, the default) or candle's primitive ops.
     pub fn compile(mut self, compile: bool) -> Self {
         self.config = self.config.compile(compile);
+        self
+    }
+
+    /// As [`ChunkedCrossEntropy::force_autograd`]: the path of a device the
+    /// kernels do not cover, on any device. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn force_autograd(mut self, force_autograd: bool) -> Self {
+        self.config = self.config.force_autograd(force_autograd);
         self
     }
 
@@ -165,7 +179,9 @@ impl LinearCrossEntropy {
     }
 
     /// Validates the inputs, runs the chunks, and attaches the loss's graph
-    /// node: its `[N, 4]` statistics, the checked `[N]` labels and `V`.
+    /// node: its `[N, 4]` statistics, the checked `[N]` labels and `V`. With
+    /// `Engine::Autograd`, the statistics of the whole logits, recorded op by
+    /// op, with no node.
     fn node(
         &self,
         hidden: &Tensor,
@@ -192,8 +208,13 @@ impl LinearCrossEntropy {
             Some(c) => c,
             None => (n * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(n.max(1)),
         };
+        let cfg = self.config.op_config(hidden.device())?;
+        if cfg.engine == Engine::Autograd {
+            let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
+            return Ok((reference::row_stats_recorded(&logits, &labels, cfg)?, labels, vocab));
+        }
         // Each chunk's logits are a temporary: its gradient always overwrites it.
-        let cfg = OpConfig { chunk_len, inplace_grad: true, ..self.config.op_config()? };
+        let cfg = OpConfig { chunk_len, inplace_grad: true, ..cfg };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
         let (stats, precomputed) = match self.config.unit_factors(vocab, valid, num_label_tokens) {
             Some(unit) => {

@@ -5,7 +5,8 @@
 
 use crate::cpu::RowTerms;
 use crate::op::{self, Engine, LogitsBackward, OpConfig, StatsNode};
-use candle::{bail, DType, Result, Shape, Tensor};
+use crate::reference;
+use candle::{bail, DType, Device, Result, Shape, Tensor};
 
 /// How per-token losses are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +57,19 @@ pub enum Reduction {
 /// - A confident token's loss and gradient (`p_y -> 1`) keep full f32
 ///   precision, where PyTorch's `lse - x_y` and `softmax - 1` cancel.
 /// - Labels at masked positions are ignored without being range-checked.
+///
+/// # Devices the kernels do not cover
+/// The loss's node and its fused kernels are custom ops, implemented for the
+/// CPU and, with this crate's `cuda` feature, CUDA. On any other device
+/// (Metal, or CUDA when candle has it through another crate but this crate
+/// was built without `cuda`) the loss runs candle's primitive ops (the
+/// `compile = false` maths) recorded in the graph, and candle's autograd
+/// differentiates them: same options, outputs, semantics and errors, but
+/// several `[N, V]` f32 temporaries kept for backward (as
+/// `candle_nn::loss::cross_entropy`), `chunk_len` and `compile` without
+/// effect, and `inplace_grad` ignored (candle's backprop allocates the
+/// gradient). The soft-cap's slope is then candle's `1 - tanh²`, exact to
+/// about 1e-7 absolute where the cap saturates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkedCrossEntropy {
     chunk_len: usize,
@@ -66,6 +80,7 @@ pub struct ChunkedCrossEntropy {
     label_smoothing: f64,
     z_loss: f64,
     logit_softcap: Option<f64>,
+    force_autograd: bool,
 }
 
 /// Everything one loss call computes, from one pass over the logits.
@@ -110,6 +125,7 @@ impl ChunkedCrossEntropy {
             label_smoothing: 0.0,
             z_loss: 0.0,
             logit_softcap: None,
+            force_autograd: false,
         }
     }
 
@@ -141,6 +157,7 @@ impl ChunkedCrossEntropy {
     /// `[N, V]` buffer. The logits hold the gradient afterwards: use it only
     /// when nothing else reads the logits after the loss's backward (true for
     /// logits straight out of an `lm_head` matmul). Requires `compile = true`.
+    /// Ignored on a device the kernels do not cover (see the type's docs).
     pub fn inplace_grad(mut self, inplace_grad: bool) -> Self {
         self.inplace_grad = inplace_grad;
         self
@@ -165,6 +182,16 @@ impl ChunkedCrossEntropy {
     /// with `cap > 0`, differentiated through in backward. `None` disables it.
     pub fn logit_softcap(mut self, logit_softcap: Option<f64>) -> Self {
         self.logit_softcap = logit_softcap;
+        self
+    }
+
+    /// Runs the loss as on a device the kernels do not cover (see the type's
+    /// docs), whatever the device: the tests hold that path against the
+    /// engines on the CPU, where it would otherwise never run. Not part of the
+    /// stable API.
+    #[doc(hidden)]
+    pub fn force_autograd(mut self, force_autograd: bool) -> Self {
+        self.force_autograd = force_autograd;
         self
     }
 
@@ -236,7 +263,8 @@ impl ChunkedCrossEntropy {
     }
 
     /// Validates the inputs and attaches the loss's graph node: its `[N, 4]`
-    /// statistics, the checked `[N]` labels and `V`.
+    /// statistics, the checked `[N]` labels and `V`. With `Engine::Autograd`
+    /// the statistics are recorded op by op instead, with no node.
     fn node(
         &self,
         logits: &Tensor,
@@ -244,10 +272,13 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<(Tensor, Tensor, usize)> {
-        let cfg = self.op_config()?;
+        let cfg = self.op_config(logits.device())?;
         self.check_num_label_tokens(num_label_tokens)?;
-        let (logits, labels) = self.checked_inputs(logits, labels, mask)?;
+        let (logits, labels) = self.checked_inputs(logits, labels, mask, cfg)?;
         let vocab = logits.dim(candle::D::Minus1)?;
+        if cfg.engine == Engine::Autograd {
+            return Ok((reference::row_stats_recorded(&logits, &labels, cfg)?, labels, vocab));
+        }
         let stats = op::row_stats(&logits, &labels, cfg)?;
         let backward = LogitsBackward { cfg, labels: labels.clone() };
         Ok((logits.apply_op1(StatsNode { stats, backward })?, labels, vocab))
@@ -388,8 +419,8 @@ impl ChunkedCrossEntropy {
         logits: &Tensor,
         labels: &Tensor,
     ) -> Result<(std::time::Duration, std::time::Duration, Tensor)> {
-        let cfg = self.op_config()?;
-        let (logits, labels) = self.checked_inputs(logits, labels, None)?;
+        let cfg = self.op_config(logits.device())?;
+        let (logits, labels) = self.checked_inputs(logits, labels, None, cfg)?;
         let device = logits.device();
         device.synchronize()?;
         let start = std::time::Instant::now();
@@ -410,21 +441,30 @@ impl ChunkedCrossEntropy {
     /// Validates logits, labels and mask (see [`forward`](Self::forward)) and
     /// returns the logits with a unit-stride vocabulary dim and the labels as
     /// `[N]` contiguous i64 with masked tokens set to `ignore_index`.
-    fn checked_inputs(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    fn checked_inputs(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        cfg: OpConfig,
+    ) -> Result<(Tensor, Tensor)> {
         let logits = checked_logits(logits)?;
         let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
         let vocab = logits.dim(candle::D::Minus1)?;
         if labels.dim(0)? > 0 && vocab == 0 {
             bail!("chunked cross-entropy: logits {:?} have an empty vocabulary dim", logits.shape())
         }
-        if !self.compile {
-            // The fused op checks labels inside its kernel; the primitive path checks them here.
+        if cfg.engine != Engine::Fused {
+            // The fused op checks labels inside its kernel; candle's ops (whose `gather`
+            // may not check its indices on every device) need them checked here.
             op::row_labels(&labels.to_vec1::<i64>()?, vocab, self.ignore_index)?;
         }
         Ok((logits, labels))
     }
 
-    pub(crate) fn op_config(&self) -> Result<OpConfig> {
+    /// The validated settings of a call on `device`, and the engine that runs
+    /// it there (the one place that asks whether our kernels cover a device).
+    pub(crate) fn op_config(&self, device: &Device) -> Result<OpConfig> {
         if self.chunk_len == 0 {
             bail!("chunked cross-entropy: chunk_len must be at least 1, got 0")
         }
@@ -442,11 +482,14 @@ impl ChunkedCrossEntropy {
                 bail!("chunked cross-entropy: logit_softcap must be finite and > 0, got {cap}")
             }
         }
+        let covered = op::kernels_cover(device.location()) && !self.force_autograd;
+        let engine = Engine::select(covered, self.compile);
         Ok(OpConfig {
-            engine: if self.compile { Engine::Fused } else { Engine::Primitive },
+            engine,
             ignore_index: self.ignore_index,
             chunk_len: self.chunk_len,
-            inplace_grad: self.inplace_grad,
+            // Candle's backprop allocates the gradient of recorded ops: nothing to write in place.
+            inplace_grad: self.inplace_grad && engine != Engine::Autograd,
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
         })
     }

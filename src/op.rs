@@ -55,18 +55,56 @@
 //! graph (candle's `narrow` backward pads every chunk to full size, which would
 //! make the loss quadratic). The node's backward keeps `lse` and `ce` from the
 //! forward, so backward is one pass that never re-reduces a row.
+//!
+//! On a device where no custom op of this crate runs ([`kernels_cover`]),
+//! there is no node: `Engine::Autograd` records the primitive engine's
+//! statistics op by op (`reference::row_stats_recorded`), and candle's
+//! autograd differentiates them.
 
 use crate::cpu::{self, RowLabel, RowLayout, RowTerms, STATS};
 use crate::reference;
 use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Storage, Tensor};
+use candle::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DeviceLocation, InplaceOp3, Layout, Result, Shape, Storage,
+    Tensor,
+};
 
 /// Which kernels compute the loss: the fused ones (`compile = true`) or
-/// candle's primitive ops, a chunk of rows at a time (`compile = false`).
+/// candle's primitive ops, a chunk of rows at a time (`compile = false`),
+/// both inside a [`StatsNode`]; or, on a device that no custom op of this
+/// crate runs on (see [`kernels_cover`]), candle's primitive ops recorded in
+/// the graph op by op and differentiated by candle's autograd (`Autograd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Engine {
     Fused,
     Primitive,
+    Autograd,
+}
+
+impl Engine {
+    /// The engine for a loss on a device that [`kernels_cover`] (or not), with
+    /// the `compile` setting.
+    pub(crate) fn select(covered: bool, compile: bool) -> Self {
+        match (covered, compile) {
+            (false, _) => Engine::Autograd,
+            (true, true) => Engine::Fused,
+            (true, false) => Engine::Primitive,
+        }
+    }
+}
+
+/// Whether this build's custom ops run on tensors at `location`: the fused
+/// kernels, and also the [`StatsNode`] that makes either engine one graph node
+/// (a custom op with no implementation for a device fails there, whatever it
+/// computes). The CPU always; CUDA only when this crate has its `cuda` feature,
+/// since candle can have CUDA through another crate's feature while our
+/// `cuda_fwd`s were not compiled; Metal never.
+pub(crate) fn kernels_cover(location: DeviceLocation) -> bool {
+    match location {
+        DeviceLocation::Cpu => true,
+        DeviceLocation::Cuda { .. } => cfg!(feature = "cuda"),
+        DeviceLocation::Metal { .. } => false,
+    }
 }
 
 /// Validated settings shared by the forward and backward of one loss call.
@@ -81,11 +119,14 @@ pub(crate) struct OpConfig {
 
 /// Computes the per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)`
 /// of `logits` (`[.., V]`, last dim unit-stride) against `labels` (`[N]`,
-/// i64, contiguous), with nothing recorded for backward.
+/// i64, contiguous), with nothing recorded for backward. `Autograd` runs the
+/// primitive engine, which needs no custom op (the losses record their
+/// statistics with `reference::row_stats_recorded` instead; only the
+/// benchmarks' [`crate::ChunkedCrossEntropy::bench_ops`] come here with it).
 pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
     match cfg.engine {
         Engine::Fused => logits.apply_op2_no_bwd(labels, &FusedForward(cfg)),
-        Engine::Primitive => reference::row_stats_chunked(&logits.detach(), labels, cfg),
+        Engine::Primitive | Engine::Autograd => reference::row_stats_chunked(&logits.detach(), labels, cfg),
     }
 }
 
@@ -238,7 +279,7 @@ impl NodeBackward for LogitsBackward {
 /// The gradient of the loss with respect to `logits` (shaped like them, in
 /// their dtype), from `factors = [N, 5] = (g_ce, g_lse, g_sum, lse, ce)`, with
 /// nothing recorded for backward. With `inplace_grad` it is written over
-/// `logits`.
+/// `logits`. `Autograd` runs the primitive engine, as in [`row_stats`].
 pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cfg: OpConfig) -> Result<Tensor> {
     // `cat` along dim 1 of non-contiguous columns can return a strided tensor.
     let factors = &factors.contiguous()?;
@@ -248,7 +289,7 @@ pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cf
             logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg))?;
             Ok(logits.detach())
         }
-        (Engine::Primitive, _) => reference::grad_chunked(&logits.detach(), labels, factors, cfg),
+        (Engine::Primitive | Engine::Autograd, _) => reference::grad_chunked(&logits.detach(), labels, factors, cfg),
     }
 }
 
@@ -436,5 +477,27 @@ fn f64_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f64]> 
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F64(v), Some((start, end))) => Ok(&v[start..end]),
         _ => bail!("chunked cross-entropy: backward factors must be contiguous f64"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_cover_cpu_always_cuda_with_the_feature_metal_never() {
+        assert!(kernels_cover(DeviceLocation::Cpu));
+        for gpu_id in [0, 3] {
+            assert_eq!(kernels_cover(DeviceLocation::Cuda { gpu_id }), cfg!(feature = "cuda"));
+            assert!(!kernels_cover(DeviceLocation::Metal { gpu_id }));
+        }
+    }
+
+    #[test]
+    fn uncovered_devices_get_the_autograd_engine_whatever_compile_says() {
+        assert_eq!(Engine::select(true, true), Engine::Fused);
+        assert_eq!(Engine::select(true, false), Engine::Primitive);
+        assert_eq!(Engine::select(false, true), Engine::Autograd);
+        assert_eq!(Engine::select(false, false), Engine::Autograd);
     }
 }

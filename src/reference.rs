@@ -1,10 +1,13 @@
 //! Cross-entropy from candle's primitive ops.
 //!
-//! Two things live here:
+//! Three things live here:
 //! - the `compile = false` engine: the maths of `op.rs` (forward statistics and
 //!   the hand-written gradient) run with candle ops on detached tensors, one
 //!   chunk of `chunk_len` rows at a time, so that its f32 temporaries are
 //!   `[chunk_len, V]`;
+//! - the same forward statistics recorded in candle's graph, for devices no
+//!   custom op of this crate runs on (`Engine::Autograd`): candle's autograd
+//!   differentiates them, to the hand-written gradient;
 //! - [`cross_entropy_slow`], the plain, unchunked formula differentiated by
 //!   candle's own autograd: the reference the tests hold both engines against.
 
@@ -55,26 +58,65 @@ pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: OpConfig)
     let mut stats = Vec::new();
     for chunk in row_chunks(&rows, labels, cfg.ignore_index, cfg.chunk_len) {
         let Chunk { x, labels, .. } = chunk?;
-        let x = softcapped(&x, cfg.terms)?;
-        let max = x.max_keepdim(1)?;
-        let shifted = x.broadcast_sub(&max)?;
-        let target = shifted.gather(&labels.safe, 1)?;
-        let target_term = target.exp()?;
-        let exps = shifted.exp()?;
-        let log_total = exps.sum_keepdim(1)?.log()?;
-        let rest = exps.mul(&labels.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
-        // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
-        let confident = rest.le(&target_term)?;
-        let ce = confident.where_cond(&ln_1p(&(rest / target_term)?)?, &(&log_total - &target)?)?;
-        let lse = (log_total + max)?;
-        let logit_sum = if cfg.terms.logit_sum { x.sum_keepdim(1)? } else { lse.zeros_like()? };
-        let correct = labels.first_argmax(&x)?;
-        stats.push(labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)?);
+        stats.push(block_stats(&x, &labels, cfg.terms)?);
     }
     if stats.is_empty() {
         return Tensor::zeros((0, STATS), compute_dtype(logits.dtype()), logits.device());
     }
     Tensor::cat(&stats, 0)
+}
+
+/// The statistics of [`row_stats_chunked`], recorded in candle's graph: for
+/// devices where no custom op of this crate runs (`Engine::Autograd`), so that
+/// candle's autograd gives the gradient of whatever the loss composes from
+/// them. All rows at once: a graph of chunks would cost the same memory (the
+/// graph keeps every chunk's temporaries for backward) and `narrow`'s backward
+/// pads each chunk to full size. So this holds several `[N, V]` temporaries in
+/// the compute dtype, as `candle_nn`'s loss does.
+pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> candle::Result<Tensor> {
+    let rows = as_rows(logits)?;
+    let dtype = compute_dtype(rows.dtype());
+    if rows.dim(0)? == 0 {
+        // Nothing to reduce (candle's `max` refuses an empty tensor), but the
+        // statistics must still depend on the logits, which then get their
+        // (empty) gradient as they do from the engines' node.
+        return rows.sum_keepdim(1)?.to_dtype(dtype)?.broadcast_as((0, STATS))?.contiguous();
+    }
+    let labels = ChunkLabels::new(labels, cfg.ignore_index)?;
+    // Ignored rows are zeroed before any op reads them: whatever they hold (NaN,
+    // inf), backward then multiplies their zero upstream gradient by finite
+    // values only, and this `where` hands them an exact 0.
+    let x = labels.zero_ignored(&rows)?.to_dtype(dtype)?;
+    block_stats(&x, &labels, cfg.terms)
+}
+
+/// The statistics `[n, 4]` of the rows `x` (`[n, V]`, `n > 0`, in the compute
+/// dtype), zeros on ignored rows. Written so that candle's autograd, where `x`
+/// is recorded, differentiates them exactly as op.rs's backward does: the
+/// shift by the row's max carries no gradient (it changes no statistic), the
+/// confident branch's `ln(1 + rest / t)` differentiates to `p_j` and `-Σ_{j≠y}
+/// p_j` without cancellation, and the branch `where` does not take never sees
+/// a zero divisor (its zero upstream gradient times an infinite one would be
+/// NaN). The one difference: the soft-cap's slope is candle's `1 - tanh²`,
+/// which, where the cap saturates, keeps an absolute (not relative) precision
+/// of about 1e-7.
+fn block_stats(x: &Tensor, labels: &ChunkLabels, terms: RowTerms) -> candle::Result<Tensor> {
+    let x = softcapped(x, terms)?;
+    let max = x.max_keepdim(1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let target = shifted.gather(&labels.safe, 1)?;
+    let target_term = target.exp()?;
+    let exps = shifted.exp()?;
+    let log_total = exps.sum_keepdim(1)?.log()?;
+    let rest = exps.mul(&labels.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
+    // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
+    let confident = rest.le(&target_term)?;
+    let divisor = confident.where_cond(&target_term, &target_term.ones_like()?)?;
+    let ce = confident.where_cond(&ln_1p(&(rest / divisor)?)?, &(&log_total - &target)?)?;
+    let lse = (log_total + max)?;
+    let logit_sum = if terms.logit_sum { x.sum_keepdim(1)? } else { lse.zeros_like()? };
+    let correct = labels.first_argmax(&x.detach())?;
+    labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)
 }
 
 /// The `compile = false` backward (see op.rs) in the logits' dtype and shape,
@@ -189,7 +231,11 @@ impl ChunkLabels {
 
 /// `ln(1 + z)` without losing small `z` to the rounding of `1 + z`
 /// (Goldberg's trick; candle has no `log1p`): `ln(u) * z / (u - 1)` with
-/// `u = 1 + z`, and `z` itself where `u` rounds to 1.
+/// `u = 1 + z`, and `z` itself where `u` rounds to 1. Recorded, it also
+/// differentiates to `1 / (1 + z)` at full precision: the rounding of `u - 1`
+/// against `z` enters the derivatives through `z / (u - 1)` and `ln(u) / (u -
+/// 1)` with opposite signs and cancels (the confident-token tests hold it to
+/// 2e-6 where that rounding can reach 4% of `z`).
 fn ln_1p(z: &Tensor) -> candle::Result<Tensor> {
     let u = (z + 1.0)?;
     let d = (&u - 1.0)?;

@@ -1,5 +1,6 @@
 //! Every bad input gets a `candle::Error` that names the problem, never a
-//! panic, on both engines where the setting applies; the caller's labels are
+//! panic, on both engines (and the path of devices our kernels do not cover)
+//! where the setting applies; the caller's labels are
 //! left as they were.
 
 mod common;
@@ -8,9 +9,11 @@ use candle::{DType, Device, Tensor};
 use candle_chunked_ce::{compute_cross_entropy, ChunkedCrossEntropy, Reduction};
 use common::Rng;
 
-/// Both engines at a small chunk length.
-fn engines() -> [ChunkedCrossEntropy; 2] {
-    [ChunkedCrossEntropy::new(2, true, -100), ChunkedCrossEntropy::new(2, false, -100)]
+/// Both engines at a small chunk length, and candle's autograd as on a device
+/// our kernels do not cover.
+fn engines() -> [ChunkedCrossEntropy; 3] {
+    let fused = ChunkedCrossEntropy::new(2, true, -100);
+    [fused.clone(), ChunkedCrossEntropy::new(2, false, -100), fused.force_autograd(true)]
 }
 
 /// Asserts that `result` is an error whose message contains every one of

@@ -1,4 +1,5 @@
-//! Central finite differences in f64 against the hand-written backward, for
+//! Central finite differences in f64 against the hand-written backward (and
+//! candle's autograd on the path of devices our kernels do not cover), for
 //! every reduction and engine, with ignored rows, masks, `num_label_tokens`,
 //! scaled and summed losses, and through an `lm_head`-style matmul.
 
@@ -39,8 +40,22 @@ fn gradcheck(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> candle::Res
     Ok(())
 }
 
-fn engines() -> [ChunkedCrossEntropy; 2] {
-    [ChunkedCrossEntropy::new(2, true, -100), ChunkedCrossEntropy::new(2, false, -100)]
+/// Both engines, and candle's autograd as on a device our kernels do not cover.
+fn engines() -> [ChunkedCrossEntropy; 3] {
+    let fused = ChunkedCrossEntropy::new(2, true, -100);
+    [fused.clone(), ChunkedCrossEntropy::new(2, false, -100), fused.force_autograd(true)]
+}
+
+/// Every engine of [`engines`], and the fused one writing its gradient in place.
+fn engines_and_in_place() -> [ChunkedCrossEntropy; 4] {
+    let [fused, primitive, autograd] = engines();
+    [fused.clone(), primitive, autograd, fused.inplace_grad(true)]
+}
+
+/// The linear loss's engines in chunks of 2 rows, and candle's autograd.
+fn linear_engines() -> [LinearCrossEntropy; 3] {
+    let fused = LinearCrossEntropy::default().chunk_len(Some(2));
+    [fused.clone(), fused.clone().compile(false), fused.force_autograd(true)]
 }
 
 /// Every reduction (`None` through a weighted sum), with ignored rows.
@@ -101,7 +116,7 @@ fn through_lm_head(device: &Device) -> anyhow::Result<()> {
     let hidden = common::logits(&mut rng, &[2, 3, 4], 1.0, DType::F64, device)?;
     let weight = common::logits(&mut rng, &[4, 9], 1.0, DType::F64, device)?;
     let labels = common::labels(&mut rng, &[2, 3], 9, 0.2, -100, device)?;
-    let configs = [engines()[0].clone(), engines()[1].clone(), engines()[0].clone().inplace_grad(true)];
+    let configs = engines_and_in_place();
     for ce in configs {
         gradcheck(&format!("{ce:?} lm_head"), &[hidden.clone(), weight.clone()], |x| {
             let logits = x[0].broadcast_matmul(&x[1])?;
@@ -129,11 +144,11 @@ fn linear_cross_entropy(device: &Device) -> anyhow::Result<()> {
     let weight = common::logits(&mut rng, &[9, 4], 1.0, DType::F64, device)?;
     let labels = common::labels(&mut rng, &[2, 3], 9, 0.2, -100, device)?;
     let mask = Tensor::new(&[[1u8, 1, 0], [1, 0, 1]], device)?;
-    for compile in [true, false] {
+    for ce in linear_engines() {
         for (reduction, num_label_tokens) in
             [(Reduction::Mean, None), (Reduction::Mean, Some(7)), (Reduction::Sum, None), (Reduction::None, None)]
         {
-            let ce = LinearCrossEntropy::default().compile(compile).reduction(reduction).chunk_len(Some(2));
+            let ce = ce.clone().reduction(reduction);
             gradcheck(&format!("linear {ce:?} {num_label_tokens:?}"), &[hidden.clone(), weight.clone()], |x| {
                 backward_of(&ce.forward_with_num_label_tokens(&x[0], &x[1], &labels, Some(&mask), num_label_tokens)?)
             })?;
@@ -154,7 +169,7 @@ fn loss_options(device: &Device) -> anyhow::Result<()> {
     let logits = common::logits(&mut rng, &[2, 3, 7], 3.0, DType::F64, device)?;
     let labels = Tensor::new(&[[3i64, -100, 0], [6, 2, 1]], device)?;
     let mask = Tensor::new(&[[1u8, 1, 1], [1, 0, 1]], device)?;
-    let configs = [engines()[0].clone(), engines()[1].clone(), engines()[0].clone().inplace_grad(true)];
+    let configs = engines_and_in_place();
     for (smoothing, z_loss, softcap) in OPTIONS {
         for ce in &configs {
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
@@ -180,13 +195,8 @@ fn linear_options_and_bias(device: &Device) -> anyhow::Result<()> {
     let bias = common::logits(&mut rng, &[8], 1.0, DType::F64, device)?;
     let labels = Tensor::new(&[7i64, -100, 0, 3, 3], device)?;
     for (smoothing, z_loss, softcap) in [(0.0, 0.0, None)].into_iter().chain(OPTIONS) {
-        for compile in [true, false] {
-            let ce = LinearCrossEntropy::default()
-                .compile(compile)
-                .chunk_len(Some(2))
-                .label_smoothing(smoothing)
-                .z_loss(z_loss)
-                .logit_softcap(softcap);
+        for ce in linear_engines() {
+            let ce = ce.label_smoothing(smoothing).z_loss(z_loss).logit_softcap(softcap);
             gradcheck(&format!("linear {ce:?}"), &[hidden.clone(), weight.clone(), bias.clone()], |x| {
                 Ok(ce.forward_with_outputs(&x[0], &x[1], Some(&x[2]), &labels, None, None)?.loss)
             })?;

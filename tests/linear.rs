@@ -102,22 +102,23 @@ fn bad_inputs(device: &Device) -> anyhow::Result<()> {
     let weight = Tensor::zeros((10, 8), DType::F32, device)?;
     let labels = Tensor::new(&[1i64, 2, 12, 3], device)?;
     let good = Tensor::new(&[1i64, 2, 3, 4], device)?;
-    let ce = LinearCrossEntropy::default();
     let message = |r: candle::Result<Tensor>| r.expect_err("should fail").to_string();
-    let err = message(ce.forward(&hidden, &weight, &labels, None));
-    assert!(err.contains("label 12") && err.contains("row 2"), "{err}");
-    let err = message(ce.forward(&hidden, &Tensor::zeros((10, 7), DType::F32, device)?, &good, None));
-    assert!(err.contains("must be [V, 8]"), "{err}");
-    let err = message(ce.forward(&hidden, &weight.to_dtype(DType::F64)?, &good, None));
-    assert!(err.contains("share dtype"), "{err}");
-    let sum = ce.clone().reduction(Reduction::Sum);
-    let err = message(sum.forward_with_num_label_tokens(&hidden, &weight, &good, None, Some(3)));
-    assert!(err.contains("num_label_tokens"), "{err}");
-    let err = message(ce.clone().chunk_len(Some(0)).forward(&hidden, &weight, &good, None));
-    assert!(err.contains("chunk_len"), "{err}");
-    let ignored = Tensor::full(-100i64, 4, device)?;
-    let err = message(ce.forward(&hidden, &Tensor::zeros((0, 8), DType::F32, device)?, &ignored, None));
-    assert!(err.contains("empty vocabulary"), "{err}");
+    for ce in [LinearCrossEntropy::default(), LinearCrossEntropy::default().force_autograd(true)] {
+        let err = message(ce.forward(&hidden, &weight, &labels, None));
+        assert!(err.contains("label 12") && err.contains("row 2"), "{err}");
+        let err = message(ce.forward(&hidden, &Tensor::zeros((10, 7), DType::F32, device)?, &good, None));
+        assert!(err.contains("must be [V, 8]"), "{err}");
+        let err = message(ce.forward(&hidden, &weight.to_dtype(DType::F64)?, &good, None));
+        assert!(err.contains("share dtype"), "{err}");
+        let sum = ce.clone().reduction(Reduction::Sum);
+        let err = message(sum.forward_with_num_label_tokens(&hidden, &weight, &good, None, Some(3)));
+        assert!(err.contains("num_label_tokens"), "{err}");
+        let err = message(ce.clone().chunk_len(Some(0)).forward(&hidden, &weight, &good, None));
+        assert!(err.contains("chunk_len"), "{err}");
+        let ignored = Tensor::full(-100i64, 4, device)?;
+        let err = message(ce.forward(&hidden, &Tensor::zeros((0, 8), DType::F32, device)?, &ignored, None));
+        assert!(err.contains("empty vocabulary"), "{err}");
+    }
     Ok(())
 }
 
@@ -133,15 +134,18 @@ fn nothing_to_learn_is_exactly_zero(device: &Device) -> anyhow::Result<()> {
         (hidden.clone(), labels, Some(0)),
         (Tensor::zeros((0, 6), DType::F32, device)?, Tensor::zeros(0, DType::I64, device)?, None),
     ];
-    for (hidden, labels, num_label_tokens) in cases {
-        let (h, w) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
-        let ce = LinearCrossEntropy::default();
-        let loss = ce.forward_with_num_label_tokens(h.as_tensor(), w.as_tensor(), &labels, None, num_label_tokens)?;
-        assert_eq!(loss.to_scalar::<f32>()?, 0.0, "{:?} {num_label_tokens:?}", hidden.shape());
-        let grads = loss.backward()?;
-        for v in [&h, &w] {
-            let g: Vec<f32> = grads.get(v.as_tensor()).expect("no gradient").flatten_all()?.to_vec1()?;
-            assert!(g.iter().all(|&x| x == 0.0), "{:?}: gradient not exactly zero", hidden.shape());
+    for ce in [LinearCrossEntropy::default(), LinearCrossEntropy::default().force_autograd(true)] {
+        for (hidden, labels, num_label_tokens) in &cases {
+            let what = format!("{ce:?} {:?} {num_label_tokens:?}", hidden.shape());
+            let (h, w) = (Var::from_tensor(hidden)?, Var::from_tensor(&weight)?);
+            let loss =
+                ce.forward_with_num_label_tokens(h.as_tensor(), w.as_tensor(), labels, None, *num_label_tokens)?;
+            assert_eq!(loss.to_scalar::<f32>()?, 0.0, "{what}");
+            let grads = loss.backward()?;
+            for v in [&h, &w] {
+                let g: Vec<f32> = grads.get(v.as_tensor()).expect("no gradient").flatten_all()?.to_vec1()?;
+                assert!(g.iter().all(|&x| x == 0.0), "{what}: gradient not exactly zero");
+            }
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ mod common;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, LinearCrossEntropy, Reduction};
-use common::{assert_close, Rng};
+use common::{assert_close, max_abs, Rng};
 
 /// One PyTorch reference: the settings and what PyTorch computed for them.
 struct Expected {
@@ -334,10 +334,6 @@ fn outputs_and_grad(ce: &ChunkedCrossEntropy, logits: &Tensor) -> anyhow::Result
     let grads = common::backward_of(&out.loss)?.backward()?;
     let grad = grads.get(var.as_tensor()).expect("logits without gradient").clone();
     Ok((out, grad))
-}
-
-fn max_abs(t: &Tensor) -> anyhow::Result<f64> {
-    Ok(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// Token accuracy counts the first argmax, over valid tokens only, masks

@@ -158,3 +158,29 @@ pub fn assert_close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) ->
     }
     Ok(())
 }
+
+/// [`assert_close`] for outputs that may be non-finite: where `b` is NaN, `a`
+/// must be NaN; where `b` is infinite, `a` must be the same infinity;
+/// elsewhere `|a - b| <= atol + rtol * |b|`.
+pub fn assert_close_nonfinite(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) -> Result<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let a: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        if y.is_nan() {
+            assert!(x.is_nan(), "{what}: element {i}: {x}, want NaN");
+        } else if y.is_infinite() {
+            assert_eq!(x, y, "{what}: element {i}");
+        } else {
+            let bound = atol + rtol * y.abs();
+            assert!((x - y).abs() <= bound, "{what}: element {i}: {x} vs {y} (diff {:e} > {bound:e})", (x - y).abs());
+        }
+    }
+    Ok(())
+}
+
+/// The largest `|t|`, as f64 (NaN is skipped).
+pub fn max_abs(t: &Tensor) -> Result<f64> {
+    let values: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(values.iter().map(|v| v.abs()).filter(|v| !v.is_nan()).fold(0.0, f64::max))
+}
