@@ -202,6 +202,12 @@ impl LinearCrossEntropy {
         if n > 0 && vocab == 0 {
             bail!("linear cross-entropy: weight {:?} has an empty vocabulary dim", weight.shape())
         }
+        // The forward call's one intended device->host read (a sync on CUDA): the labels,
+        // once, to check them before any chunk runs and to count the valid ones, which the
+        // precomputed gradients' scale needs on the host. Everything after it only queues
+        // work on the device (scalar operands are host->device copies, and `Tensor::full`
+        // is a fill kernel) except, so far, the fused CUDA forward: `cuda::forward` reads
+        // its bad-label flag back after every chunk, although these labels are checked here.
         let valid = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?.iter().flatten().count();
         let chunk_len = match self.chunk_len {
             Some(0) => bail!("linear cross-entropy: chunk_len must be at least 1, got 0"),
