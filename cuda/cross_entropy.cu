@@ -1,27 +1,38 @@
 // Fused cross-entropy kernels for candle-chunked-ce.
 //
-// Forward: one block per row reads the row once, keeping a running max and a
-// running sum of exponentials in f32 (f64 for f64 logits) per thread (plus the
-// logit sum for label smoothing, and the largest logits before and after the
-// target for token accuracy), merges them across the block, and writes
-// (ce, lse, logit_sum, correct) for the row. It never materialises
-// probabilities. Backward: one block per row reads the row once more and
-// writes the gradient in the logits' dtype, into a fresh buffer or over the
-// logits. Both apply the optional soft-cap cap * tanh(x / cap) to each logit
-// as they read it (cap = 0: none). The maths, and why the loss and the target
-// term are formed as they are (no cancellation when p_y -> 1), is written once
-// in src/op.rs; the CPU kernels in src/cpu/ compute the same thing.
+// Forward: a row group (one warp per row for small vocabularies, the whole
+// block otherwise; see `rows_per_block`) streams its row once in 16-byte
+// packs, keeping per thread a running max and a running sum of exponentials
+// in f32 (f64 for f64 logits), plus the logit sum for label smoothing and the
+// largest logit before the target for token accuracy. It merges them across
+// the group and writes (ce, lse, logit_sum, correct) for the row. It never
+// materialises probabilities. Backward: the same traversal reads the row once
+// more and writes the gradient in the logits' dtype, into a fresh buffer or
+// over the logits. Both apply the optional soft-cap cap * tanh(x / cap) to each
+// logit as they read it. The maths, and why the loss and the target term are
+// formed as they are (no cancellation when p_y -> 1), is written once in
+// src/op.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
+// lists below are described once, in src/kernel_abi.rs, for both the CUDA
+// launcher and the CPU-executed tests (tests/kernels_on_cpu.rs).
 //
-// Offsets are 64-bit everywhere: N * V passes 2^31 at N = 16384, V = 131072.
-// Rows may be strided (a [B, S-1, V] view of [B, S, V] logits): row r starts
-// at start + (r / inner) * stride_outer + (r % inner) * stride_inner.
+// Why the loop looks as it does (it is bound by memory bandwidth):
+// - Every row is split into scalar head elements up to the first 16-byte
+//   boundary, whole 16-byte packs, and scalar tail elements: rows of a
+//   [B, S-1, V] view, or with an odd V, start anywhere.
+// - The target class and the accuracy bookkeeping are handled per pack, not
+//   per element: only the one pack that holds the target looks at indices.
+// - exp(x - m) is exp2(x * log2(e) - m * log2(e)), one FMA and one ex2.
+// - In-row indices are 32-bit (V < 2^31 is checked by the host); row offsets
+//   are 64-bit: N * V passes 2^31 at N = 16384, V = 131072.
+// Rows may be strided: row r starts at
+// start + (r / inner) * stride_outer + (r % inner) * stride_inner.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 // ---------------------------------------------------------------------------
-// Element conversions: every reduction runs in the accumulator type A.
+// Elements, 16-byte packs and the accumulator type A.
 // ---------------------------------------------------------------------------
 
 __device__ __forceinline__ float widen(float x) { return x; }
@@ -39,147 +50,248 @@ template <typename A> __device__ __forceinline__ A neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
 template <> __device__ __forceinline__ double neg_inf<double>() { return -(double)INFINITY; }
 
+template <typename A> __device__ __forceinline__ A log2e();
+template <> __device__ __forceinline__ float log2e<float>() { return 1.4426950408889634f; }
+template <> __device__ __forceinline__ double log2e<double>() { return 1.4426950408889634; }
+
+__device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_of(double x) { return exp2(x); }
+__device__ __forceinline__ float fma_of(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_of(double a, double b, double c) { return fma(a, b, c); }
+
+// Sixteen bytes of elements: one vector load or store.
+template <typename T> struct alignas(16) Pack {
+    static constexpr int kLen = 16 / sizeof(T);
+    // Packs in flight per thread and loop trip.
+    static constexpr int kUnroll = sizeof(T) == 8 ? 1 : 2;
+    T e[kLen];
+};
+
+// Elements of `row` before its first 16-byte boundary (all of them when the
+// row is shorter).
+template <typename T> __device__ __forceinline__ int head_len(const T* row, int vocab) {
+    const int misaligned = int(reinterpret_cast<uintptr_t>(row) % 16);
+    const int head = misaligned == 0 ? 0 : (16 - misaligned) / int(sizeof(T));
+    return head < vocab ? head : vocab;
+}
+
 __device__ __forceinline__ int64_t row_offset(int64_t r, int64_t start, int64_t inner, int64_t stride_outer,
                                               int64_t stride_inner) {
     return start + (r / inner) * stride_outer + (r % inner) * stride_inner;
 }
 
 // ---------------------------------------------------------------------------
-// (max, sum of exp(x - max)) pairs: the online softmax reduction.
+// The soft-cap.
 // ---------------------------------------------------------------------------
 
-// Adds one logit to a running (max, sum). -inf logits contribute nothing;
-// NaN poisons the sum (and so the row's loss), as in PyTorch.
-template <typename A> __device__ __forceinline__ void push(A& m, A& s, A x) {
-    if (x > m) {
-        s = (s == A(0) ? A(0) : s * exp(m - x)) + A(1);
-        m = x;
-    } else if (x != x) {
-        s = x;
-    } else if (x > neg_inf<A>()) {
-        s += exp(x - m);
-    }
+// The logit the loss sees: cap * tanh(x / cap), or x itself without a cap.
+template <bool CAP, typename A> __device__ __forceinline__ A capped(A x, A cap) {
+    return CAP ? cap * tanh(x / cap) : x;
+}
+
+// The soft-cap's derivative at a raw logit x: 1 - tanh^2(x / cap), as 4e / (1 + e)^2 with
+// e = exp(-2 |x / cap|), which does not cancel where the cap saturates (1 without a cap).
+template <bool CAP, typename A> __device__ __forceinline__ A cap_slope(A x, A cap) {
+    if (!CAP) return A(1);
+    const A e = exp(A(-2) * fabs(x / cap));
+    return A(4) * e / ((A(1) + e) * (A(1) + e));
+}
+
+// ---------------------------------------------------------------------------
+// A thread's (then a row group's) partial reduction of a row.
+// ---------------------------------------------------------------------------
+
+template <typename A> struct RowPartial {
+    A max;         // of the logits j != y (NaN skipped, as fmax does)
+    A sum;         // of exp(x_j - max), j != y; NaN poisons it, as in PyTorch
+    A max_before;  // of the logits j < y: token accuracy needs no other index
+    double logit_sum;  // of all logits, only for label smoothing
+};
+
+template <typename A> __device__ __forceinline__ RowPartial<A> empty_partial() {
+    return RowPartial<A>{neg_inf<A>(), A(0), neg_inf<A>(), 0.0};
 }
 
 // Merges (m2, s2) into (m, s). A sum of 0 contributes nothing whatever its max.
 template <typename A> __device__ __forceinline__ void merge(A& m, A& s, A m2, A s2) {
-    A mx = m > m2 ? m : m2;
-    A a = s == A(0) ? A(0) : s * exp(m - mx);
-    A b = s2 == A(0) ? A(0) : s2 * exp(m2 - mx);
+    const A mx = m > m2 ? m : m2;
+    const A a = s == A(0) ? A(0) : s * exp(m - mx);
+    const A b = s2 == A(0) ? A(0) : s2 * exp(m2 - mx);
     m = mx;
     s = a + b;
 }
 
-// Block-wide merge; every thread returns the block's pair. blockDim.x is a
-// multiple of 32, at most 1024.
-template <typename A> __device__ void block_merge(A& m, A& s) {
-    __shared__ A shared_m[32];
-    __shared__ A shared_s[32];
+// Adds N consecutive capped logits x[0..N), the first at index j0, to `p`.
+// The target y is left out of max and sum (`rest` in op.rs must not include
+// its term), and splits the accuracy maxima: only its own pack looks at indices.
+template <bool SUM, int N, typename A>
+__device__ __forceinline__ void add_logits(RowPartial<A>& p, A (&x)[N], int j0, int label) {
+    if (SUM) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) p.logit_sum += double(x[i]);
+    }
+    if (unsigned(label - j0) < unsigned(N)) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (j0 + i < label) p.max_before = fmax(p.max_before, x[i]);
+            if (j0 + i == label) x[i] = neg_inf<A>();
+        }
+    }
+    A pack_max = x[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) pack_max = fmax(pack_max, x[i]);
+    if (j0 + N <= label) p.max_before = fmax(p.max_before, pack_max);
+    if (pack_max > p.max) {
+        p.sum = p.sum == A(0) ? A(0) : p.sum * exp2_of((p.max - pack_max) * log2e<A>());
+        p.max = pack_max;
+    }
+    // While the max is -inf every logit so far is -inf (contributes 0) or NaN.
+    const A shift = p.max > neg_inf<A>() ? p.max * log2e<A>() : A(0);
+#pragma unroll
+    for (int i = 0; i < N; ++i) p.sum += exp2_of(fma_of(x[i], log2e<A>(), -shift));
+}
+
+// Merges the partials of a warp's 32 lanes; every lane returns the result.
+template <bool SUM, typename A> __device__ void warp_merge(RowPartial<A>& p) {
     for (int offset = 16; offset > 0; offset /= 2) {
-        merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+        const A m = __shfl_xor_sync(0xffffffffu, p.max, offset);
+        const A s = __shfl_xor_sync(0xffffffffu, p.sum, offset);
+        const A before = __shfl_xor_sync(0xffffffffu, p.max_before, offset);
+        merge(p.max, p.sum, m, s);
+        p.max_before = fmax(p.max_before, before);
+        if (SUM) p.logit_sum += __shfl_xor_sync(0xffffffffu, p.logit_sum, offset);
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    if (lane == 0) {
-        shared_m[warp] = m;
-        shared_s[warp] = s;
-    }
+}
+
+// Merges a row group's partials: a warp's, or the whole block's (blockDim.x a
+// multiple of 32, at most 1024). Every thread of the block calls it the same
+// number of times; every thread of the group returns the group's result.
+template <bool SUM, typename A> __device__ void group_merge(RowPartial<A>& p, bool whole_block) {
+    __shared__ RowPartial<A> warp_partials[32];
+    warp_merge<SUM>(p);
+    if (!whole_block) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) warp_partials[warp] = p;
     __syncthreads();
-    m = lane < warps ? shared_m[lane] : neg_inf<A>();
-    s = lane < warps ? shared_s[lane] : A(0);
-    for (int offset = 16; offset > 0; offset /= 2) {
-        merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
-    }
-    // The shared arrays are reused by the next row of this block: wait until
-    // every warp has read them.
+    p = lane < int(blockDim.x / 32) ? warp_partials[lane] : empty_partial<A>();
+    warp_merge<SUM>(p);
+    // The next row of this block reuses warp_partials: wait until every warp has read them.
     __syncthreads();
 }
 
-// Block-wide max (NaN skipped, as fmax does) and sum; every thread returns the
-// block's value.
-template <typename A> __device__ A block_max(A v) {
-    __shared__ A shared[32];
-    for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = lane < warps ? shared[lane] : neg_inf<A>();
-    for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    __syncthreads();
-    return v;
-}
-
-__device__ double block_sum(double v) {
-    __shared__ double shared[32];
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = lane < warps ? shared[lane] : 0.0;
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    __syncthreads();
-    return v;
-}
-
-// The logit the loss sees: cap * tanh(x / cap), or x itself when cap == 0.
-template <typename A> __device__ __forceinline__ A capped(A x, A cap) { return cap > A(0) ? cap * tanh(x / cap) : x; }
-
-// The soft-cap's derivative at a raw logit x: 1 - tanh^2(x / cap), as 4e / (1 + e)^2 with
-// e = exp(-2 |x / cap|), which does not cancel where the cap saturates (1 without a cap).
-template <typename A> __device__ __forceinline__ A cap_slope(A x, A cap) {
-    if (cap <= A(0)) return A(1);
-    const A e = exp(A(-2) * fabs(x / cap));
-    return A(4) * e / ((A(1) + e) * (A(1) + e));
-}
+// Which row of the launch a thread works on, and its place in the row group:
+// rows_per_block is 1 (the block shares a row) or blockDim.x / 32 (a warp per row).
+struct RowGroup {
+    bool whole_block;
+    int index;    // of the group in its block
+    int lane;     // of the thread in its group
+    int threads;  // in the group
+    __device__ explicit RowGroup(int rows_per_block)
+        : whole_block(rows_per_block == 1),
+          index(whole_block ? 0 : int(threadIdx.x / 32)),
+          lane(whole_block ? int(threadIdx.x) : int(threadIdx.x % 32)),
+          threads(whole_block ? int(blockDim.x) : 32) {}
+};
 
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
 
 // stats[r] = (ce, lse, logit_sum, correct), zeros on ignored rows; logit_sum
-// only when want_sum. A label outside [0, V) that is not ignore_index lowers
+// only with SUM. A label outside [0, V) that is not ignore_index lowers
 // *first_bad_row (which the host sets to ULLONG_MAX) to its row, so that the
 // host reports the first bad row, as the CPU path does; the row's stats stay
-// zero.
-template <typename T, typename A>
-__device__ void forward(const T* logits, const int64_t* labels, A* stats, unsigned long long* first_bad_row, int64_t rows,
-                        int64_t vocab, int64_t ignore_index, A cap, int want_sum, int64_t start, int64_t inner,
+// zero. Every thread of a block runs the same number of row iterations and
+// merges (rows past the end and ignored rows merge empty partials), so that
+// warp-per-row blocks never diverge across a shuffle.
+template <typename T, typename A, bool CAP, bool SUM>
+__device__ void forward(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,
+                        unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,
+                        int64_t ignore_index, A cap, int rows_per_block, int64_t start, int64_t inner,
                         int64_t stride_outer, int64_t stride_inner) {
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const int64_t label = labels[r];
-        if (label == ignore_index || label < 0 || label >= vocab) {
-            if (threadIdx.x == 0) {
-                for (int k = 0; k < 4; ++k) stats[4 * r + k] = A(0);
-                if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
+    const RowGroup group(rows_per_block);
+    for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
+         first += int64_t(gridDim.x) * rows_per_block) {
+        const int64_t r = first + group.index;
+        const int64_t label = r < rows ? labels[r] : ignore_index;
+        const bool valid = r < rows && label != ignore_index && label >= 0 && label < vocab;
+        const T* __restrict__ row = logits + row_offset(r < rows ? r : 0, start, inner, stride_outer, stride_inner);
+        const int y = valid ? int(label) : -1;
+        RowPartial<A> p = empty_partial<A>();
+        if (valid) {
+            constexpr int W = Pack<T>::kLen;
+            const int head = head_len(row, vocab);
+            const int packs = (vocab - head) / W;
+            const int tail = head + packs * W;
+            if (group.lane < head) {
+                A x[1] = {capped<CAP>(A(widen(row[group.lane])), cap)};
+                add_logits<SUM>(p, x, group.lane, y);
             }
+            const Pack<T>* __restrict__ body = reinterpret_cast<const Pack<T>*>(row + head);
+#pragma unroll Pack<T>::kUnroll
+            for (int k = group.lane; k < packs; k += group.threads) {
+                const Pack<T> pack = body[k];
+                A x[W];
+#pragma unroll
+                for (int i = 0; i < W; ++i) x[i] = capped<CAP>(A(widen(pack.e[i])), cap);
+                add_logits<SUM>(p, x, head + k * W, y);
+            }
+            if (group.lane < vocab - tail) {
+                A x[1] = {capped<CAP>(A(widen(row[tail + group.lane])), cap)};
+                add_logits<SUM>(p, x, tail + group.lane, y);
+            }
+        }
+        group_merge<SUM>(p, group.whole_block);
+        if (group.lane != 0 || r >= rows) continue;
+        A* out = stats + 4 * r;
+        if (!valid) {
+            for (int k = 0; k < 4; ++k) out[k] = A(0);
+            if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
             continue;
         }
-        const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
-        // The target is left out of the sum: `rest` must not include its term.
-        A m = neg_inf<A>(), s = A(0), before_max = neg_inf<A>(), after_max = neg_inf<A>();
-        double logit_sum = 0.0;
-        for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const A x = capped(A(widen(row[j])), cap);
-            if (want_sum) logit_sum += double(x);
-            if (j < label) before_max = fmax(before_max, x);
-            if (j > label) after_max = fmax(after_max, x);
-            if (j != label) push(m, s, x);
-        }
-        block_merge(m, s);
-        before_max = block_max(before_max);
-        after_max = block_max(after_max);
-        if (want_sum) logit_sum = block_sum(logit_sum);
-        if (threadIdx.x == 0) {
-            const A target_logit = capped(A(widen(row[label])), cap);
-            const A max = m > target_logit ? m : target_logit;
-            // +inf logits: x - max is NaN in PyTorch's formula; say so.
-            const A rest = max == -neg_inf<A>() ? A(NAN) : (s == A(0) ? A(0) : s * exp(m - max));
-            const A target_term = exp(target_logit - max);
-            const A total = rest + target_term;
-            stats[4 * r] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
-            stats[4 * r + 1] = max + log(total);
-            stats[4 * r + 2] = A(logit_sum);
-            // argmax picks the first largest logit: none before the target may reach it.
-            stats[4 * r + 3] = target_logit > before_max && target_logit >= after_max ? A(1) : A(0);
+        const A target_logit = capped<CAP>(A(widen(row[y])), cap);
+        const A max = p.max > target_logit ? p.max : target_logit;
+        // +inf logits: x - max is NaN in PyTorch's formula; say so.
+        const A rest = max == -neg_inf<A>() ? A(NAN) : (p.sum == A(0) ? A(0) : p.sum * exp(p.max - max));
+        const A target_term = exp(target_logit - max);
+        const A total = rest + target_term;
+        out[0] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
+        out[1] = max + log(total);
+        out[2] = A(p.logit_sum);
+        // argmax picks the first largest logit: none before the target may reach it.
+        out[3] = target_logit > p.max_before && target_logit >= p.max ? A(1) : A(0);
+    }
+}
+
+// Writes N gradient values g[0..N) to `out` at j0: one 16-byte store when
+// `out + j0` is aligned like the input pack, else element by element.
+template <typename T, int N, typename A>
+__device__ __forceinline__ void store_grad(T* out, int j0, const A (&g)[N], bool out_aligned_like_in) {
+    if (N == Pack<T>::kLen && out_aligned_like_in) {
+        Pack<T> pack;
+#pragma unroll
+        for (int i = 0; i < N; ++i) pack.e[i] = narrow<T>(g[i]);
+        *reinterpret_cast<Pack<T>*>(out + j0) = pack;
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[j0 + i] = narrow<T>(g[i]);
+    }
+}
+
+// The gradient of N consecutive raw logits x[0..N), the first at index j0, from
+// a row's factors (see backward below).
+template <bool CAP, int N, typename A>
+__device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int label, A lse_shift, A scale,
+                                        A g_sum, A target_grad, A cap) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const A p = exp2_of(fma_of(capped<CAP>(x[i], cap), log2e<A>(), -lse_shift));
+        g[i] = (p * scale + g_sum) * cap_slope<CAP>(x[i], cap);
+    }
+    if (unsigned(label - j0) < unsigned(N)) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (j0 + i == label) g[i] = target_grad * cap_slope<CAP>(x[i], cap);
         }
     }
 }
@@ -189,60 +301,124 @@ __device__ void forward(const T* logits, const int64_t* labels, A* stats, unsign
 // (g_ce expm1(-ce) + g_lse exp(-ce) + g_sum) * cap'_y on it, formed in A.
 // Ignored rows (and, defensively, rows with an invalid label) are written as
 // zeros. `grad` may be `logits` itself (in place): each element is read
-// before it is written, by the same thread.
-template <typename T, typename A>
-__device__ void backward(const T* logits, const int64_t* labels, const A* factors, T* grad, int64_t rows,
-                         int64_t vocab, int64_t ignore_index, A cap, int64_t start, int64_t inner,
-                         int64_t stride_outer, int64_t stride_inner, int64_t out_start, int64_t out_inner,
-                         int64_t out_stride_outer, int64_t out_stride_inner) {
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+// before it is written, by the same thread. No barriers: rows are independent.
+template <typename T, typename A, bool CAP>
+__device__ void backward(const T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, T* grad,
+                         int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start,
+                         int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t out_start,
+                         int64_t out_inner, int64_t out_stride_outer, int64_t out_stride_inner) {
+    constexpr int W = Pack<T>::kLen;
+    const RowGroup group(rows_per_block);
+    for (int64_t r = int64_t(blockIdx.x) * rows_per_block + group.index; r < rows;
+         r += int64_t(gridDim.x) * rows_per_block) {
         const int64_t label = labels[r];
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
         T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);
-        if (label == ignore_index || label < 0 || label >= vocab) {
-            for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) out[j] = narrow<T>(A(0));
-            continue;
-        }
+        const bool valid = label != ignore_index && label >= 0 && label < vocab;
+        const int y = valid ? int(label) : -1;
         const A* f = factors + 5 * r;
-        const A g_ce = f[0], g_lse = f[1], g_sum = f[2], lse = f[3], ce = f[4];
+        const A g_ce = valid ? f[0] : A(0), g_lse = valid ? f[1] : A(0), g_sum = valid ? f[2] : A(0);
+        const A lse = valid ? f[3] : A(0), ce = valid ? f[4] : A(0);
         const A scale = g_ce + g_lse;
         const A target_grad = g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum;
-        for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const A raw = A(widen(row[j]));
-            const A g = j == label ? target_grad : exp(capped(raw, cap) - lse) * scale + g_sum;
-            out[j] = narrow<T>(g * cap_slope(raw, cap));
+        const A lse_shift = lse * log2e<A>();
+        const int head = head_len(row, vocab);
+        const int packs = (vocab - head) / W;
+        const int tail = head + packs * W;
+        const bool out_aligned_like_in = head_len(out, vocab) == head;
+        if (group.lane < head) {
+            const int j = group.lane;
+            A x[1] = {A(widen(row[j]))}, g[1];
+            if (valid) grad_of<CAP>(x, g, j, y, lse_shift, scale, g_sum, target_grad, cap);
+            else g[0] = A(0);
+            store_grad<T>(out, j, g, false);
+        }
+        const Pack<T>* body = reinterpret_cast<const Pack<T>*>(row + head);
+#pragma unroll Pack<T>::kUnroll
+        for (int k = group.lane; k < packs; k += group.threads) {
+            const int j0 = head + k * W;
+            A g[W];
+            if (valid) {
+                const Pack<T> pack = body[k];
+                A x[W];
+#pragma unroll
+                for (int i = 0; i < W; ++i) x[i] = A(widen(pack.e[i]));
+                grad_of<CAP>(x, g, j0, y, lse_shift, scale, g_sum, target_grad, cap);
+            } else {
+#pragma unroll
+                for (int i = 0; i < W; ++i) g[i] = A(0);
+            }
+            store_grad<T>(out, j0, g, out_aligned_like_in);
+        }
+        if (group.lane < vocab - tail) {
+            const int j = tail + group.lane;
+            A x[1] = {A(widen(row[j]))}, g[1];
+            if (valid) grad_of<CAP>(x, g, j, y, lse_shift, scale, g_sum, target_grad, cap);
+            else g[0] = A(0);
+            store_grad<T>(out, j, g, false);
         }
     }
 }
 
-#define FORWARD(NAME, T, A)                                                                                        \
-    extern "C" __global__ void NAME(const T* logits, const int64_t* labels, A* stats,                              \
-                                    unsigned long long* first_bad_row, int64_t rows, int64_t vocab,                \
-                                    int64_t ignore_index, A cap, int want_sum, int64_t start, int64_t inner,       \
-                                    int64_t stride_outer, int64_t stride_inner) {                                  \
-        forward<T, A>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap, want_sum, start, inner, \
-                      stride_outer, stride_inner);                                                                 \
+// ---------------------------------------------------------------------------
+// Entry points: one per dtype and direction; the soft-cap and the logit sum
+// are picked once per launch, not per element.
+// ---------------------------------------------------------------------------
+
+#define FORWARD(NAME, T, A, MAX_THREADS)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,             \
+             unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
+             int want_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                 \
+             int64_t stride_inner) {                                                                               \
+        if (cap > A(0) && want_sum)                                                                                \
+            forward<T, A, true, true>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,        \
+                                      rows_per_block, start, inner, stride_outer, stride_inner);                   \
+        else if (cap > A(0))                                                                                       \
+            forward<T, A, true, false>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,       \
+                                       rows_per_block, start, inner, stride_outer, stride_inner);                  \
+        else if (want_sum)                                                                                         \
+            forward<T, A, false, true>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,       \
+                                       rows_per_block, start, inner, stride_outer, stride_inner);                  \
+        else                                                                                                       \
+            forward<T, A, false, false>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,      \
+                                        rows_per_block, start, inner, stride_outer, stride_inner);                 \
     }
 
-#define BACKWARD(NAME, NAME_IN_PLACE, T, A)                                                                        \
-    extern "C" __global__ void NAME(const T* logits, const int64_t* labels, const A* factors, T* grad,            \
-                                    int64_t rows, int64_t vocab, int64_t ignore_index, A cap, int64_t start,       \
-                                    int64_t inner, int64_t stride_outer, int64_t stride_inner) {                   \
-        backward<T, A>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, start, inner, stride_outer,  \
-                       stride_inner, 0, rows > 0 ? rows : 1, 0, vocab);                                            \
+#define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ factors,      \
+             T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block,       \
+             int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {                           \
+        if (cap > A(0))                                                                                            \
+            backward<T, A, true>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, rows_per_block,    \
+                                 start, inner, stride_outer, stride_inner, 0, rows, 0, vocab);                     \
+        else                                                                                                       \
+            backward<T, A, false>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, rows_per_block,   \
+                                  start, inner, stride_outer, stride_inner, 0, rows, 0, vocab);                    \
     }                                                                                                              \
-    extern "C" __global__ void NAME_IN_PLACE(T* logits, const int64_t* labels, const A* factors, int64_t rows,     \
-                                             int64_t vocab, int64_t ignore_index, A cap, int64_t start,            \
-                                             int64_t inner, int64_t stride_outer, int64_t stride_inner) {          \
-        backward<T, A>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, start, inner,              \
-                       stride_outer, stride_inner, start, inner, stride_outer, stride_inner);                      \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+        NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, int64_t rows,  \
+                      int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start, int64_t inner,    \
+                      int64_t stride_outer, int64_t stride_inner) {                                                \
+        if (cap > A(0))                                                                                            \
+            backward<T, A, true>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, rows_per_block,  \
+                                 start, inner, stride_outer, stride_inner, start, inner, stride_outer,             \
+                                 stride_inner);                                                                    \
+        else                                                                                                       \
+            backward<T, A, false>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, rows_per_block, \
+                                  start, inner, stride_outer, stride_inner, start, inner, stride_outer,            \
+                                  stride_inner);                                                                   \
     }
 
-FORWARD(ce_fwd_f32, float, float)
-FORWARD(ce_fwd_bf16, __nv_bfloat16, float)
-FORWARD(ce_fwd_f16, __half, float)
-FORWARD(ce_fwd_f64, double, double)
-BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float)
-BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float)
-BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float)
-BACKWARD(ce_bwd_f64, ce_bwd_inplace_f64, double, double)
+// MAX_THREADS is the largest block an entry is compiled for (64 registers a
+// thread at 1024); f64's double-precision maths would spill there, so f64
+// blocks stop at 512 threads. src/kernel_abi.rs holds the same limits.
+FORWARD(ce_fwd_f32, float, float, 1024)
+FORWARD(ce_fwd_bf16, __nv_bfloat16, float, 1024)
+FORWARD(ce_fwd_f16, __half, float, 1024)
+FORWARD(ce_fwd_f64, double, double, 512)
+BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024)
+BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024)
+BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024)
+BACKWARD(ce_bwd_f64, ce_bwd_inplace_f64, double, double, 512)

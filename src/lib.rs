@@ -59,6 +59,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[doc(hidden)]
+pub mod kernel_abi;
 mod linear;
 mod loss;
 mod op;

@@ -1,0 +1,333 @@
+//! The CUDA kernels' launches, described once: which entry of
+//! `cuda/cross_entropy.cu`, which grid and block, and every argument in the
+//! kernel's parameter order. `src/cuda.rs` turns a [`KernelLaunch`] into a
+//! cudarc launch; `tests/kernels_on_cpu.rs` turns the same description into a
+//! launch of the same `.cu` source compiled for the CPU (HIP-CPU), so that the
+//! argument marshalling is tested without a GPU.
+//!
+//! Not a stable API: it is public only for those tests.
+
+use crate::cpu::RowTerms;
+use crate::op::{self, Engine, OpConfig};
+use candle::{bail, DType, Layout, Result, Tensor};
+
+/// Blocks per launch at most; the kernels loop over further rows.
+pub const MAX_BLOCKS: u32 = 1 << 16;
+
+/// Every kernel entry of `cuda/cross_entropy.cu`.
+pub const ENTRIES: [&str; 12] = [
+    "ce_fwd_f32",
+    "ce_fwd_bf16",
+    "ce_fwd_f16",
+    "ce_fwd_f64",
+    "ce_bwd_f32",
+    "ce_bwd_bf16",
+    "ce_bwd_f16",
+    "ce_bwd_f64",
+    "ce_bwd_inplace_f32",
+    "ce_bwd_inplace_bf16",
+    "ce_bwd_inplace_f16",
+    "ce_bwd_inplace_f64",
+];
+
+/// A buffer a kernel reads or writes, bound to device memory by the launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// The logits' whole storage (`[..]` of the dtype; rows are found from the
+    /// start offset and strides that follow in the arguments).
+    Logits,
+    /// `[N]` i64 labels, contiguous.
+    Labels,
+    /// `[N, 4]` row statistics written by the forward, in the accumulator type
+    /// (f32, or f64 for f64 logits).
+    Stats,
+    /// One u64 that the host sets to `u64::MAX`; the forward lowers it to the
+    /// first row with a label outside `[0, V)` that is not `ignore_index`.
+    FirstBadRow,
+    /// `[N, 5]` backward factors `(g_ce, g_lse, g_sum, lse, ce)`, contiguous,
+    /// in the accumulator type.
+    Factors,
+    /// `[N, V]` gradient, contiguous, in the logits' dtype.
+    Grad,
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    /// A device pointer.
+    Operand(Operand),
+    /// `int64_t`.
+    I64(i64),
+    /// `int`.
+    I32(i32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+/// A block shape: `threads` per block (a multiple of 32), shared by one row
+/// (`rows_per_block == 1`) or one row per warp (`rows_per_block == threads / 32`),
+/// and at most `max_blocks` blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchShape {
+    /// Threads per block.
+    pub threads: u32,
+    /// Rows a block works on at a time: 1, or one per warp.
+    pub rows_per_block: u32,
+    /// Blocks per launch at most.
+    pub max_blocks: u32,
+}
+
+impl LaunchShape {
+    /// The shape the launcher uses for rows of `vocab` elements of `dtype`:
+    /// a warp per row while each lane has at most 8 sixteen-byte packs, else a
+    /// block per row with at least 4 packs per thread, 64 to
+    /// [`max_threads`] threads.
+    pub fn for_vocab(dtype: DType, vocab: usize) -> Self {
+        let packs = vocab.div_ceil(16 / dtype.size_in_bytes().max(1));
+        if packs <= 32 * 8 {
+            return Self { threads: 256, rows_per_block: 8, max_blocks: MAX_BLOCKS };
+        }
+        let threads = (packs / 4).next_power_of_two().clamp(64, max_threads(dtype) as usize) as u32;
+        Self { threads, rows_per_block: 1, max_blocks: MAX_BLOCKS }
+    }
+
+    fn check(&self, dtype: DType) -> Result<()> {
+        let max = max_threads(dtype);
+        if self.threads == 0 || self.threads % 32 != 0 || self.threads > max {
+            bail!(
+                "chunked cross-entropy (cuda): {} threads per block; {dtype:?} takes multiples of 32 up to {max}",
+                self.threads
+            )
+        }
+        if self.rows_per_block != 1 && self.rows_per_block != self.threads / 32 {
+            bail!("chunked cross-entropy (cuda): rows_per_block must be 1 or threads / 32, got {}", self.rows_per_block)
+        }
+        if self.max_blocks == 0 {
+            bail!("chunked cross-entropy (cuda): max_blocks must be positive")
+        }
+        Ok(())
+    }
+}
+
+/// The largest block each dtype's entries are compiled for (`__launch_bounds__`
+/// in the `.cu`): f64's double-precision maths would spill at 1024 threads.
+pub fn max_threads(dtype: DType) -> u32 {
+    if dtype == DType::F64 {
+        512
+    } else {
+        1024
+    }
+}
+
+/// The loss settings the kernels take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelOptions {
+    /// Label value of rows without a target.
+    pub ignore_index: i64,
+    /// Logit soft-cap, `None` for none.
+    pub softcap: Option<f64>,
+    /// Whether the forward sums the row's logits (label smoothing needs it).
+    pub logit_sum: bool,
+}
+
+/// Where the rows of `[.., V]` logits live: row `r` starts at
+/// `start + (r / inner) * stride_outer + (r % inner) * stride_inner`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGeometry {
+    /// Rows (`N`).
+    pub rows: usize,
+    /// Row length (`V`).
+    pub vocab: usize,
+    start: i64,
+    inner: i64,
+    stride_outer: i64,
+    stride_inner: i64,
+}
+
+impl RowGeometry {
+    /// The rows of a rank 2 or 3 layout whose last dim is unit-stride, with
+    /// `V < 2^31` (the kernels index within a row in 32 bits).
+    pub fn new(layout: &Layout) -> Result<Self> {
+        let (dims, strides) = (layout.dims(), layout.stride());
+        let vocab = *dims.last().unwrap_or(&0);
+        if vocab > 1 && strides.last() != Some(&1) {
+            bail!("chunked cross-entropy (cuda): the vocabulary dim must be unit-stride, strides {strides:?}")
+        }
+        if vocab > i32::MAX as usize {
+            bail!("chunked cross-entropy (cuda): a vocabulary of {vocab} is over the kernels' 2^31 - 1")
+        }
+        let (rows, inner, stride_outer, stride_inner) = match (dims, strides) {
+            ([n, _], [s, _]) => (*n, (*n).max(1), 0, *s),
+            ([b, s, _], [sb, ss, _]) => (b * s, (*s).max(1), *sb, *ss),
+            _ => bail!("chunked cross-entropy (cuda): logits must be rank 2 or 3, got {:?}", layout.shape()),
+        };
+        let i = |v: usize| v as i64;
+        Ok(Self {
+            rows,
+            vocab,
+            start: i(layout.start_offset()),
+            inner: i(inner),
+            stride_outer: i(stride_outer),
+            stride_inner: i(stride_inner),
+        })
+    }
+
+    fn args(&self) -> [KernelArg; 4] {
+        [
+            KernelArg::I64(self.start),
+            KernelArg::I64(self.inner),
+            KernelArg::I64(self.stride_outer),
+            KernelArg::I64(self.stride_inner),
+        ]
+    }
+}
+
+/// One kernel launch: entry, grid, block and arguments in parameter order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelLaunch {
+    /// The entry's name in `cuda/cross_entropy.cu`.
+    pub entry: &'static str,
+    /// Blocks (x only).
+    pub blocks: u32,
+    /// Threads per block (x only).
+    pub threads: u32,
+    /// Arguments in the kernel's parameter order.
+    pub args: Vec<KernelArg>,
+}
+
+/// The forward: writes [`Operand::Stats`] and lowers [`Operand::FirstBadRow`].
+pub fn forward(rows: &RowGeometry, dtype: DType, options: &KernelOptions, shape: LaunchShape) -> Result<KernelLaunch> {
+    use KernelArg::{Operand as Op, I32};
+    let entry = entry("ce_fwd_", dtype)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
+    args.extend(row_args(rows, dtype, options));
+    args.push(I32(i32::from(options.logit_sum)));
+    launch(entry, rows, dtype, shape, args)
+}
+
+/// The backward into [`Operand::Grad`] (`in_place == false`), or over
+/// [`Operand::Logits`].
+pub fn backward(
+    rows: &RowGeometry,
+    dtype: DType,
+    options: &KernelOptions,
+    in_place: bool,
+    shape: LaunchShape,
+) -> Result<KernelLaunch> {
+    use KernelArg::Operand as Op;
+    let (entry, mut args) = if in_place {
+        (entry("ce_bwd_inplace_", dtype)?, vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Factors)])
+    } else {
+        let operands = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Factors), Op(Operand::Grad)];
+        (entry("ce_bwd_", dtype)?, operands)
+    };
+    args.extend(row_args(rows, dtype, options));
+    launch(entry, rows, dtype, shape, args)
+}
+
+/// `rows, vocab, ignore_index, cap` (0 for none, in the accumulator type).
+fn row_args(rows: &RowGeometry, dtype: DType, options: &KernelOptions) -> [KernelArg; 4] {
+    let cap = options.softcap.unwrap_or(0.0);
+    let cap = if dtype == DType::F64 { KernelArg::F64(cap) } else { KernelArg::F32(cap as f32) };
+    [KernelArg::I64(rows.rows as i64), KernelArg::I32(rows.vocab as i32), KernelArg::I64(options.ignore_index), cap]
+}
+
+/// Appends `rows_per_block` and the row geometry, and sizes the grid.
+fn launch(
+    entry: &'static str,
+    rows: &RowGeometry,
+    dtype: DType,
+    shape: LaunchShape,
+    mut args: Vec<KernelArg>,
+) -> Result<KernelLaunch> {
+    shape.check(dtype)?;
+    args.push(KernelArg::I32(shape.rows_per_block as i32));
+    args.extend(rows.args());
+    let blocks = rows.rows.div_ceil(shape.rows_per_block as usize).clamp(1, shape.max_blocks as usize) as u32;
+    Ok(KernelLaunch { entry, blocks, threads: shape.threads, args })
+}
+
+/// The crate's fused CPU engine on the kernels' inputs: `[N, 4] = (ce, lse,
+/// logit_sum, correct)` of `logits` (`[.., V]` on the CPU, last dim
+/// unit-stride) against `labels` (`[N]` i64), the oracle of
+/// `tests/kernels_on_cpu.rs`.
+///
+/// # Errors
+/// A label outside `[0, V)` that is not `options.ignore_index`, named with its row.
+pub fn cpu_row_stats(logits: &Tensor, labels: &Tensor, options: &KernelOptions) -> Result<Tensor> {
+    op::row_stats(logits, labels, cpu_config(options, false))
+}
+
+/// The crate's fused CPU engine's gradient from `factors` (`[N, 5] = (g_ce,
+/// g_lse, g_sum, lse, ce)`), shaped like `logits`; with `in_place` it is
+/// written over `logits`' storage.
+///
+/// # Errors
+/// As [`cpu_row_stats`].
+pub fn cpu_logits_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    factors: &Tensor,
+    options: &KernelOptions,
+    in_place: bool,
+) -> Result<Tensor> {
+    op::logits_grad(logits, labels, factors, cpu_config(options, in_place))
+}
+
+fn cpu_config(options: &KernelOptions, inplace_grad: bool) -> OpConfig {
+    OpConfig {
+        engine: Engine::Fused,
+        ignore_index: options.ignore_index,
+        chunk_len: 32,
+        inplace_grad,
+        terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
+    }
+}
+
+fn entry(prefix: &str, dtype: DType) -> Result<&'static str> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
+    };
+    let name = format!("{prefix}{suffix}");
+    match ENTRIES.iter().find(|e| **e == name) {
+        Some(e) => Ok(e),
+        None => bail!("chunked cross-entropy (cuda): no kernel entry {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_follow_the_vocabulary() {
+        let small = LaunchShape::for_vocab(DType::BF16, 2048);
+        assert_eq!((small.threads, small.rows_per_block), (256, 8));
+        let large = LaunchShape::for_vocab(DType::BF16, 128_256);
+        assert_eq!((large.threads, large.rows_per_block), (1024, 1));
+        assert_eq!(LaunchShape::for_vocab(DType::F64, 128_256).threads, 512);
+        assert_eq!(LaunchShape::for_vocab(DType::F32, 257 * 4).threads, 64);
+    }
+
+    #[test]
+    fn every_dtype_has_its_entries() -> Result<()> {
+        let layout = Layout::contiguous((3, 7));
+        let rows = RowGeometry::new(&layout)?;
+        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let shape = LaunchShape::for_vocab(dtype, 7);
+            assert!(forward(&rows, dtype, &options, shape)?.entry.starts_with("ce_fwd_"));
+            assert!(backward(&rows, dtype, &options, true, shape)?.entry.starts_with("ce_bwd_inplace_"));
+        }
+        assert!(forward(&rows, DType::U8, &options, LaunchShape::for_vocab(DType::U8, 7)).is_err());
+        let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1 };
+        assert!(forward(&rows, DType::F32, &options, bad).is_err());
+        Ok(())
+    }
+}

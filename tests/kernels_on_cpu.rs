@@ -1,0 +1,658 @@
+//! The CUDA kernels of `cuda/cross_entropy.cu`, compiled unchanged for the CPU
+//! with HIP-CPU (`$HIP_CPU_DIR`, else `../shared/hip-cpu`), g++ and TBB
+//! through the include shim in `tests/hip_cpu/`, launched with the argument
+//! lists that `src/kernel_abi.rs` builds for the cudarc launcher, and held
+//! against the crate's fused CPU engine.
+//!
+//! This finds logic bugs in the kernels (shuffle offsets, barriers, atomics,
+//! indexing, the head/pack/tail split, argument order) without a GPU. It
+//! cannot find races between blocks, PTX or register problems, or speed.
+//! Without HIP-CPU, a C++ compiler or TBB each test prints one line saying why
+//! it skips; with `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails
+//! instead.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use candle::{DType, Device, Result, Tensor};
+use candle_chunked_ce::kernel_abi::{
+    self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, ENTRIES,
+};
+use common::Rng;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+// ---------------------------------------------------------------------------
+// Building and loading the kernels.
+// ---------------------------------------------------------------------------
+
+/// `ce_launch` in the generated source (see `tests/hip_cpu/launch.h`).
+type LaunchFn = unsafe extern "C" fn(
+    entry: *const c_char,
+    blocks: u32,
+    threads: u32,
+    args: *mut *mut c_void,
+    kinds: *const c_char,
+    sizes: *const usize,
+    count: i32,
+    error: *mut c_char,
+    error_len: usize,
+) -> i32;
+
+struct CpuKernels {
+    launch: LaunchFn,
+    _library: libloading::Library,
+}
+
+/// The kernels, compiled once per test binary, or `None` after printing why
+/// `test` is skipped.
+fn kernels(test: &str) -> Option<&'static CpuKernels> {
+    static KERNELS: OnceLock<std::result::Result<CpuKernels, String>> = OnceLock::new();
+    match KERNELS.get_or_init(build) {
+        Ok(kernels) => Some(kernels),
+        Err(reason) => {
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_HIP_CPU").is_none(), "{test}: {reason}");
+            eprintln!("SKIP {test}: {reason}");
+            None
+        }
+    }
+}
+
+/// Compiles the kernels into a shared library (cached in the target dir by a
+/// hash of every input) and loads it. `Err` says why the tools are missing; a
+/// compile error in the kernels or the shim panics: it is a failure, not a skip.
+fn build() -> std::result::Result<CpuKernels, String> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let hip_cpu =
+        std::env::var_os("HIP_CPU_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../shared/hip-cpu"));
+    if !hip_cpu.join("include/hip/hip_runtime.h").exists() {
+        return Err(format!("HIP-CPU not found at {} (set HIP_CPU_DIR)", hip_cpu.display()));
+    }
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    if Command::new(&compiler).arg("--version").output().is_err() {
+        return Err(format!("no C++ compiler `{compiler}` (set CXX)"));
+    }
+    let shim = manifest.join("tests/hip_cpu");
+    let kernels = manifest.join("cuda/cross_entropy.cu");
+    let source = generated_source(&kernels);
+    let flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", "-include", "prelude.h"];
+    let mut inputs = vec![source.clone(), compiler.clone(), flags.join(" "), hip_cpu.display().to_string()];
+    for file in ["prelude.h", "launch.h", "cuda_bf16.h", "cuda_fp16.h"] {
+        inputs.push(std::fs::read_to_string(shim.join(file)).expect("the shim is in the repository"));
+    }
+    inputs.push(std::fs::read_to_string(&kernels).expect("cuda/cross_entropy.cu is in the repository"));
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernels_on_cpu");
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let library = out_dir.join(format!("libce_{:016x}.so", fnv1a(&inputs.concat())));
+    if !library.exists() {
+        let cpp = out_dir.join(format!("launch_{}.cpp", std::process::id()));
+        std::fs::write(&cpp, &source).map_err(|e| format!("cannot write {}: {e}", cpp.display()))?;
+        let partial = library.with_extension(format!("{}.tmp", std::process::id()));
+        let output = Command::new(&compiler)
+            .args(flags)
+            .arg("-I")
+            .arg(&shim)
+            .arg("-I")
+            .arg(hip_cpu.join("include"))
+            .arg(&cpp)
+            .arg("-o")
+            .arg(&partial)
+            .args(["-ltbb", "-pthread"])
+            .output()
+            .map_err(|e| format!("cannot run `{compiler}`: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains("ltbb") || stderr.contains("tbb/") || stderr.contains("execution:") {
+                let line = stderr.lines().find(|l| l.contains("tbb")).unwrap_or_default();
+                return Err(format!("TBB is missing (apt-get install libtbb-dev): {line}"));
+            }
+            panic!("compiling cuda/cross_entropy.cu for the CPU failed:\n{stderr}");
+        }
+        std::fs::rename(&partial, &library).map_err(|e| format!("cannot move the library into place: {e}"))?;
+    }
+    // SAFETY: the library is ours, just built from the sources above; loading it
+    // runs no initialisers beyond HIP-CPU's and the C++ runtime's.
+    let library = unsafe { libloading::Library::new(&library) }.map_err(|e| format!("cannot load the kernels: {e}"))?;
+    // SAFETY: `ce_launch` has the signature of `LaunchFn` (the generated source below).
+    let launch = unsafe { library.get::<LaunchFn>(b"ce_launch\0") }.map_err(|e| format!("no ce_launch: {e}"))?;
+    Ok(CpuKernels { launch: *launch, _library: library })
+}
+
+/// One C++ file: the shim's launcher, the kernels unchanged, and `ce_launch`
+/// dispatching on every entry that `kernel_abi` knows (a name missing from the
+/// `.cu` fails to compile).
+fn generated_source(kernels: &Path) -> String {
+    let mut source = format!("#include \"launch.h\"\n#include \"{}\"\n#include <cstring>\n\n", kernels.display());
+    source.push_str(
+        "extern \"C\" int ce_launch(const char* entry, unsigned blocks, unsigned threads, void** args,\n\
+         \x20                        const char* kinds, const std::size_t* sizes, int count, char* error,\n\
+         \x20                        std::size_t error_len) {\n",
+    );
+    for entry in ENTRIES {
+        source.push_str(&format!(
+            "    if (std::strcmp(entry, \"{entry}\") == 0)\n        return launch_checked({entry}, entry, blocks, \
+             threads, args, kinds, sizes, count, error, error_len);\n"
+        ));
+    }
+    source.push_str("    std::snprintf(error, error_len, \"no kernel entry %s\", entry);\n    return 1;\n}\n");
+    source
+}
+
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
+
+// ---------------------------------------------------------------------------
+// Host memory standing in for device memory, and one launch.
+// ---------------------------------------------------------------------------
+
+/// A 16-byte aligned byte buffer, as a device allocation is (at least).
+struct Buffer(Vec<u128>);
+
+impl Buffer {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let mut words = vec![0u128; bytes.len().div_ceil(16)];
+        // SAFETY: `words` holds at least `bytes.len()` bytes; u128 has no invalid bit patterns.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        Self(words)
+    }
+
+    fn filled(len: usize, pattern: &[u8]) -> Self {
+        Self::from_bytes(&pattern.iter().copied().cycle().take(len * pattern.len()).collect::<Vec<_>>())
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        // SAFETY: the buffer holds `16 * self.0.len() >= len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), len) }
+    }
+
+    fn pointer(&mut self) -> *mut c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+/// The buffers a launch binds to its operands (`None`: not bound).
+#[derive(Default)]
+struct Operands<'a> {
+    logits: Option<&'a mut Buffer>,
+    labels: Option<&'a mut Buffer>,
+    stats: Option<&'a mut Buffer>,
+    first_bad_row: Option<&'a mut Buffer>,
+    factors: Option<&'a mut Buffer>,
+    grad: Option<&'a mut Buffer>,
+}
+
+/// Launches `launch` as cuLaunchKernel would: one pointer to each argument's value.
+fn run(kernels: &CpuKernels, launch: &KernelLaunch, mut operands: Operands<'_>) {
+    // HIP-CPU's runtime is not meant for launches from several host threads at once.
+    static LAUNCHES: Mutex<()> = Mutex::new(());
+    let mut values: Vec<[u8; 8]> = Vec::with_capacity(launch.args.len());
+    let (mut kinds, mut sizes) = (Vec::new(), Vec::new());
+    for arg in &launch.args {
+        let (kind, bytes): (u8, Vec<u8>) = match *arg {
+            KernelArg::Operand(op) => {
+                let buffer = match op {
+                    Operand::Logits => operands.logits.as_deref_mut(),
+                    Operand::Labels => operands.labels.as_deref_mut(),
+                    Operand::Stats => operands.stats.as_deref_mut(),
+                    Operand::FirstBadRow => operands.first_bad_row.as_deref_mut(),
+                    Operand::Factors => operands.factors.as_deref_mut(),
+                    Operand::Grad => operands.grad.as_deref_mut(),
+                };
+                let pointer = buffer.unwrap_or_else(|| panic!("{}: {op:?} is not bound", launch.entry)).pointer();
+                (b'p', (pointer as usize).to_ne_bytes().to_vec())
+            }
+            KernelArg::I64(v) => (b'i', v.to_ne_bytes().to_vec()),
+            KernelArg::I32(v) => (b'i', v.to_ne_bytes().to_vec()),
+            KernelArg::F32(v) => (b'f', v.to_ne_bytes().to_vec()),
+            KernelArg::F64(v) => (b'f', v.to_ne_bytes().to_vec()),
+        };
+        let mut slot = [0u8; 8];
+        slot[..bytes.len()].copy_from_slice(&bytes);
+        values.push(slot);
+        kinds.push(kind as c_char);
+        sizes.push(bytes.len());
+    }
+    let mut pointers: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+    let entry = CString::new(launch.entry).unwrap();
+    let mut error = [0 as c_char; 512];
+    let _guard = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: every pointer argument points into a live buffer sized for the launch
+    // (the callers size them from the same geometry); `ce_launch` checks the count,
+    // sizes and kinds of the arguments against the entry before it runs it.
+    let status = unsafe {
+        (kernels.launch)(
+            entry.as_ptr(),
+            launch.blocks,
+            launch.threads,
+            pointers.as_mut_ptr(),
+            kinds.as_ptr(),
+            sizes.as_ptr(),
+            pointers.len() as i32,
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    // SAFETY: `ce_launch` writes a NUL-terminated message into `error` (zeroed before).
+    let message = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy();
+    assert_eq!(status, 0, "{}: {message}", launch.entry);
+}
+
+/// The bytes of a CPU tensor's whole storage (its layout says where its rows are).
+fn storage_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let (storage, _) = tensor.storage_and_layout();
+    let candle::Storage::Cpu(cpu) = &*storage else { candle::bail!("not on the CPU") };
+    fn bytes_of<T>(values: &[T]) -> Vec<u8> {
+        // SAFETY: plain numbers (f32, f64, bf16, f16, i64) viewed as their bytes.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }.to_vec()
+    }
+    Ok(match tensor.dtype() {
+        DType::F32 => bytes_of(cpu.as_slice::<f32>()?),
+        DType::F64 => bytes_of(cpu.as_slice::<f64>()?),
+        DType::BF16 => bytes_of(cpu.as_slice::<half::bf16>()?),
+        DType::F16 => bytes_of(cpu.as_slice::<half::f16>()?),
+        DType::I64 => bytes_of(cpu.as_slice::<i64>()?),
+        other => candle::bail!("no storage bytes for {other:?}"),
+    })
+}
+
+/// The accumulator type of the kernels for `dtype`.
+fn acc(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One case: forward and both backwards, against the CPU engine.
+// ---------------------------------------------------------------------------
+
+/// Logits as a view of a contiguous `base` (what the kernels see: the whole
+/// storage, a start offset and strides), with labels and options.
+struct Case {
+    name: String,
+    base: Tensor,
+    view: fn(&Tensor) -> Result<Tensor>,
+    labels: Vec<i64>,
+    options: KernelOptions,
+    /// `None`: the launcher's shape for the vocabulary.
+    shape: Option<LaunchShape>,
+}
+
+fn same_view(t: &Tensor) -> Result<Tensor> {
+    Ok(t.clone())
+}
+
+impl Case {
+    fn new(name: impl Into<String>, base: Tensor, labels: Vec<i64>) -> Self {
+        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+        Self { name: name.into(), base, view: same_view, labels, options, shape: None }
+    }
+
+    fn check(&self, kernels: &CpuKernels) -> Result<()> {
+        let name = &self.name;
+        let logits = (self.view)(&self.base)?;
+        let (dtype, vocab) = (logits.dtype(), logits.dim(candle::D::Minus1)?);
+        let geometry = RowGeometry::new(logits.layout())?;
+        let shape = self.shape.unwrap_or_else(|| LaunchShape::for_vocab(dtype, vocab));
+        let rows = self.labels.len();
+        assert_eq!(geometry.rows, rows, "{name}: one label per row");
+        let labels = Tensor::new(self.labels.as_slice(), &Device::Cpu)?;
+        let base_bytes = storage_bytes(&self.base)?;
+        let acc = acc(dtype);
+
+        // Forward.
+        let launch = kernel_abi::forward(&geometry, dtype, &self.options, shape)?;
+        let mut logits_buffer = Buffer::from_bytes(&base_bytes);
+        let mut labels_buffer = Buffer::from_bytes(&storage_bytes(&labels)?);
+        // Stats start as a sentinel, so that a row the kernel never writes shows.
+        let sentinel = Tensor::full(12345f32, 1, &Device::Cpu)?.to_dtype(acc)?;
+        let mut stats = Buffer::filled(4 * rows, &storage_bytes(&sentinel)?);
+        let mut first_bad_row = Buffer::from_bytes(&u64::MAX.to_ne_bytes());
+        run(
+            kernels,
+            &launch,
+            Operands {
+                logits: Some(&mut logits_buffer),
+                labels: Some(&mut labels_buffer),
+                stats: Some(&mut stats),
+                first_bad_row: Some(&mut first_bad_row),
+                ..Default::default()
+            },
+        );
+        let bad_row = u64::from_ne_bytes(first_bad_row.bytes(8).try_into().unwrap());
+        let expected_bad_row =
+            self.labels.iter().position(|&l| l != self.options.ignore_index && (l < 0 || l >= vocab as i64));
+        let cpu = kernel_abi::cpu_row_stats(&logits, &labels, &self.options);
+        if let Some(row) = expected_bad_row {
+            assert_eq!(bad_row, row as u64, "{name}: first bad row");
+            let message = cpu.expect_err("the CPU engine refuses a bad label").to_string();
+            assert!(message.contains(&format!("at row {row}")), "{name}: {message}");
+            return Ok(());
+        }
+        assert_eq!(bad_row, u64::MAX, "{name}: no bad row");
+        let cpu_stats = cpu?;
+        let stats =
+            Tensor::from_raw_buffer(stats.bytes(4 * rows * acc.size_in_bytes()), acc, &[rows, 4], &Device::Cpu)?;
+        let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
+        for (column, what) in ["ce", "lse", "logit_sum", "correct"].iter().enumerate() {
+            // The logit sum adds V rounded (soft-capped) logits: its error grows with V.
+            let tolerance = if *what == "logit_sum" { tolerance * vocab as f64 } else { tolerance };
+            let (got, want) = (stats.narrow(1, column, 1)?, cpu_stats.narrow(1, column, 1)?);
+            assert_close(&format!("{name}: {what}"), &got, &want, tolerance)?;
+        }
+
+        // Backward, from random upstream gradients and the CPU's lse and ce.
+        let mut rng = Rng::new(rows as u64 * 31 + vocab as u64);
+        let upstream = common::logits(&mut rng, &[rows, 3], 1.0, acc, &Device::Cpu)?;
+        let factors = Tensor::cat(&[&upstream, &cpu_stats.narrow(1, 1, 1)?, &cpu_stats.narrow(1, 0, 1)?], 1)?;
+        let factors = factors.to_dtype(acc)?.contiguous()?;
+        let want = kernel_abi::cpu_logits_grad(&logits, &labels, &factors, &self.options, false)?;
+        let mut factors_buffer = Buffer::from_bytes(&storage_bytes(&factors)?);
+        // Out of place, into a sentinel-filled buffer.
+        let launch = kernel_abi::backward(&geometry, dtype, &self.options, false, shape)?;
+        let sentinel = Tensor::full(777f32, 1, &Device::Cpu)?.to_dtype(dtype)?;
+        let mut grad = Buffer::filled(rows * vocab, &storage_bytes(&sentinel)?);
+        run(
+            kernels,
+            &launch,
+            Operands {
+                logits: Some(&mut logits_buffer),
+                labels: Some(&mut labels_buffer),
+                factors: Some(&mut factors_buffer),
+                grad: Some(&mut grad),
+                ..Default::default()
+            },
+        );
+        let len = rows * vocab * dtype.size_in_bytes();
+        let got = Tensor::from_raw_buffer(grad.bytes(len), dtype, logits.dims(), &Device::Cpu)?;
+        let grad_tolerance = match dtype {
+            DType::F64 => 1e-12,
+            DType::F32 => 2e-6,
+            _ => 8e-3, // one rounding of a 16-bit float apart
+        };
+        assert_close(&format!("{name}: grad"), &got, &want, grad_tolerance)?;
+
+        // In place, over the logits' own storage: the rows of the view change, nothing else does.
+        let launch = kernel_abi::backward(&geometry, dtype, &self.options, true, shape)?;
+        run(
+            kernels,
+            &launch,
+            Operands {
+                logits: Some(&mut logits_buffer),
+                labels: Some(&mut labels_buffer),
+                factors: Some(&mut factors_buffer),
+                ..Default::default()
+            },
+        );
+        let rewritten =
+            Tensor::from_raw_buffer(logits_buffer.bytes(base_bytes.len()), dtype, self.base.dims(), &Device::Cpu)?;
+        let got = (self.view)(&rewritten)?;
+        assert_close(&format!("{name}: in-place grad"), &got, &want, grad_tolerance)?;
+        let cpu_in_place = self.base.copy()?;
+        kernel_abi::cpu_logits_grad(&(self.view)(&cpu_in_place)?, &labels, &factors, &self.options, true)?;
+        assert_close(&format!("{name}: in-place storage"), &rewritten, &cpu_in_place, grad_tolerance)?;
+        Ok(())
+    }
+}
+
+/// `|got - want| <= tolerance * max(1, |want|)` elementwise in f64, NaN where
+/// `want` is NaN and equal infinities.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) -> Result<()> {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let want = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let ok = if w.is_nan() || w.is_infinite() {
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
+        } else {
+            (g - w).abs() <= tolerance * w.abs().max(1.0)
+        };
+        assert!(ok, "{what}: element {i} is {g}, the CPU engine gives {w} (tolerance {tolerance})");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Inputs.
+// ---------------------------------------------------------------------------
+
+const DTYPES: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
+
+fn random_logits(seed: u64, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    common::logits(&mut Rng::new(seed), dims, 8.0, dtype, &Device::Cpu)
+}
+
+/// Labels in `[0, vocab)` with every fifth row ignored.
+fn random_labels(seed: u64, rows: usize, vocab: usize) -> Vec<i64> {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.below(vocab) as i64 }).collect()
+}
+
+/// Block shapes to run besides the launcher's: a 1024-thread block per row (512
+/// for f64, its largest) and 1024 threads with a warp per row.
+fn shapes(dtype: DType) -> Vec<Option<LaunchShape>> {
+    let threads = kernel_abi::max_threads(dtype);
+    vec![
+        None,
+        Some(LaunchShape { threads, rows_per_block: 1, max_blocks: kernel_abi::MAX_BLOCKS }),
+        Some(LaunchShape { threads, rows_per_block: threads / 32, max_blocks: kernel_abi::MAX_BLOCKS }),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_dtype_and_block_shape_matches_the_cpu_engine() -> Result<()> {
+    let Some(kernels) = kernels("every_dtype_and_block_shape_matches_the_cpu_engine") else { return Ok(()) };
+    // 300: a warp per row in the launcher's shape; 4099 and 50257: a block per row,
+    // odd lengths, so that rows start off 16-byte boundaries.
+    for (vocab, rows) in [(300, 13), (4099, 9), (50257, 3)] {
+        for dtype in DTYPES {
+            for shape in shapes(dtype) {
+                let mut case = Case::new(
+                    format!("{dtype:?} V={vocab} {shape:?}"),
+                    random_logits(vocab as u64, &[rows, vocab], dtype)?,
+                    random_labels(vocab as u64, rows, vocab),
+                );
+                case.shape = shape;
+                case.check(kernels)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The row's deciding logits sit where only a correct warp reduction finds
+/// them: the largest logit, and the target, in lanes 16-31 of a warp that is
+/// not the first (a shuffle offset of 8 instead of 16 would leave them out of
+/// lane 0's result), and a tie with the target before it (accuracy 0).
+#[test]
+fn deciding_logits_in_the_upper_half_of_a_warp() -> Result<()> {
+    let Some(kernels) = kernels("deciding_logits_in_the_upper_half_of_a_warp") else { return Ok(()) };
+    for dtype in DTYPES {
+        let pack = 16 / dtype.size_in_bytes();
+        for shape in shapes(dtype) {
+            let threads = shape.map_or(256, |s| if s.rows_per_block == 1 { s.threads as usize } else { 32 });
+            // Whole packs per row, so that every row starts 16-byte aligned and pack k
+            // belongs to lane k % threads.
+            let vocab = pack * threads * 3;
+            let rows = 4;
+            let mut values = vec![0f64; rows * vocab];
+            let index_of_lane = |lane: usize| (threads * 2 + lane) * pack + 1;
+            let labels: Vec<i64> = vec![
+                index_of_lane(20) as i64, // the largest logit is the target (accuracy 1)
+                3,                        // the largest logit is elsewhere (accuracy 0)
+                index_of_lane(29) as i64, // the target ties an earlier logit in lane 18 (accuracy 0)
+                index_of_lane(17) as i64, // the target ties a later logit (accuracy 1)
+            ];
+            let row = |r: usize, j: usize| r * vocab + j;
+            values[row(0, index_of_lane(20))] = 9.0;
+            values[row(1, index_of_lane(23))] = 9.0;
+            values[row(2, index_of_lane(18))] = 7.0;
+            values[row(2, index_of_lane(29))] = 7.0;
+            values[row(3, index_of_lane(17))] = 6.0;
+            values[row(3, index_of_lane(26))] = 6.0;
+            let base = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?.to_dtype(dtype)?;
+            let mut case = Case::new(format!("{dtype:?} {shape:?}"), base, labels);
+            case.shape = shape;
+            case.check(kernels)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn more_rows_than_blocks() -> Result<()> {
+    let Some(kernels) = kernels("more_rows_than_blocks") else { return Ok(()) };
+    for dtype in DTYPES {
+        for (vocab, rows_per_block) in [(200, 8), (3001, 1)] {
+            let rows = 57;
+            let mut case = Case::new(
+                format!("{dtype:?} V={vocab}"),
+                random_logits(7, &[rows, vocab], dtype)?,
+                random_labels(7, rows, vocab),
+            );
+            case.shape = Some(LaunchShape { threads: 256, rows_per_block, max_blocks: 3 });
+            case.check(kernels)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn strided_views_in_place() -> Result<()> {
+    let Some(kernels) = kernels("strided_views_in_place") else { return Ok(()) };
+    fn shifted(t: &Tensor) -> Result<Tensor> {
+        // [B, S-1, V] of [B, S, V]: the logits that predict the next token.
+        t.narrow(1, 0, t.dim(1)? - 1)
+    }
+    fn columns(t: &Tensor) -> Result<Tensor> {
+        // Rows that start one element in and skip the last: every row off a 16-byte boundary.
+        t.narrow(1, 1, t.dim(1)? - 3)
+    }
+    for dtype in DTYPES {
+        for vocab in [301, 4104] {
+            let (b, s) = (3, 5);
+            let mut case = Case::new(
+                format!("{dtype:?} [B, S-1, V={vocab}]"),
+                random_logits(11, &[b, s, vocab], dtype)?,
+                random_labels(11, b * (s - 1), vocab),
+            );
+            case.view = shifted;
+            case.check(kernels)?;
+            let rows = 7;
+            let mut case = Case::new(
+                format!("{dtype:?} columns of V={vocab}"),
+                random_logits(12, &[rows, vocab], dtype)?,
+                random_labels(12, rows, vocab - 3),
+            );
+            case.view = columns;
+            case.check(kernels)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ignored_and_out_of_range_labels() -> Result<()> {
+    let Some(kernels) = kernels("ignored_and_out_of_range_labels") else { return Ok(()) };
+    for dtype in DTYPES {
+        for vocab in [100, 5000] {
+            let base = random_logits(3, &[6, vocab], dtype)?;
+            // Ignored rows (the default -100, and a custom ignore_index of 2).
+            let case = Case::new(format!("{dtype:?} ignored"), base.clone(), vec![-100, 1, -100, 0, -100, 7]);
+            case.check(kernels)?;
+            let mut case = Case::new(format!("{dtype:?} ignore_index 2"), base.clone(), vec![2, 1, 2, 0, -100, 2]);
+            case.options.ignore_index = 2;
+            case.labels[4] = 3;
+            case.check(kernels)?;
+            // Out of range: the first bad row is reported, whatever follows.
+            for labels in [vec![0, 1, vocab as i64, -5, 2, 3], vec![0, -100, -1, 1, 99999, 0]] {
+                Case::new(format!("{dtype:?} bad {labels:?}"), base.clone(), labels).check(kernels)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn nan_and_infinite_logits() -> Result<()> {
+    let Some(kernels) = kernels("nan_and_infinite_logits") else { return Ok(()) };
+    for dtype in DTYPES {
+        for vocab in [90, 3000] {
+            let rows = 6;
+            let mut values = random_logits(5, &[rows, vocab], DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let labels = vec![4, 4, 4, 4, 4, 4];
+            values[vocab + 50] = f64::NAN; // a NaN off the target
+            values[2 * vocab + 4] = f64::NAN; // a NaN target
+            values[3 * vocab + 60] = f64::INFINITY;
+            values[4 * vocab + 70] = f64::NEG_INFINITY;
+            values[4 * vocab + 4] = f64::NEG_INFINITY; // a -inf target
+            for v in &mut values[5 * vocab..] {
+                *v = f64::NEG_INFINITY; // a row of -inf
+            }
+            let base = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?.to_dtype(dtype)?;
+            Case::new(format!("{dtype:?} V={vocab}"), base, labels).check(kernels)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_option() -> Result<()> {
+    let Some(kernels) = kernels("every_option") else { return Ok(()) };
+    // z-loss only changes the upstream gradients, which the cases draw at random.
+    for dtype in DTYPES {
+        for vocab in [257, 5003] {
+            for (softcap, logit_sum) in [(None, true), (Some(5.0), false), (Some(30.0), true)] {
+                let rows = 8;
+                let mut case = Case::new(
+                    format!("{dtype:?} V={vocab} softcap {softcap:?} logit_sum {logit_sum}"),
+                    random_logits(21, &[rows, vocab], dtype)?,
+                    random_labels(21, rows, vocab),
+                );
+                case.options.softcap = softcap;
+                case.options.logit_sum = logit_sum;
+                for shape in shapes(dtype) {
+                    case.shape = shape;
+                    case.check(kernels)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A marshalling mistake is caught before the kernel runs.
+#[test]
+fn mismatched_arguments_are_refused() -> Result<()> {
+    let Some(kernels) = kernels("mismatched_arguments_are_refused") else { return Ok(()) };
+    let logits = random_logits(1, &[2, 8], DType::F32)?;
+    let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+    let geometry = RowGeometry::new(logits.layout())?;
+    let mut launch = kernel_abi::forward(&geometry, DType::F32, &options, LaunchShape::for_vocab(DType::F32, 8))?;
+    launch.args.swap(4, 5); // rows (i64) and vocab (int)
+    let mut buffers: [Buffer; 4] = std::array::from_fn(|_| Buffer::filled(64, &[0]));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let [logits, labels, stats, first_bad_row] = buffers.each_mut();
+        let operands = Operands {
+            logits: Some(logits),
+            labels: Some(labels),
+            stats: Some(stats),
+            first_bad_row: Some(first_bad_row),
+            ..Default::default()
+        };
+        run(kernels, &launch, operands)
+    }));
+    let message = caught.expect_err("a swapped argument must be refused");
+    let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("argument 4"), "{message}");
+    Ok(())
+}
