@@ -22,7 +22,7 @@ const MODULE: &str = concat!("candle_chunked_ce-", env!("CARGO_PKG_VERSION"));
 /// Per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)` (see `op.rs`),
 /// f32 (f64 for f64 logits). Fails, naming the first bad row and its value, if
 /// a label is outside `[0, V)` and not `ignore_index` (the kernel flags the
-/// row; reading the flag is the one host sync).
+/// row; reading the flag is the one host sync, skipped when `cfg.labels_checked`).
 pub(crate) fn forward(
     logits: &CudaStorage,
     logits_layout: &Layout,
@@ -35,7 +35,9 @@ pub(crate) fn forward(
     let launch = kernel_abi::forward(&rows, dtype, &options(cfg), LaunchShape::for_vocab(dtype, rows.vocab))?;
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
-    let first_bad_row = dev.clone_htod(&[u64::MAX])?;
+    // The flag the kernel lowers to the first bad row; not read back (no sync)
+    // when the caller checked the labels on the host already.
+    let first_bad_row = if cfg.labels_checked { dev.alloc_zeros::<u64>(1)? } else { dev.clone_htod(&[u64::MAX])? };
     let stats = match dtype {
         DType::F32 => forward_typed::<f32, f32>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
         DType::BF16 => forward_typed::<bf16, f32>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
@@ -43,6 +45,9 @@ pub(crate) fn forward(
         DType::F64 => forward_typed::<f64, f64>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
+    if cfg.labels_checked {
+        return Ok((stats, Shape::from((rows.rows, STATS))));
+    }
     let row = dev.clone_dtoh(&first_bad_row)?[0];
     if row != u64::MAX {
         let row = row as usize;

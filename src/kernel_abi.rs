@@ -283,6 +283,7 @@ fn cpu_config(options: &KernelOptions, inplace_grad: bool) -> OpConfig {
         chunk_len: 32,
         inplace_grad,
         terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
+        labels_checked: false,
     }
 }
 

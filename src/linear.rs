@@ -206,8 +206,8 @@ impl LinearCrossEntropy {
         // once, to check them before any chunk runs and to count the valid ones, which the
         // precomputed gradients' scale needs on the host. Everything after it only queues
         // work on the device (scalar operands are host->device copies, and `Tensor::full`
-        // is a fill kernel) except, so far, the fused CUDA forward: `cuda::forward` reads
-        // its bad-label flag back after every chunk, although these labels are checked here.
+        // is a fill kernel): `labels_checked` below tells the fused CUDA forward not to
+        // read its bad-label flag back after every chunk.
         let valid = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?.iter().flatten().count();
         let chunk_len = match self.chunk_len {
             Some(0) => bail!("linear cross-entropy: chunk_len must be at least 1, got 0"),
@@ -220,7 +220,7 @@ impl LinearCrossEntropy {
             return Ok((reference::row_stats_recorded(&logits, &labels, cfg)?, labels, vocab));
         }
         // Each chunk's logits are a temporary: its gradient always overwrites it.
-        let cfg = OpConfig { chunk_len, inplace_grad: true, ..cfg };
+        let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
         let (stats, precomputed) = match self.config.unit_factors(vocab, valid, num_label_tokens) {
             Some(unit) => {

@@ -491,6 +491,8 @@ impl ChunkedCrossEntropy {
             // Candle's backprop allocates the gradient of recorded ops: nothing to write in place.
             inplace_grad: self.inplace_grad && engine != Engine::Autograd,
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
+            // `checked_inputs` checks them on the host for every engine but the fused one.
+            labels_checked: engine != Engine::Fused,
         })
     }
 }

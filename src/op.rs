@@ -115,6 +115,12 @@ pub(crate) struct OpConfig {
     pub chunk_len: usize,
     pub inplace_grad: bool,
     pub terms: RowTerms,
+    /// The labels were checked against `[0, V)` on the host already (the
+    /// linear loss reads them once per call): the fused CUDA forward then does
+    /// not read its bad-label flag back, which would synchronise per chunk.
+    /// Only the CUDA launcher reads it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub labels_checked: bool,
 }
 
 /// Computes the per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)`
