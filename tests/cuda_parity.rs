@@ -1,13 +1,15 @@
 //! CPU against CUDA at realistic sizes (feature `cuda`; skipped with a message
 //! when no GPU is present): the same inputs through the fused kernels on both
-//! devices give the same losses and gradients.
+//! devices give the same losses and gradients, also beyond 2^31 elements,
+//! beyond one launch's blocks, in place over strided views, and with NaN and
+//! infinite logits.
 #![cfg(feature = "cuda")]
 
 mod common;
 
-use candle::{DType, Device};
+use candle::{DType, Device, Tensor, Var};
 use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
-use common::{assert_close, cuda_or_skip, loss_and_grad, Rng};
+use common::{assert_close, assert_close_nonfinite, backward_of, cuda_or_skip, loss_and_grad, max_abs, Rng};
 
 fn cpu_vs_cuda(rows: usize, vocab: usize, dtype: DType) -> anyhow::Result<()> {
     let what = format!("{rows}x{vocab} {dtype:?}");
@@ -50,18 +52,228 @@ fn llama3_vocabulary_bf16() -> anyhow::Result<()> {
     cpu_vs_cuda(128, 128256, DType::BF16)
 }
 
-/// N * V beyond 2^31 elements: 64-bit offsets in the kernels.
+/// N * V beyond 2^31 elements (64-bit offsets in the kernels), random bf16
+/// logits: every row's loss and log-sum-exp against the CPU engine, and the
+/// gradient, out of place and in place, of rows on both sides of element 2^31
+/// (row 16384 starts there) and the last ones, against the CPU engine on those rows.
 #[test]
 fn offsets_beyond_i32() -> anyhow::Result<()> {
     let Some(gpu) = cuda_or_skip("offsets_beyond_i32") else { return Ok(()) };
     let (rows, vocab) = (16400usize, 131072usize);
-    let logits = candle::Tensor::zeros((rows, vocab), DType::BF16, &gpu)?;
-    let labels = candle::Tensor::arange(0i64, rows as i64, &gpu)?;
-    let loss = ChunkedCrossEntropy::default().reduction(Reduction::None).forward(&logits, &labels, None)?;
-    // Uniform logits: every row's loss is ln(V), the last row's included.
-    let losses: Vec<f32> = loss.to_vec1()?;
-    let want = (vocab as f32).ln();
-    assert!(losses.iter().all(|l| (l - want).abs() < 1e-4), "last row loss {}", losses[rows - 1]);
+    gpu.set_seed(17)?;
+    let logits = Tensor::randn(0f32, 4.0, (rows, vocab), &gpu)?.to_dtype(DType::BF16)?;
+    let mut rng = Rng::new(17);
+    let labels = common::labels(&mut rng, &[rows], vocab, 0.1, -100, &Device::Cpu)?;
+    let gpu_labels = labels.to_device(&gpu)?;
+    // The per-token outputs of every row: the CPU engine's forward over a host copy.
+    let per_token = ChunkedCrossEntropy::default().reduction(Reduction::None);
+    let want = per_token.forward_with_outputs(&logits.to_device(&Device::Cpu)?, &labels, None, None)?;
+    // A sum's gradient of a row depends on that row only: the CPU engine needs only the picked rows.
+    let picked: Vec<u32> = vec![0, 1, 16382, 16383, 16384, 16385, 16398, 16399];
+    let picked_gpu = Tensor::new(picked.as_slice(), &gpu)?;
+    let picked_cpu = Tensor::new(picked.as_slice(), &Device::Cpu)?;
+    let on_cpu = |t: &Tensor| -> candle::Result<Tensor> { t.index_select(&picked_gpu, 0)?.to_device(&Device::Cpu) };
+    let sum = ChunkedCrossEntropy::default().reduction(Reduction::Sum);
+    let (_, want_grad) = loss_and_grad(&sum, &on_cpu(&logits)?, &labels.index_select(&picked_cpu, 0)?, None, None)?;
+    for inplace in [false, true] {
+        let what = format!("{rows}x{vocab} bf16 inplace={inplace}");
+        let var = Var::from_tensor(&logits)?;
+        let out = sum.clone().inplace_grad(inplace).forward_with_outputs(var.as_tensor(), &gpu_labels, None, None)?;
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+        assert_close(&cpu(&out.token_losses)?, &want.token_losses, 1e-5, 1e-6, &format!("{what}: token losses"))?;
+        assert_close(&cpu(&out.lse)?, &want.lse, 1e-5, 1e-6, &format!("{what}: lse"))?;
+        assert_close(&cpu(&out.token_accuracy)?, &want.token_accuracy, 1e-6, 0.0, &format!("{what}: accuracy"))?;
+        let grad = out.loss.backward()?.get(var.as_tensor()).expect("no gradient").clone();
+        assert_close(&on_cpu(&grad)?, &want_grad, 1.0 / 128.0, 1e-9, &format!("{what}: gradient rows"))?;
+    }
+    Ok(())
+}
+
+/// Every output of `ce` and the gradient of the logits (backward from
+/// `backward_of(loss)`), computed on `device` and brought back to the CPU, in
+/// the order of [`OUTPUTS`].
+fn outputs_and_grad(
+    ce: &ChunkedCrossEntropy,
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    device: &Device,
+) -> anyhow::Result<Vec<Tensor>> {
+    let var = Var::from_tensor(&logits.to_device(device)?)?;
+    let mask = mask.map(|m| m.to_device(device)).transpose()?;
+    let out = ce.forward_with_outputs(var.as_tensor(), &labels.to_device(device)?, mask.as_ref(), None)?;
+    let grad = backward_of(&out.loss)?.backward()?.get(var.as_tensor()).expect("no gradient").clone();
+    [out.loss, out.z_loss, out.token_losses, out.lse, out.token_accuracy, grad]
+        .iter()
+        .map(|t| Ok(t.to_device(&Device::Cpu)?))
+        .collect()
+}
+
+const OUTPUTS: [&str; 6] = ["loss", "z_loss", "token losses", "lse", "accuracy", "gradient"];
+
+/// [`outputs_and_grad`] on the GPU against the CPU engine, every output to
+/// `rtol` (the gradient to `grad_rtol`, and to an absolute floor relative to
+/// its largest element, as smoothing's `p_j - ε / V` cancels); NaN where the
+/// CPU gives NaN, the same infinities. The reduced losses get more room with
+/// many tokens: candle's CPU `sum_all` adds the f32 terms one after another,
+/// an error growing about as `sqrt(N)` roundings.
+fn gpu_matches_cpu(
+    ce: &ChunkedCrossEntropy,
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    gpu: &Device,
+    (rtol, grad_rtol): (f64, f64),
+    what: &str,
+) -> anyhow::Result<Vec<Tensor>> {
+    let cpu = outputs_and_grad(ce, logits, labels, mask, &Device::Cpu)?;
+    let got = outputs_and_grad(ce, logits, labels, mask, gpu)?;
+    let sum_rtol = 2.0 * (labels.elem_count() as f64).sqrt() * f64::from(f32::EPSILON);
+    for ((name, g), c) in OUTPUTS.iter().zip(&got).zip(&cpu) {
+        let (rtol, atol) = match *name {
+            "gradient" => (grad_rtol, 1e-6 * max_abs(c)?),
+            "loss" | "z_loss" => (rtol.max(sum_rtol), 1e-7),
+            _ => (rtol, 1e-7),
+        };
+        assert_close_nonfinite(g, c, rtol, atol, &format!("{what}: {name}"))?;
+    }
+    Ok(got)
+}
+
+/// More rows than a launch has blocks (65536), with one row per block (a large
+/// vocabulary) and with several rows per block (a small one, many more rows):
+/// the kernels loop over the rest, with every option and in place; a bad
+/// label in a row beyond the grid is reported with that row.
+#[test]
+fn more_rows_than_blocks() -> anyhow::Result<()> {
+    let Some(gpu) = cuda_or_skip("more_rows_than_blocks") else { return Ok(()) };
+    for (rows, vocab) in [(67_881usize, 2053usize), (600_001, 37)] {
+        let mut rng = Rng::new(rows as u64);
+        let logits = common::logits(&mut rng, &[rows, vocab], 8.0, DType::F32, &Device::Cpu)?;
+        let labels = common::labels(&mut rng, &[rows], vocab, 0.1, -100, &Device::Cpu)?;
+        for (reduction, inplace) in [(Reduction::Mean, false), (Reduction::None, true)] {
+            let ce = ChunkedCrossEntropy::default()
+                .reduction(reduction)
+                .inplace_grad(inplace)
+                .label_smoothing(0.1)
+                .z_loss(1e-4)
+                .logit_softcap(Some(30.0));
+            let what = format!("{rows}x{vocab} {reduction:?} inplace={inplace}");
+            gpu_matches_cpu(&ce, &logits, &labels, None, &gpu, (1e-5, 1e-5), &what)?;
+        }
+        let mut values: Vec<i64> = labels.to_vec1()?;
+        let bad_row = rows - 3;
+        values[bad_row] = vocab as i64;
+        let bad = Tensor::from_vec(values, rows, &gpu)?;
+        let err = ChunkedCrossEntropy::default().forward(&logits.to_device(&gpu)?, &bad, None).expect_err("bad label");
+        assert!(err.to_string().contains(&format!("row {bad_row}")), "{rows}x{vocab}: {err}");
+    }
+    Ok(())
+}
+
+/// A view of a tensor (a test case's strided logits, or the part of their storage outside them).
+type View = fn(&Tensor) -> candle::Result<Tensor>;
+
+/// The gradient written in place over strided logits: a `[B, S-1, V]` shift
+/// of `[B, S, V]` (rows with gaps) and a `[B, S, V]` view of `[S, B, V]` (rows
+/// out of order). The gradient equals the CPU engine's, and the storage
+/// outside the view (the shift's last position) is left as it was.
+#[test]
+fn inplace_on_strided_logits() -> anyhow::Result<()> {
+    let Some(gpu) = cuda_or_skip("inplace_on_strided_logits") else { return Ok(()) };
+    let (batch, seq, vocab) = (3usize, 17usize, 50257usize);
+    let mut rng = Rng::new(23);
+    let labels = common::labels(&mut rng, &[batch, seq - 1], vocab, 0.1, -100, &Device::Cpu)?;
+    let permuted = common::labels(&mut rng, &[batch, seq], vocab, 0.1, -100, &Device::Cpu)?;
+    for (dtype, grad_rtol) in [(DType::F32, 1e-5), (DType::BF16, 1.0 / 128.0)] {
+        let base = common::logits(&mut rng, &[batch, seq, vocab], 8.0, dtype, &Device::Cpu)?;
+        // (what, the logits' storage, the view the loss sees, what of the storage lies outside it)
+        let shift: View = |t| t.narrow(1, 0, t.dim(1)? - 1);
+        let last_position: View = |t| t.narrow(1, t.dim(1)? - 1, 1);
+        let cases = [
+            ("[B, S-1, V] of [B, S, V]", base.clone(), shift, &labels, Some(last_position)),
+            ("[B, S, V] of [S, B, V]", base.transpose(0, 1)?.contiguous()?, |t| t.transpose(0, 1), &permuted, None),
+        ];
+        for (name, base, view, labels, outside) in cases {
+            let what = format!("{dtype:?} {name}");
+            let grad_of = |device: &Device, inplace: bool| -> anyhow::Result<(Tensor, Tensor)> {
+                let var = Var::from_tensor(&base.to_device(device)?)?;
+                let logits = view(var.as_tensor())?;
+                assert!(!logits.is_contiguous(), "{what}: the view must be strided");
+                let ce = ChunkedCrossEntropy::default().inplace_grad(inplace);
+                let loss = ce.forward(&logits, &labels.to_device(device)?, None)?;
+                let grad = loss.backward()?.get(var.as_tensor()).expect("no gradient").clone();
+                Ok((grad.to_device(&Device::Cpu)?, var.as_tensor().to_device(&Device::Cpu)?))
+            };
+            let (want, _) = grad_of(&Device::Cpu, false)?;
+            let (grad, storage) = grad_of(&gpu, true)?;
+            assert_close(&grad, &want, grad_rtol, 1e-9, &format!("{what}: gradient"))?;
+            assert_close(&view(&storage)?, &view(&want)?, grad_rtol, 1e-9, &format!("{what}: storage in the view"))?;
+            if let Some(outside) = outside {
+                assert_close(&outside(&storage)?, &outside(&base)?, 0.0, 0.0, &format!("{what}: outside the view"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows with NaN, `+inf` and `-inf` logits (in the row, at the target, all of
+/// it, both infinities), ignored and masked rows holding them too: every
+/// output and the gradient equal the CPU engine's, NaN where it gives NaN, in
+/// f32 and bf16, with a warp's and a block's worth of vocabulary per row, with
+/// and without options (the soft-cap makes infinities finite), in place too.
+/// Ignored and masked rows get an exact zero gradient.
+#[test]
+fn non_finite_logits() -> anyhow::Result<()> {
+    let Some(gpu) = cuda_or_skip("non_finite_logits") else { return Ok(()) };
+    let labels = [1i64, 2, 3, 2, 0, -100, 4, 5, 6, 7, 8, 9];
+    let mask = Tensor::new(&[1u8, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1], &Device::Cpu)?;
+    let rows = labels.len();
+    for vocab in [300usize, 3000] {
+        let mut rng = Rng::new(vocab as u64);
+        let mut values: Vec<f64> =
+            common::logits(&mut rng, &[rows, vocab], 4.0, DType::F64, &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let (nan, inf) = (f64::NAN, f64::INFINITY);
+        let specials = [
+            (0, 3, nan),
+            (1, 5, inf),
+            (2, 7, -inf),
+            (3, 2, -inf), // at the target: an infinite loss
+            (5, 0, nan),  // ignored by its label
+            (6, 1, inf),  // masked
+            (7, 0, inf),  // both infinities
+            (7, 1, -inf),
+            (8, 6, inf),          // at the target
+            (9, 7, nan),          // at the target
+            (10, vocab - 1, inf), // in the row's last element
+        ];
+        for (row, col, value) in specials {
+            values[row * vocab + col] = value;
+        }
+        values[4 * vocab..5 * vocab].fill(-inf); // a row of -inf
+        let logits = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?;
+        let labels = Tensor::new(&labels, &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let logits = logits.to_dtype(dtype)?;
+            let grad_rtol = if dtype == DType::BF16 { 1.0 / 128.0 } else { 1e-5 };
+            for (smoothing, z_loss, softcap) in [(0.0, 0.0, None), (0.1, 1e-3, Some(5.0))] {
+                for (reduction, inplace) in [(Reduction::Sum, false), (Reduction::None, true)] {
+                    let ce = ChunkedCrossEntropy::default()
+                        .reduction(reduction)
+                        .inplace_grad(inplace)
+                        .label_smoothing(smoothing)
+                        .z_loss(z_loss)
+                        .logit_softcap(softcap);
+                    let what = format!("V={vocab} {dtype:?} {ce:?}");
+                    let got = gpu_matches_cpu(&ce, &logits, &labels, Some(&mask), &gpu, (1e-5, grad_rtol), &what)?;
+                    let grad_rows: Vec<Vec<f32>> = got[5].to_dtype(DType::F32)?.to_vec2()?;
+                    for row in [5, 6] {
+                        assert!(grad_rows[row].iter().all(|&g| g == 0.0), "{what}: ignored row {row}");
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }
 
