@@ -193,6 +193,122 @@ struct RowGroup {
           threads(whole_block ? int(blockDim.x) : 32) {}
 };
 
+// Hands lane 0's (lse, ce) to every thread of its row group: a shuffle within
+// a warp, or shared memory across the block. Every thread of the block calls
+// it the same number of times.
+template <typename A> __device__ void group_broadcast(A& lse, A& ce, bool whole_block) {
+    __shared__ A shared_pair[2];
+    if (!whole_block) {
+        lse = __shfl_sync(0xffffffffu, lse, 0);
+        ce = __shfl_sync(0xffffffffu, ce, 0);
+        return;
+    }
+    if (threadIdx.x == 0) {
+        shared_pair[0] = lse;
+        shared_pair[1] = ce;
+    }
+    __syncthreads();
+    lse = shared_pair[0];
+    ce = shared_pair[1];
+    // No second barrier: the next write of shared_pair comes after the next
+    // row's group_merge, whose barriers every thread passes after this read.
+}
+
+// Writes N gradient values g[0..N) to `out` at j0: one 16-byte store when
+// `out + j0` is aligned like the input pack, else element by element.
+template <typename T, int N, typename A>
+__device__ __forceinline__ void store_grad(T* out, int j0, const A (&g)[N], bool out_aligned_like_in) {
+    if (N == Pack<T>::kLen && out_aligned_like_in) {
+        Pack<T> pack;
+#pragma unroll
+        for (int i = 0; i < N; ++i) pack.e[i] = narrow<T>(g[i]);
+        *reinterpret_cast<Pack<T>*>(out + j0) = pack;
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[j0 + i] = narrow<T>(g[i]);
+    }
+}
+
+// A valid row's backward factors (see op.rs), and what the gradient of each of
+// its elements needs from them.
+template <typename A> struct RowGrad {
+    A scale;        // g_ce + g_lse
+    A g_sum;
+    A target_grad;  // g_ce expm1(-ce) + g_lse exp(-ce) + g_sum: exact when p_y -> 1
+    A lse_shift;    // lse log2(e)
+    __device__ RowGrad(A g_ce, A g_lse, A g_sum, A lse, A ce)
+        : scale(g_ce + g_lse), g_sum(g_sum), target_grad(g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum),
+          lse_shift(lse * log2e<A>()) {}
+};
+
+// The gradient of N consecutive raw logits x[0..N), the first at index j0.
+template <bool CAP, int N, typename A>
+__device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int label, const RowGrad<A>& f, A cap) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const A p = exp2_of(fma_of(capped<CAP>(x[i], cap), log2e<A>(), -f.lse_shift));
+        g[i] = (p * f.scale + f.g_sum) * cap_slope<CAP>(x[i], cap);
+    }
+    if (unsigned(label - j0) < unsigned(N)) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (j0 + i == label) g[i] = f.target_grad * cap_slope<CAP>(x[i], cap);
+        }
+    }
+}
+
+// grad of one row from its factors, as written in src/op.rs: ((g_ce + g_lse)
+// p_j + g_sum) * cap'_j off the target, and (g_ce expm1(-ce) + g_lse exp(-ce)
+// + g_sum) * cap'_y on it, formed in A; zeros when the row has no valid label
+// (y < 0). `out` may be `row` itself (in place): each element is read before it
+// is written, by the same thread, and by no other thread.
+template <typename T, typename A, bool CAP>
+__device__ void write_row_grad(const T* row, T* out, int vocab, int y, const RowGrad<A>& f, A cap,
+                               const RowGroup& group) {
+    constexpr int W = Pack<T>::kLen;
+    const bool valid = y >= 0;
+    const int head = head_len(row, vocab);
+    const int packs = (vocab - head) / W;
+    const int tail = head + packs * W;
+    const bool out_aligned_like_in = head_len(out, vocab) == head;
+    if (group.lane < head) {
+        const int j = group.lane;
+        A x[1] = {A(widen(row[j]))}, g[1] = {A(0)};
+        if (valid) grad_of<CAP>(x, g, j, y, f, cap);
+        store_grad<T>(out, j, g, false);
+    }
+    const Pack<T>* body = reinterpret_cast<const Pack<T>*>(row + head);
+#pragma unroll Pack<T>::kUnroll
+    for (int k = group.lane; k < packs; k += group.threads) {
+        const int j0 = head + k * W;
+        A g[W];
+        if (valid) {
+            const Pack<T> pack = body[k];
+            A x[W];
+#pragma unroll
+            for (int i = 0; i < W; ++i) x[i] = A(widen(pack.e[i]));
+            grad_of<CAP>(x, g, j0, y, f, cap);
+        } else {
+#pragma unroll
+            for (int i = 0; i < W; ++i) g[i] = A(0);
+        }
+        store_grad<T>(out, j0, g, out_aligned_like_in);
+    }
+    if (group.lane < vocab - tail) {
+        const int j = tail + group.lane;
+        A x[1] = {A(widen(row[j]))}, g[1] = {A(0)};
+        if (valid) grad_of<CAP>(x, g, j, y, f, cap);
+        store_grad<T>(out, j, g, false);
+    }
+}
+
+// The factors of a scalar loss whose value receives a gradient of 1 (see
+// `UnitFactors` in src/loss.rs): g_ce = ce_unit, g_lse = lse_unit +
+// lse_squared_unit * lse, g_sum = sum_unit.
+template <typename A> struct UnitFactors {
+    A ce, lse, lse_squared, sum;
+};
+
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
@@ -204,11 +320,17 @@ struct RowGroup {
 // zero. Every thread of a block runs the same number of row iterations and
 // merges (rows past the end and ignored rows merge empty partials), so that
 // warp-per-row blocks never diverge across a shuffle.
-template <typename T, typename A, bool CAP, bool SUM>
+//
+// With GRAD (a scalar loss, as Liger does), the row group then reads its row
+// once more (mostly from L2) and writes the gradient of a loss whose value
+// receives 1 over it, from `unit`: two passes over the logits instead of the
+// three of a forward and a separate backward. The target's term is formed in A
+// from ce, as in the backward.
+template <typename T, typename A, bool CAP, bool SUM, bool GRAD>
 __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,
                         unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,
-                        int64_t ignore_index, A cap, int rows_per_block, int64_t start, int64_t inner,
-                        int64_t stride_outer, int64_t stride_inner) {
+                        int64_t ignore_index, A cap, UnitFactors<A> unit, int rows_per_block, int64_t start,
+                        int64_t inner, int64_t stride_outer, int64_t stride_inner) {
     const RowGroup group(rows_per_block);
     for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
          first += int64_t(gridDim.x) * rows_per_block) {
@@ -242,72 +364,47 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
             }
         }
         group_merge<SUM>(p, group.whole_block);
-        if (group.lane != 0 || r >= rows) continue;
-        A* out = stats + 4 * r;
-        if (!valid) {
-            for (int k = 0; k < 4; ++k) out[k] = A(0);
-            if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
-            continue;
+        A lse = A(0), ce = A(0);
+        if (group.lane == 0 && r < rows) {
+            A* out = stats + 4 * r;
+            if (valid) {
+                const A target_logit = capped<CAP>(A(widen(row[y])), cap);
+                const A max = p.max > target_logit ? p.max : target_logit;
+                // +inf logits: x - max is NaN in PyTorch's formula; say so.
+                const A rest = max == -neg_inf<A>() ? A(NAN) : (p.sum == A(0) ? A(0) : p.sum * exp(p.max - max));
+                const A target_term = exp(target_logit - max);
+                const A total = rest + target_term;
+                ce = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
+                lse = max + log(total);
+                out[0] = ce;
+                out[1] = lse;
+                out[2] = A(p.logit_sum);
+                // argmax picks the first largest logit: none before the target may reach it.
+                out[3] = target_logit > p.max_before && target_logit >= p.max ? A(1) : A(0);
+            } else {
+                for (int k = 0; k < 4; ++k) out[k] = A(0);
+                if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
+            }
         }
-        const A target_logit = capped<CAP>(A(widen(row[y])), cap);
-        const A max = p.max > target_logit ? p.max : target_logit;
-        // +inf logits: x - max is NaN in PyTorch's formula; say so.
-        const A rest = max == -neg_inf<A>() ? A(NAN) : (p.sum == A(0) ? A(0) : p.sum * exp(p.max - max));
-        const A target_term = exp(target_logit - max);
-        const A total = rest + target_term;
-        out[0] = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
-        out[1] = max + log(total);
-        out[2] = A(p.logit_sum);
-        // argmax picks the first largest logit: none before the target may reach it.
-        out[3] = target_logit > p.max_before && target_logit >= p.max ? A(1) : A(0);
-    }
-}
-
-// Writes N gradient values g[0..N) to `out` at j0: one 16-byte store when
-// `out + j0` is aligned like the input pack, else element by element.
-template <typename T, int N, typename A>
-__device__ __forceinline__ void store_grad(T* out, int j0, const A (&g)[N], bool out_aligned_like_in) {
-    if (N == Pack<T>::kLen && out_aligned_like_in) {
-        Pack<T> pack;
-#pragma unroll
-        for (int i = 0; i < N; ++i) pack.e[i] = narrow<T>(g[i]);
-        *reinterpret_cast<Pack<T>*>(out + j0) = pack;
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) out[j0 + i] = narrow<T>(g[i]);
-    }
-}
-
-// The gradient of N consecutive raw logits x[0..N), the first at index j0, from
-// a row's factors (see backward below).
-template <bool CAP, int N, typename A>
-__device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int label, A lse_shift, A scale,
-                                        A g_sum, A target_grad, A cap) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        const A p = exp2_of(fma_of(capped<CAP>(x[i], cap), log2e<A>(), -lse_shift));
-        g[i] = (p * scale + g_sum) * cap_slope<CAP>(x[i], cap);
-    }
-    if (unsigned(label - j0) < unsigned(N)) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-            if (j0 + i == label) g[i] = target_grad * cap_slope<CAP>(x[i], cap);
+        if (GRAD) {
+            group_broadcast(lse, ce, group.whole_block);
+            if (r < rows) {
+                const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce);
+                // The entry's logits are writable (see FORWARD_WITH_GRAD): this pass
+                // reads each element before its own thread rewrites it.
+                write_row_grad<T, A, CAP>(row, const_cast<T*>(row), vocab, y, f, cap, group);
+            }
         }
     }
 }
 
-// grad[r] from factors[r] = (g_ce, g_lse, g_sum, lse, ce), as written in
-// src/op.rs: ((g_ce + g_lse) p_j + g_sum) * cap'_j off the target, and
-// (g_ce expm1(-ce) + g_lse exp(-ce) + g_sum) * cap'_y on it, formed in A.
-// Ignored rows (and, defensively, rows with an invalid label) are written as
-// zeros. `grad` may be `logits` itself (in place): each element is read
-// before it is written, by the same thread. No barriers: rows are independent.
+// The gradient of every row from factors[r] = (g_ce, g_lse, g_sum, lse, ce),
+// into `grad` or over `logits` (in place). No barriers: rows are independent.
 template <typename T, typename A, bool CAP>
 __device__ void backward(const T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, T* grad,
                          int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start,
                          int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t out_start,
                          int64_t out_inner, int64_t out_stride_outer, int64_t out_stride_inner) {
-    constexpr int W = Pack<T>::kLen;
     const RowGroup group(rows_per_block);
     for (int64_t r = int64_t(blockIdx.x) * rows_per_block + group.index; r < rows;
          r += int64_t(gridDim.x) * rows_per_block) {
@@ -315,78 +412,54 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
         T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);
         const bool valid = label != ignore_index && label >= 0 && label < vocab;
-        const int y = valid ? int(label) : -1;
         const A* f = factors + 5 * r;
-        const A g_ce = valid ? f[0] : A(0), g_lse = valid ? f[1] : A(0), g_sum = valid ? f[2] : A(0);
-        const A lse = valid ? f[3] : A(0), ce = valid ? f[4] : A(0);
-        const A scale = g_ce + g_lse;
-        const A target_grad = g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum;
-        const A lse_shift = lse * log2e<A>();
-        const int head = head_len(row, vocab);
-        const int packs = (vocab - head) / W;
-        const int tail = head + packs * W;
-        const bool out_aligned_like_in = head_len(out, vocab) == head;
-        if (group.lane < head) {
-            const int j = group.lane;
-            A x[1] = {A(widen(row[j]))}, g[1];
-            if (valid) grad_of<CAP>(x, g, j, y, lse_shift, scale, g_sum, target_grad, cap);
-            else g[0] = A(0);
-            store_grad<T>(out, j, g, false);
-        }
-        const Pack<T>* body = reinterpret_cast<const Pack<T>*>(row + head);
-#pragma unroll Pack<T>::kUnroll
-        for (int k = group.lane; k < packs; k += group.threads) {
-            const int j0 = head + k * W;
-            A g[W];
-            if (valid) {
-                const Pack<T> pack = body[k];
-                A x[W];
-#pragma unroll
-                for (int i = 0; i < W; ++i) x[i] = A(widen(pack.e[i]));
-                grad_of<CAP>(x, g, j0, y, lse_shift, scale, g_sum, target_grad, cap);
-            } else {
-#pragma unroll
-                for (int i = 0; i < W; ++i) g[i] = A(0);
-            }
-            store_grad<T>(out, j0, g, out_aligned_like_in);
-        }
-        if (group.lane < vocab - tail) {
-            const int j = tail + group.lane;
-            A x[1] = {A(widen(row[j]))}, g[1];
-            if (valid) grad_of<CAP>(x, g, j, y, lse_shift, scale, g_sum, target_grad, cap);
-            else g[0] = A(0);
-            store_grad<T>(out, j, g, false);
-        }
+        const RowGrad<A> row_grad = valid ? RowGrad<A>(f[0], f[1], f[2], f[3], f[4]) : RowGrad<A>(0, 0, 0, 0, 0);
+        write_row_grad<T, A, CAP>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, group);
     }
 }
 
 // ---------------------------------------------------------------------------
-// Entry points: one per dtype and direction; the soft-cap and the logit sum
-// are picked once per launch, not per element.
+// Entry points: one per dtype and direction; the soft-cap, the logit sum and
+// the gradient are picked once per launch, not per element. MAX_THREADS is the
+// largest block an entry is compiled for (64 registers a thread at 1024); f64's
+// double-precision maths would spill there, so f64 blocks stop at 512 threads.
+// src/kernel_abi.rs holds the same limits and every argument list.
 // ---------------------------------------------------------------------------
 
-#define FORWARD(NAME, T, A, MAX_THREADS)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+// Picks forward<T, A, CAP, SUM, GRAD> from the launch's cap and want_sum.
+#define DISPATCH_FORWARD(T, A, GRAD, LOGITS, UNIT)                                                                 \
+    if (cap > A(0) && want_sum)                                                                                    \
+        forward<T, A, true, true, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,      \
+                                        UNIT, rows_per_block, start, inner, stride_outer, stride_inner);           \
+    else if (cap > A(0))                                                                                           \
+        forward<T, A, true, false, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,     \
+                                         UNIT, rows_per_block, start, inner, stride_outer, stride_inner);          \
+    else if (want_sum)                                                                                             \
+        forward<T, A, false, true, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,     \
+                                         UNIT, rows_per_block, start, inner, stride_outer, stride_inner);          \
+    else                                                                                                           \
+        forward<T, A, false, false, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,    \
+                                          UNIT, rows_per_block, start, inner, stride_outer, stride_inner)
+
+#define FORWARD(NAME, NAME_WITH_GRAD, T, A, MAX_THREADS)                                                           \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,             \
              unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
              int want_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                 \
              int64_t stride_inner) {                                                                               \
-        if (cap > A(0) && want_sum)                                                                                \
-            forward<T, A, true, true>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,        \
-                                      rows_per_block, start, inner, stride_outer, stride_inner);                   \
-        else if (cap > A(0))                                                                                       \
-            forward<T, A, true, false>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,       \
-                                       rows_per_block, start, inner, stride_outer, stride_inner);                  \
-        else if (want_sum)                                                                                         \
-            forward<T, A, false, true>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,       \
-                                       rows_per_block, start, inner, stride_outer, stride_inner);                  \
-        else                                                                                                       \
-            forward<T, A, false, false>(logits, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,      \
-                                        rows_per_block, start, inner, stride_outer, stride_inner);                 \
+        DISPATCH_FORWARD(T, A, false, logits, (UnitFactors<A>{0, 0, 0, 0}));                                       \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+        NAME_WITH_GRAD(T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,          \
+                       unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,                    \
+                       int64_t ignore_index, A cap, int want_sum, A unit_ce, A unit_lse, A unit_lse_squared,       \
+                       A unit_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,         \
+                       int64_t stride_inner) {                                                                     \
+        DISPATCH_FORWARD(T, A, true, logits, (UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}));     \
     }
 
-#define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS)                                                                      \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+#define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS)                                                           \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ factors,      \
              T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block,       \
              int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {                           \
@@ -397,7 +470,7 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
             backward<T, A, false>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, rows_per_block,   \
                                   start, inner, stride_outer, stride_inner, 0, rows, 0, vocab);                    \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                        \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
         NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, int64_t rows,  \
                       int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start, int64_t inner,    \
                       int64_t stride_outer, int64_t stride_inner) {                                                \
@@ -411,13 +484,10 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
                                   stride_inner);                                                                   \
     }
 
-// MAX_THREADS is the largest block an entry is compiled for (64 registers a
-// thread at 1024); f64's double-precision maths would spill there, so f64
-// blocks stop at 512 threads. src/kernel_abi.rs holds the same limits.
-FORWARD(ce_fwd_f32, float, float, 1024)
-FORWARD(ce_fwd_bf16, __nv_bfloat16, float, 1024)
-FORWARD(ce_fwd_f16, __half, float, 1024)
-FORWARD(ce_fwd_f64, double, double, 512)
+FORWARD(ce_fwd_f32, ce_fwd_grad_f32, float, float, 1024)
+FORWARD(ce_fwd_bf16, ce_fwd_grad_bf16, __nv_bfloat16, float, 1024)
+FORWARD(ce_fwd_f16, ce_fwd_grad_f16, __half, float, 1024)
+FORWARD(ce_fwd_f64, ce_fwd_grad_f64, double, double, 512)
 BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024)
 BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024)
 BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024)

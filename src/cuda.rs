@@ -6,7 +6,7 @@
 //! binds to device memory.
 
 use crate::cpu::STATS;
-use crate::kernel_abi::{self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry};
+use crate::kernel_abi::{self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, UnitFactors};
 use crate::op::OpConfig;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -30,9 +30,38 @@ pub(crate) fn forward(
     labels_layout: &Layout,
     cfg: &OpConfig,
 ) -> Result<(CudaStorage, Shape)> {
+    row_stats(logits, logits_layout, labels, labels_layout, cfg, None)
+}
+
+/// As [`forward`], and the kernel also rewrites the logits with the gradient
+/// of a scalar loss whose value receives 1, from `unit` (two passes over the
+/// logits; see `op::row_stats_and_unit_grad`).
+pub(crate) fn forward_with_grad(
+    logits: &CudaStorage,
+    logits_layout: &Layout,
+    labels: &CudaStorage,
+    labels_layout: &Layout,
+    cfg: &OpConfig,
+    unit: &UnitFactors,
+) -> Result<(CudaStorage, Shape)> {
+    row_stats(logits, logits_layout, labels, labels_layout, cfg, Some(unit))
+}
+
+fn row_stats(
+    logits: &CudaStorage,
+    logits_layout: &Layout,
+    labels: &CudaStorage,
+    labels_layout: &Layout,
+    cfg: &OpConfig,
+    unit: Option<&UnitFactors>,
+) -> Result<(CudaStorage, Shape)> {
     let rows = RowGeometry::new(logits_layout)?;
     let dtype = logits.dtype();
-    let launch = kernel_abi::forward(&rows, dtype, &options(cfg), LaunchShape::for_vocab(dtype, rows.vocab))?;
+    let shape = LaunchShape::for_vocab(dtype, rows.vocab);
+    let launch = match unit {
+        None => kernel_abi::forward(&rows, dtype, &options(cfg), shape)?,
+        Some(unit) => kernel_abi::forward_with_grad(&rows, dtype, &options(cfg), unit, shape)?,
+    };
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     // The flag the kernel lowers to the first bad row; not read back (no sync)
@@ -166,7 +195,10 @@ fn in_place_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     run(dev, launch, Operands { factors: Some(&factors), ..Operands::new(logits, labels) })
 }
 
-/// The logits as the kernel sees them: read, or rewritten in place.
+/// The logits as the kernel sees them: read, or rewritten in place. The
+/// forward with gradient (`ce_fwd_grad_*`) also rewrites them through a shared
+/// borrow: candle hands a custom op its inputs shared, and that op is only run
+/// on a private temporary (see `op::row_stats_and_unit_grad`).
 enum LogitsArg<'a, T> {
     Read(&'a CudaSlice<T>),
     Write(&'a mut CudaSlice<T>),

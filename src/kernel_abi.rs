@@ -8,6 +8,7 @@
 //! Not a stable API: it is public only for those tests.
 
 use crate::cpu::RowTerms;
+pub use crate::loss::UnitFactors;
 use crate::op::{self, Engine, OpConfig};
 use candle::{bail, DType, Layout, Result, Tensor};
 
@@ -15,11 +16,15 @@ use candle::{bail, DType, Layout, Result, Tensor};
 pub const MAX_BLOCKS: u32 = 1 << 16;
 
 /// Every kernel entry of `cuda/cross_entropy.cu`.
-pub const ENTRIES: [&str; 12] = [
+pub const ENTRIES: [&str; 16] = [
     "ce_fwd_f32",
     "ce_fwd_bf16",
     "ce_fwd_f16",
     "ce_fwd_f64",
+    "ce_fwd_grad_f32",
+    "ce_fwd_grad_bf16",
+    "ce_fwd_grad_f16",
+    "ce_fwd_grad_f64",
     "ce_bwd_f32",
     "ce_bwd_bf16",
     "ce_bwd_f16",
@@ -207,6 +212,26 @@ pub fn forward(rows: &RowGeometry, dtype: DType, options: &KernelOptions, shape:
     launch(entry, rows, dtype, shape, args)
 }
 
+/// The forward that also writes, over [`Operand::Logits`], the gradient of a
+/// scalar loss whose value receives 1: `unit` gives every valid row's factors
+/// (see [`UnitFactors`]). Two passes over the logits instead of the three of
+/// [`forward`] and [`backward`].
+pub fn forward_with_grad(
+    rows: &RowGeometry,
+    dtype: DType,
+    options: &KernelOptions,
+    unit: &UnitFactors,
+    shape: LaunchShape,
+) -> Result<KernelLaunch> {
+    use KernelArg::{Operand as Op, I32};
+    let entry = entry("ce_fwd_grad_", dtype)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
+    args.extend(row_args(rows, dtype, options));
+    args.push(I32(i32::from(options.logit_sum)));
+    args.extend([unit.ce, unit.lse, unit.lse_squared, unit.logit_sum].map(|v| accumulator(dtype, v)));
+    launch(entry, rows, dtype, shape, args)
+}
+
 /// The backward into [`Operand::Grad`] (`in_place == false`), or over
 /// [`Operand::Logits`].
 pub fn backward(
@@ -229,9 +254,17 @@ pub fn backward(
 
 /// `rows, vocab, ignore_index, cap` (0 for none, in the accumulator type).
 fn row_args(rows: &RowGeometry, dtype: DType, options: &KernelOptions) -> [KernelArg; 4] {
-    let cap = options.softcap.unwrap_or(0.0);
-    let cap = if dtype == DType::F64 { KernelArg::F64(cap) } else { KernelArg::F32(cap as f32) };
+    let cap = accumulator(dtype, options.softcap.unwrap_or(0.0));
     [KernelArg::I64(rows.rows as i64), KernelArg::I32(rows.vocab as i32), KernelArg::I64(options.ignore_index), cap]
+}
+
+/// A value in the accumulator type of `dtype`'s kernels (f64 for f64, else f32).
+fn accumulator(dtype: DType, value: f64) -> KernelArg {
+    if dtype == DType::F64 {
+        KernelArg::F64(value)
+    } else {
+        KernelArg::F32(value as f32)
+    }
 }
 
 /// Appends `rows_per_block` and the row geometry, and sizes the grid.

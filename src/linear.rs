@@ -324,13 +324,8 @@ fn forward_with_gradients(
         let chunk = rows.narrow(0, start, len)?;
         let labels = labels.narrow(0, start, len)?;
         let logits = projection.logits(&chunk)?;
-        let chunk_stats = op::row_stats(&logits, &labels, cfg)?;
-        let (ce, lse) = (chunk_stats.narrow(1, 0, 1)?, chunk_stats.narrow(1, 1, 1)?);
-        let constant = |v: f64| Tensor::full(v, (len, 1), lse.device())?.to_dtype(lse.dtype());
-        let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
-        let chunk_unit = Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?], 1)?;
-        let factors = Tensor::cat(&[&chunk_unit, &lse, &ce], 1)?;
-        sums.add(start, &chunk, &op::logits_grad(&logits, &labels, &factors, cfg)?, projection)?;
+        let (chunk_stats, chunk_unit, logits_grad) = op::row_stats_and_unit_grad(&logits, &labels, cfg, unit)?;
+        sums.add(start, &chunk, &logits_grad, projection)?;
         stats.push(chunk_stats);
         unit_factors.push(chunk_unit);
     }

@@ -506,12 +506,19 @@ struct TokenTerms {
     correct: Tensor,
 }
 
-/// See [`ChunkedCrossEntropy::unit_factors`]: `g_lse = lse + lse_squared * lse_r`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct UnitFactors {
+/// The gradients that a valid row's statistics receive when a scalar loss
+/// receives 1 (see `ChunkedCrossEntropy::unit_factors`): `g_ce = ce`, `g_lse =
+/// lse + lse_squared * lse_r` (with the row's log-sum-exp `lse_r`), `g_sum =
+/// logit_sum`. Public only for the kernel tests (`kernel_abi`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnitFactors {
+    /// `g_ce`.
     pub ce: f64,
+    /// The constant part of `g_lse`.
     pub lse: f64,
+    /// The part of `g_lse` proportional to the row's log-sum-exp (z-loss).
     pub lse_squared: f64,
+    /// `g_sum`.
     pub logit_sum: f64,
 }
 

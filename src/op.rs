@@ -62,6 +62,7 @@
 //! autograd differentiates them.
 
 use crate::cpu::{self, RowLabel, RowLayout, RowTerms, STATS};
+use crate::loss::UnitFactors;
 use crate::reference;
 use candle::backend::BackendStorage;
 use candle::{
@@ -331,6 +332,69 @@ impl CustomOp2 for FusedForward {
         l2: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         crate::cuda::forward(s1, l1, s2, l2, &self.0)
+    }
+}
+
+/// The statistics `[N, 4]` of `logits` and the gradient of a scalar loss whose
+/// value receives 1, from `unit` (see [`UnitFactors`]), written over the
+/// logits' storage: they must be a temporary nobody else reads (the linear
+/// loss's chunk logits). Also returns the per-row factors `[N, 3] = (g_ce,
+/// g_lse, g_sum)` the gradient was formed with, and the gradient itself. On
+/// CUDA one fused kernel makes two passes over the logits (the forward's read,
+/// then a read mostly from L2 and the write); elsewhere the forward engine
+/// runs, then the in-place backward.
+pub(crate) fn row_stats_and_unit_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    cfg: OpConfig,
+    unit: UnitFactors,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let cfg = OpConfig { inplace_grad: true, ..cfg };
+    let fused_on_cuda = cfg.engine == Engine::Fused && logits.device().is_cuda();
+    let stats = if fused_on_cuda {
+        logits.apply_op2_no_bwd(labels, &FusedForwardWithGrad { cfg, unit })?
+    } else {
+        row_stats(logits, labels, cfg)?
+    };
+    let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
+    let constant = |v: f64| Tensor::full(v, (stats.dim(0)?, 1), lse.device())?.to_dtype(lse.dtype());
+    let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
+    let unit_factors = Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?], 1)?;
+    let grad = if fused_on_cuda {
+        logits.detach()
+    } else {
+        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, cfg)?
+    };
+    Ok((stats, unit_factors, grad))
+}
+
+/// The fused forward that also rewrites its logits with the gradient of a
+/// scalar loss (see [`row_stats_and_unit_grad`]); CUDA only: on the CPU the
+/// forward and the in-place backward run one after the other instead.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FusedForwardWithGrad {
+    cfg: OpConfig,
+    unit: UnitFactors,
+}
+
+impl CustomOp2 for FusedForwardWithGrad {
+    fn name(&self) -> &'static str {
+        "chunked-cross-entropy-fwd-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: runs on CUDA only (row_stats_and_unit_grad picks it)", self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        crate::cuda::forward_with_grad(s1, l1, s2, l2, &self.cfg, &self.unit)
     }
 }
 

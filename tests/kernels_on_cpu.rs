@@ -16,7 +16,7 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::kernel_abi::{
-    self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, ENTRIES,
+    self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, UnitFactors, ENTRIES,
 };
 use common::Rng;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -302,56 +302,61 @@ impl Case {
         let rows = self.labels.len();
         assert_eq!(geometry.rows, rows, "{name}: one label per row");
         let labels = Tensor::new(self.labels.as_slice(), &Device::Cpu)?;
-        let base_bytes = storage_bytes(&self.base)?;
         let acc = acc(dtype);
+        let run_forward =
+            |launch: &KernelLaunch| -> Result<Forward> { Forward::run(kernels, launch, &self.base, &labels, acc) };
+        // A scalar loss's factors for the forward that writes the gradient: every term,
+        // z-loss included.
+        let unit = UnitFactors { ce: 0.75, lse: 0.125, lse_squared: 0.01, logit_sum: -0.25 / vocab as f64 };
 
         // Forward.
-        let launch = kernel_abi::forward(&geometry, dtype, &self.options, shape)?;
-        let mut logits_buffer = Buffer::from_bytes(&base_bytes);
-        let mut labels_buffer = Buffer::from_bytes(&storage_bytes(&labels)?);
-        // Stats start as a sentinel, so that a row the kernel never writes shows.
-        let sentinel = Tensor::full(12345f32, 1, &Device::Cpu)?.to_dtype(acc)?;
-        let mut stats = Buffer::filled(4 * rows, &storage_bytes(&sentinel)?);
-        let mut first_bad_row = Buffer::from_bytes(&u64::MAX.to_ne_bytes());
-        run(
-            kernels,
-            &launch,
-            Operands {
-                logits: Some(&mut logits_buffer),
-                labels: Some(&mut labels_buffer),
-                stats: Some(&mut stats),
-                first_bad_row: Some(&mut first_bad_row),
-                ..Default::default()
-            },
-        );
-        let bad_row = u64::from_ne_bytes(first_bad_row.bytes(8).try_into().unwrap());
+        let forward = run_forward(&kernel_abi::forward(&geometry, dtype, &self.options, shape)?)?;
+        let with_grad = run_forward(&kernel_abi::forward_with_grad(&geometry, dtype, &self.options, &unit, shape)?)?;
         let expected_bad_row =
             self.labels.iter().position(|&l| l != self.options.ignore_index && (l < 0 || l >= vocab as i64));
         let cpu = kernel_abi::cpu_row_stats(&logits, &labels, &self.options);
         if let Some(row) = expected_bad_row {
-            assert_eq!(bad_row, row as u64, "{name}: first bad row");
+            assert_eq!(forward.bad_row, Some(row), "{name}: first bad row");
+            assert_eq!(with_grad.bad_row, Some(row), "{name}: first bad row (forward with gradient)");
             let message = cpu.expect_err("the CPU engine refuses a bad label").to_string();
             assert!(message.contains(&format!("at row {row}")), "{name}: {message}");
             return Ok(());
         }
-        assert_eq!(bad_row, u64::MAX, "{name}: no bad row");
         let cpu_stats = cpu?;
-        let stats =
-            Tensor::from_raw_buffer(stats.bytes(4 * rows * acc.size_in_bytes()), acc, &[rows, 4], &Device::Cpu)?;
         let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
-        for (column, what) in ["ce", "lse", "logit_sum", "correct"].iter().enumerate() {
-            // The logit sum adds V rounded (soft-capped) logits: its error grows with V.
-            let tolerance = if *what == "logit_sum" { tolerance * vocab as f64 } else { tolerance };
-            let (got, want) = (stats.narrow(1, column, 1)?, cpu_stats.narrow(1, column, 1)?);
-            assert_close(&format!("{name}: {what}"), &got, &want, tolerance)?;
+        for (run, what) in [(&forward, "forward"), (&with_grad, "forward with gradient")] {
+            assert_eq!(run.bad_row, None, "{name}: no bad row ({what})");
+            for (column, stat) in ["ce", "lse", "logit_sum", "correct"].iter().enumerate() {
+                // The logit sum adds V rounded (soft-capped) logits: its error grows with V.
+                let tolerance = if *stat == "logit_sum" { tolerance * vocab as f64 } else { tolerance };
+                let (got, want) = (run.stats.narrow(1, column, 1)?, cpu_stats.narrow(1, column, 1)?);
+                assert_close(&format!("{name}: {stat} ({what})"), &got, &want, tolerance)?;
+            }
         }
+        let grad_tolerance = match dtype {
+            DType::F64 => 1e-12,
+            DType::F32 => 2e-6,
+            _ => 8e-3, // one rounding of a 16-bit float apart
+        };
+        let (lse, ce) = (cpu_stats.narrow(1, 1, 1)?, cpu_stats.narrow(1, 0, 1)?);
+
+        // The forward with gradient rewrote the logits' storage, rows of the view only.
+        let constant = |v: f64| Tensor::full(v, (rows, 1), &Device::Cpu)?.to_dtype(acc);
+        let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
+        let unit_factors =
+            Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
+        let cpu_rewritten = self.base.copy()?;
+        kernel_abi::cpu_logits_grad(&(self.view)(&cpu_rewritten)?, &labels, &unit_factors, &self.options, true)?;
+        let what = format!("{name}: storage after the forward with gradient");
+        assert_close(&what, &with_grad.logits(&self.base)?, &cpu_rewritten, grad_tolerance)?;
 
         // Backward, from random upstream gradients and the CPU's lse and ce.
         let mut rng = Rng::new(rows as u64 * 31 + vocab as u64);
         let upstream = common::logits(&mut rng, &[rows, 3], 1.0, acc, &Device::Cpu)?;
-        let factors = Tensor::cat(&[&upstream, &cpu_stats.narrow(1, 1, 1)?, &cpu_stats.narrow(1, 0, 1)?], 1)?;
-        let factors = factors.to_dtype(acc)?.contiguous()?;
+        let factors = Tensor::cat(&[&upstream, &lse, &ce], 1)?.to_dtype(acc)?.contiguous()?;
         let want = kernel_abi::cpu_logits_grad(&logits, &labels, &factors, &self.options, false)?;
+        let mut logits_buffer = Buffer::from_bytes(&storage_bytes(&self.base)?);
+        let mut labels_buffer = Buffer::from_bytes(&storage_bytes(&labels)?);
         let mut factors_buffer = Buffer::from_bytes(&storage_bytes(&factors)?);
         // Out of place, into a sentinel-filled buffer.
         let launch = kernel_abi::backward(&geometry, dtype, &self.options, false, shape)?;
@@ -370,11 +375,6 @@ impl Case {
         );
         let len = rows * vocab * dtype.size_in_bytes();
         let got = Tensor::from_raw_buffer(grad.bytes(len), dtype, logits.dims(), &Device::Cpu)?;
-        let grad_tolerance = match dtype {
-            DType::F64 => 1e-12,
-            DType::F32 => 2e-6,
-            _ => 8e-3, // one rounding of a 16-bit float apart
-        };
         assert_close(&format!("{name}: grad"), &got, &want, grad_tolerance)?;
 
         // In place, over the logits' own storage: the rows of the view change, nothing else does.
@@ -389,15 +389,57 @@ impl Case {
                 ..Default::default()
             },
         );
-        let rewritten =
-            Tensor::from_raw_buffer(logits_buffer.bytes(base_bytes.len()), dtype, self.base.dims(), &Device::Cpu)?;
-        let got = (self.view)(&rewritten)?;
-        assert_close(&format!("{name}: in-place grad"), &got, &want, grad_tolerance)?;
+        let rewritten = storage_tensor(&logits_buffer, &self.base)?;
+        assert_close(&format!("{name}: in-place grad"), &(self.view)(&rewritten)?, &want, grad_tolerance)?;
         let cpu_in_place = self.base.copy()?;
         kernel_abi::cpu_logits_grad(&(self.view)(&cpu_in_place)?, &labels, &factors, &self.options, true)?;
         assert_close(&format!("{name}: in-place storage"), &rewritten, &cpu_in_place, grad_tolerance)?;
         Ok(())
     }
+}
+
+/// What a forward launch leaves: the statistics, the first bad row it
+/// flagged, and the logits' storage (which the forward with gradient rewrites).
+struct Forward {
+    stats: Tensor,
+    bad_row: Option<usize>,
+    logits: Buffer,
+}
+
+impl Forward {
+    /// Runs a forward entry over a copy of `base`'s storage.
+    fn run(kernels: &CpuKernels, launch: &KernelLaunch, base: &Tensor, labels: &Tensor, acc: DType) -> Result<Self> {
+        let rows = labels.dim(0)?;
+        let mut logits = Buffer::from_bytes(&storage_bytes(base)?);
+        let mut labels = Buffer::from_bytes(&storage_bytes(labels)?);
+        // Stats start as a sentinel, so that a row the kernel never writes shows.
+        let sentinel = Tensor::full(12345f32, 1, &Device::Cpu)?.to_dtype(acc)?;
+        let mut stats = Buffer::filled(4 * rows, &storage_bytes(&sentinel)?);
+        let mut first_bad_row = Buffer::from_bytes(&u64::MAX.to_ne_bytes());
+        let operands = Operands {
+            logits: Some(&mut logits),
+            labels: Some(&mut labels),
+            stats: Some(&mut stats),
+            first_bad_row: Some(&mut first_bad_row),
+            ..Default::default()
+        };
+        run(kernels, launch, operands);
+        let bad_row = u64::from_ne_bytes(first_bad_row.bytes(8).try_into().unwrap());
+        let stats =
+            Tensor::from_raw_buffer(stats.bytes(4 * rows * acc.size_in_bytes()), acc, &[rows, 4], &Device::Cpu)?;
+        Ok(Self { stats, bad_row: (bad_row != u64::MAX).then_some(bad_row as usize), logits })
+    }
+
+    /// The logits' storage after the launch, shaped like `base`.
+    fn logits(&self, base: &Tensor) -> Result<Tensor> {
+        storage_tensor(&self.logits, base)
+    }
+}
+
+/// A buffer holding a copy of `base`'s storage, read back as a tensor like `base`.
+fn storage_tensor(buffer: &Buffer, base: &Tensor) -> Result<Tensor> {
+    let len = base.elem_count() * base.dtype().size_in_bytes();
+    Tensor::from_raw_buffer(buffer.bytes(len), base.dtype(), base.dims(), &Device::Cpu)
 }
 
 /// `|got - want| <= tolerance * max(1, |want|)` elementwise in f64, NaN where

@@ -28,3 +28,15 @@ template <typename T> T __shfl_xor_sync(unsigned mask, T value, int offset) {
     const int lane = int(threadIdx.x % warpSize);
     return __shfl(value, lane ^ offset);
 }
+
+// A broadcast from lane `source` of the caller's 32-lane warp, on the same
+// absolute-lane __shfl.
+template <typename T> T __shfl_sync(unsigned mask, T value, int source) {
+    if (mask != 0xffffffffu || source < 0 || source >= 32) {
+        std::fprintf(stderr, "hip-cpu shim: __shfl_sync(mask %#x, lane %d) is not a full 32-lane shuffle\n", mask,
+                     source);
+        std::abort();
+    }
+    const int lane = int(threadIdx.x % warpSize);
+    return __shfl(value, lane / 32 * 32 + source);
+}
