@@ -93,9 +93,8 @@ fn every_option_and_output(device: &Device) -> anyhow::Result<()> {
 /// Ignored and masked rows get an exact zero gradient whatever they hold; in
 /// valid rows NaN, `+inf` and `-inf` give what the primitive engine (the same
 /// maths in its node) gives, NaN where it gives NaN, with and without the
-/// soft-cap that makes infinities finite. (Against the fused engine, only the
-/// token accuracy of a row of `-inf` differs: the fused kernels never count
-/// it, the primitive ops count it when the label is 0, as `argmax` does.)
+/// soft-cap that makes infinities finite. The fused engine's token accuracy
+/// agrees too: a row of `-inf` with label 0 counts, as `argmax` picks class 0.
 fn non_finite_logits(device: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(52);
     let (rows, vocab) = (9, 11);
@@ -135,6 +134,10 @@ fn non_finite_logits(device: &Device) -> anyhow::Result<()> {
                 assert_close_nonfinite(got_losses, want_losses, 1e-6, 1e-7, &format!("{what}: token losses"))?;
                 assert_close_nonfinite(&got.lse, &want.lse, 1e-6, 1e-7, &format!("{what}: lse"))?;
                 assert_close(&got.token_accuracy, &want.token_accuracy, 0.0, 0.0, &format!("{what}: accuracy"))?;
+                let fused = with_options(ChunkedCrossEntropy::default(), options).reduction(reduction);
+                let (fused, _) = outputs_and_grad(&fused, &logits, &labels, Some(&mask), None)?;
+                let what_fused = format!("{what}: fused accuracy");
+                assert_close(&fused.token_accuracy, &want.token_accuracy, 0.0, 0.0, &what_fused)?;
                 let grad_rtol = if dtype == DType::BF16 { 1.0 / 128.0 } else { 1e-5 };
                 assert_close_nonfinite(&grad, &want_grad, grad_rtol, 1e-7, &format!("{what}: gradient"))?;
                 let grad_rows: Vec<Vec<f32>> = grad.to_dtype(DType::F32)?.narrow(1, 0, 1)?.squeeze(1)?.to_vec2()?;

@@ -308,7 +308,29 @@ fn ce_lanes<T: Lane>(row: &[T], target: usize) -> (f32, f32, bool) {
     let rescale = |m: f32, s: f32| if s == 0.0 { 0.0 } else { s * (m - max).exp() };
     let rest = rescale(before_max, before_sum) + rescale(after_max, after_sum);
     let (ce, lse) = ce_and_lse(max, target_logit, rest);
-    (ce, lse, target_logit > before_max && target_logit >= after_max)
+    let reaches_before = || row[..target].iter().any(|x| x.widen() >= target_logit);
+    (ce, lse, target_is_first_argmax(target_logit, before_max, after_max, reaches_before))
+}
+
+/// Whether the target is its row's first largest logit, as `argmax` picks it:
+/// none after it exceeds it and none before it reaches it (a NaN target never
+/// is, and NaN beats nothing). `before_max` and `after_max` are the maxima of
+/// the classes before and after the target, -inf when there are none; only a
+/// tie with `before_max` (which -inf everywhere is) looks at the classes before
+/// the target again, through `reaches_before`.
+fn target_is_first_argmax<F: Float>(
+    target: F,
+    before_max: F,
+    after_max: F,
+    reaches_before: impl FnOnce() -> bool,
+) -> bool {
+    use std::cmp::Ordering::{Greater, Less};
+    match (target.partial_cmp(&after_max), target.partial_cmp(&before_max)) {
+        (None | Some(Less), _) => false,
+        (_, Some(Greater)) => true,
+        (_, Some(Less)) => false,
+        _ => !reaches_before(),
+    }
 }
 
 /// A raw row pointer that rayon may share between threads.
@@ -395,7 +417,8 @@ pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel
                 let rest = sum_exp(&row[..target]) + sum_exp(&row[target + 1..]);
                 let (ce, lse) = ce_and_lse(max, row[target], rest);
                 let logit_sum = if terms.logit_sum { row.iter().sum() } else { 0.0 };
-                let correct = row[target] > before_max && row[target] >= after_max;
+                let reaches_before = || row[..target].iter().any(|&x| x >= row[target]);
+                let correct = target_is_first_argmax(row[target], before_max, after_max, reaches_before);
                 out.copy_from_slice(&[ce, lse, logit_sum, f64::from(u8::from(correct))]);
             }
         },
