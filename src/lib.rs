@@ -67,7 +67,7 @@ mod op;
 pub mod reference;
 
 pub use cpu::instruction_set;
-#[doc(hidden)]
-pub use linear::recomputed_backwards;
 pub use linear::LinearCrossEntropy;
+#[doc(hidden)]
+pub use linear::{linear_products, recomputed_backwards, LinearProducts};
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};

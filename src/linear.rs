@@ -21,7 +21,7 @@ use crate::cpu::{self, STATS};
 use crate::loss::{checked_labels, checked_logits, UnitFactors};
 use crate::op::{self, Engine, NodeBackward, OpConfig, StatsNode};
 use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
-use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
+use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 use std::sync::Mutex;
 
 /// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them
@@ -222,14 +222,17 @@ impl LinearCrossEntropy {
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
-        let (stats, precomputed) = match self.config.unit_factors(vocab, valid, num_label_tokens) {
+        let wanted = Wanted::of(&rows, weight, bias);
+        let unit = self.config.unit_factors(vocab, valid, num_label_tokens).filter(|_| wanted.any());
+        let (stats, precomputed) = match unit {
             Some(unit) => {
-                let (stats, gradients) = forward_with_gradients(&rows.detach(), &projection, &labels, cfg, unit)?;
+                let (stats, gradients) =
+                    forward_with_gradients(&rows.detach(), &projection, &labels, cfg, unit, wanted)?;
                 (stats, Some(gradients))
             }
             None => (row_stats(&rows.detach(), &projection, &labels, cfg)?, None),
         };
-        let backward = LinearBackward { cfg, labels: labels.clone(), precomputed: Mutex::new(precomputed) };
+        let backward = LinearBackward { cfg, labels: labels.clone(), wanted, precomputed: Mutex::new(precomputed) };
         let node = StatsNode { stats, backward };
         let node = match bias {
             None => rows.apply_op2(weight, node)?,
@@ -269,6 +272,61 @@ fn checked_projection(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
     Ok(vocab)
 }
 
+/// Which of the node's inputs want a gradient, from candle's `track_op`: a
+/// variable, or computed from one. Evaluation wants none, a frozen (or LoRA)
+/// head no weight or bias gradient; the products and `[V, H]` accumulator of
+/// an input that wants none are never computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wanted {
+    rows: bool,
+    weight: bool,
+    bias: bool,
+}
+
+impl Wanted {
+    fn of(rows: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Self {
+        Self { rows: rows.track_op(), weight: weight.track_op(), bias: bias.is_some_and(Tensor::track_op) }
+    }
+
+    fn any(self) -> bool {
+        self.rows || self.weight || self.bias
+    }
+}
+
+/// Matrix products of the linear loss run on this thread, by kind (a test
+/// hook: see [`linear_products`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinearProducts {
+    /// `rows · Wᵀ`: a chunk's logits.
+    pub logits: usize,
+    /// `G · W`: a chunk's hidden-state gradient.
+    pub hidden_grad: usize,
+    /// `Gᵀ · H`: a chunk's weight gradient.
+    pub weight_grad: usize,
+}
+
+thread_local! {
+    static PRODUCTS: std::cell::Cell<LinearProducts> = const {
+        std::cell::Cell::new(LinearProducts { logits: 0, hidden_grad: 0, weight_grad: 0 })
+    };
+}
+
+fn count_product(kind: fn(&mut LinearProducts) -> &mut usize) {
+    PRODUCTS.with(|cell| {
+        let mut counts = cell.get();
+        *kind(&mut counts) += 1;
+        cell.set(counts);
+    });
+}
+
+/// The matrix products the linear loss has run on this thread so far. Not
+/// part of the stable API: the tests use it to check that gradients no input
+/// wants are not computed.
+#[doc(hidden)]
+pub fn linear_products() -> LinearProducts {
+    PRODUCTS.with(std::cell::Cell::get)
+}
+
 /// The output layer, detached: `weight` `[V, H]` and an optional `bias` `[V]`.
 struct Projection {
     weight: Tensor,
@@ -278,6 +336,7 @@ struct Projection {
 impl Projection {
     /// The logits of `rows` (`[n, H]`): `[n, V]`.
     fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        count_product(|c| &mut c.logits);
         let logits = rows.matmul(&self.weight.t()?)?;
         match &self.bias {
             None => Ok(logits),
@@ -295,7 +354,7 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpCon
         stats.push(op::row_stats(&logits, &labels.narrow(0, start, len)?, cfg)?);
     }
     if stats.is_empty() {
-        let dtype = if rows.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let dtype = reference::compute_dtype(rows.dtype());
         return Tensor::zeros((0, STATS), dtype, rows.device());
     }
     Tensor::cat(&stats, 0)
@@ -306,7 +365,7 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpCon
 /// g_sum)` they were computed with.
 struct Precomputed {
     unit_factors: Tensor,
-    gradients: Vec<Tensor>,
+    gradients: Vec<Option<Tensor>>,
 }
 
 /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
@@ -317,8 +376,9 @@ fn forward_with_gradients(
     labels: &Tensor,
     cfg: OpConfig,
     unit: UnitFactors,
+    wanted: Wanted,
 ) -> Result<(Tensor, Precomputed)> {
-    let mut sums = GradientSums::new(rows, projection)?;
+    let mut sums = GradientSums::new(rows, projection, wanted)?;
     let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
         let chunk = rows.narrow(0, start, len)?;
@@ -329,7 +389,7 @@ fn forward_with_gradients(
         stats.push(chunk_stats);
         unit_factors.push(chunk_unit);
     }
-    let dtype = if rows.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = reference::compute_dtype(rows.dtype());
     let cat = |parts: &[Tensor], width: usize| -> Result<Tensor> {
         if parts.is_empty() {
             Tensor::zeros((0, width), dtype, rows.device())
@@ -337,49 +397,63 @@ fn forward_with_gradients(
             Tensor::cat(parts, 0)
         }
     };
-    let precomputed = Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients: sums.finish()? };
+    let precomputed =
+        Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients: sums.finish(projection.bias.is_some())? };
     Ok((cat(&stats, STATS)?, precomputed))
 }
 
-/// The gradients of the rows, the weight and the bias, summed chunk by chunk:
-/// each chunk's rows get `G · W` (in their dtype), the weight `Gᵀ · H` and the
-/// bias the column sums of `G` (both accumulated in f32, f64 for f64).
+/// The gradients of the rows, the weight and the bias that are [`Wanted`],
+/// summed chunk by chunk: each chunk's rows get `G · W` (in their dtype), the
+/// weight `Gᵀ · H` and the bias the column sums of `G` (both accumulated in
+/// f32, f64 for f64).
 struct GradientSums {
-    rows: Tensor,
-    weight: ProductSum,
+    rows: Option<Tensor>,
+    weight: Option<ProductSum>,
     bias: Option<Sum>,
+    /// The accumulator dtype, `V` and device, for a bias that received nothing.
+    acc: DType,
+    vocab: usize,
+    device: Device,
 }
 
 impl GradientSums {
-    fn new(rows: &Tensor, projection: &Projection) -> Result<Self> {
+    fn new(rows: &Tensor, projection: &Projection, wanted: Wanted) -> Result<Self> {
+        let weight = &projection.weight;
         Ok(Self {
-            rows: Tensor::zeros(rows.shape(), rows.dtype(), rows.device())?,
-            weight: ProductSum::new(&projection.weight)?,
-            bias: projection.bias.as_ref().map(|_| Sum::default()),
+            rows: wanted.rows.then(|| Tensor::zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
+            weight: wanted.weight.then(|| ProductSum::new(weight)).transpose()?,
+            bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
+            acc: reference::compute_dtype(weight.dtype()),
+            vocab: weight.dim(0)?,
+            device: weight.device().clone(),
         })
     }
 
     /// Adds the chunk of rows starting at `start`, whose logits' gradient is `logits_grad`.
     fn add(&mut self, start: usize, chunk: &Tensor, logits_grad: &Tensor, projection: &Projection) -> Result<()> {
-        self.rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
-        self.weight.add(logits_grad, chunk)?;
+        if let Some(rows) = &self.rows {
+            count_product(|c| &mut c.hidden_grad);
+            rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
+        }
+        if let Some(weight) = &mut self.weight {
+            count_product(|c| &mut c.weight_grad);
+            weight.add(logits_grad, chunk)?;
+        }
         if let Some(bias) = &mut self.bias {
-            bias.add(logits_grad.to_dtype(self.weight.dtype())?.sum(0)?)?;
+            bias.add(logits_grad.to_dtype(self.acc)?.sum(0)?)?;
         }
         Ok(())
     }
 
-    /// `[rows, weight, bias]` gradients (bias only when there is one), the
-    /// weight's and bias's still in the accumulator dtype.
-    fn finish(self) -> Result<Vec<Tensor>> {
-        let acc = self.weight.dtype();
-        let vocab = self.weight.acc.dim(0)?;
-        let device = self.rows.device().clone();
-        let mut gradients = vec![self.rows, self.weight.acc];
-        if let Some(bias) = self.bias {
-            gradients.push(match bias.0 {
-                Some(sum) => sum,
-                None => Tensor::zeros(vocab, acc, &device)?,
+    /// `[rows, weight, bias]` gradients (`None` where not wanted; bias only
+    /// when there is one), the weight's and bias's still in the accumulator dtype.
+    fn finish(self, has_bias: bool) -> Result<Vec<Option<Tensor>>> {
+        let mut gradients = vec![self.rows, self.weight.map(|w| w.acc)];
+        if has_bias {
+            gradients.push(match self.bias {
+                Some(Sum(Some(sum))) => Some(sum),
+                Some(Sum(None)) => Some(Tensor::zeros(self.vocab, self.acc, &self.device)?),
+                None => None,
             });
         }
         Ok(gradients)
@@ -388,11 +462,12 @@ impl GradientSums {
 
 /// The node's gradients from summed ones: scaled by the upstream `scale`
 /// (skipped when it is 1) and rounded once to each input's dtype.
-fn input_gradients(gradients: Vec<Tensor>, inputs: &[&Tensor], scale: f64) -> Result<Vec<Option<Tensor>>> {
+fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f64) -> Result<Vec<Option<Tensor>>> {
     gradients
         .into_iter()
         .zip(inputs)
         .map(|(g, input)| {
+            let Some(g) = g else { return Ok(None) };
             let g = if scale == 1.0 { g } else { g.affine(scale, 0.0)? };
             Ok(Some(g.to_dtype(input.dtype())?))
         })
@@ -417,6 +492,7 @@ fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)>
 /// them alive afterwards); a later backward pass over the same graph recomputes.
 struct LinearBackward {
     cfg: OpConfig,
+    wanted: Wanted,
     labels: Tensor,
     precomputed: Mutex<Option<Precomputed>>,
 }
@@ -441,7 +517,7 @@ impl LinearBackward {
     fn recompute(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let rows = inputs[0].detach();
         let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
-        let mut sums = GradientSums::new(&rows, &projection)?;
+        let mut sums = GradientSums::new(&rows, &projection, self.wanted)?;
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
             let logits = projection.logits(&chunk)?;
@@ -449,7 +525,7 @@ impl LinearBackward {
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
             sums.add(start, &chunk, &logits_grad, &projection)?;
         }
-        input_gradients(sums.finish()?, inputs, 1.0)
+        input_gradients(sums.finish(projection.bias.is_some())?, inputs, 1.0)
     }
 }
 
@@ -490,7 +566,7 @@ struct ProductSum {
 
 impl ProductSum {
     fn new(weight: &Tensor) -> Result<Self> {
-        let dtype = if weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let dtype = reference::compute_dtype(weight.dtype());
         Ok(Self { acc: Tensor::zeros(weight.shape(), dtype, weight.device())? })
     }
 

@@ -16,8 +16,8 @@ use crate::op::OpConfig;
 use candle::{DType, Tensor, D};
 
 /// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every
-/// other float type is widened to f32.
-fn compute_dtype(dtype: DType) -> DType {
+/// other float type is widened to f32 (the accumulator dtype of every engine).
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {

@@ -202,6 +202,61 @@ fn gradients_from_forward_or_recomputed(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Only the products some input wants a gradient from run (candle's
+/// `track_op`): evaluation computes the logits alone, a frozen head (a plain
+/// weight tensor) no weight gradient, constant hidden states no hidden
+/// gradient; whether the gradients come from the forward pass (`Mean`) or a
+/// recomputing backward (`None`). The wanted gradients match those of the
+/// materialised logits; the others are absent.
+fn gradients_only_where_wanted(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(41);
+    let (rows, chunk) = (40, 10);
+    let hidden = common::logits(&mut rng, &[rows, 12], 1.0, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[97, 12], 0.5, DType::F32, device)?;
+    let labels = common::labels(&mut rng, &[rows], 97, 0.2, -100, device)?;
+    let chunks = rows / chunk;
+    for reduction in [Reduction::Mean, Reduction::None] {
+        let linear = LinearCrossEntropy::default().chunk_len(Some(chunk)).reduction(reduction);
+        let full = ChunkedCrossEntropy::default().reduction(reduction);
+        for (hidden_wanted, weight_wanted) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{reduction:?}, hidden wanted {hidden_wanted}, weight wanted {weight_wanted}");
+            let input = |t: &Tensor, wanted: bool| -> candle::Result<Tensor> {
+                Ok(if wanted { Var::from_tensor(t)?.as_tensor().clone() } else { t.clone() })
+            };
+            let (h, w) = (input(&hidden, hidden_wanted)?, input(&weight, weight_wanted)?);
+            let before = candle_chunked_ce::linear_products();
+            let loss = linear.forward(&h, &w, &labels, None)?.sum_all()?;
+            let grads = (hidden_wanted || weight_wanted).then(|| loss.backward()).transpose()?;
+            let after = candle_chunked_ce::linear_products();
+            // A recomputing backward computes each chunk's logits once more.
+            let recomputed = reduction == Reduction::None && (hidden_wanted || weight_wanted);
+            let logits = chunks * (1 + usize::from(recomputed));
+            assert_eq!(after.logits - before.logits, logits, "{what}: logits products");
+            let hidden_grads = after.hidden_grad - before.hidden_grad;
+            assert_eq!(hidden_grads, chunks * usize::from(hidden_wanted), "{what}: hidden-gradient products");
+            let weight_grads = after.weight_grad - before.weight_grad;
+            assert_eq!(weight_grads, chunks * usize::from(weight_wanted), "{what}: weight-gradient products");
+            let Some(grads) = grads else { continue };
+            let (fh, fw) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
+            let want = full.forward(&fh.as_tensor().matmul(&fw.as_tensor().t()?)?, &labels, None)?.sum_all()?;
+            let want = want.backward()?;
+            for (got, expected, wanted, name) in
+                [(&h, &fh, hidden_wanted, "hidden"), (&w, &fw, weight_wanted, "weight")]
+            {
+                match (grads.get(got), wanted) {
+                    (Some(got), true) => {
+                        let expected = want.get(expected).expect("the reference has every gradient");
+                        assert_close(got, expected, 1e-4, atol(expected)?, &format!("{what}: {name} gradient"))?;
+                    }
+                    (None, false) => {}
+                    (got, _) => panic!("{what}: {name} gradient present: {}", got.is_some()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 device_tests!(
     matches_full_logits,
     tied_weights,
@@ -209,4 +264,5 @@ device_tests!(
     bad_inputs,
     nothing_to_learn_is_exactly_zero,
     gradients_from_forward_or_recomputed,
+    gradients_only_where_wanted,
 );
