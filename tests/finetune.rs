@@ -2,6 +2,9 @@
 //! the loss decreases, every parameter gets a gradient, and gradient
 //! accumulation over micro-batches equals one big batch.
 
+#[path = "../examples/finetune_gpt2/checkpoint.rs"]
+#[allow(dead_code)]
+mod checkpoint;
 #[path = "../examples/finetune_gpt2/gpt2.rs"]
 #[allow(dead_code)]
 mod gpt2;
@@ -12,16 +15,16 @@ mod rng;
 #[allow(dead_code)]
 mod train;
 
-use candle::{Device, Tensor};
+use candle::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gpt2::{Config, Gpt2};
 use rng::Rng;
 use train::{Batch, Dataset, LossKind};
 
-const TINY: Config = Config { vocab: 61, context: 16, width: 16, layers: 2, heads: 2 };
+const TINY: Config = Config::gpt2(61, 16, 16, 2, 2);
 
 fn tiny_model(seed: u64) -> anyhow::Result<Gpt2> {
-    Ok(Gpt2::from_tensors(TINY.init(&mut Rng::new(seed), &Device::Cpu)?, TINY.heads, &Device::Cpu)?)
+    Ok(Gpt2::new(TINY, TINY.init(&mut Rng::new(seed), &Device::Cpu)?, &Device::Cpu)?)
 }
 
 /// Token data with a repeating pattern a model can learn, and a mask that
@@ -108,11 +111,11 @@ fn bad_inputs_are_errors() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("finetune_test_{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // Missing and malformed weights files.
-    let missing = Gpt2::load(&dir.join("nope.safetensors"), 2, &Device::Cpu).err().expect("missing file");
+    let missing = checkpoint::load(&dir.join("nope.safetensors"), Some(2), &Device::Cpu).err().expect("missing file");
     assert!(missing.to_string().contains("does not exist"), "{missing}");
     let garbage = dir.join("garbage.safetensors");
     std::fs::write(&garbage, b"not safetensors")?;
-    let malformed = Gpt2::load(&garbage, 2, &Device::Cpu).err().expect("malformed file");
+    let malformed = checkpoint::load(&garbage, Some(2), &Device::Cpu).err().expect("malformed file");
     assert!(malformed.to_string().contains("not a readable safetensors file"), "{malformed}");
     // Another architecture: a tensor map without GPT-2's names.
     let other = dir.join("other.safetensors");
@@ -121,17 +124,19 @@ fn bad_inputs_are_errors() -> anyhow::Result<()> {
         Tensor::zeros((4, 4), candle::DType::F32, &Device::Cpu)?,
     )]);
     candle::safetensors::save(&tensors, &other)?;
-    let wrong = Gpt2::load(&other, 2, &Device::Cpu).err().expect("other architecture");
+    let wrong = checkpoint::load(&other, Some(2), &Device::Cpu).err().expect("other architecture");
     assert!(wrong.to_string().contains("not a GPT-2 checkpoint"), "{wrong}");
-    // A round trip through save and load, with the `transformer.` prefix accepted.
+    // A round trip through save and load (with config.json), and names without the `transformer.` prefix.
     let model = tiny_model(10)?;
     let saved = dir.join("tiny.safetensors");
-    model.save(&saved)?;
-    let prefixed: std::collections::HashMap<String, Tensor> = candle::safetensors::load(&saved, &Device::Cpu)?
+    checkpoint::save(&model, &saved)?;
+    let (reloaded, notice) = checkpoint::load(&saved, None, &Device::Cpu)?;
+    assert_eq!((reloaded.config, notice), (TINY, None));
+    let unprefixed: std::collections::HashMap<String, Tensor> = candle::safetensors::load(&saved, &Device::Cpu)?
         .into_iter()
-        .map(|(name, t)| (format!("transformer.{name}"), t))
+        .map(|(name, t)| (name.strip_prefix("transformer.").unwrap_or(&name).to_string(), t))
         .collect();
-    let reloaded = Gpt2::from_tensors(prefixed, TINY.heads, &Device::Cpu)?;
+    let (reloaded, _) = checkpoint::from_checkpoint(unprefixed, None, Some(TINY.heads), &Device::Cpu)?;
     assert_eq!(reloaded.config, TINY);
     // A sequence longer than the context, and empty data.
     let long = Tensor::zeros((1, TINY.context + 1), candle::DType::U32, &Device::Cpu)?;
@@ -140,5 +145,140 @@ fn bad_inputs_are_errors() -> anyhow::Result<()> {
     let empty = Dataset::from_tokens(vec![]).batch(&mut Rng::new(1), 1, 4, &Device::Cpu).expect_err("empty data");
     assert!(empty.to_string().contains("no sequence"), "{empty}");
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// A directory of its own under the temp dir, for one test's checkpoints.
+fn scratch(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("finetune_test_{}_{name}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Rewrites one key of the config.json beside `weights`.
+fn edit_config(weights: &std::path::Path, key: &str, value: serde_json::Value) -> anyhow::Result<()> {
+    let path = checkpoint::config_path(weights);
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    json[key] = value;
+    std::fs::write(&path, json.to_string())?;
+    Ok(())
+}
+
+fn load_error(weights: &std::path::Path, heads: Option<usize>) -> String {
+    match checkpoint::load(weights, heads, &Device::Cpu) {
+        Ok((model, _)) => panic!("loaded a model of {:?}", model.config),
+        Err(e) => checkpoint::message(&e),
+    }
+}
+
+#[test]
+fn config_json_gives_the_heads_and_is_checked() -> anyhow::Result<()> {
+    let dir = scratch("config")?;
+    let weights = dir.join("model.safetensors");
+    checkpoint::save(&tiny_model(11)?, &weights)?;
+    assert_eq!(checkpoint::load(&weights, None, &Device::Cpu)?.0.config.heads, TINY.heads);
+    assert_eq!(checkpoint::load(&weights, Some(TINY.heads), &Device::Cpu)?.0.config.heads, TINY.heads);
+    let contradiction = load_error(&weights, Some(4));
+    assert!(contradiction.contains("--heads 4") && contradiction.contains("n_head 2"), "{contradiction}");
+    edit_config(&weights, "activation_function", "relu".into())?;
+    let activation = load_error(&weights, None);
+    assert!(activation.contains("activation_function \"relu\" is not supported"), "{activation}");
+    edit_config(&weights, "activation_function", "gelu".into())?;
+    let (exact_gelu, _) = checkpoint::load(&weights, None, &Device::Cpu)?;
+    assert_eq!(exact_gelu.config.activation, gpt2::Activation::GeluErf);
+    edit_config(&weights, "n_layer", 3.into())?;
+    let layers = load_error(&weights, None);
+    assert!(layers.contains("n_layer is 3, but the weights have 2"), "{layers}");
+    // Without config.json: --heads, else width / 64 with a notice (width 16 has no such count).
+    std::fs::remove_file(checkpoint::config_path(&weights))?;
+    let (model, notice) = checkpoint::load(&weights, Some(2), &Device::Cpu)?;
+    assert_eq!((model.config, notice), (TINY, None));
+    let no_heads = load_error(&weights, None);
+    assert!(no_heads.contains("pass --heads"), "{no_heads}");
+    let wide = Config::gpt2(61, 16, 128, 1, 4);
+    let wide_model = Gpt2::new(wide, wide.init(&mut Rng::new(12), &Device::Cpu)?, &Device::Cpu)?;
+    checkpoint::save(&wide_model, &weights)?;
+    std::fs::remove_file(checkpoint::config_path(&weights))?;
+    let (model, notice) = checkpoint::load(&weights, None, &Device::Cpu)?;
+    assert_eq!(model.config.heads, 2);
+    let notice = notice.expect("a notice when the heads are assumed");
+    assert!(notice.contains("no config.json") && notice.contains("2 heads"), "{notice}");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[test]
+fn layer_gaps_and_unknown_tensors_are_errors() -> anyhow::Result<()> {
+    let config = Config::gpt2(61, 16, 16, 3, 2);
+    let tensors = config.init(&mut Rng::new(13), &Device::Cpu)?;
+    let gap: std::collections::HashMap<String, Tensor> =
+        tensors.clone().into_iter().filter(|(name, _)| !name.starts_with("h.1.")).collect();
+    let error = checkpoint::from_checkpoint(gap, None, Some(2), &Device::Cpu).err().expect("a gap");
+    assert!(checkpoint::message(&error).contains("gap: no tensor of layer h.1, but h.2 exists"), "{error}");
+    let mut extra = tensors;
+    extra.insert("h.0.attn.rotary.weight".into(), Tensor::zeros(4, DType::F32, &Device::Cpu)?);
+    let error = checkpoint::from_checkpoint(extra, None, Some(2), &Device::Cpu).err().expect("an unknown tensor");
+    assert!(checkpoint::message(&error).contains("does not use: [\"h.0.attn.rotary.weight\"]"), "{error}");
+    Ok(())
+}
+
+/// An `lm_head.weight` in the file is used (untied), or refused when
+/// config.json ties it to a different embedding; never dropped.
+#[test]
+fn an_untied_lm_head_is_used_or_refused() -> anyhow::Result<()> {
+    let dir = scratch("lm_head")?;
+    let weights = dir.join("model.safetensors");
+    let untied = Config { tied: false, ..TINY };
+    let model = Gpt2::new(untied, untied.init(&mut Rng::new(14), &Device::Cpu)?, &Device::Cpu)?;
+    checkpoint::save(&model, &weights)?;
+    let (loaded, _) = checkpoint::load(&weights, None, &Device::Cpu)?;
+    assert!(!loaded.config.tied);
+    let head = candle::safetensors::load(&weights, &Device::Cpu)?.remove(gpt2::LM_HEAD).expect("saved");
+    let tokens = Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu)?;
+    let expected = loaded.hidden(&tokens)?.broadcast_matmul(&head.t()?)?;
+    let diff = (loaded.logits(&tokens)? - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0, "the logits use the file's lm_head");
+    let batch = data().batch(&mut Rng::new(15), 2, 8, &Device::Cpu)?;
+    for kind in [LossKind::Chunked, LossKind::Linear] {
+        let (_, grads) = train::step_gradients(&loaded, std::slice::from_ref(&batch), kind)?;
+        assert_eq!(train::missing_gradients(&loaded, &grads), Vec::<String>::new(), "{kind:?}");
+    }
+    // Without config.json a different lm_head is untied as well.
+    let config_json = std::fs::read_to_string(checkpoint::config_path(&weights))?;
+    std::fs::remove_file(checkpoint::config_path(&weights))?;
+    assert!(!checkpoint::load(&weights, Some(2), &Device::Cpu)?.0.config.tied);
+    std::fs::write(checkpoint::config_path(&weights), config_json)?;
+    edit_config(&weights, "tie_word_embeddings", true.into())?;
+    let refused = load_error(&weights, None);
+    assert!(refused.contains("lm_head.weight differs from wte.weight"), "{refused}");
+    // An lm_head.weight equal to wte, in a tied checkpoint: the tied model.
+    let mut tensors = tiny_model(16)?.hf_tensors();
+    tensors.insert(gpt2::LM_HEAD.into(), tensors["transformer.wte.weight"].clone());
+    let hf = checkpoint::HfConfig::parse(&checkpoint::HfConfig::json(&TINY), "config.json")?;
+    let (tied, _) = checkpoint::from_checkpoint(tensors.clone(), Some(&hf), None, &Device::Cpu)?;
+    assert_eq!(tied.config, TINY);
+    // Untied in config.json, with no lm_head.weight in the file.
+    tensors.remove(gpt2::LM_HEAD);
+    let untied_hf = checkpoint::HfConfig { tie_word_embeddings: false, ..hf };
+    let error = checkpoint::from_checkpoint(tensors, Some(&untied_hf), None, &Device::Cpu).err().expect("no lm_head");
+    assert!(checkpoint::message(&error).contains("the weights hold no lm_head.weight"), "{error}");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[test]
+fn jsonl_records_end_with_end_of_text() -> anyhow::Result<()> {
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let text = "{\"prompt\": \"ab\", \"completion\": \"c\"}\n\n{\"prompt\": \"\", \"completion\": \"de\"}\n";
+    let data = Dataset::from_jsonl(text, "t.jsonl", bytes, 50256)?;
+    assert_eq!(
+        data.sequences,
+        vec![(vec![97, 98, 99, 50256], vec![0, 0, 1, 1]), (vec![100, 101, 50256], vec![1, 1, 1])]
+    );
+    let bad = Dataset::from_jsonl("{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": 3}", "t.jsonl", bytes, 0);
+    let message = checkpoint::message(&bad.expect_err("a record without a string prompt"));
+    assert_eq!(message, "t.jsonl line 3: no string \"prompt\"");
+    let message = checkpoint::message(&Dataset::from_jsonl("{", "t.jsonl", bytes, 0).expect_err("not JSON"));
+    assert!(message.starts_with("t.jsonl line 1: not JSON"), "{message}");
     Ok(())
 }

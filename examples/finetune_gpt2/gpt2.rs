@@ -1,27 +1,75 @@
 //! A GPT-2 for training with candle: token and position embeddings, blocks of
 //! (layer norm, causal self-attention with fused `c_attn` / `c_proj`, layer
 //! norm, GELU MLP), a final layer norm, and an `lm_head` tied to the token
-//! embedding. Tensor names and shapes are those of Hugging Face's GPT-2
-//! `model.safetensors` (Conv1D weights stored `[in, out]`), with or without the
-//! `transformer.` prefix. Only differentiable candle ops are used (candle-nn's
-//! fused `LayerNorm` and `softmax_last_dim` record no backward).
+//! embedding (or its own `lm_head.weight` when untied). Tensor names and shapes
+//! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
+//! `checkpoint.rs` reads and writes them with their `config.json`. Only
+//! differentiable candle ops are used (candle-nn's fused `LayerNorm` and
+//! `softmax_last_dim` record no backward).
 
 use crate::rng::Rng;
 use candle::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
-use std::path::Path;
 
-/// The shape of a GPT-2.
+/// The GELU variants of Hugging Face's `activation_function` this model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new` (GPT-2's) and `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact, erf-based GELU.
+    GeluErf,
+}
+
+impl Activation {
+    /// The names accepted in `config.json`, each with its activation.
+    pub const NAMES: [(&'static str, Activation); 3] =
+        [("gelu_new", Self::GeluTanh), ("gelu_pytorch_tanh", Self::GeluTanh), ("gelu", Self::GeluErf)];
+
+    /// The name written to `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GeluTanh => "gelu_new",
+            Self::GeluErf => "gelu",
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+        }
+    }
+}
+
+/// The shape and settings of a GPT-2.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Config {
     pub vocab: usize,
     pub context: usize,
     pub width: usize,
     pub layers: usize,
     pub heads: usize,
+    pub layer_norm_epsilon: f64,
+    pub activation: Activation,
+    /// `lm_head` is `wte` (GPT-2's tying); else its own `lm_head.weight` parameter.
+    pub tied: bool,
 }
 
 impl Config {
+    /// GPT-2's settings (epsilon 1e-5, `gelu_new`, tied `lm_head`) at this shape.
+    pub const fn gpt2(vocab: usize, context: usize, width: usize, layers: usize, heads: usize) -> Self {
+        Self {
+            vocab,
+            context,
+            width,
+            layers,
+            heads,
+            layer_norm_epsilon: 1e-5,
+            activation: Activation::GeluTanh,
+            tied: true,
+        }
+    }
+
     /// Every parameter's name (without the `transformer.` prefix) and shape.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let c = self.width;
@@ -45,6 +93,9 @@ impl Config {
             ]);
         }
         shapes.extend([("ln_f.weight".into(), vec![c]), ("ln_f.bias".into(), vec![c])]);
+        if !self.tied {
+            shapes.push((LM_HEAD.into(), vec![self.vocab, c]));
+        }
         shapes
     }
 
@@ -70,6 +121,9 @@ impl Config {
     }
 }
 
+/// The untied output projection's name (Hugging Face's, without a prefix).
+pub const LM_HEAD: &str = "lm_head.weight";
+
 /// A GPT-2 whose parameters are candle `Var`s.
 pub struct Gpt2 {
     pub config: Config,
@@ -78,63 +132,41 @@ pub struct Gpt2 {
 }
 
 impl Gpt2 {
-    /// Builds the model from named tensors (as read from a safetensors file),
-    /// checking that every GPT-2 tensor is present with the right shape.
-    /// `heads` is not stored in the weights (GPT-2 124M has 12).
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, heads: usize, device: &Device) -> Result<Self> {
-        let tensors: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .filter(|(name, _)| !name.ends_with(".attn.bias") && !name.ends_with(".attn.masked_bias"))
-            .map(|(name, t)| (name.strip_prefix("transformer.").unwrap_or(&name).to_string(), t))
-            .collect();
-        let dims = |name: &str| -> Result<Vec<usize>> {
-            match tensors.get(name) {
-                Some(t) => Ok(t.dims().to_vec()),
-                None => {
-                    let mut found: Vec<&String> = tensors.keys().collect();
-                    found.sort();
-                    found.truncate(5);
-                    candle::bail!("not a GPT-2 checkpoint: no tensor `{name}` (it has e.g. {found:?})")
-                }
-            }
-        };
-        let (wte, wpe) = (dims("wte.weight")?, dims("wpe.weight")?);
-        let (&[vocab, width], &[context, _]) = (wte.as_slice(), wpe.as_slice()) else {
-            candle::bail!("not a GPT-2 checkpoint: wte {wte:?} and wpe {wpe:?} must be matrices")
-        };
-        let layers = (0..).take_while(|i| tensors.contains_key(&format!("h.{i}.ln_1.weight"))).count();
-        if heads == 0 || width % heads != 0 {
-            candle::bail!("{heads} attention heads do not divide the width {width}")
+    /// The model of `config` from named tensors (names without the
+    /// `transformer.` prefix): exactly the parameters of `config`, each with its
+    /// shape (any float dtype; kept as f32 `Var`s on `device`).
+    pub fn new(config: Config, mut tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        if config.heads == 0 || config.width % config.heads != 0 {
+            candle::bail!("{} attention heads do not divide the width {}", config.heads, config.width)
         }
-        let config = Config { vocab, context, width, layers, heads };
         let mut params = HashMap::new();
         for (name, shape) in config.parameter_shapes() {
             let tensor =
-                tensors.get(&name).ok_or_else(|| candle::Error::Msg(format!("GPT-2 checkpoint lacks `{name}`")))?;
+                tensors.remove(&name).ok_or_else(|| candle::Error::Msg(format!("GPT-2 checkpoint lacks `{name}`")))?;
             if tensor.dims() != shape.as_slice() {
                 candle::bail!("GPT-2 tensor `{name}` has shape {:?}, expected {shape:?}", tensor.shape())
             }
             params.insert(name, Var::from_tensor(&tensor.to_dtype(DType::F32)?.to_device(device)?)?);
         }
-        let causal_mask = causal_mask(context, device)?;
+        if !tensors.is_empty() {
+            let mut extra: Vec<String> = tensors.into_keys().collect();
+            extra.sort();
+            candle::bail!("the checkpoint holds tensors this GPT-2 does not use: {extra:?}")
+        }
+        let causal_mask = causal_mask(config.context, device)?;
         Ok(Self { config, params, causal_mask })
     }
 
-    /// Loads a safetensors file (Hugging Face's GPT-2 or one saved by [`Gpt2::save`]).
-    pub fn load(path: &Path, heads: usize, device: &Device) -> Result<Self> {
-        if !path.exists() {
-            candle::bail!("weights file {} does not exist", path.display())
-        }
-        let tensors = candle::safetensors::load(path, device)
-            .map_err(|e| candle::Error::Msg(format!("{} is not a readable safetensors file: {e}", path.display())))?;
-        Self::from_tensors(tensors, heads, device)
-    }
-
-    /// Saves the parameters under their GPT-2 names.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors: HashMap<String, Tensor> =
-            self.params.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        candle::safetensors::save(&tensors, path)
+    /// The parameters under Hugging Face's names (`transformer.` prefix, and
+    /// `lm_head.weight` when untied), as `save_pretrained` writes them.
+    pub fn hf_tensors(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|(name, var)| {
+                let hf_name = if name == LM_HEAD { name.clone() } else { format!("transformer.{name}") };
+                (hf_name, var.as_tensor().clone())
+            })
+            .collect()
     }
 
     /// The parameters, sorted by name.
@@ -150,7 +182,7 @@ impl Gpt2 {
 
     fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         let (weight, bias) = (self.p(&format!("{prefix}.weight")), self.p(&format!("{prefix}.bias")));
-        candle_nn::ops::layer_norm_slow(x, weight, bias, 1e-5)
+        candle_nn::ops::layer_norm_slow(x, weight, bias, self.config.layer_norm_epsilon as f32)
     }
 
     /// GPT-2's Conv1D: `x @ W + b` with `W` stored `[in, out]`.
@@ -184,18 +216,19 @@ impl Gpt2 {
         for i in 0..self.config.layers {
             let h = format!("h.{i}");
             x = (&x + self.attention(&self.layer_norm(&x, &format!("{h}.ln_1"))?, &format!("{h}.attn"))?)?;
-            let m = self.conv1d(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?.gelu()?;
+            let m = self.conv1d(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
+            let m = self.config.activation.apply(&m)?;
             x = (&x + self.conv1d(&m, &format!("{h}.mlp.c_proj"))?)?;
         }
         self.layer_norm(&x, "ln_f")
     }
 
-    /// The `lm_head` weight `[V, C]`: the token embedding (tied).
+    /// The `lm_head` weight `[V, C]`: the token embedding when tied.
     pub fn lm_head(&self) -> &Tensor {
-        self.p("wte.weight")
+        self.p(if self.config.tied { "wte.weight" } else { LM_HEAD })
     }
 
-    /// Next-token logits `[B, T, V]` through the `lm_head` tied to `wte`.
+    /// Next-token logits `[B, T, V]` through the `lm_head`.
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
         self.hidden(tokens)?.broadcast_matmul(&self.lm_head().t()?)
     }

@@ -2,18 +2,13 @@
 //!
 //! `cargo run --release --example finetune_gpt2` trains a small GPT-2 (the real
 //! 50257-token vocabulary, fresh weights saved as safetensors and loaded back)
-//! on text this repository contains, for about two minutes on 2 cores. Flags:
-//!
-//! ```text
-//! --weights FILE     start from a GPT-2 model.safetensors (Hugging Face names; 124M needs --heads 12)
-//! --data FILE        plain text, or JSONL of {"prompt": .., "completion": ..} (prompts masked out of the loss)
-//! --loss chunked|linear|candle-nn   the cross-entropy (default chunked; linear never builds the logits)
-//! --steps N --batch B --accum K --seq T --lr X --warmup N --clip X --eval-every N --seed S
-//! --layers L --width C --heads H   the fresh model's shape (without --weights)
-//! --save FILE        checkpoint at the end     --plot FILE.svg   loss curves
-//! --device cpu|cuda  (cuda needs --features cuda)
-//! ```
+//! on text this repository contains, for about two minutes on 2 cores.
+//! `-- --weights DIR/model.safetensors` fine-tunes a Hugging Face GPT-2 (its
+//! `config.json` beside it gives the heads and settings); `-- --help` lists
+//! every flag with its default. Errors are one line on stderr, exit status 1
+//! (2 for a bad flag).
 
+mod checkpoint;
 mod gpt2;
 mod rng;
 mod train;
@@ -22,9 +17,11 @@ use anyhow::{bail, Context, Result};
 use candle::{Device, Tensor};
 use candle_chunked_ce::ChunkedCrossEntropy;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use clap::Parser;
 use gpt2::{Config, Gpt2};
 use rng::Rng;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 use train::{Dataset, LossKind};
 
@@ -38,86 +35,90 @@ const REPO_TEXT: [&str; 6] = [
     include_str!("../../src/reference.rs"),
 ];
 
+/// GPT-2's `<|endoftext|>`: ends every JSONL record, so that the model learns to stop.
+const END_OF_TEXT: u32 = 50256;
+
+/// Fine-tunes a GPT-2 with candle and candle_chunked_ce's fused cross-entropy.
+///
+/// Without --weights: a fresh GPT-2 (real 50257-token vocabulary) on text this
+/// repository contains. With --weights: a Hugging Face GPT-2 checkpoint, with
+/// defaults for fine-tuning pretrained weights.
+#[derive(Parser, Debug)]
+#[command(name = "finetune_gpt2")]
 struct Args {
+    /// GPT-2 model.safetensors (or its directory) in Hugging Face's layout; its config.json beside it gives the
+    /// heads, layer-norm epsilon, activation and tying [default: a fresh model]
+    #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
+    /// Plain text, or .jsonl of {"prompt": .., "completion": ..} records (prompts masked out of the loss, each
+    /// record ended by <|endoftext|>) [default: text this repository contains]
+    #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// The cross-entropy: ours, ours without logits (LinearCrossEntropy), or candle-nn's
+    #[arg(long, value_enum, default_value_t = LossKind::Chunked)]
     loss: LossKind,
+    /// Optimizer steps
+    #[arg(long, default_value_t = 150, value_parser = at_least_one)]
     steps: usize,
+    /// Sequences per micro-batch
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch: usize,
+    /// Micro-batches per step (gradient accumulation)
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     accum: usize,
+    /// Tokens per sequence (at most the model's context)
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     seq: usize,
-    lr: f64,
+    /// Peak learning rate [default: 3e-3 for a fresh model, 1e-4 with --weights]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// AdamW weight decay, on matrices only (never on biases or layer-norm gains)
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Linear warm-up steps, then cosine decay to 10% of --lr
+    #[arg(long, default_value_t = 15)]
     warmup: usize,
+    /// Gradient clipping: largest global L2 norm
+    #[arg(long, default_value_t = 1.0)]
     clip: f64,
+    /// Validate every N steps
+    #[arg(long, default_value_t = 25, value_parser = at_least_one)]
     eval_every: usize,
+    /// Seed of the fresh weights, batches and samples
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Layers of a fresh model
+    #[arg(long, default_value_t = 2, conflicts_with = "weights")]
     layers: usize,
+    /// Width of a fresh model
+    #[arg(long, default_value_t = 128, conflicts_with = "weights")]
     width: usize,
-    heads: usize,
+    /// Attention heads [default: 4 for a fresh model; with --weights config.json's n_head (an error if they
+    /// differ), or width / 64 without a config.json]
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Save the trained model here (and its config.json beside it)
+    #[arg(long, value_name = "FILE")]
     save: Option<PathBuf>,
+    /// Plot the loss curves to this SVG
+    #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
-    device: String,
+    /// Where to train (cuda needs --features cuda and a GPU)
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
 }
 
-impl Args {
-    fn parse() -> Result<Self> {
-        let mut args = Args {
-            weights: None,
-            data: None,
-            loss: LossKind::Chunked,
-            steps: 150,
-            batch: 8,
-            accum: 2,
-            seq: 64,
-            lr: 3e-3,
-            warmup: 15,
-            clip: 1.0,
-            eval_every: 25,
-            seed: 1,
-            layers: 2,
-            width: 128,
-            heads: 4,
-            save: None,
-            plot: None,
-            device: "cpu".into(),
-        };
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--weights" => args.weights = Some(value()?.into()),
-                "--data" => args.data = Some(value()?.into()),
-                "--loss" => {
-                    args.loss = match value()?.as_str() {
-                        "chunked" => LossKind::Chunked,
-                        "candle-nn" => LossKind::CandleNn,
-                        "linear" => LossKind::Linear,
-                        other => bail!("--loss must be chunked, linear or candle-nn, got {other}"),
-                    }
-                }
-                "--steps" => args.steps = value()?.parse()?,
-                "--batch" => args.batch = value()?.parse()?,
-                "--accum" => args.accum = value()?.parse()?,
-                "--seq" => args.seq = value()?.parse()?,
-                "--lr" => args.lr = value()?.parse()?,
-                "--warmup" => args.warmup = value()?.parse()?,
-                "--clip" => args.clip = value()?.parse()?,
-                "--eval-every" => args.eval_every = value()?.parse()?,
-                "--seed" => args.seed = value()?.parse()?,
-                "--layers" => args.layers = value()?.parse()?,
-                "--width" => args.width = value()?.parse()?,
-                "--heads" => args.heads = value()?.parse()?,
-                "--save" => args.save = Some(value()?.into()),
-                "--plot" => args.plot = Some(value()?.into()),
-                "--device" => args.device = value()?,
-                other => bail!("unknown flag {other} (see the doc comment of examples/finetune_gpt2/main.rs)"),
-            }
-        }
-        if args.steps == 0 || args.batch == 0 || args.accum == 0 || args.seq == 0 || args.eval_every == 0 {
-            bail!("--steps, --batch, --accum, --seq and --eval-every must be at least 1")
-        }
-        Ok(args)
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number of at least 1".into()),
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceKind {
+    Cpu,
+    Cuda,
 }
 
 /// Plain text, or JSONL prompt/completion records (prompt tokens masked out).
@@ -133,19 +134,8 @@ fn load_data(path: Option<&PathBuf>, bpe: &tiktoken_rs::CoreBPE) -> Result<Datas
     if !is_jsonl {
         return Ok(Dataset::from_tokens(bpe.encode_ordinary(&text)));
     }
-    let mut data = Dataset::default();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let record: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-        let field = |name: &str| {
-            record[name].as_str().with_context(|| format!("{} line {}: no string \"{name}\"", path.display(), i + 1))
-        };
-        let prompt = bpe.encode_ordinary(field("prompt")?);
-        let completion = bpe.encode_ordinary(field("completion")?);
-        let mask = [vec![0u8; prompt.len()], vec![1u8; completion.len()]].concat();
-        data.sequences.push(([prompt, completion].concat(), mask));
-    }
-    Ok(data)
+    let source = path.display().to_string();
+    Ok(Dataset::from_jsonl(&text, &source, |s| bpe.encode_ordinary(s), END_OF_TEXT)?)
 }
 
 /// Mean loss and mean token accuracy (the model's top prediction is the next
@@ -236,13 +226,105 @@ fn keep_freed_memory() {
     }
 }
 
-fn main() -> Result<()> {
+/// The GPT-2 tokenizer's vocabulary: 50256 merges and `<|endoftext|>`.
+fn bpe_vocab() -> usize {
+    END_OF_TEXT as usize + 1
+}
+
+/// AdamW with weight decay on the matrices only: biases and layer-norm gains
+/// (the vectors) are not decayed, as in GPT-2's and most fine-tuning recipes.
+struct Optimizers {
+    decayed: AdamW,
+    not_decayed: AdamW,
+}
+
+impl Optimizers {
+    fn new(model: &Gpt2, lr: f64, weight_decay: f64) -> Result<Self> {
+        let (matrices, vectors): (Vec<_>, Vec<_>) =
+            model.named_vars().into_iter().map(|(_, v)| v.clone()).partition(|v| v.rank() >= 2);
+        Ok(Self {
+            decayed: AdamW::new(matrices, ParamsAdamW { lr, weight_decay, ..Default::default() })?,
+            not_decayed: AdamW::new(vectors, ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?,
+        })
+    }
+
+    fn step(&mut self, grads: &candle::backprop::GradStore, lr: f64) -> Result<()> {
+        for opt in [&mut self.decayed, &mut self.not_decayed] {
+            opt.set_learning_rate(lr);
+            opt.step(grads)?;
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
     keep_freed_memory();
-    let args = Args::parse()?;
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda needs --features cuda and a GPU")?,
-        other => bail!("--device must be cpu or cuda, got {other}"),
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            e.print().ok();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            eprintln!("{} (see --help)", rendered.lines().next().unwrap_or("error: bad arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, without backtraces.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let part = match cause.downcast_ref::<candle::Error>() {
+            Some(candle_error) => checkpoint::message(candle_error),
+            None => cause.to_string().lines().map(str::trim).collect::<Vec<_>>().join(" "),
+        };
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
+}
+
+/// The model: from --weights, or fresh (saved and loaded back, as a checkpoint would be).
+fn build_model(args: &Args, device: &Device) -> Result<Gpt2> {
+    let (model, notice) = match &args.weights {
+        Some(path) => checkpoint::load(path, args.heads, device)?,
+        None => {
+            let heads = args.heads.unwrap_or(4);
+            let config = Config::gpt2(50257, 1024, args.width, args.layers, heads);
+            let fresh = Gpt2::new(config, config.init(&mut Rng::new(args.seed), device)?, device)?;
+            let dir = std::env::temp_dir().join(format!("finetune_gpt2_init_{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("model.safetensors");
+            checkpoint::save(&fresh, &path)?;
+            let loaded = checkpoint::load(&path, Some(heads), device);
+            std::fs::remove_dir_all(&dir).ok();
+            loaded?
+        }
+    };
+    if let Some(notice) = notice {
+        println!("note: {notice}");
+    }
+    Ok(model)
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = match args.device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("--device cuda needs --features cuda and a GPU ({})", checkpoint::message(&e))
+        })?,
     };
     let bpe = tiktoken_rs::r50k_base()?;
     let data = load_data(args.data.as_ref(), &bpe)?;
@@ -251,25 +333,21 @@ fn main() -> Result<()> {
     }
     let (train_data, val_data) = data.split(0.1);
 
-    let model = match &args.weights {
-        Some(path) => Gpt2::load(path, args.heads, &device)?,
-        None => {
-            let config =
-                Config { vocab: 50257, context: 1024, width: args.width, layers: args.layers, heads: args.heads };
-            let path = std::env::temp_dir().join(format!("finetune_gpt2_init_{}.safetensors", std::process::id()));
-            let fresh = Gpt2::from_tensors(config.init(&mut Rng::new(args.seed), &device)?, args.heads, &device)?;
-            fresh.save(&path)?;
-            let model = Gpt2::load(&path, args.heads, &device)?;
-            std::fs::remove_file(&path).ok();
-            model
-        }
-    };
+    let model = build_model(&args, &device)?;
+    if model.config.vocab < bpe_vocab() {
+        bail!(
+            "the model's vocabulary of {} tokens is smaller than the GPT-2 tokenizer's {}",
+            model.config.vocab,
+            bpe_vocab()
+        )
+    }
     if args.seq > model.config.context {
         bail!("--seq {} exceeds the model's context of {} tokens", args.seq, model.config.context)
     }
+    let lr = args.lr.unwrap_or(if args.weights.is_some() { 1e-4 } else { 3e-3 });
     let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     println!(
-        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}",
+        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}; lr {lr:e}",
         model.config.layers,
         model.config.width,
         model.config.heads,
@@ -283,8 +361,7 @@ fn main() -> Result<()> {
     let val_source = if val_data.len() > args.seq { &val_data } else { &train_data };
     let val_batches: Vec<train::Batch> =
         (0..4).map(|_| val_source.batch(&mut rng, args.batch, args.seq, &device)).collect::<candle::Result<_>>()?;
-    let vars: Vec<candle::Var> = model.named_vars().into_iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() })?;
+    let mut opt = Optimizers::new(&model, lr, args.weight_decay)?;
 
     let (start_val, start_accuracy) = validation(&model, &val_batches)?;
     let (mut train_curve, mut val_curve) = (Vec::new(), vec![(0, start_val)]);
@@ -307,8 +384,7 @@ fn main() -> Result<()> {
             first_loss = Some(loss);
         }
         train::clip_grad_norm(&model, &mut grads, args.clip)?;
-        opt.set_learning_rate(train::learning_rate(step, args.steps, args.warmup, args.lr));
-        opt.step(&grads)?;
+        opt.step(&grads, train::learning_rate(step, args.steps, args.warmup, lr))?;
         trained_tokens += batches.len() * args.batch * args.seq;
         train_curve.push((step + 1, loss));
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
@@ -341,7 +417,7 @@ fn main() -> Result<()> {
         println!("sample: {:?}", sample(&model, &bpe, prompt, 24, &mut rng)?);
     }
     if let Some(path) = &args.save {
-        model.save(path)?;
+        checkpoint::save(&model, path)?;
         println!("saved {}", path.display());
     }
     if let Some(path) = &args.plot {

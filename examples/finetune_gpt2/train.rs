@@ -8,14 +8,14 @@ use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
 
 /// Which cross-entropy the training uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LossKind {
     /// `candle_chunked_ce::ChunkedCrossEntropy` with the mask and the global token count.
     Chunked,
     /// `candle_nn::loss::cross_entropy` on the unmasked rows, rescaled to the global count.
     CandleNn,
-    /// `candle_chunked_ce::LinearCrossEntropy` on the hidden states and the tied
-    /// `wte`: the logits are never materialised.
+    /// `candle_chunked_ce::LinearCrossEntropy` on the hidden states and the
+    /// `lm_head` weight: the logits are never materialised.
     Linear,
 }
 
@@ -30,6 +30,26 @@ impl Dataset {
     pub fn from_tokens(tokens: Vec<u32>) -> Self {
         let mask = vec![1; tokens.len()];
         Self { sequences: vec![(tokens, mask)] }
+    }
+
+    /// JSONL records `{"prompt": .., "completion": ..}`, one sequence each:
+    /// the prompt's tokens, the completion's, then `end_of_text`; the prompt is
+    /// masked out of the loss, the completion and its end are trained on.
+    /// Blank lines are skipped; `source` names the text in errors.
+    pub fn from_jsonl(text: &str, source: &str, encode: impl Fn(&str) -> Vec<u32>, end_of_text: u32) -> Result<Self> {
+        let mut data = Self::default();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let at = || format!("{source} line {}", i + 1);
+            let record: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| candle::Error::Msg(format!("{}: not JSON: {e}", at())))?;
+            let field = |name: &str| {
+                record[name].as_str().ok_or_else(|| candle::Error::Msg(format!("{}: no string \"{name}\"", at())))
+            };
+            let (prompt, completion) = (encode(field("prompt")?), encode(field("completion")?));
+            let mask = [vec![0u8; prompt.len()], vec![1u8; completion.len() + 1]].concat();
+            data.sequences.push(([prompt, completion, vec![end_of_text]].concat(), mask));
+        }
+        Ok(data)
     }
 
     /// Total tokens.
