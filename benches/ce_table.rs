@@ -5,7 +5,8 @@
 //! `cargo bench --bench ce_table` (all shapes), or with arguments
 //! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear
 //! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
-//! its floor and against materialised logits instead; `-- --options [NxV]
+//! its floor and against materialised logits instead, then by mode (training,
+//! evaluation, frozen head); `-- --options [NxV]
 //! [runs]` (default 2048x50257) times the loss options against the plain loss.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
@@ -307,6 +308,64 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     }
 }
 
+/// The three ways a linear loss is called in practice, each timed as one
+/// call (forward, and backward when anything wants a gradient), ours against
+/// the materialised logits through our logits loss, on the same inputs: a
+/// training step (hidden states and weight are variables), evaluation
+/// (nothing is), and a frozen head (only the hidden states are, as with LoRA).
+/// `scripts/torch_linear_ce_bench.py --modes` times PyTorch's the same way.
+fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize) {
+    let device = Device::Cpu;
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
+    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
+    // About 10% ignored, as in PyTorch's script.
+    let labels: Vec<i64> = (0..n).map(|i| if i % 10 == 0 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    let labels = Tensor::new(labels.as_slice(), &device).unwrap();
+    let linear = LinearCrossEntropy::default();
+    let ce = ChunkedCrossEntropy::default();
+    let materialised = 5.0 * ((n * v * 4) as f64) < 0.8 * total_memory() as f64;
+    println!("\nlinear cross-entropy by mode, N={n} H={h} V={v} f32: median ms over {runs} runs (min-max)");
+    println!("{:<12} {:>22} {:>22}", "mode", "LinearCrossEntropy", "ours over logits");
+    for (mode, hidden_var, weight_var) in
+        [("training", true, true), ("evaluation", false, false), ("frozen head", true, false)]
+    {
+        let mut row = format!("{mode:<12}");
+        for over_logits in [false, true] {
+            if over_logits && !materialised {
+                row += &format!(" {:>22}", "-");
+                continue;
+            }
+            let mut times = Vec::new();
+            for _ in 0..runs {
+                let input = |t: &Tensor, var: bool| {
+                    if var {
+                        Var::from_tensor(t).unwrap().as_tensor().clone()
+                    } else {
+                        t.clone()
+                    }
+                };
+                let (x, w) = (input(&hidden, hidden_var), input(&weight, weight_var));
+                let start = Instant::now();
+                let loss = if over_logits {
+                    ce.forward(&x.matmul(&w.t().unwrap()).unwrap(), &labels, None).unwrap()
+                } else {
+                    linear.forward(&x, &w, &labels, None).unwrap()
+                };
+                if hidden_var || weight_var {
+                    let grads = loss.backward().unwrap();
+                    assert_eq!(grads.get(&w).is_some(), weight_var, "{mode}: weight gradient");
+                } else {
+                    loss.to_scalar::<f32>().unwrap();
+                }
+                times.push(start.elapsed());
+            }
+            let spread = format!("({:.0}-{:.0})", ms(*times.iter().min().unwrap()), ms(*times.iter().max().unwrap()));
+            row += &format!(" {:>9.0} {spread:>12}", ms(median(times)));
+        }
+        println!("{row}");
+    }
+}
+
 /// Resets the process's peak resident set size (Linux `clear_refs`) and
 /// returns the current one, in KiB (0 where unsupported).
 fn reset_rss_peak() -> usize {
@@ -361,7 +420,9 @@ fn main() {
             }
             None => (4096, 768, 50257),
         };
-        linear_table(n, h, v, args.get(1).map_or(3, |r| r.parse().unwrap()));
+        let runs = args.get(1).map_or(3, |r| r.parse().unwrap());
+        linear_table(n, h, v, runs);
+        linear_modes_table(n, h, v, runs);
         return;
     }
     let nxv = |s: &String| -> (usize, usize) {

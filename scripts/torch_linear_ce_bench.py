@@ -8,8 +8,16 @@ On the same device and inputs as our `gpu_table --linear`, forward+backward into
 with the median time and the allocator's peak above the inputs (CUDA only), and the size of the weight
 gradient, which our target adds 1 GiB to.
 
+With --modes, instead: each way a linear loss is called in practice, timed as one call (forward,
+and backward when anything wants a gradient), as `cargo bench --bench ce_table -- --linear` times ours:
+  training     hidden and weight require grad
+  evaluation   nothing does (torch.no_grad())
+  frozen head  only hidden does (a frozen or LoRA output layer)
+for eager, compile and F.linear_cross_entropy (where this PyTorch has it).
+
 Usage (GPU machine):  python3 torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16
 CPU smoke test:       python3 torch_linear_ce_bench.py --device cpu --shape 256x64x1000 --reps 2
+CPU, by mode:         python3 torch_linear_ce_bench.py --device cpu --shape 4096x768x50257 --dtype f32 --modes
 """
 import argparse
 
@@ -23,6 +31,34 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 def matmul_ce(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+
+
+def linear_ce(hidden, weight, labels):
+    return F.linear_cross_entropy(hidden, weight, labels, ignore_index=-100)
+
+
+def modes_table(hidden, weight, labels, device, reps, warmup):
+    impls = {"eager": matmul_ce, "compile": torch.compile(matmul_ce, dynamic=False)}
+    if hasattr(F, "linear_cross_entropy"):
+        impls["F.linear_cross_entropy"] = linear_ce
+    print("| mode | " + " | ".join(f"{name} ms" for name in impls) + " |")
+    print("|---|" + "---:|" * len(impls))
+    for mode, hidden_grad, weight_grad in [("training", True, True), ("evaluation", False, False),
+                                           ("frozen head", True, False)]:
+        h = hidden.detach().requires_grad_(hidden_grad)
+        w = weight.detach().requires_grad_(weight_grad)
+        cells = []
+        for fn in impls.values():
+            def call():
+                h.grad = w.grad = None
+                if hidden_grad or weight_grad:
+                    fn(h, w, labels).backward()
+                else:
+                    with torch.no_grad():
+                        fn(h, w, labels).item()
+
+            cells.append(f"{timed(call, device, reps, warmup):.0f}")
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 def implementations():
@@ -44,6 +80,7 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", action="store_true", help="time training, evaluation and a frozen head")
     args = ap.parse_args()
     device = torch.device(args.device)
     n, h, v = (int(x) for x in args.shape.lower().split("x"))
@@ -53,6 +90,10 @@ def main():
     weight = (torch.randn(v, h, generator=gen) * 0.02).to(device, dtype).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen).to(device)
     labels[::10] = -100
+    if args.modes:
+        print(f"# {torch.__version__} on {device}, {torch.get_num_threads()} threads, N={n} H={h} V={v} {args.dtype}")
+        modes_table(hidden, weight, labels, device, args.reps, args.warmup)
+        return
     weight_grad_gib = v * h * hidden.element_size() / 2**30
     print(f"# {torch.__version__} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     print(f"# N={n} H={h} V={v} {args.dtype}: weight gradient {weight_grad_gib:.2f} GiB, target peak <= {weight_grad_gib + 1:.2f} GiB")
