@@ -104,12 +104,12 @@ template <bool CAP, typename A> __device__ __forceinline__ A cap_slope(A x, A ca
 template <typename A> struct RowPartial {
     A max;         // of the logits j != y (NaN skipped, as fmax does)
     A sum;         // of exp(x_j - max), j != y; NaN poisons it, as in PyTorch
-    A max_before;  // of the logits j < y: token accuracy needs no other index
+    A max_before;  // of the logits j < y, NaN while there is none: token accuracy needs no other index
     double logit_sum;  // of all logits, only for label smoothing
 };
 
 template <typename A> __device__ __forceinline__ RowPartial<A> empty_partial() {
-    return RowPartial<A>{neg_inf<A>(), A(0), neg_inf<A>(), 0.0};
+    return RowPartial<A>{neg_inf<A>(), A(0), A(NAN), 0.0};
 }
 
 // Merges (m2, s2) into (m, s). A sum of 0 contributes nothing whatever its max.
@@ -379,8 +379,10 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
                 out[0] = ce;
                 out[1] = lse;
                 out[2] = A(p.logit_sum);
-                // argmax picks the first largest logit: none before the target may reach it.
-                out[3] = target_logit > p.max_before && target_logit >= p.max ? A(1) : A(0);
+                // argmax picks the first largest logit: none after the target may exceed it, none
+                // before it reach it (fmax skips NaN, and max_before stays NaN with nothing before).
+                const bool first = p.max_before != p.max_before || target_logit > p.max_before;
+                out[3] = target_logit >= p.max && first ? A(1) : A(0);
             } else {
                 for (int k = 0; k < 4; ++k) out[k] = A(0);
                 if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);

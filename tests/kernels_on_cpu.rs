@@ -629,16 +629,17 @@ fn nan_and_infinite_logits() -> Result<()> {
     let Some(kernels) = kernels("nan_and_infinite_logits") else { return Ok(()) };
     for dtype in DTYPES {
         for vocab in [90, 3000] {
-            let rows = 6;
+            let rows = 7;
             let mut values = random_logits(5, &[rows, vocab], DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            let labels = vec![4, 4, 4, 4, 4, 4];
+            // The last row: all -inf with label 0, the first largest logit as argmax picks it.
+            let labels = vec![4, 4, 4, 4, 4, 4, 0];
             values[vocab + 50] = f64::NAN; // a NaN off the target
             values[2 * vocab + 4] = f64::NAN; // a NaN target
             values[3 * vocab + 60] = f64::INFINITY;
             values[4 * vocab + 70] = f64::NEG_INFINITY;
             values[4 * vocab + 4] = f64::NEG_INFINITY; // a -inf target
             for v in &mut values[5 * vocab..] {
-                *v = f64::NEG_INFINITY; // a row of -inf
+                *v = f64::NEG_INFINITY; // rows of -inf
             }
             let base = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?.to_dtype(dtype)?;
             Case::new(format!("{dtype:?} V={vocab}"), base, labels).check(kernels)?;
