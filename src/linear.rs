@@ -366,6 +366,23 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpCon
 struct Precomputed {
     unit_factors: Tensor,
     gradients: Vec<Option<Tensor>>,
+    /// What `gradients` are multiplied by: a power of two that brings the
+    /// factors they were formed with to order 1 (see [`boost_of`]).
+    boost: f64,
+}
+
+/// A power of two that brings a scalar loss's unit factors (`1 / n` for a
+/// mean over `n` tokens) to order 1. The gradients formed in the forward pass
+/// are formed with the factors times it, and divided by it (exactly) once
+/// the upstream gradient is known: per-token gradients of size `p / n` would
+/// otherwise underflow f16 before a loss scale of, say, 2^16 reached them.
+fn boost_of(unit: &UnitFactors) -> f64 {
+    let largest = unit.ce.abs().max(unit.lse.abs());
+    if largest > 0.0 && largest.is_finite() {
+        2f64.powi(-largest.log2().round() as i32)
+    } else {
+        1.0
+    }
 }
 
 /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
@@ -379,15 +396,22 @@ fn forward_with_gradients(
     wanted: Wanted,
 ) -> Result<(Tensor, Precomputed)> {
     let mut sums = GradientSums::new(rows, projection, wanted)?;
+    let boost = boost_of(&unit);
+    let boosted = UnitFactors {
+        ce: unit.ce * boost,
+        lse: unit.lse * boost,
+        lse_squared: unit.lse_squared * boost,
+        logit_sum: unit.logit_sum * boost,
+    };
     let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
         let chunk = rows.narrow(0, start, len)?;
         let labels = labels.narrow(0, start, len)?;
         let logits = projection.logits(&chunk)?;
-        let (chunk_stats, chunk_unit, logits_grad) = op::row_stats_and_unit_grad(&logits, &labels, cfg, unit)?;
+        let (chunk_stats, chunk_unit, logits_grad) = op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted)?;
         sums.add(start, &chunk, &logits_grad, projection)?;
         stats.push(chunk_stats);
-        unit_factors.push(chunk_unit);
+        unit_factors.push(chunk_unit.affine(1.0 / boost, 0.0)?);
     }
     let dtype = reference::compute_dtype(rows.dtype());
     let cat = |parts: &[Tensor], width: usize| -> Result<Tensor> {
@@ -397,8 +421,8 @@ fn forward_with_gradients(
             Tensor::cat(parts, 0)
         }
     };
-    let precomputed =
-        Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients: sums.finish(projection.bias.is_some())? };
+    let gradients = sums.finish(projection.bias.is_some())?;
+    let precomputed = Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients, boost };
     Ok((cat(&stats, STATS)?, precomputed))
 }
 
@@ -461,14 +485,17 @@ impl GradientSums {
 }
 
 /// The node's gradients from summed ones: scaled by the upstream `scale`
-/// (skipped when it is 1) and rounded once to each input's dtype.
+/// (skipped when it is 1) in f32 (f64 for f64), where a loss scale such as
+/// 2^16 is representable (candle's f16 `affine` rounds it to f16's infinity),
+/// and rounded once to each input's dtype.
 fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f64) -> Result<Vec<Option<Tensor>>> {
     gradients
         .into_iter()
         .zip(inputs)
         .map(|(g, input)| {
             let Some(g) = g else { return Ok(None) };
-            let g = if scale == 1.0 { g } else { g.affine(scale, 0.0)? };
+            let g =
+                if scale == 1.0 { g } else { g.to_dtype(reference::compute_dtype(g.dtype()))?.affine(scale, 0.0)? };
             Ok(Some(g.to_dtype(input.dtype())?))
         })
         .collect()
@@ -504,7 +531,7 @@ impl NodeBackward for LinearBackward {
         let precomputed = self.precomputed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(pre) = precomputed {
             if let Some(scale) = upstream_scale(&factors.narrow(1, 0, 3)?, &pre.unit_factors)? {
-                return input_gradients(pre.gradients, inputs, scale);
+                return input_gradients(pre.gradients, inputs, scale / pre.boost);
             }
             RECOMPUTED_BACKWARDS.with(|n| n.set(n.get() + 1));
         }

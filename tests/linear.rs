@@ -257,6 +257,36 @@ fn gradients_only_where_wanted(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// f16 hidden states and weight under loss scaling (the loss multiplied by
+/// 2^16, as mixed-precision training does): the gradients formed in the
+/// forward pass must not underflow f16 before the scale reaches them. They
+/// match the f32 gradients of the same values times 2^16, within f16 rounding.
+fn f16_under_loss_scaling(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(61);
+    let (rows, width, vocab) = (2048, 32, 8192);
+    let hidden = common::logits(&mut rng, &[rows, width], 1.0, DType::F16, device)?;
+    let weight = common::logits(&mut rng, &[vocab, width], 0.5, DType::F16, device)?;
+    let labels = common::labels(&mut rng, &[rows], vocab, 0.1, -100, device)?;
+    let loss_scale = 65536.0;
+    let linear = LinearCrossEntropy::default().chunk_len(Some(64));
+    let gradients = |dtype: DType| -> anyhow::Result<(Tensor, Tensor)> {
+        let (h, w) = (Var::from_tensor(&hidden.to_dtype(dtype)?)?, Var::from_tensor(&weight.to_dtype(dtype)?)?);
+        let loss = linear.forward(h.as_tensor(), w.as_tensor(), &labels, None)?;
+        let grads = loss.affine(if dtype == DType::F16 { loss_scale } else { 1.0 }, 0.0)?.backward()?;
+        let grad =
+            |v: &Var| -> candle::Result<Tensor> { grads.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F32) };
+        Ok((grad(&h)?, grad(&w)?))
+    };
+    let (want_h, want_w) = gradients(DType::F32)?;
+    let (got_h, got_w) = gradients(DType::F16)?;
+    for (got, want, name) in [(got_h, want_h, "hidden"), (got_w, want_w, "weight")] {
+        let want = want.affine(loss_scale, 0.0)?;
+        // f16 keeps 11 significant bits; the products add a few roundings more.
+        assert_close(&got, &want, 4e-3, 4e-3 * common::max_abs(&want)?, &format!("f16 x 2^16: {name} gradient"))?;
+    }
+    Ok(())
+}
+
 device_tests!(
     matches_full_logits,
     tied_weights,
@@ -265,4 +295,5 @@ device_tests!(
     nothing_to_learn_is_exactly_zero,
     gradients_from_forward_or_recomputed,
     gradients_only_where_wanted,
+    f16_under_loss_scaling,
 );
