@@ -45,7 +45,9 @@ pub fn cross_entropy_slow(logits: &Tensor, labels: &Tensor, ignore_index: i64) -
     let x = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let valid = labels.ne(ignore_index as f64)?;
     let safe_labels = valid.where_cond(&labels, &labels.zeros_like()?)?;
-    let log_probs = candle_nn::ops::log_softmax(&x, D::Minus1)?;
+    // log_softmax from candle-core's ops (as candle-nn writes it): x - max - ln Σ exp(x - max).
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
     let target = log_probs.gather(&safe_labels.unsqueeze(1)?, 1)?.squeeze(1)?;
     valid.where_cond(&target.neg()?, &target.zeros_like()?)
 }
