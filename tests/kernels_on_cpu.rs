@@ -293,6 +293,21 @@ impl Case {
         Self { name: name.into(), base, view: same_view, labels, options, shape: None }
     }
 
+    /// Random logits shaped `dims` (uniform in [-8, 8)) and `rows` labels in
+    /// `[0, label_vocab)`, every fifth row ignored.
+    fn random(
+        name: impl Into<String>,
+        seed: u64,
+        dims: &[usize],
+        dtype: DType,
+        rows: usize,
+        label_vocab: usize,
+    ) -> Result<Self> {
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        let labels = (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.below(label_vocab) as i64 }).collect();
+        Ok(Self::new(name, random_logits(seed, dims, dtype)?, labels))
+    }
+
     fn check(&self, kernels: &CpuKernels) -> Result<()> {
         let name = &self.name;
         let logits = (self.view)(&self.base)?;
@@ -469,12 +484,6 @@ fn random_logits(seed: u64, dims: &[usize], dtype: DType) -> Result<Tensor> {
     common::logits(&mut Rng::new(seed), dims, 8.0, dtype, &Device::Cpu)
 }
 
-/// Labels in `[0, vocab)` with every fifth row ignored.
-fn random_labels(seed: u64, rows: usize, vocab: usize) -> Vec<i64> {
-    let mut rng = Rng::new(seed ^ 0x5eed);
-    (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.below(vocab) as i64 }).collect()
-}
-
 /// Block shapes to run besides the launcher's: a 1024-thread block per row (512
 /// for f64, its largest) and 1024 threads with a warp per row.
 fn shapes(dtype: DType) -> Vec<Option<LaunchShape>> {
@@ -498,11 +507,14 @@ fn every_dtype_and_block_shape_matches_the_cpu_engine() -> Result<()> {
     for (vocab, rows) in [(300, 13), (4099, 9), (50257, 3)] {
         for dtype in DTYPES {
             for shape in shapes(dtype) {
-                let mut case = Case::new(
+                let mut case = Case::random(
                     format!("{dtype:?} V={vocab} {shape:?}"),
-                    random_logits(vocab as u64, &[rows, vocab], dtype)?,
-                    random_labels(vocab as u64, rows, vocab),
-                );
+                    vocab as u64,
+                    &[rows, vocab],
+                    dtype,
+                    rows,
+                    vocab,
+                )?;
                 case.shape = shape;
                 case.check(kernels)?;
             }
@@ -556,11 +568,7 @@ fn more_rows_than_blocks() -> Result<()> {
     for dtype in DTYPES {
         for (vocab, rows_per_block) in [(200, 8), (3001, 1)] {
             let rows = 57;
-            let mut case = Case::new(
-                format!("{dtype:?} V={vocab}"),
-                random_logits(7, &[rows, vocab], dtype)?,
-                random_labels(7, rows, vocab),
-            );
+            let mut case = Case::random(format!("{dtype:?} V={vocab}"), 7, &[rows, vocab], dtype, rows, vocab)?;
             case.shape = Some(LaunchShape { threads: 256, rows_per_block, max_blocks: 3 });
             case.check(kernels)?;
         }
@@ -582,19 +590,13 @@ fn strided_views_in_place() -> Result<()> {
     for dtype in DTYPES {
         for vocab in [301, 4104] {
             let (b, s) = (3, 5);
-            let mut case = Case::new(
-                format!("{dtype:?} [B, S-1, V={vocab}]"),
-                random_logits(11, &[b, s, vocab], dtype)?,
-                random_labels(11, b * (s - 1), vocab),
-            );
+            let mut case =
+                Case::random(format!("{dtype:?} [B, S-1, V={vocab}]"), 11, &[b, s, vocab], dtype, b * (s - 1), vocab)?;
             case.view = shifted;
             case.check(kernels)?;
             let rows = 7;
-            let mut case = Case::new(
-                format!("{dtype:?} columns of V={vocab}"),
-                random_logits(12, &[rows, vocab], dtype)?,
-                random_labels(12, rows, vocab - 3),
-            );
+            let mut case =
+                Case::random(format!("{dtype:?} columns of V={vocab}"), 12, &[rows, vocab], dtype, rows, vocab - 3)?;
             case.view = columns;
             case.check(kernels)?;
         }
@@ -656,11 +658,14 @@ fn every_option() -> Result<()> {
         for vocab in [257, 5003] {
             for (softcap, logit_sum) in [(None, true), (Some(5.0), false), (Some(30.0), true)] {
                 let rows = 8;
-                let mut case = Case::new(
+                let mut case = Case::random(
                     format!("{dtype:?} V={vocab} softcap {softcap:?} logit_sum {logit_sum}"),
-                    random_logits(21, &[rows, vocab], dtype)?,
-                    random_labels(21, rows, vocab),
-                );
+                    21,
+                    &[rows, vocab],
+                    dtype,
+                    rows,
+                    vocab,
+                )?;
                 case.options.softcap = softcap;
                 case.options.logit_sum = logit_sum;
                 for shape in shapes(dtype) {
