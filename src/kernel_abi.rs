@@ -290,7 +290,7 @@ fn launch(
 /// # Errors
 /// A label outside `[0, V)` that is not `options.ignore_index`, named with its row.
 pub fn cpu_row_stats(logits: &Tensor, labels: &Tensor, options: &KernelOptions) -> Result<Tensor> {
-    op::row_stats(logits, labels, cpu_config(options, false))
+    op::row_stats(logits, labels, &cpu_config(options, false))
 }
 
 /// The crate's fused CPU engine's gradient from `factors` (`[N, 5] = (g_ce,
@@ -306,7 +306,7 @@ pub fn cpu_logits_grad(
     options: &KernelOptions,
     in_place: bool,
 ) -> Result<Tensor> {
-    op::logits_grad(logits, labels, factors, cpu_config(options, in_place))
+    op::logits_grad(logits, labels, factors, &cpu_config(options, in_place))
 }
 
 fn cpu_config(options: &KernelOptions, inplace_grad: bool) -> OpConfig {
@@ -316,6 +316,7 @@ fn cpu_config(options: &KernelOptions, inplace_grad: bool) -> OpConfig {
         chunk_len: 32,
         inplace_grad,
         terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
+        sum_weights: None,
         labels_checked: false,
     }
 }

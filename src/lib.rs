@@ -33,7 +33,7 @@
 //!     .label_smoothing(0.1)
 //!     .z_loss(1e-4)
 //!     .logit_softcap(Some(30.0))
-//!     .forward_with_outputs(&logits, &labels, Some(&mask), None)?;
+//!     .forward_with_outputs(&logits, &labels, Some(&mask), None, None)?;
 //! let accuracy = out.token_accuracy.to_scalar::<f32>()?;
 //! assert!((0.0..=1.0).contains(&accuracy));
 //! assert_eq!(out.lse.dims(), &[4]);

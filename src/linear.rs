@@ -18,8 +18,8 @@
 //! recomputing one four.
 
 use crate::cpu::{self, STATS};
-use crate::loss::{checked_labels, checked_logits, UnitFactors};
-use crate::op::{self, Engine, NodeBackward, OpConfig, StatsNode};
+use crate::loss::{checked_labels, checked_logits, LossCall, UnitFactors};
+use crate::op::{self, Engine, NodeBackward, OpConfig, RowWeights, StatsNode};
 use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 use std::sync::Mutex;
@@ -36,7 +36,7 @@ use std::sync::Mutex;
 ///
 /// Same configuration and semantics as [`ChunkedCrossEntropy`]
 /// (`ignore_index`, mask, [`Reduction`], `num_label_tokens`, label smoothing,
-/// z-loss, soft-cap, the outputs of
+/// z-loss, soft-cap, class weights and per-token loss weights, the outputs of
 /// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
 /// nothing is valid, the errors), except that `chunk_len` defaults to
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
@@ -120,6 +120,13 @@ impl LinearCrossEntropy {
         self
     }
 
+    /// `[V]` class weights, as [`ChunkedCrossEntropy::class_weights`] (on
+    /// `hidden`'s device).
+    pub fn class_weights(mut self, class_weights: Option<Tensor>) -> Self {
+        self.config = self.config.class_weights(class_weights);
+        self
+    }
+
     /// The loss of `hidden @ weight^T` against `labels` (for a bias and the
     /// other outputs, see [`forward_with_outputs`](Self::forward_with_outputs)).
     ///
@@ -149,9 +156,26 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        let labels_shape = labels.shape().clone();
-        let (node, labels, vocab) = self.node(hidden, weight, None, labels, mask, num_label_tokens)?;
-        self.config.loss(&node, &labels, &labels_shape, vocab, num_label_tokens)
+        let call = self.node(hidden, weight, None, labels, mask, None, num_label_tokens)?;
+        self.config.loss(&call, num_label_tokens)
+    }
+
+    /// [`forward`](Self::forward) with per-token `loss_weights`, as
+    /// [`ChunkedCrossEntropy::forward_weighted`].
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward) and of
+    /// [`ChunkedCrossEntropy::forward_weighted`].
+    pub fn forward_weighted(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: &Tensor,
+    ) -> Result<Tensor> {
+        let call = self.node(hidden, weight, None, labels, mask, Some(loss_weights), None)?;
+        self.config.loss(&call, None)
     }
 
     /// The loss of `hidden @ weight^T + bias` and every other output of the
@@ -159,11 +183,15 @@ impl LinearCrossEntropy {
     ///
     /// - `bias`: optional `[V]`, the weight's dtype and device; it receives a
     ///   gradient (summed over rows in f32).
+    /// - `loss_weights`: optional per-token weights, as in
+    ///   [`ChunkedCrossEntropy::forward_weighted`].
     /// - the other arguments: as in [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
     ///
     /// # Errors
-    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
-    /// and a bias that is not `[V]` with the weight's dtype and device.
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens)
+    /// and of [`ChunkedCrossEntropy::forward_weighted`], and a bias that is not
+    /// `[V]` with the weight's dtype and device.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_with_outputs(
         &self,
         hidden: &Tensor,
@@ -171,17 +199,17 @@ impl LinearCrossEntropy {
         bias: Option<&Tensor>,
         labels: &Tensor,
         mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<CrossEntropyOutput> {
-        let labels_shape = labels.shape().clone();
-        let (node, labels, vocab) = self.node(hidden, weight, bias, labels, mask, num_label_tokens)?;
-        self.config.outputs(&node, &labels, &labels_shape, vocab, num_label_tokens)
+        let call = self.node(hidden, weight, bias, labels, mask, loss_weights, num_label_tokens)?;
+        self.config.outputs(&call, num_label_tokens)
     }
 
     /// Validates the inputs, runs the chunks, and attaches the loss's graph
-    /// node: its `[N, 4]` statistics, the checked `[N]` labels and `V`. With
-    /// `Engine::Autograd`, the statistics of the whole logits, recorded op by
-    /// op, with no node.
+    /// node (its `[N, 4]` statistics). With `Engine::Autograd`, the statistics
+    /// of the whole logits, recorded op by op, with no node.
+    #[allow(clippy::too_many_arguments)]
     fn node(
         &self,
         hidden: &Tensor,
@@ -189,8 +217,10 @@ impl LinearCrossEntropy {
         bias: Option<&Tensor>,
         labels: &Tensor,
         mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
-    ) -> Result<(Tensor, Tensor, usize)> {
+    ) -> Result<LossCall> {
+        let labels_shape = labels.shape().clone();
         let ignore_index = self.config.ignore_index;
         self.config.check_num_label_tokens(num_label_tokens)?;
         let hidden = checked_logits(hidden)?;
@@ -214,23 +244,32 @@ impl LinearCrossEntropy {
             Some(c) => c,
             None => (n * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(n.max(1)),
         };
-        let cfg = self.config.op_config(hidden.device())?;
+        let weights = self.config.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
+        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.config.op_config(hidden.device())? };
         if cfg.engine == Engine::Autograd {
             let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
-            return Ok((reference::row_stats_recorded(&logits, &labels, cfg)?, labels, vocab));
+            let node = reference::row_stats_recorded(&logits, &labels, &cfg)?;
+            return Ok(LossCall { node, labels, labels_shape, vocab, weights });
         }
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
         let wanted = Wanted::of(&rows, weight, bias);
-        let unit = self.config.unit_factors(vocab, valid, num_label_tokens).filter(|_| wanted.any());
+        let row_weights = weights.row_weights()?;
+        let denominator = match row_weights {
+            None => valid as f64,
+            // A weighted mean's denominator: one more device->host read.
+            Some(_) => weights.host_denominator(&labels, ignore_index)?,
+        };
+        let unit = self.config.unit_factors(vocab, &weights, denominator, num_label_tokens).filter(|_| wanted.any());
         let (stats, precomputed) = match unit {
             Some(unit) => {
-                let (stats, gradients) =
-                    forward_with_gradients(&rows.detach(), &projection, &labels, cfg, unit, wanted)?;
+                let rows = rows.detach();
+                let pass = ChunkPass { rows: &rows, projection: &projection, labels: &labels, cfg: &cfg };
+                let (stats, gradients) = pass.forward_with_gradients(unit, row_weights.as_ref(), wanted)?;
                 (stats, Some(gradients))
             }
-            None => (row_stats(&rows.detach(), &projection, &labels, cfg)?, None),
+            None => (row_stats(&rows.detach(), &projection, &labels, &cfg)?, None),
         };
         let backward = LinearBackward { cfg, labels: labels.clone(), wanted, precomputed: Mutex::new(precomputed) };
         let node = StatsNode { stats, backward };
@@ -238,7 +277,7 @@ impl LinearCrossEntropy {
             None => rows.apply_op2(weight, node)?,
             Some(bias) => rows.apply_op3(weight, bias, node)?,
         };
-        Ok((node, labels, vocab))
+        Ok(LossCall { node, labels, labels_shape, vocab, weights })
     }
 }
 
@@ -347,7 +386,7 @@ impl Projection {
 
 /// Per-row statistics `[N, 4]` (see `op.rs`) of the logits of `rows` (`[N,
 /// H]`, detached), one chunk of rows at a time, nothing recorded.
-fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
+fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
     let mut stats = Vec::new();
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
         let logits = projection.logits(&rows.narrow(0, start, len)?)?;
@@ -385,45 +424,58 @@ fn boost_of(unit: &UnitFactors) -> f64 {
     }
 }
 
-/// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
-/// a scalar loss whose upstream gradient is 1 (see the module docs).
-fn forward_with_gradients(
-    rows: &Tensor,
-    projection: &Projection,
-    labels: &Tensor,
-    cfg: OpConfig,
-    unit: UnitFactors,
-    wanted: Wanted,
-) -> Result<(Tensor, Precomputed)> {
-    let mut sums = GradientSums::new(rows, projection, wanted)?;
-    let boost = boost_of(&unit);
-    let boosted = UnitFactors {
-        ce: unit.ce * boost,
-        lse: unit.lse * boost,
-        lse_squared: unit.lse_squared * boost,
-        logit_sum: unit.logit_sum * boost,
-    };
-    let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
-    for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
-        let chunk = rows.narrow(0, start, len)?;
-        let labels = labels.narrow(0, start, len)?;
-        let logits = projection.logits(&chunk)?;
-        let (chunk_stats, chunk_unit, logits_grad) = op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted)?;
-        sums.add(start, &chunk, &logits_grad, projection)?;
-        stats.push(chunk_stats);
-        unit_factors.push(chunk_unit.affine(1.0 / boost, 0.0)?);
-    }
-    let dtype = reference::compute_dtype(rows.dtype());
-    let cat = |parts: &[Tensor], width: usize| -> Result<Tensor> {
-        if parts.is_empty() {
-            Tensor::zeros((0, width), dtype, rows.device())
-        } else {
-            Tensor::cat(parts, 0)
+/// One pass over the chunks of the linear loss's forward: its detached `[N,
+/// H]` rows, the output layer, the checked `[N]` labels and the settings.
+struct ChunkPass<'a> {
+    rows: &'a Tensor,
+    projection: &'a Projection,
+    labels: &'a Tensor,
+    cfg: &'a OpConfig,
+}
+
+impl ChunkPass<'_> {
+    /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
+    /// a scalar loss whose upstream gradient is 1 (see the module docs), with the
+    /// rows' `weights` for a weighted loss.
+    fn forward_with_gradients(
+        &self,
+        unit: UnitFactors,
+        weights: Option<&RowWeights>,
+        wanted: Wanted,
+    ) -> Result<(Tensor, Precomputed)> {
+        let Self { rows, projection, labels, cfg } = *self;
+        let mut sums = GradientSums::new(rows, projection, wanted)?;
+        let boost = boost_of(&unit);
+        let boosted = UnitFactors {
+            ce: unit.ce * boost,
+            lse: unit.lse * boost,
+            lse_squared: unit.lse_squared * boost,
+            logit_sum: unit.logit_sum * boost,
+        };
+        let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
+        for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
+            let chunk = rows.narrow(0, start, len)?;
+            let labels = labels.narrow(0, start, len)?;
+            let logits = projection.logits(&chunk)?;
+            let weights = weights.map(|w| w.narrow(start, len)).transpose()?;
+            let (chunk_stats, chunk_unit, logits_grad) =
+                op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted, weights.as_ref())?;
+            sums.add(start, &chunk, &logits_grad, projection)?;
+            stats.push(chunk_stats);
+            unit_factors.push(chunk_unit.affine(1.0 / boost, 0.0)?);
         }
-    };
-    let gradients = sums.finish(projection.bias.is_some())?;
-    let precomputed = Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients, boost };
-    Ok((cat(&stats, STATS)?, precomputed))
+        let dtype = reference::compute_dtype(rows.dtype());
+        let cat = |parts: &[Tensor], width: usize| -> Result<Tensor> {
+            if parts.is_empty() {
+                Tensor::zeros((0, width), dtype, rows.device())
+            } else {
+                Tensor::cat(parts, 0)
+            }
+        };
+        let gradients = sums.finish(projection.bias.is_some())?;
+        let precomputed = Precomputed { unit_factors: cat(&unit_factors, 3)?, gradients, boost };
+        Ok((cat(&stats, STATS)?, precomputed))
+    }
 }
 
 /// The gradients of the rows, the weight and the bias that are [`Wanted`],
@@ -549,7 +601,7 @@ impl LinearBackward {
             let chunk = rows.narrow(0, start, len)?;
             let logits = projection.logits(&chunk)?;
             let labels = self.labels.narrow(0, start, len)?;
-            let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, self.cfg)?;
+            let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, &self.cfg)?;
             sums.add(start, &chunk, &logits_grad, &projection)?;
         }
         input_gradients(sums.finish(projection.bias.is_some())?, inputs, 1.0)

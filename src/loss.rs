@@ -4,7 +4,7 @@
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
 use crate::cpu::RowTerms;
-use crate::op::{self, Engine, LogitsBackward, OpConfig, StatsNode};
+use crate::op::{self, Engine, LogitsBackward, OpConfig, RowWeights, StatsNode};
 use crate::reference;
 use candle::{bail, DType, Device, Result, Shape, Tensor};
 
@@ -41,6 +41,25 @@ pub enum Reduction {
 /// | `label_smoothing` | 0 | PyTorch's `label_smoothing`: `(1 - ε) ce + ε (lse - mean_j x_j)` |
 /// | `z_loss` | 0 | coefficient `z` of the z-loss `z · lse²` added to each token's loss |
 /// | `logit_softcap` | `None` | Gemma 2's soft-cap: the loss sees `cap · tanh(x / cap)` |
+/// | `class_weights` | `None` | PyTorch's `weight`: a `[V]` weight per class (see below) |
+///
+/// # Weights
+/// Class weights `c` ([`class_weights`](Self::class_weights)) and per-token
+/// loss weights `t` (the `loss_weights` of
+/// [`forward_with_outputs`](Self::forward_with_outputs) and
+/// [`forward_weighted`](Self::forward_weighted)) weight each valid token's
+/// loss as
+///
+/// ```text
+/// loss = t [c_y (1 - ε) ce + ε / V Σ_j c_j (lse - x_j) + z lse²]
+/// ```
+///
+/// which is PyTorch's `F.cross_entropy(weight=c, label_smoothing=ε)` for `t
+/// = 1, z = 0`, and NeMo's per-token `loss_weights` for `c = 1`. `Mean`
+/// divides the sum by the summed weights `Σ t c_y` of the valid tokens (the
+/// valid-token count without weights; 1 where that sum is 0), or by
+/// `num_label_tokens` when given. The per-token outputs are weighted; token
+/// accuracy is not.
 ///
 /// [`forward_with_outputs`](Self::forward_with_outputs) also returns the
 /// z-loss apart, per-token losses, per-token log-sum-exp and token accuracy,
@@ -80,7 +99,20 @@ pub struct ChunkedCrossEntropy {
     label_smoothing: f64,
     z_loss: f64,
     logit_softcap: Option<f64>,
+    class_weights: Option<ClassWeights>,
     force_autograd: bool,
+}
+
+/// The `[V]` class weights of a loss configuration. Two configurations are
+/// equal when they hold the same tensor (candle's `Tensor::id`), not merely
+/// equal values: comparing values would read them back from the device.
+#[derive(Debug, Clone)]
+struct ClassWeights(Tensor);
+
+impl PartialEq for ClassWeights {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
 }
 
 /// Everything one loss call computes, from one pass over the logits.
@@ -125,6 +157,7 @@ impl ChunkedCrossEntropy {
             label_smoothing: 0.0,
             z_loss: 0.0,
             logit_softcap: None,
+            class_weights: None,
             force_autograd: false,
         }
     }
@@ -185,6 +218,17 @@ impl ChunkedCrossEntropy {
         self
     }
 
+    /// Sets the class weights `c`, as PyTorch's `cross_entropy(weight=c)`: a
+    /// `[V]` float tensor (any float dtype) on the logits' device, finite and
+    /// `>= 0`. A valid token's loss becomes `c_y ce` (and the smoothing term
+    /// `ε / V Σ_j c_j (lse - x_j)`), and `Mean` divides by the summed class
+    /// weights of the valid tokens' targets (see the type's docs). `None`
+    /// (the default) weighs every class 1. Checked when the loss is computed.
+    pub fn class_weights(mut self, class_weights: Option<Tensor>) -> Self {
+        self.class_weights = class_weights.map(ClassWeights);
+        self
+    }
+
     /// Runs the loss as on a device the kernels do not cover (see the type's
     /// docs), whatever the device: the tests hold that path against the
     /// engines on the CPU, where it would otherwise never run. Not part of the
@@ -238,55 +282,118 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<Tensor> {
-        let labels_shape = labels.shape().clone();
-        let (node, labels, vocab) = self.node(logits, labels, mask, num_label_tokens)?;
-        self.loss(&node, &labels, &labels_shape, vocab, num_label_tokens)
+        let call = self.node(logits, labels, mask, None, num_label_tokens)?;
+        self.loss(&call, num_label_tokens)
+    }
+
+    /// [`forward`](Self::forward) with per-token `loss_weights` (NeMo's
+    /// `loss_weights`): each token's loss is multiplied by its weight before
+    /// the reduction, and `Mean` divides by the summed weights of the valid
+    /// tokens (see the type's docs).
+    ///
+    /// - `loss_weights`: the labels' shape (`[N]` or `[B, S]`), any float
+    ///   dtype, on the logits' device, finite and `>= 0`.
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward), and `loss_weights` of another
+    /// shape, not a float dtype, on another device, or holding a negative or
+    /// non-finite value (the message names the first such token).
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: &Tensor,
+    ) -> Result<Tensor> {
+        let call = self.node(logits, labels, mask, Some(loss_weights), None)?;
+        self.loss(&call, None)
     }
 
     /// [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens),
-    /// returning every output of the call: the loss, the z-loss apart,
-    /// per-token losses and log-sum-exp, and token accuracy. They come from the
-    /// same pass over the logits; the extra outputs cost only a few `[N]` ops.
+    /// with optional per-token `loss_weights` (as in
+    /// [`forward_weighted`](Self::forward_weighted)), returning every output
+    /// of the call: the loss, the z-loss apart, per-token losses and
+    /// log-sum-exp, and token accuracy. They come from the same pass over the
+    /// logits; the extra outputs cost only a few `[N]` ops.
     ///
     /// # Errors
-    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens)
+    /// and of [`forward_weighted`](Self::forward_weighted).
     pub fn forward_with_outputs(
         &self,
         logits: &Tensor,
         labels: &Tensor,
         mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<CrossEntropyOutput> {
-        let labels_shape = labels.shape().clone();
-        let (node, labels, vocab) = self.node(logits, labels, mask, num_label_tokens)?;
-        self.outputs(&node, &labels, &labels_shape, vocab, num_label_tokens)
+        let call = self.node(logits, labels, mask, loss_weights, num_label_tokens)?;
+        self.outputs(&call, num_label_tokens)
     }
 
-    /// Validates the inputs and attaches the loss's graph node: its `[N, 4]`
-    /// statistics, the checked `[N]` labels and `V`. With `Engine::Autograd`
-    /// the statistics are recorded op by op instead, with no node.
+    /// Validates the inputs and attaches the loss's graph node (its `[N, 4]`
+    /// statistics). With `Engine::Autograd` the statistics are recorded op
+    /// by op instead, with no node.
     fn node(
         &self,
         logits: &Tensor,
         labels: &Tensor,
         mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
-    ) -> Result<(Tensor, Tensor, usize)> {
+    ) -> Result<LossCall> {
+        let labels_shape = labels.shape().clone();
         let cfg = self.op_config(logits.device())?;
         self.check_num_label_tokens(num_label_tokens)?;
-        let (logits, labels) = self.checked_inputs(logits, labels, mask, cfg)?;
+        let (logits, labels) = self.checked_inputs(logits, labels, mask, &cfg)?;
         let vocab = logits.dim(candle::D::Minus1)?;
-        if cfg.engine == Engine::Autograd {
-            return Ok((reference::row_stats_recorded(&logits, &labels, cfg)?, labels, vocab));
+        let weights = self.call_weights(&logits, vocab, &labels, &labels_shape, loss_weights)?;
+        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..cfg };
+        let node = if cfg.engine == Engine::Autograd {
+            reference::row_stats_recorded(&logits, &labels, &cfg)?
+        } else {
+            let stats = op::row_stats(&logits, &labels, &cfg)?;
+            let backward = LogitsBackward { cfg, labels: labels.clone() };
+            logits.apply_op1(StatsNode { stats, backward })?
+        };
+        Ok(LossCall { node, labels, labels_shape, vocab, weights })
+    }
+
+    /// Validates the call's class weights (`[V]`) and `loss_weights` (the
+    /// labels' shape) and brings them to the loss's dtype on the device of
+    /// `inputs` (the logits, or the linear loss's hidden states, whose dtype
+    /// the loss's follows). `labels` (`[N]` i64) are already checked.
+    pub(crate) fn call_weights(
+        &self,
+        inputs: &Tensor,
+        vocab: usize,
+        labels: &Tensor,
+        labels_shape: &Shape,
+        loss_weights: Option<&Tensor>,
+    ) -> Result<CallWeights> {
+        let dtype = reference::compute_dtype(inputs.dtype());
+        let mut weights = CallWeights { mean_class: 1.0, ..CallWeights::default() };
+        if let Some(ClassWeights(class)) = &self.class_weights {
+            let class = checked_weights("class_weights", class, &[vocab], "[V] for the logits' V", inputs)?;
+            let total: f64 = class.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
+            weights.mean_class = if vocab == 0 { 1.0 } else { total / vocab as f64 };
+            let valid = labels.ne(self.ignore_index as f64)?;
+            let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
+            let class = class.to_dtype(dtype)?;
+            let target_class = if vocab == 0 { safe.zeros_like()?.to_dtype(dtype)? } else { class.gather(&safe, 0)? };
+            weights.target_class = Some((target_class * valid.to_dtype(dtype)?)?);
+            weights.sum_weights = Some(class).filter(|_| self.label_smoothing > 0.0);
         }
-        let stats = op::row_stats(&logits, &labels, cfg)?;
-        let backward = LogitsBackward { cfg, labels: labels.clone() };
-        Ok((logits.apply_op1(StatsNode { stats, backward })?, labels, vocab))
+        if let Some(token) = loss_weights {
+            let token = checked_weights("loss_weights", token, labels_shape.dims(), "the labels' shape", inputs)?;
+            weights.token = Some(token.flatten_all()?.to_dtype(dtype)?);
+        }
+        Ok(weights)
     }
 
     /// The per-token terms composed from the node's `[N, 4]` statistics (the
     /// formula is in `op.rs`).
-    fn token_terms(&self, node: &Tensor, vocab: usize) -> Result<TokenTerms> {
+    fn token_terms(&self, node: &Tensor, vocab: usize, weights: &CallWeights) -> Result<TokenTerms> {
         // With no rows, every column is empty: take them all at offset 0 (candle's
         // reductions index the storage at a narrowed view's start, even when empty).
         let rows = node.dim(0)?;
@@ -294,69 +401,68 @@ impl ChunkedCrossEntropy {
         let (ce, lse, logit_sum, correct) = (column(0)?, column(1)?, column(2)?, column(3)?);
         // Terms with a zero coefficient are left out, not multiplied by 0: the
         // default loss stays the bare `ce` column.
-        let mut losses = ce.clone();
+        let mut losses = match &weights.target_class {
+            Some(target_class) => (&ce * target_class)?,
+            None => ce,
+        };
         if self.label_smoothing > 0.0 {
             let eps = self.label_smoothing;
-            let smooth = (lse.affine(eps, 0.0)? - logit_sum.affine(eps / vocab as f64, 0.0)?)?;
-            losses = if eps < 1.0 { (ce.affine(1.0 - eps, 0.0)? + smooth)? } else { smooth };
+            let smooth = (lse.affine(eps * weights.mean_class, 0.0)? - logit_sum.affine(eps / vocab as f64, 0.0)?)?;
+            losses = if eps < 1.0 { (losses.affine(1.0 - eps, 0.0)? + smooth)? } else { smooth };
         }
-        let z_loss = if self.z_loss > 0.0 { Some(lse.sqr()?.affine(self.z_loss, 0.0)?) } else { None };
+        let mut z_loss = if self.z_loss > 0.0 { Some(lse.sqr()?.affine(self.z_loss, 0.0)?) } else { None };
         if let Some(z_loss) = &z_loss {
             losses = (losses + z_loss)?;
+        }
+        if let Some(token) = &weights.token {
+            losses = (losses * token)?;
+            z_loss = z_loss.map(|z| z * token).transpose()?;
         }
         Ok(TokenTerms { losses, z_loss, lse, correct })
     }
 
-    /// The reduced loss of the node's statistics, and nothing else.
-    pub(crate) fn loss(
-        &self,
-        node: &Tensor,
-        labels: &Tensor,
-        labels_shape: &Shape,
-        vocab: usize,
-        num_label_tokens: Option<usize>,
-    ) -> Result<Tensor> {
-        let terms = self.token_terms(node, vocab)?;
-        self.reduce(&terms.losses, labels_shape, num_label_tokens, || {
-            valid_count(labels, self.ignore_index, terms.losses.dtype())
+    /// The reduced loss of the call's statistics, and nothing else.
+    pub(crate) fn loss(&self, call: &LossCall, num_label_tokens: Option<usize>) -> Result<Tensor> {
+        let terms = self.token_terms(&call.node, call.vocab, &call.weights)?;
+        self.reduce(&terms.losses, &call.labels_shape, num_label_tokens, || {
+            call.weights.denominator(&call.labels, self.ignore_index, terms.losses.dtype())
         })
     }
 
-    /// Every output of the node's statistics (see [`CrossEntropyOutput`]).
-    pub(crate) fn outputs(
-        &self,
-        node: &Tensor,
-        labels: &Tensor,
-        labels_shape: &Shape,
-        vocab: usize,
-        num_label_tokens: Option<usize>,
-    ) -> Result<CrossEntropyOutput> {
-        let terms = self.token_terms(node, vocab)?;
-        let count = valid_count(labels, self.ignore_index, terms.losses.dtype())?;
-        let reduce = |per_token: &Tensor| self.reduce(per_token, labels_shape, num_label_tokens, || Ok(count.clone()));
+    /// Every output of the call's statistics (see [`CrossEntropyOutput`]).
+    pub(crate) fn outputs(&self, call: &LossCall, num_label_tokens: Option<usize>) -> Result<CrossEntropyOutput> {
+        let terms = self.token_terms(&call.node, call.vocab, &call.weights)?;
+        let dtype = terms.losses.dtype();
+        let denominator = call.weights.denominator(&call.labels, self.ignore_index, dtype)?;
+        let shape = &call.labels_shape;
+        let reduce = |per_token: &Tensor| self.reduce(per_token, shape, num_label_tokens, || Ok(denominator.clone()));
         let z_loss = match &terms.z_loss {
             Some(z_loss) => reduce(z_loss)?,
             None => reduce(&terms.lse.zeros_like()?)?,
         };
+        let count = valid_count(&call.labels, self.ignore_index, dtype)?;
         Ok(CrossEntropyOutput {
             loss: reduce(&terms.losses)?,
             z_loss,
-            token_losses: terms.losses.reshape(labels_shape)?,
-            lse: terms.lse.reshape(labels_shape)?,
+            token_losses: terms.losses.reshape(shape)?,
+            lse: terms.lse.reshape(shape)?,
             token_accuracy: terms.correct.detach().sum_all()?.broadcast_div(&count)?,
         })
     }
 
     /// The gradients that the statistics of a valid row receive when the
-    /// reduced loss receives 1: the derivative of the composition in
-    /// [`outputs`](Self::outputs), `g_ce = c (1 - ε)`, `g_lse = c ε + 2 c z
-    /// lse`, `g_sum = -c ε / V`, with `c` the reduction's factor. `None` for
-    /// [`Reduction::None`], whose upstream gradient is per token. `valid` is the
-    /// number of valid tokens.
+    /// reduced loss receives 1, before the row's own weights (see
+    /// [`RowWeights`]): the derivative of the composition in
+    /// [`token_terms`](Self::token_terms), `g_ce = c (1 - ε)`, `g_lse = c ε C
+    /// / V + 2 c z lse`, `g_sum = -c ε / V`, with `c` the reduction's factor
+    /// (`1 / denominator` for a `Mean`, see [`CallWeights::host_denominator`])
+    /// and `C / V` the mean class weight. `None` for [`Reduction::None`],
+    /// whose upstream gradient is per token.
     pub(crate) fn unit_factors(
         &self,
         vocab: usize,
-        valid: usize,
+        weights: &CallWeights,
+        denominator: f64,
         num_label_tokens: Option<usize>,
     ) -> Option<UnitFactors> {
         let c = match (self.reduction, num_label_tokens) {
@@ -364,12 +470,13 @@ impl ChunkedCrossEntropy {
             (Reduction::Sum, _) => 1.0,
             (Reduction::Mean, Some(0)) => 0.0,
             (Reduction::Mean, Some(n)) => 1.0 / n as f64,
-            (Reduction::Mean, None) => 1.0 / valid.max(1) as f64,
+            (Reduction::Mean, None) if denominator > 0.0 => 1.0 / denominator,
+            (Reduction::Mean, None) => 1.0,
         };
         let eps = self.label_smoothing;
         Some(UnitFactors {
             ce: c * (1.0 - eps),
-            lse: c * eps,
+            lse: c * eps * weights.mean_class,
             lse_squared: 2.0 * c * self.z_loss,
             logit_sum: -c * eps / vocab.max(1) as f64,
         })
@@ -420,11 +527,11 @@ impl ChunkedCrossEntropy {
         labels: &Tensor,
     ) -> Result<(std::time::Duration, std::time::Duration, Tensor)> {
         let cfg = self.op_config(logits.device())?;
-        let (logits, labels) = self.checked_inputs(logits, labels, None, cfg)?;
+        let (logits, labels) = self.checked_inputs(logits, labels, None, &cfg)?;
         let device = logits.device();
         device.synchronize()?;
         let start = std::time::Instant::now();
-        let stats = op::row_stats(&logits, &labels, cfg)?;
+        let stats = op::row_stats(&logits, &labels, &cfg)?;
         device.synchronize()?;
         let forward = start.elapsed();
         let count = valid_count(&labels, self.ignore_index, stats.dtype())?;
@@ -433,7 +540,7 @@ impl ChunkedCrossEntropy {
         let factors = Tensor::cat(&[&g_ce, &zeros, &zeros, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
         device.synchronize()?;
         let start = std::time::Instant::now();
-        let grad = op::logits_grad(&logits, &labels, &factors, cfg)?;
+        let grad = op::logits_grad(&logits, &labels, &factors, &cfg)?;
         device.synchronize()?;
         Ok((forward, start.elapsed(), grad))
     }
@@ -446,7 +553,7 @@ impl ChunkedCrossEntropy {
         logits: &Tensor,
         labels: &Tensor,
         mask: Option<&Tensor>,
-        cfg: OpConfig,
+        cfg: &OpConfig,
     ) -> Result<(Tensor, Tensor)> {
         let logits = checked_logits(logits)?;
         let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
@@ -491,10 +598,97 @@ impl ChunkedCrossEntropy {
             // Candle's backprop allocates the gradient of recorded ops: nothing to write in place.
             inplace_grad: self.inplace_grad && engine != Engine::Autograd,
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
+            // Set per call, once the class weights are checked against the logits.
+            sum_weights: None,
             // `checked_inputs` checks them on the host for every engine but the fused one.
             labels_checked: engine != Engine::Fused,
         })
     }
+}
+
+/// One loss call past validation: its graph node's `[N, 4]` statistics, the
+/// checked `[N]` i64 labels, their original shape, `V`, and the weights.
+pub(crate) struct LossCall {
+    pub node: Tensor,
+    pub labels: Tensor,
+    pub labels_shape: Shape,
+    pub vocab: usize,
+    pub weights: CallWeights,
+}
+
+/// The validated weights of one call (see [`ChunkedCrossEntropy`]'s docs), in
+/// the loss's dtype on the logits' device; `None` where the call has none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallWeights {
+    /// `t`, `[N]`: the tokens' loss weights.
+    token: Option<Tensor>,
+    /// `c_y`, `[N]`: each token's target-class weight, 0 on ignored tokens.
+    target_class: Option<Tensor>,
+    /// `c`, `[V]`, where the logit sum they weigh is computed (with label
+    /// smoothing): [`OpConfig::sum_weights`].
+    pub sum_weights: Option<Tensor>,
+    /// `C / V = Σ_j c_j / V`, 1 without class weights.
+    mean_class: f64,
+}
+
+impl CallWeights {
+    /// The rows' multipliers of the unit factors, `t c_y` and `t` as `[N, 1]`
+    /// columns; `None` for an unweighted call.
+    pub(crate) fn row_weights(&self) -> Result<Option<RowWeights>> {
+        let ce = match (&self.token, &self.target_class) {
+            (None, None) => return Ok(None),
+            (Some(t), None) => t.clone(),
+            (None, Some(c)) => c.clone(),
+            (Some(t), Some(c)) => (t * c)?,
+        };
+        let rest = match &self.token {
+            Some(t) => t.clone(),
+            None => ce.ones_like()?,
+        };
+        Ok(Some(RowWeights { ce: ce.unsqueeze(1)?, rest: rest.unsqueeze(1)? }))
+    }
+
+    /// What a `Mean` divides by, as a scalar of `dtype` on the labels' device
+    /// (no host round trip): the valid-token count (at least 1), or with
+    /// weights their summed weights `Σ t c_y` (1 where that sum is 0).
+    fn denominator(&self, labels: &Tensor, ignore_index: i64, dtype: DType) -> Result<Tensor> {
+        if self.token.is_none() && self.target_class.is_none() {
+            return valid_count(labels, ignore_index, dtype);
+        }
+        let mut weights = labels.ne(ignore_index as f64)?.to_dtype(dtype)?;
+        for w in [&self.token, &self.target_class].into_iter().flatten() {
+            weights = (weights * w)?;
+        }
+        let total = weights.sum_all()?;
+        total.gt(0f64)?.where_cond(&total, &total.ones_like()?)
+    }
+
+    /// [`denominator`](Self::denominator) on the host, before the 1 that
+    /// replaces a zero (see [`ChunkedCrossEntropy::unit_factors`]).
+    pub(crate) fn host_denominator(&self, labels: &Tensor, ignore_index: i64) -> Result<f64> {
+        let dtype = self.token.as_ref().or(self.target_class.as_ref()).map_or(DType::F64, Tensor::dtype);
+        self.denominator(labels, ignore_index, dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+}
+
+/// Checks a weights tensor: `dims`, a float dtype, `inputs`' device, every
+/// value finite and `>= 0` (read on the host: one transfer of the weights).
+fn checked_weights(name: &str, weights: &Tensor, dims: &[usize], expected: &str, inputs: &Tensor) -> Result<Tensor> {
+    if weights.dims() != dims {
+        bail!("chunked cross-entropy: {name} {:?} must be {expected}, i.e. {dims:?}", weights.shape())
+    }
+    if !weights.dtype().is_float() {
+        bail!("chunked cross-entropy: {name} must be a float dtype, got {:?}", weights.dtype())
+    }
+    if !weights.device().same_device(inputs.device()) {
+        bail!("chunked cross-entropy: {name} are on {:?} but the inputs on {:?}", weights.device(), inputs.device())
+    }
+    let values = weights.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+        bail!("chunked cross-entropy: {name} must be finite and >= 0, got {v} at flat index {i}")
+    }
+    // Weights are data, not parameters: no gradient flows to them.
+    Ok(weights.detach())
 }
 
 /// A row's loss terms, `[N]` each: its loss (all terms included), its z-loss

@@ -8,26 +8,29 @@
 //!
 //! ```text
 //! ce        = lse - x'_y                 lse = max(x') + ln Σ_j exp(x'_j - max(x'))
-//! logit_sum = Σ_j x'_j                   (only with label smoothing)
+//! logit_sum = Σ_j c_j x'_j               (only with label smoothing)
 //! correct   = 1 if y is the first index of max(x'), else 0  (token accuracy)
 //! ```
 //!
-//! all 0 on ignored rows. The per-token loss is then composed from them by
-//! ordinary candle ops on `[N]` values (`loss.rs`):
+//! all 0 on ignored rows, with `c` the class weights (`c_j = 1` without
+//! them). The per-token loss is then composed from them by ordinary candle
+//! ops on `[N]` values (`loss.rs`):
 //!
 //! ```text
-//! loss = (1 - ε) ce + ε (lse - logit_sum / V) + z lse²
+//! loss = t [c_y (1 - ε) ce + ε (C lse - logit_sum) / V + z lse²]      C = Σ_j c_j
 //! ```
 //!
-//! (label smoothing `ε` as in PyTorch; `z` the z-loss coefficient), so that
-//! candle's autograd delivers the upstream gradients `g_ce`, `g_lse`, `g_sum`
-//! of the three differentiable statistics (the mean's `1 / n`, the `(1 - ε)`,
-//! the `2 z lse` are folded into them). The gradient of the row is then
+//! (label smoothing `ε` and class weights `c` as in PyTorch, whose smoothing
+//! term is `ε / V Σ_j c_j (lse - x'_j)`; `z` the z-loss coefficient; `t` the
+//! token's loss weight, 1 without them), so that candle's autograd delivers
+//! the upstream gradients `g_ce`, `g_lse`, `g_sum` of the three differentiable
+//! statistics (the mean's `1 / n`, the weights, the `(1 - ε)`, the `2 z lse`
+//! are folded into them). The gradient of the row is then
 //!
 //! ```text
 //! p_j    = exp(x'_j - lse)
-//! grad_j = ((g_ce + g_lse) p_j + g_sum) * cap'_j          for j != y
-//! grad_y = (g_ce (p_y - 1) + g_lse p_y + g_sum) * cap'_y
+//! grad_j = ((g_ce + g_lse) p_j + g_sum c_j) * cap'_j          for j != y
+//! grad_y = (g_ce (p_y - 1) + g_lse p_y + g_sum c_y) * cap'_y
 //! cap'_j = 1 - tanh²(x_j / cap) = 4e / (1 + e)²,  e = exp(-2 |x_j / cap|)
 //!                                                         (1 without soft-cap)
 //! ```
@@ -109,13 +112,18 @@ pub(crate) fn kernels_cover(location: DeviceLocation) -> bool {
 }
 
 /// Validated settings shared by the forward and backward of one loss call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct OpConfig {
     pub engine: Engine,
     pub ignore_index: i64,
     pub chunk_len: usize,
     pub inplace_grad: bool,
     pub terms: RowTerms,
+    /// The class weights `w` of the logit sum, `Σ_j w_j x'_j` (see the maths
+    /// above): `[V]`, contiguous, in the compute dtype, on the logits' device;
+    /// only with label smoothing and class weights (it is the one kernel term
+    /// that class weights reach).
+    pub sum_weights: Option<Tensor>,
     /// The labels were checked against `[0, V)` on the host already (the
     /// linear loss reads them once per call): the fused CUDA forward then does
     /// not read its bad-label flag back, which would synchronise per chunk.
@@ -130,9 +138,9 @@ pub(crate) struct OpConfig {
 /// primitive engine, which needs no custom op (the losses record their
 /// statistics with `reference::row_stats_recorded` instead; only the
 /// benchmarks' [`crate::ChunkedCrossEntropy::bench_ops`] come here with it).
-pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> Result<Tensor> {
+pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
     match cfg.engine {
-        Engine::Fused => logits.apply_op2_no_bwd(labels, &FusedForward(cfg)),
+        Engine::Fused => logits.apply_op2_no_bwd(labels, &FusedForward(cfg.clone())),
         Engine::Primitive | Engine::Autograd => reference::row_stats_chunked(&logits.detach(), labels, cfg),
     }
 }
@@ -279,7 +287,7 @@ impl NodeBackward for LogitsBackward {
     const NAME: &'static str = "chunked-cross-entropy";
 
     fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(logits_grad(inputs[0], &self.labels, factors, self.cfg)?)])
+        Ok(vec![Some(logits_grad(inputs[0], &self.labels, factors, &self.cfg)?)])
     }
 }
 
@@ -287,13 +295,13 @@ impl NodeBackward for LogitsBackward {
 /// their dtype), from `factors = [N, 5] = (g_ce, g_lse, g_sum, lse, ce)`, with
 /// nothing recorded for backward. With `inplace_grad` it is written over
 /// `logits`. `Autograd` runs the primitive engine, as in [`row_stats`].
-pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cfg: OpConfig) -> Result<Tensor> {
+pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
     // `cat` along dim 1 of non-contiguous columns can return a strided tensor.
     let factors = &factors.contiguous()?;
     match (cfg.engine, cfg.inplace_grad) {
-        (Engine::Fused, false) => logits.apply_op3_no_bwd(labels, factors, &FusedBackward(cfg)),
+        (Engine::Fused, false) => logits.apply_op3_no_bwd(labels, factors, &FusedBackward(cfg.clone())),
         (Engine::Fused, true) => {
-            logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg))?;
+            logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg.clone()))?;
             Ok(logits.detach())
         }
         (Engine::Primitive | Engine::Autograd, _) => reference::grad_chunked(&logits.detach(), labels, factors, cfg),
@@ -313,11 +321,12 @@ impl CustomOp2 for FusedForward {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
         let (terms, chunk) = (self.0.terms, self.0.chunk_len);
+        let w = SumWeights::read(&self.0)?;
         let stats = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
-            CpuStorage::BF16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
-            CpuStorage::F16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, chunk)),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::forward_f64(v, &layout, &labels, terms)),
+            CpuStorage::F32(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, w.f32()?, chunk)),
+            CpuStorage::BF16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, w.f32()?, chunk)),
+            CpuStorage::F16(v) => CpuStorage::F32(cpu::forward(v, &layout, &labels, terms, w.f32()?, chunk)),
+            CpuStorage::F64(v) => CpuStorage::F64(cpu::forward_f64(v, &layout, &labels, terms, w.f64()?)),
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         };
         Ok((stats, Shape::from((labels.len(), STATS))))
@@ -335,35 +344,57 @@ impl CustomOp2 for FusedForward {
     }
 }
 
+/// The per-row multipliers of a weighted loss's [`UnitFactors`] (see the
+/// maths above), `[n, 1]` each in the compute dtype: `ce` (`t c_y`) scales
+/// `g_ce`, `rest` (`t`) scales `g_lse` and `g_sum`.
+#[derive(Debug, Clone)]
+pub(crate) struct RowWeights {
+    pub ce: Tensor,
+    pub rest: Tensor,
+}
+
+impl RowWeights {
+    /// The multipliers of rows `start..start + len`.
+    pub(crate) fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self { ce: self.ce.narrow(0, start, len)?, rest: self.rest.narrow(0, start, len)? })
+    }
+}
+
 /// The statistics `[N, 4]` of `logits` and the gradient of a scalar loss whose
-/// value receives 1, from `unit` (see [`UnitFactors`]), written over the
-/// logits' storage: they must be a temporary nobody else reads (the linear
-/// loss's chunk logits). Also returns the per-row factors `[N, 3] = (g_ce,
-/// g_lse, g_sum)` the gradient was formed with, and the gradient itself. On
-/// CUDA one fused kernel makes two passes over the logits (the forward's read,
-/// then a read mostly from L2 and the write); elsewhere the forward engine
-/// runs, then the in-place backward.
+/// value receives 1, from `unit` (see [`UnitFactors`]) and, for a weighted
+/// loss, the rows' `weights`, written over the logits' storage: they must be
+/// a temporary nobody else reads (the linear loss's chunk logits). Also
+/// returns the per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` the gradient
+/// was formed with, and the gradient itself. Unweighted on CUDA, one fused
+/// kernel makes two passes over the logits (the forward's read, then a read
+/// mostly from L2 and the write); otherwise the forward engine runs, then the
+/// in-place backward.
 pub(crate) fn row_stats_and_unit_grad(
     logits: &Tensor,
     labels: &Tensor,
-    cfg: OpConfig,
+    cfg: &OpConfig,
     unit: UnitFactors,
+    weights: Option<&RowWeights>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let cfg = OpConfig { inplace_grad: true, ..cfg };
-    let fused_on_cuda = cfg.engine == Engine::Fused && logits.device().is_cuda();
+    let cfg = OpConfig { inplace_grad: true, ..cfg.clone() };
+    let fused_on_cuda = cfg.engine == Engine::Fused && logits.device().is_cuda() && weights.is_none();
     let stats = if fused_on_cuda {
-        logits.apply_op2_no_bwd(labels, &FusedForwardWithGrad { cfg, unit })?
+        logits.apply_op2_no_bwd(labels, &FusedForwardWithGrad { cfg: cfg.clone(), unit })?
     } else {
-        row_stats(logits, labels, cfg)?
+        row_stats(logits, labels, &cfg)?
     };
     let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
     let constant = |v: f64| Tensor::full(v, (stats.dim(0)?, 1), lse.device())?.to_dtype(lse.dtype());
-    let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
-    let unit_factors = Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?], 1)?;
+    let (mut g_ce, mut g_lse, mut g_sum) =
+        (constant(unit.ce)?, lse.affine(unit.lse_squared, unit.lse)?, constant(unit.logit_sum)?);
+    if let Some(w) = weights {
+        (g_ce, g_lse, g_sum) = ((g_ce * &w.ce)?, (g_lse * &w.rest)?, (g_sum * &w.rest)?);
+    }
+    let unit_factors = Tensor::cat(&[g_ce, g_lse, g_sum], 1)?;
     let grad = if fused_on_cuda {
         logits.detach()
     } else {
-        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, cfg)?
+        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, &cfg)?
     };
     Ok((stats, unit_factors, grad))
 }
@@ -419,13 +450,20 @@ impl CustomOp3 for FusedBackward {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
         let (terms, chunk) = (self.0.terms, self.0.chunk_len);
+        let w = SumWeights::read(&self.0)?;
         let grad = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk)),
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk))
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, w.f32()?, chunk))
             }
-            CpuStorage::F16(v) => CpuStorage::F16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk)),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::backward_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms)),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, w.f32()?, chunk))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(cpu::backward(v, &layout, &labels, f32_slice(s3, l3)?, terms, w.f32()?, chunk))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(cpu::backward_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms, w.f64()?))
+            }
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         };
         Ok((grad, l1.shape().clone()))
@@ -465,11 +503,13 @@ impl InplaceOp3 for FusedBackwardInPlace {
         let layout = row_layout(l1)?;
         let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.0.ignore_index)?;
         let (terms, chunk) = (self.0.terms, self.0.chunk_len);
+        let w = SumWeights::read(&self.0)?;
+        let f = f32_slice(s3, l3);
         match s1 {
-            CpuStorage::F32(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
-            CpuStorage::BF16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
-            CpuStorage::F16(v) => cpu::backward_in_place(v, &layout, &labels, f32_slice(s3, l3)?, terms, chunk),
-            CpuStorage::F64(v) => cpu::backward_in_place_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms),
+            CpuStorage::F32(v) => cpu::backward_in_place(v, &layout, &labels, f?, terms, w.f32()?, chunk),
+            CpuStorage::BF16(v) => cpu::backward_in_place(v, &layout, &labels, f?, terms, w.f32()?, chunk),
+            CpuStorage::F16(v) => cpu::backward_in_place(v, &layout, &labels, f?, terms, w.f32()?, chunk),
+            CpuStorage::F64(v) => cpu::backward_in_place_f64(v, &layout, &labels, f64_slice(s3, l3)?, terms, w.f64()?),
             other => bail!("{}: logits must be a float dtype, got {:?}", self.name(), other.dtype()),
         }
         Ok(())
@@ -527,6 +567,42 @@ fn row_layout(layout: &Layout) -> Result<RowLayout> {
         row_offsets = row_offsets.iter().flat_map(|&o| (0..dim).map(move |i| o + i * stride)).collect();
     }
     Ok(RowLayout { row_offsets, vocab })
+}
+
+/// The logit sum's class weights ([`OpConfig::sum_weights`]) read into host
+/// memory for the CPU kernels (`V` values: a copy costs nothing next to the
+/// `[N, V]` pass that uses it).
+enum SumWeights {
+    None,
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl SumWeights {
+    fn read(cfg: &OpConfig) -> Result<Self> {
+        let Some(w) = &cfg.sum_weights else { return Ok(Self::None) };
+        match w.dtype() {
+            candle::DType::F32 => Ok(Self::F32(w.to_vec1()?)),
+            candle::DType::F64 => Ok(Self::F64(w.to_vec1()?)),
+            dtype => bail!("chunked cross-entropy: internal class weights must be f32 or f64, got {dtype:?}"),
+        }
+    }
+
+    fn f32(&self) -> Result<Option<&[f32]>> {
+        match self {
+            Self::None => Ok(None),
+            Self::F32(w) => Ok(Some(w)),
+            Self::F64(_) => bail!("chunked cross-entropy: f64 class weights for f32-accumulated logits"),
+        }
+    }
+
+    fn f64(&self) -> Result<Option<&[f64]>> {
+        match self {
+            Self::None => Ok(None),
+            Self::F64(w) => Ok(Some(w)),
+            Self::F32(_) => bail!("chunked cross-entropy: f32 class weights for f64 logits"),
+        }
+    }
 }
 
 fn i64_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [i64]> {

@@ -55,12 +55,12 @@ pub fn cross_entropy_slow(logits: &Tensor, labels: &Tensor, ignore_index: i64) -
 /// The `compile = false` forward: `[N, 4] = (ce, lse, logit_sum, correct)`
 /// per row (see op.rs), zeros on ignored rows. `logits` is `[.., V]`, `labels`
 /// `[N]` i64.
-pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> candle::Result<Tensor> {
+pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: &OpConfig) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
     let mut stats = Vec::new();
     for chunk in row_chunks(&rows, labels, cfg.ignore_index, cfg.chunk_len) {
         let Chunk { x, labels, .. } = chunk?;
-        stats.push(block_stats(&x, &labels, cfg.terms)?);
+        stats.push(block_stats(&x, &labels, cfg)?);
     }
     if stats.is_empty() {
         return Tensor::zeros((0, STATS), compute_dtype(logits.dtype()), logits.device());
@@ -75,7 +75,7 @@ pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: OpConfig)
 /// graph keeps every chunk's temporaries for backward) and `narrow`'s backward
 /// pads each chunk to full size. So this holds several `[N, V]` temporaries in
 /// the compute dtype, as `candle_nn`'s loss does.
-pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: OpConfig) -> candle::Result<Tensor> {
+pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: &OpConfig) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
     let dtype = compute_dtype(rows.dtype());
     if rows.dim(0)? == 0 {
@@ -89,7 +89,7 @@ pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: OpConfig
     // inf), backward then multiplies their zero upstream gradient by finite
     // values only, and this `where` hands them an exact 0.
     let x = labels.zero_ignored(&rows)?.to_dtype(dtype)?;
-    block_stats(&x, &labels, cfg.terms)
+    block_stats(&x, &labels, cfg)
 }
 
 /// The statistics `[n, 4]` of the rows `x` (`[n, V]`, `n > 0`, in the compute
@@ -102,7 +102,8 @@ pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: OpConfig
 /// NaN). The one difference: the soft-cap's slope is candle's `1 - tanh²`,
 /// which, where the cap saturates, keeps an absolute (not relative) precision
 /// of about 1e-7.
-fn block_stats(x: &Tensor, labels: &ChunkLabels, terms: RowTerms) -> candle::Result<Tensor> {
+fn block_stats(x: &Tensor, labels: &ChunkLabels, cfg: &OpConfig) -> candle::Result<Tensor> {
+    let terms = cfg.terms;
     let x = softcapped(x, terms)?;
     let max = x.max_keepdim(1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
@@ -116,7 +117,11 @@ fn block_stats(x: &Tensor, labels: &ChunkLabels, terms: RowTerms) -> candle::Res
     let divisor = confident.where_cond(&target_term, &target_term.ones_like()?)?;
     let ce = confident.where_cond(&ln_1p(&(rest / divisor)?)?, &(&log_total - &target)?)?;
     let lse = (log_total + max)?;
-    let logit_sum = if terms.logit_sum { x.sum_keepdim(1)? } else { lse.zeros_like()? };
+    let logit_sum = match (terms.logit_sum, &cfg.sum_weights) {
+        (false, _) => lse.zeros_like()?,
+        (true, None) => x.sum_keepdim(1)?,
+        (true, Some(w)) => x.broadcast_mul(&w.unsqueeze(0)?)?.sum_keepdim(1)?,
+    };
     let correct = labels.first_argmax(&x.detach())?;
     labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)
 }
@@ -128,7 +133,7 @@ pub(crate) fn grad_chunked(
     logits: &Tensor,
     labels: &Tensor,
     factors: &Tensor,
-    cfg: OpConfig,
+    cfg: &OpConfig,
 ) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
     let mut grads = Vec::new();
@@ -144,8 +149,19 @@ pub(crate) fn grad_chunked(
         let others = probs.mul(&not_target)?;
         let rest = others.sum_keepdim(1)?;
         let target_prob = probs.gather(&labels.safe, 1)?;
-        let target_grad = ((g_ce.neg()? * rest)? + (&g_lse * target_prob)?)?.add(&g_sum)?;
-        let off_target = others.broadcast_mul(&(&g_ce + &g_lse)?)?.broadcast_add(&g_sum)?.mul(&not_target)?;
+        // The logit sum's term, `g_sum c_j` (see op.rs): `[n, 1]`, or `[n, V]` with class weights.
+        let (sum_term, target_sum_term) = match &cfg.sum_weights {
+            None => (g_sum.clone(), g_sum),
+            Some(w) => {
+                let w = w.unsqueeze(0)?;
+                (
+                    g_sum.broadcast_mul(&w)?,
+                    g_sum.mul(&w.squeeze(0)?.gather(&labels.safe.squeeze(1)?, 0)?.unsqueeze(1)?)?,
+                )
+            }
+        };
+        let target_grad = ((g_ce.neg()? * rest)? + (&g_lse * target_prob)?)?.add(&target_sum_term)?;
+        let off_target = others.broadcast_mul(&(&g_ce + &g_lse)?)?.broadcast_add(&sum_term)?.mul(&not_target)?;
         let onehot = (1.0 - not_target)?;
         let mut grad = (off_target + onehot.broadcast_mul(&target_grad)?)?;
         if let Some(cap) = cfg.terms.softcap {

@@ -67,7 +67,7 @@ fn offsets_beyond_i32() -> anyhow::Result<()> {
     let gpu_labels = labels.to_device(&gpu)?;
     // The per-token outputs of every row: the CPU engine's forward over a host copy.
     let per_token = ChunkedCrossEntropy::default().reduction(Reduction::None);
-    let want = per_token.forward_with_outputs(&logits.to_device(&Device::Cpu)?, &labels, None, None)?;
+    let want = per_token.forward_with_outputs(&logits.to_device(&Device::Cpu)?, &labels, None, None, None)?;
     // A sum's gradient of a row depends on that row only: the CPU engine needs only the picked rows.
     let picked: Vec<u32> = vec![0, 1, 16382, 16383, 16384, 16385, 16398, 16399];
     let picked_gpu = Tensor::new(picked.as_slice(), &gpu)?;
@@ -78,7 +78,7 @@ fn offsets_beyond_i32() -> anyhow::Result<()> {
     for inplace in [false, true] {
         let what = format!("{rows}x{vocab} bf16 inplace={inplace}");
         let var = Var::from_tensor(&logits)?;
-        let out = sum.clone().inplace_grad(inplace).forward_with_outputs(var.as_tensor(), &gpu_labels, None, None)?;
+        let out = sum.clone().inplace_grad(inplace).forward_with_outputs(var.as_tensor(), &gpu_labels, None, None, None)?;
         let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
         assert_close(&cpu(&out.token_losses)?, &want.token_losses, 1e-5, 1e-6, &format!("{what}: token losses"))?;
         assert_close(&cpu(&out.lse)?, &want.lse, 1e-5, 1e-6, &format!("{what}: lse"))?;
@@ -101,7 +101,7 @@ fn outputs_and_grad(
 ) -> anyhow::Result<Vec<Tensor>> {
     let var = Var::from_tensor(&logits.to_device(device)?)?;
     let mask = mask.map(|m| m.to_device(device)).transpose()?;
-    let out = ce.forward_with_outputs(var.as_tensor(), &labels.to_device(device)?, mask.as_ref(), None)?;
+    let out = ce.forward_with_outputs(var.as_tensor(), &labels.to_device(device)?, mask.as_ref(), None, None)?;
     let grad = backward_of(&out.loss)?.backward()?.get(var.as_tensor()).expect("no gradient").clone();
     [out.loss, out.z_loss, out.token_losses, out.lse, out.token_accuracy, grad]
         .iter()
@@ -290,7 +290,7 @@ fn options_and_outputs_llama3_vocabulary() -> anyhow::Result<()> {
         let ce = ChunkedCrossEntropy::default().label_smoothing(0.1).z_loss(1e-4).logit_softcap(Some(30.0));
         let run = |device: &Device| -> anyhow::Result<Vec<candle::Tensor>> {
             let var = candle::Var::from_tensor(&logits.to_device(device)?)?;
-            let out = ce.forward_with_outputs(var.as_tensor(), &labels.to_device(device)?, None, None)?;
+            let out = ce.forward_with_outputs(var.as_tensor(), &labels.to_device(device)?, None, None, None)?;
             let grad = out.loss.backward()?.get(var.as_tensor()).expect("no gradient").clone();
             [out.loss, out.z_loss, out.token_losses, out.lse, out.token_accuracy, grad]
                 .iter()

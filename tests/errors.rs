@@ -6,7 +6,7 @@
 mod common;
 
 use candle::{DType, Device, Tensor};
-use candle_chunked_ce::{compute_cross_entropy, ChunkedCrossEntropy, Reduction};
+use candle_chunked_ce::{compute_cross_entropy, ChunkedCrossEntropy, LinearCrossEntropy, Reduction};
 use common::Rng;
 
 /// Both engines at a small chunk length, and candle's autograd as on a device
@@ -296,7 +296,61 @@ fn labels_unchanged_after_error(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Class weights and loss weights of the wrong shape or dtype, or holding a
+/// negative or non-finite value, on both losses and every engine.
+fn bad_weights(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(29);
+    let logits = common::logits(&mut rng, &[2, 3, 5], 3.0, DType::F32, device)?;
+    let labels = Tensor::new(&[[1i64, -100, 4], [0, 2, 3]], device)?;
+    let (hidden, weight) = (
+        common::logits(&mut rng, &[2, 3, 4], 1.0, DType::F32, device)?,
+        common::logits(&mut rng, &[5, 4], 1.0, DType::F32, device)?,
+    );
+    let good_class = Tensor::ones(5, DType::F32, device)?;
+    let good_tokens = Tensor::ones((2, 3), DType::F32, device)?;
+    let bad_class = [
+        (Tensor::ones(4, DType::F32, device)?, vec!["class_weights", "[4]", "[5]"]),
+        (Tensor::ones((1, 5), DType::F32, device)?, vec!["class_weights", "[1, 5]"]),
+        (Tensor::ones(5, DType::U32, device)?, vec!["class_weights", "float", "U32"]),
+        (Tensor::new(&[1f32, -0.5, 1.0, 1.0, 1.0], device)?, vec!["class_weights", "-0.5", "index 1"]),
+        (Tensor::new(&[1f32, 1.0, 1.0, f32::NAN, 1.0], device)?, vec!["class_weights", "NaN", "index 3"]),
+        (Tensor::new(&[1f32, 1.0, 1.0, 1.0, f32::INFINITY], device)?, vec!["class_weights", "inf", "index 4"]),
+    ];
+    let bad_tokens = [
+        (Tensor::ones(6, DType::F32, device)?, vec!["loss_weights", "[6]", "[2, 3]"]),
+        (Tensor::ones((2, 3), DType::I64, device)?, vec!["loss_weights", "float", "I64"]),
+        (Tensor::new(&[[1f32, 1.0, 1.0], [1.0, -2.0, 1.0]], device)?, vec!["loss_weights", "-2", "index 4"]),
+        (Tensor::new(&[[1f32, f32::NAN, 1.0], [1.0, 1.0, 1.0]], device)?, vec!["loss_weights", "NaN", "index 1"]),
+    ];
+    for ce in engines() {
+        let ce = ce.label_smoothing(0.1);
+        let linear = LinearCrossEntropy::default().label_smoothing(0.1);
+        let linear =
+            if format!("{ce:?}").contains("force_autograd: true") { linear.force_autograd(true) } else { linear };
+        for (class, words) in &bad_class {
+            let what = format!("class {class:?} {ce:?}");
+            let ce = ce.clone().class_weights(Some(class.clone()));
+            expect_err(ce.forward(&logits, &labels, None), words, &what);
+            expect_err(ce.forward_weighted(&logits, &labels, None, &good_tokens), words, &what);
+            let linear = linear.clone().class_weights(Some(class.clone()));
+            expect_err(linear.forward(&hidden, &weight, &labels, None), words, &format!("linear {what}"));
+        }
+        for (tokens, words) in &bad_tokens {
+            let what = format!("tokens {tokens:?} {ce:?}");
+            let ce = ce.clone().class_weights(Some(good_class.clone()));
+            expect_err(ce.forward_weighted(&logits, &labels, None, tokens), words, &what);
+            expect_err(
+                linear.forward_weighted(&hidden, &weight, &labels, None, tokens),
+                words,
+                &format!("linear {what}"),
+            );
+        }
+    }
+    Ok(())
+}
+
 device_tests!(
+    bad_weights,
     label_too_large,
     negative_label,
     logits_rank,

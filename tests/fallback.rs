@@ -42,7 +42,7 @@ fn outputs_and_grad(
 ) -> anyhow::Result<(CrossEntropyOutput, Tensor)> {
     let var = Var::from_tensor(logits)?;
     let shifted = var.as_tensor().narrow(1, 0, logits.dim(1)? - 1)?;
-    let out = ce.forward_with_outputs(&shifted, labels, mask, num_label_tokens)?;
+    let out = ce.forward_with_outputs(&shifted, labels, mask, None, num_label_tokens)?;
     let grads = backward_of(&out.loss)?.backward()?;
     let grad = grads.get(var.as_tensor()).expect("logits without gradient").clone();
     Ok((out, grad))
@@ -189,7 +189,7 @@ fn linear_every_option(device: &Device) -> anyhow::Result<()> {
                     .logit_softcap(softcap);
                 let run = |ce: &LinearCrossEntropy| -> anyhow::Result<(CrossEntropyOutput, Vec<Tensor>)> {
                     let (h, w, b) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
-                    let out = ce.forward_with_outputs(&h, &w, Some(&b), &labels, Some(&mask), num_label_tokens)?;
+                    let out = ce.forward_with_outputs(&h, &w, Some(&b), &labels, Some(&mask), None, num_label_tokens)?;
                     let grads = backward_of(&out.loss)?.backward()?;
                     let grads = [&h, &w, &b].map(|v| grads.get(v).expect("no gradient").clone());
                     Ok((out, grads.to_vec()))

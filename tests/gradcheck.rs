@@ -198,7 +198,58 @@ fn linear_options_and_bias(device: &Device) -> anyhow::Result<()> {
         for ce in linear_engines() {
             let ce = ce.label_smoothing(smoothing).z_loss(z_loss).logit_softcap(softcap);
             gradcheck(&format!("linear {ce:?}"), &[hidden.clone(), weight.clone(), bias.clone()], |x| {
-                Ok(ce.forward_with_outputs(&x[0], &x[1], Some(&x[2]), &labels, None, None)?.loss)
+                Ok(ce.forward_with_outputs(&x[0], &x[1], Some(&x[2]), &labels, None, None, None)?.loss)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Class weights (one of them 0) and per-token loss weights with every
+/// option, for every reduction and engine on the logits path, and for the
+/// linear loss's engines with a bias.
+fn weighted_losses(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(28);
+    let logits = common::logits(&mut rng, &[2, 3, 7], 3.0, DType::F64, device)?;
+    let labels = Tensor::new(&[[3i64, -100, 0], [6, 2, 1]], device)?;
+    let class_weights = Tensor::new(&[0.5f64, 2.0, 1.0, 0.0, 1.5, 0.25, 3.0], device)?;
+    let loss_weights = Tensor::new(&[[1.0f64, 0.5, 2.0], [0.0, 1.5, 0.75]], device)?;
+    for (smoothing, z_loss, softcap) in [(0.0, 0.0, None)].into_iter().chain(OPTIONS) {
+        for ce in engines_and_in_place() {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let ce = ce
+                    .clone()
+                    .reduction(reduction)
+                    .label_smoothing(smoothing)
+                    .z_loss(z_loss)
+                    .logit_softcap(softcap)
+                    .class_weights(Some(class_weights.clone()));
+                gradcheck(&format!("weighted {ce:?}"), std::slice::from_ref(&logits), |x| {
+                    let logits = (&x[0] * 1.0)?;
+                    backward_of(&ce.forward_weighted(&logits, &labels, None, &loss_weights)?)
+                })?;
+            }
+        }
+        let hidden = common::logits(&mut rng, &[6, 4], 1.0, DType::F64, device)?;
+        let weight = common::logits(&mut rng, &[7, 4], 1.0, DType::F64, device)?;
+        let bias = common::logits(&mut rng, &[7], 1.0, DType::F64, device)?;
+        for ce in linear_engines() {
+            let ce = ce
+                .label_smoothing(smoothing)
+                .z_loss(z_loss)
+                .logit_softcap(softcap)
+                .class_weights(Some(class_weights.clone()));
+            gradcheck(&format!("weighted linear {ce:?}"), &[hidden.clone(), weight.clone(), bias.clone()], |x| {
+                let out = ce.forward_with_outputs(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    &labels.flatten_all()?,
+                    None,
+                    Some(&loss_weights.flatten_all()?),
+                    None,
+                )?;
+                Ok(out.loss)
             })?;
         }
     }
@@ -206,6 +257,7 @@ fn linear_options_and_bias(device: &Device) -> anyhow::Result<()> {
 }
 
 device_tests!(
+    weighted_losses,
     loss_options,
     linear_options_and_bias,
     linear_cross_entropy,

@@ -250,7 +250,7 @@ fn logits_path_matches_pytorch(device: &Device) -> anyhow::Result<()> {
             for ce in configs {
                 let ce = ce.label_smoothing(want.smoothing).z_loss(want.z_loss).logit_softcap(want.softcap);
                 let var = Var::from_tensor(&logits)?;
-                let out = ce.forward_with_outputs(&(var.as_tensor() * 1.0)?, &labels, None, None)?;
+                let out = ce.forward_with_outputs(&(var.as_tensor() * 1.0)?, &labels, None, None, None)?;
                 let grads = out.loss.backward()?;
                 let grad = grads.get(var.as_tensor()).expect("logits without gradient");
                 check(&out, grad, want, rtol, &format!("{dtype:?} {ce:?}"))?;
@@ -277,7 +277,7 @@ fn linear_path_matches_pytorch(device: &Device) -> anyhow::Result<()> {
                     .label_smoothing(want.smoothing)
                     .z_loss(want.z_loss)
                     .logit_softcap(want.softcap);
-                let out = ce.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None)?;
+                let out = ce.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None, None)?;
                 let grads = out.loss.backward()?;
                 let grad = grads.get(&hidden).expect("hidden without gradient");
                 let what = format!("{dtype:?} linear {ce:?}");
@@ -330,7 +330,7 @@ fn fused_matches_primitive_at_vocab_scale(device: &Device) -> anyhow::Result<()>
 fn outputs_and_grad(ce: &ChunkedCrossEntropy, logits: &Tensor) -> anyhow::Result<(CrossEntropyOutput, Tensor)> {
     let var = Var::from_tensor(logits)?;
     let labels = Tensor::new(&[[5i64, -100, 50256], [0, 17, 33333]], logits.device())?;
-    let out = ce.forward_with_outputs(&(var.as_tensor() * 1.0)?, &labels, None, None)?;
+    let out = ce.forward_with_outputs(&(var.as_tensor() * 1.0)?, &labels, None, None, None)?;
     let grads = common::backward_of(&out.loss)?.backward()?;
     let grad = grads.get(var.as_tensor()).expect("logits without gradient").clone();
     Ok((out, grad))
@@ -342,7 +342,7 @@ fn token_accuracy_counts_valid_tokens(device: &Device) -> anyhow::Result<()> {
     let logits = Tensor::new(&[[0.0f32, 4.0, 4.0], [2.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 1.0, 1.0]], device)?;
     let accuracy = |labels: &[i64], mask: Option<&Tensor>| -> anyhow::Result<f32> {
         let labels = Tensor::new(labels, device)?;
-        let out = ChunkedCrossEntropy::default().forward_with_outputs(&logits, &labels, mask, None)?;
+        let out = ChunkedCrossEntropy::default().forward_with_outputs(&logits, &labels, mask, None, None)?;
         Ok(out.token_accuracy.to_scalar::<f32>()?)
     };
     // Row 0 ties classes 1 and 2: only 1 is its argmax. Row 3 ties all: 0 is.
@@ -360,7 +360,7 @@ fn token_accuracy_counts_valid_tokens(device: &Device) -> anyhow::Result<()> {
 fn defaults_are_plain_cross_entropy(device: &Device) -> anyhow::Result<()> {
     let logits = Tensor::new(&LOGITS, device)?;
     let labels = Tensor::new(&LABELS, device)?;
-    let out = ChunkedCrossEntropy::default().forward_with_outputs(&logits, &labels, None, None)?;
+    let out = ChunkedCrossEntropy::default().forward_with_outputs(&logits, &labels, None, None, None)?;
     let plain = ChunkedCrossEntropy::default().forward(&logits, &labels, None)?;
     assert_close(&out.loss, &plain, 0.0, 0.0, "loss")?;
     assert_eq!(out.z_loss.to_scalar::<f64>()?, 0.0);
@@ -394,7 +394,7 @@ fn bad_settings_are_errors(device: &Device) -> anyhow::Result<()> {
         (Tensor::zeros(5, DType::F64, device)?, "bias [5] must be [6]"),
         (Tensor::zeros(6, DType::F32, device)?, "bias (F32)"),
     ] {
-        let err = linear.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None).expect_err(expected);
+        let err = linear.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None, None).expect_err(expected);
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
     let err = LinearCrossEntropy::default().z_loss(-1.0).forward(&hidden, &weight, &labels, None).expect_err("z");

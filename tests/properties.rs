@@ -163,20 +163,41 @@ fn options() -> impl Strategy<Value = (f64, f64, Option<f64>)> {
     (0.0f64..=1.0, prop_oneof![Just(0.0), 0.0f64..0.1], proptest::option::of(0.5f64..50.0))
 }
 
-/// With options, the fused kernels on f32 logits against the primitive engine
-/// run in f64 on the same values: every output and the gradient.
-fn check_options(case: &Case, (smoothing, z_loss, softcap): (f64, f64, Option<f64>)) -> anyhow::Result<()> {
+/// Class weights `[V]` and per-token loss weights for a case, from `seed`:
+/// uniform in `[0, 3)` and `[0, 2)`, about a tenth of each exactly 0.
+fn weights(case: &Case, seed: u64) -> anyhow::Result<(Tensor, Tensor)> {
+    let mut rng = Rng::new(seed);
+    let mut draw = |n: usize, top: f64| -> Vec<f32> {
+        (0..n).map(|_| if rng.unit() < 0.1 { 0.0 } else { (rng.unit() * top) as f32 }).collect()
+    };
+    let class = Tensor::new(draw(case.vocab, 3.0), &Device::Cpu)?;
+    let tokens: usize = case.dims.iter().product();
+    let token = Tensor::from_vec(draw(tokens, 2.0), case.dims.as_slice(), &Device::Cpu)?;
+    Ok((class, token))
+}
+
+/// With options (and optionally class and loss weights, from a seed), the
+/// fused kernels on f32 logits against the primitive engine run in f64 on the
+/// same values: every output and the gradient.
+fn check_options(
+    case: &Case,
+    (smoothing, z_loss, softcap): (f64, f64, Option<f64>),
+    weights_seed: Option<u64>,
+) -> anyhow::Result<()> {
     let Inputs { logits, labels, mask, .. } = inputs(case)?;
+    let (class_weights, loss_weights) = weights_seed.map(|seed| weights(case, seed)).transpose()?.unzip();
     let configured = |compile: bool| {
         ChunkedCrossEntropy::new(case.chunk_len, compile, IGNORE_INDEX)
             .reduction(case.reduction)
             .label_smoothing(smoothing)
             .z_loss(z_loss)
             .logit_softcap(softcap)
+            .class_weights(class_weights.clone())
     };
     let run = |ce: ChunkedCrossEntropy, logits: &Tensor| -> anyhow::Result<(CrossEntropyOutput, Tensor)> {
         let var = candle::Var::from_tensor(logits)?;
-        let out = ce.forward_with_outputs(var.as_tensor(), &labels, mask.as_ref(), case.num_label_tokens)?;
+        let (mask, weights) = (mask.as_ref(), loss_weights.as_ref());
+        let out = ce.forward_with_outputs(var.as_tensor(), &labels, mask, weights, case.num_label_tokens)?;
         let grads = common::backward_of(&out.loss)?.backward()?;
         let grad = grads.get(var.as_tensor()).map_or_else(|| var.as_tensor().zeros_like(), |g| Ok(g.clone()))?;
         Ok((out, grad))
@@ -211,6 +232,11 @@ proptest! {
 
     #[test]
     fn options_match_f64_primitive_engine(case in case(), options in options()) {
-        check_options(&case, options).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+        check_options(&case, options, None).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    }
+
+    #[test]
+    fn weighted_options_match_f64_primitive_engine(case in case(), options in options(), seed in any::<u64>()) {
+        check_options(&case, options, Some(seed)).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 }

@@ -75,6 +75,14 @@ pub(crate) struct F32Kernels {
     pub softcap_grad_in_place: fn(&mut [f32], f32, f32, f32, f32),
     /// `Σ row`, accumulated in f64.
     pub sum: fn(&[f32]) -> f64,
+    /// `Σ row_j w_j`, accumulated in f64: the class-weighted logit sum.
+    pub weighted_sum: fn(&[f32], &[f32]) -> f64,
+    /// `row = exp(row - lse) * scale + shift * w_j`: the gradient of a row
+    /// whose logit sum is class-weighted by `w`.
+    pub weighted_grad_in_place: fn(&mut [f32], &[f32], f32, f32, f32),
+    /// [`softcap_grad_in_place`](Self::softcap_grad_in_place) with the
+    /// class-weighted shift `shift * w_j`.
+    pub weighted_softcap_grad_in_place: fn(&mut [f32], &[f32], f32, f32, f32, f32),
 }
 
 /// Lanes per accumulator block: one AVX-512 register of f32.
@@ -232,6 +240,42 @@ pub(crate) fn softcap_slope(x: f32, cap: f32) -> f32 {
 }
 
 #[inline(always)]
+fn weighted_grad_in_place_body<const FMA: bool>(row: &mut [f32], weights: &[f32], lse: f32, scale: f32, shift: f32) {
+    for (x, &w) in row.iter_mut().zip(weights) {
+        *x = exp_nonpositive::<FMA>(*x - lse) * scale + shift * w;
+    }
+}
+
+#[inline(always)]
+fn weighted_softcap_grad_in_place_body<const FMA: bool>(
+    row: &mut [f32],
+    weights: &[f32],
+    lse: f32,
+    scale: f32,
+    shift: f32,
+    cap: f32,
+) {
+    let inv_cap = 1.0 / cap;
+    for (x, &w) in row.iter_mut().zip(weights) {
+        let (tanh, slope) = tanh_and_slope::<FMA>(*x * inv_cap);
+        *x = (exp_nonpositive::<FMA>(cap * tanh - lse) * scale + shift * w) * slope;
+    }
+}
+
+#[inline(always)]
+fn weighted_sum_body(row: &[f32], weights: &[f32]) -> f64 {
+    let (blocks, weight_blocks) = (row.chunks_exact(LANES), weights.chunks_exact(LANES));
+    let tail: f64 = blocks.remainder().iter().zip(weight_blocks.remainder()).map(|(&x, &w)| (x * w) as f64).sum();
+    let mut sums = [0f64; LANES];
+    for (block, weight_block) in blocks.zip(weight_blocks) {
+        for ((s, &x), &w) in sums.iter_mut().zip(block).zip(weight_block) {
+            *s += (x * w) as f64;
+        }
+    }
+    sums.iter().sum::<f64>() + tail
+}
+
+#[inline(always)]
 fn sum_body(row: &[f32]) -> f64 {
     let blocks = row.chunks_exact(LANES);
     let tail = blocks.remainder();
@@ -273,6 +317,25 @@ macro_rules! instruction_set {
             pub unsafe fn sum(row: &[f32]) -> f64 {
                 sum_body(row)
             }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn weighted_sum(row: &[f32], weights: &[f32]) -> f64 {
+                weighted_sum_body(row, weights)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn weighted_grad_in_place(row: &mut [f32], weights: &[f32], lse: f32, scale: f32, shift: f32) {
+                weighted_grad_in_place_body::<true>(row, weights, lse, scale, shift)
+            }
+            #[target_feature($(enable = $feature),*)]
+            pub unsafe fn weighted_softcap_grad_in_place(
+                row: &mut [f32],
+                weights: &[f32],
+                lse: f32,
+                scale: f32,
+                shift: f32,
+                cap: f32,
+            ) {
+                weighted_softcap_grad_in_place_body::<true>(row, weights, lse, scale, shift, cap)
+            }
             // SAFETY (every closure below): `table` and `f32_table` are only called
             // after `is_x86_feature_detected!` confirmed this module's features.
             pub fn table<T: Lane>() -> RowKernels<T> {
@@ -292,6 +355,13 @@ macro_rules! instruction_set {
                         softcap_grad_in_place(row, lse, scale, shift, cap)
                     },
                     sum: |row| unsafe { sum(row) },
+                    weighted_sum: |row, weights| unsafe { weighted_sum(row, weights) },
+                    weighted_grad_in_place: |row, weights, lse, scale, shift| unsafe {
+                        weighted_grad_in_place(row, weights, lse, scale, shift)
+                    },
+                    weighted_softcap_grad_in_place: |row, weights, lse, scale, shift, cap| unsafe {
+                        weighted_softcap_grad_in_place(row, weights, lse, scale, shift, cap)
+                    },
                 }
             }
         }
@@ -317,6 +387,9 @@ pub(crate) fn f32_kernels() -> &'static F32Kernels {
             softcap_in_place: softcap_in_place_body::<false>,
             softcap_grad_in_place: softcap_grad_in_place_body::<false>,
             sum: sum_body,
+            weighted_sum: weighted_sum_body,
+            weighted_grad_in_place: weighted_grad_in_place_body::<false>,
+            weighted_softcap_grad_in_place: weighted_softcap_grad_in_place_body::<false>,
         }
     })
 }

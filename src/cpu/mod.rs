@@ -134,12 +134,13 @@ thread_local! {
 }
 
 /// Forward over all rows: returns [`STATS`] values per row, row-major, zeros
-/// on ignored rows.
+/// on ignored rows. `sum_weights` (`[V]`) class-weights the logit sum.
 pub(crate) fn forward<T: Logit>(
     logits: &[T],
     layout: &RowLayout,
     labels: &[RowLabel],
     terms: RowTerms,
+    sum_weights: Option<&[f32]>,
     chunk_len: usize,
 ) -> Vec<f32> {
     let mut stats = vec![0f32; STATS * labels.len()];
@@ -152,7 +153,7 @@ pub(crate) fn forward<T: Logit>(
                 for ((out, label), &offset) in stats.chunks_exact_mut(STATS).zip(labels).zip(offsets) {
                     let Some(target) = *label else { continue };
                     let row = &logits[offset..offset + layout.vocab];
-                    out.copy_from_slice(&row_stats(row, target, terms, scratch));
+                    out.copy_from_slice(&row_stats(row, target, terms, sum_weights, scratch));
                 }
             })
         });
@@ -160,7 +161,13 @@ pub(crate) fn forward<T: Logit>(
 }
 
 /// `[ce, lse, logit_sum, correct]` of one valid row.
-fn row_stats<T: Logit>(row: &[T], target: usize, terms: RowTerms, scratch: &mut Vec<f32>) -> [f32; STATS] {
+fn row_stats<T: Logit>(
+    row: &[T],
+    target: usize,
+    terms: RowTerms,
+    sum_weights: Option<&[f32]>,
+    scratch: &mut Vec<f32>,
+) -> [f32; STATS] {
     if !terms.widened() {
         let (ce, lse, correct) = T::row_ce(row, target, scratch);
         return [ce, lse, 0.0, f32::from(u8::from(correct))];
@@ -171,12 +178,17 @@ fn row_stats<T: Logit>(row: &[T], target: usize, terms: RowTerms, scratch: &mut 
         (kernels.softcap_in_place)(wide, cap as f32);
     }
     let (ce, lse, correct) = ce_lanes(wide, target);
-    let logit_sum = if terms.logit_sum { (kernels.sum)(wide) as f32 } else { 0.0 };
+    let logit_sum = match (terms.logit_sum, sum_weights) {
+        (false, _) => 0.0,
+        (true, None) => (kernels.sum)(wide) as f32,
+        (true, Some(weights)) => (kernels.weighted_sum)(wide, weights) as f32,
+    };
     [ce, lse, logit_sum, f32::from(u8::from(correct))]
 }
 
-/// One row's backward factors, combined: `grad_j = (p_j * scale + shift) *
-/// cap'_j` off the target, `target * cap'_y` on it (see `op.rs`).
+/// One row's backward factors, combined: `grad_j = (p_j * scale + shift *
+/// w_j) * cap'_j` off the target, `target * cap'_y` on it (see `op.rs`; `w`
+/// the logit sum's class weights, 1 without them).
 struct RowGrad<F> {
     scale: F,
     shift: F,
@@ -185,29 +197,45 @@ struct RowGrad<F> {
 }
 
 impl<F: Float> RowGrad<F> {
-    fn new(f: &[F]) -> Self {
+    /// From the row's [`FACTORS`] and its target's weight in the logit sum.
+    fn new(f: &[F], target_weight: F) -> Self {
         let (g_ce, g_lse, g_sum, lse, ce) = (f[0], f[1], f[2], f[3], f[4]);
         // p_y - 1 as expm1(-ce): no cancellation when p_y -> 1.
-        let target = g_ce * (-ce).exp_m1() + g_lse * (-ce).exp() + g_sum;
+        let target = g_ce * (-ce).exp_m1() + g_lse * (-ce).exp() + g_sum * target_weight;
         Self { scale: g_ce + g_lse, shift: g_sum, lse, target }
     }
 }
 
-/// Turns a widened raw row into its gradient through the soft-cap, in place.
-fn capped_row_grad(wide: &mut [f32], target: usize, g: &RowGrad<f32>, cap: f32) {
-    let target_slope = lanes::softcap_slope(wide[target], cap);
-    (lanes::f32_kernels().softcap_grad_in_place)(wide, g.lse, g.scale, g.shift, cap);
+/// Whether a row's gradient goes through an f32 copy: through the soft-cap,
+/// or with a class-weighted logit sum.
+fn widened_grad(terms: RowTerms, sum_weights: Option<&[f32]>) -> bool {
+    terms.softcap.is_some() || sum_weights.is_some()
+}
+
+/// Turns a widened raw row into its gradient in place, through the soft-cap
+/// and with the logit sum's class weights, where the loss has them.
+fn wide_row_grad(wide: &mut [f32], target: usize, g: &RowGrad<f32>, cap: Option<f64>, sum_weights: Option<&[f32]>) {
+    let k = lanes::f32_kernels();
+    let (lse, scale, shift) = (g.lse, g.scale, g.shift);
+    let target_slope = cap.map_or(1.0, |cap| lanes::softcap_slope(wide[target], cap as f32));
+    match (cap, sum_weights) {
+        (Some(cap), None) => (k.softcap_grad_in_place)(wide, lse, scale, shift, cap as f32),
+        (Some(cap), Some(w)) => (k.weighted_softcap_grad_in_place)(wide, w, lse, scale, shift, cap as f32),
+        (None, Some(w)) => (k.weighted_grad_in_place)(wide, w, lse, scale, shift),
+        (None, None) => (f32::kernels().scaled_softmax_in_place)(wide, lse, scale, shift),
+    }
     wide[target] = g.target * target_slope;
 }
 
 /// Backward into a fresh contiguous `[rows, V]` buffer, from [`FACTORS`]
-/// values per row.
+/// values per row; `sum_weights` as in [`forward`].
 pub(crate) fn backward<T: Logit + Zeroed>(
     logits: &[T],
     layout: &RowLayout,
     labels: &[RowLabel],
     factors: &[f32],
     terms: RowTerms,
+    sum_weights: Option<&[f32]>,
     chunk_len: usize,
 ) -> Vec<T> {
     let vocab = layout.vocab;
@@ -225,18 +253,15 @@ pub(crate) fn backward<T: Logit + Zeroed>(
                 for (((out, label), f), &offset) in rows {
                     // Ignored rows keep the zeros the buffer was created with.
                     let Some(target) = *label else { continue };
-                    let g = RowGrad::new(f);
+                    let g = RowGrad::new(f, sum_weights.map_or(1.0, |w| w[target]));
                     let row = &logits[offset..offset + vocab];
-                    match terms.softcap {
-                        None => {
-                            T::row_scaled_softmax(row, g.lse, g.scale, g.shift, out, scratch);
-                            out[target] = T::from_f32(g.target);
-                        }
-                        Some(cap) => {
-                            let wide = T::widen_into(row, scratch);
-                            capped_row_grad(wide, target, &g, cap as f32);
-                            T::narrow_from(wide, out);
-                        }
+                    if widened_grad(terms, sum_weights) {
+                        let wide = T::widen_into(row, scratch);
+                        wide_row_grad(wide, target, &g, terms.softcap, sum_weights);
+                        T::narrow_from(wide, out);
+                    } else {
+                        T::row_scaled_softmax(row, g.lse, g.scale, g.shift, out, scratch);
+                        out[target] = T::from_f32(g.target);
                     }
                 }
             })
@@ -251,6 +276,7 @@ pub(crate) fn backward_in_place<T: Logit>(
     labels: &[RowLabel],
     factors: &[f32],
     terms: RowTerms,
+    sum_weights: Option<&[f32]>,
     chunk_len: usize,
 ) {
     let vocab = layout.vocab;
@@ -268,16 +294,15 @@ pub(crate) fn backward_in_place<T: Logit>(
             row.fill(T::from_f32(0.0));
             return;
         };
-        let g = RowGrad::new(&factors[FACTORS * r..FACTORS * (r + 1)]);
-        SCRATCH.with_borrow_mut(|scratch| match terms.softcap {
-            None => {
+        let g = RowGrad::new(&factors[FACTORS * r..FACTORS * (r + 1)], sum_weights.map_or(1.0, |w| w[target]));
+        SCRATCH.with_borrow_mut(|scratch| {
+            if widened_grad(terms, sum_weights) {
+                let wide = T::widen_into(row, scratch);
+                wide_row_grad(wide, target, &g, terms.softcap, sum_weights);
+                T::narrow_from(wide, row);
+            } else {
                 T::row_scaled_softmax_in_place(row, g.lse, g.scale, g.shift, scratch);
                 row[target] = T::from_f32(g.target);
-            }
-            Some(cap) => {
-                let wide = T::widen_into(row, scratch);
-                capped_row_grad(wide, target, &g, cap as f32);
-                T::narrow_from(wide, row);
             }
         });
     });
@@ -404,7 +429,13 @@ fn advise_huge_pages<T>(buf: &[T]) {
 // ---------------------------------------------------------------------------
 
 /// Forward for f64 logits; returns [`STATS`] values per row in f64.
-pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel], terms: RowTerms) -> Vec<f64> {
+pub(crate) fn forward_f64(
+    logits: &[f64],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    terms: RowTerms,
+    sum_weights: Option<&[f64]>,
+) -> Vec<f64> {
     let mut stats = vec![0f64; STATS * labels.len()];
     stats.par_chunks_mut(STATS).zip(labels.par_iter()).zip(layout.row_offsets.par_iter()).for_each(
         |((out, label), &offset)| {
@@ -416,7 +447,11 @@ pub(crate) fn forward_f64(logits: &[f64], layout: &RowLayout, labels: &[RowLabel
                 let sum_exp = |xs: &[f64]| xs.iter().map(|&x| (x - max).exp()).sum::<f64>();
                 let rest = sum_exp(&row[..target]) + sum_exp(&row[target + 1..]);
                 let (ce, lse) = ce_and_lse(max, row[target], rest);
-                let logit_sum = if terms.logit_sum { row.iter().sum() } else { 0.0 };
+                let logit_sum = match (terms.logit_sum, sum_weights) {
+                    (false, _) => 0.0,
+                    (true, None) => row.iter().sum(),
+                    (true, Some(weights)) => row.iter().zip(weights).map(|(x, w)| x * w).sum(),
+                };
                 let reaches_before = || row[..target].iter().any(|&x| x >= row[target]);
                 let correct = target_is_first_argmax(row[target], before_max, after_max, reaches_before);
                 out.copy_from_slice(&[ce, lse, logit_sum, f64::from(u8::from(correct))]);
@@ -448,6 +483,7 @@ pub(crate) fn backward_f64(
     labels: &[RowLabel],
     factors: &[f64],
     terms: RowTerms,
+    sum_weights: Option<&[f64]>,
 ) -> Vec<f64> {
     let vocab = layout.vocab;
     let mut grad = f64::zeroed_vec(labels.len() * vocab);
@@ -457,7 +493,7 @@ pub(crate) fn backward_f64(
     grad.par_chunks_mut(vocab).enumerate().for_each(|(r, out)| {
         let row = &logits[layout.row_offsets[r]..layout.row_offsets[r] + vocab];
         out.copy_from_slice(row);
-        row_grad_f64(out, labels[r], &factors[FACTORS * r..FACTORS * (r + 1)], terms);
+        row_grad_f64(out, labels[r], &factors[FACTORS * r..FACTORS * (r + 1)], terms, sum_weights);
     });
     grad
 }
@@ -469,27 +505,29 @@ pub(crate) fn backward_in_place_f64(
     labels: &[RowLabel],
     factors: &[f64],
     terms: RowTerms,
+    sum_weights: Option<&[f64]>,
 ) {
     for (r, &label) in labels.iter().enumerate() {
         let row = &mut logits[layout.row_offsets[r]..layout.row_offsets[r] + layout.vocab];
-        row_grad_f64(row, label, &factors[FACTORS * r..FACTORS * (r + 1)], terms);
+        row_grad_f64(row, label, &factors[FACTORS * r..FACTORS * (r + 1)], terms, sum_weights);
     }
 }
 
 /// Turns one row of f64 logits into its gradient, in place.
-fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTerms) {
+fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTerms, sum_weights: Option<&[f64]>) {
     let Some(target) = label else {
         row.fill(0.0);
         return;
     };
-    let g = RowGrad::new(factors);
+    let weight = |j: usize| sum_weights.map_or(1.0, |w| w[j]);
+    let g = RowGrad::new(factors, weight(target));
     let cap_slope = |x: f64| match terms.softcap {
         Some(cap) => softcap_slope(x / cap),
         None => 1.0,
     };
     let target_slope = cap_slope(row[target]);
-    for x in row.iter_mut() {
-        *x = ((capped(*x, terms) - g.lse).exp() * g.scale + g.shift) * cap_slope(*x);
+    for (j, x) in row.iter_mut().enumerate() {
+        *x = ((capped(*x, terms) - g.lse).exp() * g.scale + g.shift * weight(j)) * cap_slope(*x);
     }
     row[target] = g.target * target_slope;
 }
