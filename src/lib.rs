@@ -59,6 +59,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_gemm;
 #[doc(hidden)]
 pub mod kernel_abi;
 mod linear;

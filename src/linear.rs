@@ -637,8 +637,13 @@ fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
     Ok(proportional.then_some(scale))
 }
 
-/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64):
-/// in place on the CPU (no `[V, H]` product per chunk), by candle ops elsewhere.
+/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64)
+/// in place, with no `[V, H]` product per chunk: on the CPU by
+/// `cpu::add_transposed_product` (on f32/f64 copies of the chunk's operands),
+/// on CUDA (f32, bf16, f16) by one cuBLAS GEMM per chunk that reads the
+/// operands as they are and adds into the f32 accumulator (`beta = 1`, see
+/// `cuda_gemm.rs`). f64 on CUDA, and other devices, take candle ops: a `[V,
+/// H]` product and a new sum per chunk.
 struct ProductSum {
     acc: Tensor,
 }
@@ -653,8 +658,13 @@ impl ProductSum {
         self.acc.dtype()
     }
 
-    /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`).
+    /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`, of the weight's dtype).
     fn add(&mut self, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.acc.device().is_cuda() && self.dtype() == DType::F32 {
+            // The chunk's gradient and rows are contiguous already (no copy).
+            return crate::cuda_gemm::add_transposed_product(&self.acc, &lhs.contiguous()?, &rhs.contiguous()?);
+        }
         let (lhs, rhs) = (lhs.to_dtype(self.dtype())?.contiguous()?, rhs.to_dtype(self.dtype())?.contiguous()?);
         if self.acc.device().is_cpu() {
             self.acc.inplace_op3(&lhs, &rhs, &AddTransposedProduct)

@@ -1,0 +1,317 @@
+//! `acc += lhsᵀ · rhs` on CUDA in one cuBLAS call (feature `cuda`): the
+//! linear loss's weight gradient `dW += Gᵀ · H`, accumulated chunk by chunk
+//! into its f32 `[V, H]` accumulator in place, straight from the chunk's
+//! bf16/f16/f32 operands. No operand is converted to f32 and no `[V, H]`
+//! product or sum is allocated: `cublasGemmEx` reads the half-precision
+//! operands, multiplies and accumulates in f32 (`CUBLAS_COMPUTE_32F`) and adds
+//! into the f32 output with `beta = 1`.
+//!
+//! It runs through the cuBLAS handle that candle's `CudaDevice` holds, which is
+//! bound to the device's stream, so it is ordered with candle's own kernels
+//! and matmuls like any other candle op (no host sync).
+
+use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+use candle::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::{bail, CpuStorage, CudaStorage, DType, Layout, Result, Tensor};
+use half::{bf16, f16};
+use std::ffi::{c_int, c_void};
+
+const WHAT: &str = "linear cross-entropy (cuda): acc += lhsᵀ · rhs";
+
+/// `acc += lhsᵀ · rhs` in place, on CUDA: `acc` `[m, n]` f32, `lhs` `[k, m]`
+/// and `rhs` `[k, n]` of one dtype among f32, bf16 and f16, all three
+/// contiguous (any start offset) on one CUDA device. Products and sums are in
+/// f32 (no TF32, whatever candle's reduced-precision switches say).
+///
+/// # Errors
+/// Shapes that do not match, other dtypes, non-contiguous operands, operands
+/// not on the same CUDA device, dimensions beyond cuBLAS's `int`, and
+/// cuBLAS's own errors.
+pub(crate) fn add_transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+    let (m, n) = match acc.dims() {
+        [m, n] => (*m, *n),
+        _ => bail!("{WHAT}: acc must be [m, n], got {:?}", acc.shape()),
+    };
+    match (lhs.dims(), rhs.dims()) {
+        ([lk, lm], [rk, rn]) if lk == rk && *lm == m && *rn == n => {}
+        _ => bail!(
+            "{WHAT}: for acc [{m}, {n}], lhs must be [k, {m}] and rhs [k, {n}] with one k, got lhs {:?} and rhs {:?}",
+            lhs.shape(),
+            rhs.shape()
+        ),
+    }
+    if acc.dtype() != DType::F32 {
+        bail!("{WHAT}: acc must be f32, got {:?}", acc.dtype())
+    }
+    if lhs.dtype() != rhs.dtype() || !matches!(lhs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!(
+            "{WHAT}: lhs and rhs must share one dtype among f32, bf16 and f16, got {:?} and {:?}",
+            lhs.dtype(),
+            rhs.dtype()
+        )
+    }
+    for (name, t) in [("acc", acc), ("lhs", lhs), ("rhs", rhs)] {
+        if !t.is_contiguous() {
+            bail!("{WHAT}: {name} {:?} must be contiguous (strides {:?})", t.shape(), t.stride())
+        }
+    }
+    if !acc.device().is_cuda() {
+        bail!("{WHAT}: acc must be on a CUDA device, got {:?}", acc.device().location())
+    }
+    for (name, t) in [("lhs", lhs), ("rhs", rhs)] {
+        if !t.device().same_device(acc.device()) {
+            bail!(
+                "{WHAT}: {name} must be on acc's device {:?}, got {:?}",
+                acc.device().location(),
+                t.device().location()
+            )
+        }
+    }
+    acc.inplace_op3(lhs, rhs, &CublasAddTransposedProduct)
+}
+
+/// The in-place op behind [`add_transposed_product`], for its access to the
+/// storages (candle locks them, and refuses an operand that aliases `acc`).
+struct CublasAddTransposedProduct;
+
+impl candle::InplaceOp3 for CublasAddTransposedProduct {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-weight-grad-cublas"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("{}: runs on CUDA only (add_transposed_product checks the device)", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        acc: &mut CudaStorage,
+        acc_layout: &Layout,
+        lhs: &CudaStorage,
+        lhs_layout: &Layout,
+        rhs: &CudaStorage,
+        rhs_layout: &Layout,
+    ) -> Result<()> {
+        let operands = Operands::new(acc_layout, lhs_layout, rhs_layout)?;
+        match (acc.dtype(), lhs.dtype(), rhs.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => {
+                operands.gemm::<f32>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_32F)
+            }
+            (DType::F32, DType::BF16, DType::BF16) => {
+                operands.gemm::<bf16>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_16BF)
+            }
+            (DType::F32, DType::F16, DType::F16) => {
+                operands.gemm::<f16>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_16F)
+            }
+            (a, l, r) => bail!("{WHAT}: acc must be f32 and lhs, rhs one of f32, bf16, f16; got {a:?}, {l:?}, {r:?}"),
+        }
+    }
+}
+
+/// The element ranges of the three contiguous operands and the product's
+/// `(m, n, k)`, checked against each other.
+struct Operands {
+    acc: (usize, usize),
+    lhs: (usize, usize),
+    rhs: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl Operands {
+    fn new(acc: &Layout, lhs: &Layout, rhs: &Layout) -> Result<Self> {
+        let (Some(acc_range), Some(lhs_range), Some(rhs_range)) =
+            (acc.contiguous_offsets(), lhs.contiguous_offsets(), rhs.contiguous_offsets())
+        else {
+            bail!("{WHAT}: operands must be contiguous")
+        };
+        let (m, n) = acc.shape().dims2()?;
+        let (k, lm) = lhs.shape().dims2()?;
+        let (rk, rn) = rhs.shape().dims2()?;
+        if (lm, rk, rn) != (m, k, n) {
+            bail!("{WHAT}: acc {:?}, lhs {:?} and rhs {:?} do not match", acc.shape(), lhs.shape(), rhs.shape())
+        }
+        Ok(Self { acc: acc_range, lhs: lhs_range, rhs: rhs_range, m, n, k })
+    }
+
+    /// One `cublasGemmEx` on the device's stream, through its cuBLAS handle.
+    ///
+    /// cuBLAS is column-major; our buffers are row-major, and a row-major
+    /// `[r, c]` buffer is, read column-major, the `[c, r]` matrix (its
+    /// transpose) with leading dimension `c`. So:
+    ///
+    /// - `acc` (row-major `[m, n]`) is the column-major `n × m` matrix `accᵀ`,
+    ///   `ldc = n`;
+    /// - `rhs` (row-major `[k, n]`) is the column-major `n × k` matrix `rhsᵀ`,
+    ///   `lda = n`, taken as is (`transa = N`);
+    /// - `lhs` (row-major `[k, m]`) is the column-major `m × k` matrix `lhsᵀ`,
+    ///   `ldb = m`, taken transposed (`transb = T`) to give `lhs` (`k × m`).
+    ///
+    /// `acc += lhsᵀ · rhs` is `accᵀ += rhsᵀ · lhs`, i.e. in cuBLAS's terms
+    /// `C = 1 · op(A) · op(B) + 1 · C` with `(M, N, K) = (n, m, k)`,
+    /// `A = rhs` (`N`), `B = lhs` (`T`), `C = acc`.
+    fn gemm<T: CudaDType>(
+        &self,
+        acc: &mut CudaStorage,
+        lhs: &CudaStorage,
+        rhs: &CudaStorage,
+        data_type: sys::cudaDataType_t,
+    ) -> Result<()> {
+        let Self { m, n, k, .. } = *self;
+        // Nothing to add (k = 0), or nothing to write: no call (cuBLAS also
+        // wants every leading dimension at least 1).
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| -> Result<c_int> {
+            match c_int::try_from(v) {
+                Ok(v) => Ok(v),
+                Err(_) => bail!("{WHAT}: {what} = {v} exceeds cuBLAS's int"),
+            }
+        };
+        let (m, n, k) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let device = acc.device().clone();
+        let stream = device.cuda_stream();
+        let blas = device.cublas_handle();
+        let lhs = lhs.as_cuda_slice::<T>()?.slice(self.lhs.0..self.lhs.1);
+        let rhs = rhs.as_cuda_slice::<T>()?.slice(self.rhs.0..self.rhs.1);
+        let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(self.acc.0..self.acc.1);
+        // The guards make the stream wait for pending writes (reads, for acc)
+        // by other streams, and record our use when dropped after the call.
+        let (lhs, _lhs_guard) = lhs.device_ptr(&stream);
+        let (rhs, _rhs_guard) = rhs.device_ptr(&stream);
+        let (acc, _acc_guard) = acc.device_ptr_mut(&stream);
+        let (alpha, beta) = (1f32, 1f32);
+        // SAFETY: `blas` is candle's live handle for this device, bound to
+        // `stream`, in its default host pointer mode (candle never changes it),
+        // so cuBLAS reads `alpha` and `beta` (f32, as CUBLAS_COMPUTE_32F wants)
+        // before returning. The three pointers are this device's memory, kept
+        // alive by the storages borrowed for this call (and, for the queued
+        // kernel, by the stream ordering of candle's stream-ordered frees) and
+        // exactly as large as the cuBLAS arguments say: `rhs` holds k × n
+        // elements of `data_type` (n × k column-major, lda = n), `lhs` k × m (m
+        // × k column-major, ldb = m), `acc` m × n f32 (n × m column-major, ldc
+        // = n); `Operands::new` checked those shapes against the contiguous
+        // ranges sliced above, `T` is the dtype `data_type` names (matched in
+        // `cuda_fwd`), and `acc` is borrowed mutably, so no operand aliases it.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                n,
+                m,
+                k,
+                std::ptr::from_ref(&alpha).cast::<c_void>(),
+                rhs as *const c_void,
+                data_type,
+                n,
+                lhs as *const c_void,
+                data_type,
+                m,
+                std::ptr::from_ref(&beta).cast::<c_void>(),
+                acc as *mut c_void,
+                sys::cudaDataType_t::CUDA_R_32F,
+                n,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .w()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_transposed_product;
+    use candle::{DType, Device, Result, Tensor};
+
+    fn error(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> String {
+        match add_transposed_product(acc, lhs, rhs) {
+            Ok(()) => panic!("accepted acc {:?}, lhs {:?}, rhs {:?}", acc.shape(), lhs.shape(), rhs.shape()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The checks that come before any device work, on CPU tensors (they run
+    /// without a GPU).
+    #[test]
+    fn bad_operands_are_refused() -> Result<()> {
+        let cpu = Device::Cpu;
+        let acc = Tensor::zeros((3, 5), DType::F32, &cpu)?;
+        let lhs = Tensor::zeros((4, 3), DType::BF16, &cpu)?;
+        let rhs = Tensor::zeros((4, 5), DType::BF16, &cpu)?;
+        assert!(error(&acc, &lhs, &rhs).contains("acc must be on a CUDA device"));
+        assert!(error(&acc.flatten_all()?, &lhs, &rhs).contains("acc must be [m, n]"));
+        assert!(error(&acc, &rhs, &lhs).contains("lhs must be [k, 3] and rhs [k, 5]"));
+        assert!(error(&acc, &lhs.narrow(0, 0, 3)?, &rhs).contains("with one k"));
+        assert!(error(&acc.to_dtype(DType::BF16)?, &lhs, &rhs).contains("acc must be f32"));
+        assert!(error(&acc, &lhs, &rhs.to_dtype(DType::F16)?).contains("share one dtype"));
+        let f64s = (lhs.to_dtype(DType::F64)?, rhs.to_dtype(DType::F64)?);
+        assert!(error(&acc, &f64s.0, &f64s.1).contains("among f32, bf16 and f16"));
+        let strided = Tensor::zeros((3, 4), DType::BF16, &cpu)?.t()?;
+        assert!(error(&acc, &strided, &rhs).contains("lhs [4, 3] must be contiguous"));
+        Ok(())
+    }
+
+    /// `acc += lhsᵀ · rhs` against an f64 product on the host, for operands
+    /// at non-zero offsets in larger buffers, an `acc` that starts non-zero,
+    /// and dimensions that are not multiples of 8. Needs a GPU; skips without one
+    /// (fails with `CHUNKED_CE_REQUIRE_CUDA` set).
+    #[test]
+    fn matches_host_product() -> Result<()> {
+        let device = match Device::new_cuda(0) {
+            Ok(device) => device,
+            Err(e) => {
+                assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
+                eprintln!("SKIP cuda_gemm::matches_host_product: no CUDA device");
+                return Ok(());
+            }
+        };
+        let (m, n, k) = (1003, 72, 37);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-5), (DType::F16, 1e-5)] {
+            // Values exact in every dtype (small multiples of 1/8), so the
+            // products are exact in f32 and only the summation order differs.
+            let exact = |len: usize, salt: usize| -> Result<Tensor> {
+                let v: Vec<f32> = (0..len).map(|i| ((i * 7 + salt * 13) % 17) as f32 / 8.0 - 1.0).collect();
+                Tensor::from_vec(v, len, &Device::Cpu)
+            };
+            let lhs_host = exact((k + 2) * m, 1)?.reshape((k + 2, m))?.narrow(0, 2, k)?;
+            let rhs_host = exact((k + 1) * n, 2)?.reshape((k + 1, n))?.narrow(0, 1, k)?;
+            let acc_host = exact((m + 3) * n, 3)?.reshape((m + 3, n))?;
+            let on_device = |t: &Tensor, dtype: DType| t.to_dtype(dtype)?.to_device(&device);
+            let (lhs_full, rhs_full) =
+                (on_device(&exact((k + 2) * m, 1)?, dtype)?, on_device(&exact((k + 1) * n, 2)?, dtype)?);
+            let lhs = lhs_full.reshape((k + 2, m))?.narrow(0, 2, k)?;
+            let rhs = rhs_full.reshape((k + 1, n))?.narrow(0, 1, k)?;
+            let acc_full = on_device(&acc_host, DType::F32)?;
+            let acc = acc_full.narrow(0, 2, m)?;
+            add_transposed_product(&acc, &lhs, &rhs)?;
+            add_transposed_product(&acc, &lhs, &rhs)?;
+            let f64 = |t: &Tensor| t.to_dtype(DType::F64);
+            let product = f64(&lhs_host)?.t()?.matmul(&f64(&rhs_host)?)?;
+            let want = (f64(&acc_host.narrow(0, 2, m)?)? + (product * 2.0)?)?;
+            let got = f64(&acc.to_device(&Device::Cpu)?)?;
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff <= tol, "{dtype:?}: max |diff| {diff:e}");
+            // The rows around `acc` in its buffer are untouched.
+            let full = acc_full.to_device(&Device::Cpu)?;
+            for (start, len) in [(0, 2), (m + 2, 1)] {
+                let diff = (full.narrow(0, start, len)? - acc_host.narrow(0, start, len)?)?.abs()?.max_all()?;
+                assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{dtype:?}: rows {start}..{} written", start + len);
+            }
+        }
+        Ok(())
+    }
+}
