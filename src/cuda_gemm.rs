@@ -232,6 +232,45 @@ impl Operands {
     }
 }
 
+/// `x *= alpha` in place on CUDA (`cublasSscal`/`cublasDscal` on the device's
+/// stream): scales the linear loss's f32 (f64) weight-gradient accumulator by
+/// the upstream gradient without a second `[V, H]` buffer. `x` must be a
+/// contiguous f32 or f64 range of `storage` (`layout`).
+///
+/// # Errors
+/// Another dtype, a non-contiguous layout, and cuBLAS's own errors.
+pub(crate) fn scale_in_place(storage: &mut CudaStorage, layout: &Layout, alpha: f64) -> Result<()> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("linear cross-entropy (cuda): the scaled gradient must be contiguous")
+    };
+    let len = (end - start) as i64;
+    if len == 0 {
+        return Ok(());
+    }
+    let device = storage.device().clone();
+    let stream = device.cuda_stream();
+    let blas = device.cublas_handle();
+    match storage.dtype() {
+        DType::F32 => {
+            let mut x = storage.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+            let (x, _guard) = x.device_ptr_mut(&stream);
+            let alpha = alpha as f32;
+            // SAFETY: `blas` is candle's live handle for this device, bound to
+            // `stream`, in host pointer mode (cuBLAS reads `alpha` before
+            // returning); `x` points at `len` f32 of this device's memory,
+            // borrowed mutably for the call (the guard orders it on `stream`).
+            unsafe { sys::cublasSscal_v2_64(*blas.handle(), len, &alpha, x as *mut f32, 1) }.result().w()
+        }
+        DType::F64 => {
+            let mut x = storage.as_cuda_slice_mut::<f64>()?.slice_mut(start..end);
+            let (x, _guard) = x.device_ptr_mut(&stream);
+            // SAFETY: as for f32 above, with `len` f64.
+            unsafe { sys::cublasDscal_v2_64(*blas.handle(), len, &alpha, x as *mut f64, 1) }.result().w()
+        }
+        other => bail!("linear cross-entropy (cuda): only f32/f64 gradients are scaled in place, got {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::add_transposed_product;

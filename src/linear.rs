@@ -539,24 +539,62 @@ impl GradientSums {
 /// The node's gradients from summed ones: scaled by the upstream `scale`
 /// (skipped when it is 1) in f32 (f64 for f64), where a loss scale such as
 /// 2^16 is representable (candle's f16 `affine` rounds it to f16's infinity),
-/// and rounded once to each input's dtype.
+/// and rounded once to each input's dtype. The f32 accumulators (the weight's
+/// `[V, H]`, the bias's) are ours alone: they are scaled in place, so that
+/// the end of backward holds the accumulator and the rounded gradient, not a
+/// scaled copy as well.
 fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f64) -> Result<Vec<Option<Tensor>>> {
     gradients
         .into_iter()
         .zip(inputs)
         .map(|(g, input)| {
             let Some(g) = g else { return Ok(None) };
-            let g =
-                if scale == 1.0 { g } else { g.to_dtype(reference::compute_dtype(g.dtype()))?.affine(scale, 0.0)? };
+            let compute = reference::compute_dtype(g.dtype());
+            let g = match scale {
+                1.0 => g,
+                _ if g.dtype() == compute => {
+                    g.inplace_op1(&ScaleInPlace(scale))?;
+                    g
+                }
+                _ => g.to_dtype(compute)?.affine(scale, 0.0)?,
+            };
             Ok(Some(g.to_dtype(input.dtype())?))
         })
         .collect()
 }
 
-/// The automatic chunk never has fewer rows than this: each chunk allocates a
-/// `[V, H]` weight-gradient product, and thinner chunks make those
-/// allocations and the thin matmuls dominate (measured: 31-row chunks at
-/// N = 2048, H = 768, V = 50257 took 4x longer than 1024-row ones).
+/// `x *= scale` in place, for the gradients' f32 (f64) accumulators.
+struct ScaleInPlace(f64);
+
+impl candle::InplaceOp1 for ScaleInPlace {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-scale"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        use candle::backend::BackendStorage;
+        use rayon::prelude::*;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("linear cross-entropy: the scaled gradient must be contiguous")
+        };
+        match storage {
+            CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
+            CpuStorage::F64(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0),
+            other => bail!("linear cross-entropy: only f32/f64 gradients are scaled in place, got {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
+        crate::cuda_gemm::scale_in_place(storage, layout, self.0)
+    }
+}
+
+/// The automatic chunk never has fewer rows than this: thinner chunks make
+/// the thin matmuls dominate (measured when each chunk also allocated a `[V,
+/// H]` weight-gradient product: 31-row chunks at N = 2048, H = 768, V = 50257
+/// took 4x longer than 1024-row ones).
 const MIN_AUTO_CHUNK: usize = 512;
 
 /// `(start, len)` of each chunk of `chunk_len` rows.
