@@ -59,8 +59,8 @@ fn row_stats(
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
     let launch = match unit {
-        None => kernel_abi::forward(&rows, dtype, &options(cfg), shape)?,
-        Some(unit) => kernel_abi::forward_with_grad(&rows, dtype, &options(cfg), unit, shape)?,
+        None => kernel_abi::forward(&rows, dtype, &options(cfg)?, shape)?,
+        Some(unit) => kernel_abi::forward_with_grad(&rows, dtype, &options(cfg)?, unit, shape)?,
     };
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
@@ -121,7 +121,7 @@ pub(crate) fn backward(
     let rows = RowGeometry::new(logits_layout)?;
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
-    let launch = kernel_abi::backward(&rows, dtype, &options(cfg), false, shape)?;
+    let launch = kernel_abi::backward(&rows, dtype, &options(cfg)?, false, shape)?;
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     let len = rows.rows * rows.vocab;
@@ -170,7 +170,7 @@ pub(crate) fn backward_in_place(
     }
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
-    let launch = kernel_abi::backward(&rows, dtype, &options(cfg), true, shape)?;
+    let launch = kernel_abi::backward(&rows, dtype, &options(cfg)?, true, shape)?;
     let dev = logits.device().clone();
     let labels = contiguous::<i64>(labels, labels_layout)?;
     match dtype {
@@ -258,8 +258,13 @@ fn run<T, A: DeviceRepr>(dev: &CudaDevice, launch: &KernelLaunch, operands: Oper
     Ok(())
 }
 
-fn options(cfg: &OpConfig) -> KernelOptions {
-    KernelOptions { ignore_index: cfg.ignore_index, softcap: cfg.terms.softcap, logit_sum: cfg.terms.logit_sum }
+/// The kernels' options; refuses class weights in the logit sum, which these
+/// kernels do not take yet (the CPU engines do), rather than ignore them.
+fn options(cfg: &OpConfig) -> Result<KernelOptions> {
+    if cfg.sum_weights.is_some() {
+        bail!("chunked cross-entropy (cuda): class weights with label smoothing are not supported on CUDA yet")
+    }
+    Ok(KernelOptions { ignore_index: cfg.ignore_index, softcap: cfg.terms.softcap, logit_sum: cfg.terms.logit_sum })
 }
 
 /// The contiguous elements of an internal operand (labels, factors).
