@@ -3,9 +3,10 @@
 // Forward: a row group (one warp per row for small vocabularies, the whole
 // block otherwise; see `rows_per_block`) streams its row once in 16-byte
 // packs, keeping per thread a running max and a running sum of exponentials
-// in f32 (f64 for f64 logits), plus the logit sum for label smoothing and the
-// largest logit before the target for token accuracy. It merges them across
-// the group and writes (ce, lse, logit_sum, correct) for the row. It never
+// in f32 (f64 for f64 logits), plus the logit sum for label smoothing (class-
+// weighted when the loss has class weights) and the largest logit before the
+// target for token accuracy. It merges them across the group and writes
+// (ce, lse, logit_sum, correct) for the row. It never
 // materialises probabilities. Backward: the same traversal reads the row once
 // more and writes the gradient in the logits' dtype, into a fresh buffer or
 // over the logits. Both apply the optional soft-cap cap * tanh(x / cap) to each
@@ -24,6 +25,10 @@
 // - exp(x - m) is exp2(x * log2(e) - m * log2(e)), one FMA and one ex2.
 // - In-row indices are 32-bit (V < 2^31 is checked by the host); row offsets
 //   are 64-bit: N * V passes 2^31 at N = 16384, V = 131072.
+// - The logit sum's class weights c ([V], `sum_weights`) have entries of their
+//   own (`_weighted_`): the plain entries keep their code and registers. There
+//   c_j is read per element, not per pack (a row's packs start anywhere
+//   relative to c's alignment); every row reads the same c, mostly from L1/L2.
 // Rows may be strided: row r starts at
 // start + (r / inner) * stride_outer + (r % inner) * stride_inner.
 
@@ -105,7 +110,7 @@ template <typename A> struct RowPartial {
     A max;         // of the logits j != y (NaN skipped, as fmax does)
     A sum;         // of exp(x_j - max), j != y; NaN poisons it, as in PyTorch
     A max_before;  // of the logits j < y, NaN while there is none: token accuracy needs no other index
-    double logit_sum;  // of all logits, only for label smoothing
+    double logit_sum;  // of all logits (times their class weights), only for label smoothing
 };
 
 template <typename A> __device__ __forceinline__ RowPartial<A> empty_partial() {
@@ -121,14 +126,24 @@ template <typename A> __device__ __forceinline__ void merge(A& m, A& s, A m2, A 
     s = a + b;
 }
 
-// Adds N consecutive capped logits x[0..N), the first at index j0, to `p`.
+// The class weight c_j of logit j in the logit sum: sum_weights[j] with
+// WEIGHTED, else 1 (and sum_weights is not read).
+template <bool WEIGHTED, typename A> __device__ __forceinline__ A sum_weight(const A* __restrict__ sum_weights, int j) {
+    return WEIGHTED ? sum_weights[j] : A(1);
+}
+
+// Adds N consecutive capped logits x[0..N), the first at index j0, to `p`:
+// with SUM, x_j c_j to the logit sum (the product rounded in A, as on the CPU).
 // The target y is left out of max and sum (`rest` in op.rs must not include
 // its term), and splits the accuracy maxima: only its own pack looks at indices.
-template <bool SUM, int N, typename A>
-__device__ __forceinline__ void add_logits(RowPartial<A>& p, A (&x)[N], int j0, int label) {
+template <bool SUM, bool WEIGHTED, int N, typename A>
+__device__ __forceinline__ void add_logits(RowPartial<A>& p, A (&x)[N], int j0, int label,
+                                           const A* __restrict__ sum_weights) {
     if (SUM) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) p.logit_sum += double(x[i]);
+        for (int i = 0; i < N; ++i) {
+            p.logit_sum += double(WEIGHTED ? x[i] * sum_weight<WEIGHTED>(sum_weights, j0 + i) : x[i]);
+        }
     }
     if (unsigned(label - j0) < unsigned(N)) {
 #pragma unroll
@@ -195,8 +210,10 @@ struct RowGroup {
 
 // Hands lane 0's (lse, ce) to every thread of its row group: a shuffle within
 // a warp, or shared memory across the block. Every thread of the block calls
-// it the same number of times.
-template <typename A> __device__ void group_broadcast(A& lse, A& ce, bool whole_block) {
+// it the same number of times. WEIGHTED only gives the weighted entries a
+// shared_pair of their own: one used by ce_fwd_grad_f64 alone is placed in
+// that kernel by nvcc, and ptxas then keeps it at 80 registers (82 otherwise).
+template <bool WEIGHTED, typename A> __device__ void group_broadcast(A& lse, A& ce, bool whole_block) {
     __shared__ A shared_pair[2];
     if (!whole_block) {
         lse = __shfl_sync(0xffffffffu, lse, 0);
@@ -230,24 +247,27 @@ __device__ __forceinline__ void store_grad(T* out, int j0, const A (&g)[N], bool
 }
 
 // A valid row's backward factors (see op.rs), and what the gradient of each of
-// its elements needs from them.
+// its elements needs from them; `target_weight` is the target's class weight
+// c_y in the logit sum (1 without class weights).
 template <typename A> struct RowGrad {
     A scale;        // g_ce + g_lse
     A g_sum;
-    A target_grad;  // g_ce expm1(-ce) + g_lse exp(-ce) + g_sum: exact when p_y -> 1
+    A target_grad;  // g_ce expm1(-ce) + g_lse exp(-ce) + g_sum c_y: exact when p_y -> 1
     A lse_shift;    // lse log2(e)
-    __device__ RowGrad(A g_ce, A g_lse, A g_sum, A lse, A ce)
-        : scale(g_ce + g_lse), g_sum(g_sum), target_grad(g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum),
-          lse_shift(lse * log2e<A>()) {}
+    __device__ RowGrad(A g_ce, A g_lse, A g_sum, A lse, A ce, A target_weight)
+        : scale(g_ce + g_lse), g_sum(g_sum),
+          target_grad(g_ce * expm1(-ce) + g_lse * exp(-ce) + g_sum * target_weight), lse_shift(lse * log2e<A>()) {}
 };
 
 // The gradient of N consecutive raw logits x[0..N), the first at index j0.
-template <bool CAP, int N, typename A>
-__device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int label, const RowGrad<A>& f, A cap) {
+template <bool CAP, bool WEIGHTED, int N, typename A>
+__device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int label, const RowGrad<A>& f, A cap,
+                                        const A* __restrict__ sum_weights) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const A p = exp2_of(fma_of(capped<CAP>(x[i], cap), log2e<A>(), -f.lse_shift));
-        g[i] = (p * f.scale + f.g_sum) * cap_slope<CAP>(x[i], cap);
+        const A shift = WEIGHTED ? f.g_sum * sum_weight<WEIGHTED>(sum_weights, j0 + i) : f.g_sum;
+        g[i] = (p * f.scale + shift) * cap_slope<CAP>(x[i], cap);
     }
     if (unsigned(label - j0) < unsigned(N)) {
 #pragma unroll
@@ -258,13 +278,14 @@ __device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int 
 }
 
 // grad of one row from its factors, as written in src/op.rs: ((g_ce + g_lse)
-// p_j + g_sum) * cap'_j off the target, and (g_ce expm1(-ce) + g_lse exp(-ce)
-// + g_sum) * cap'_y on it, formed in A; zeros when the row has no valid label
-// (y < 0). `out` may be `row` itself (in place): each element is read before it
-// is written, by the same thread, and by no other thread.
-template <typename T, typename A, bool CAP>
+// p_j + g_sum c_j) * cap'_j off the target, and (g_ce expm1(-ce) + g_lse
+// exp(-ce) + g_sum c_y) * cap'_y on it, formed in A (c the class weights with
+// WEIGHTED, else 1); zeros when the row has no valid label (y < 0). `out` may
+// be `row` itself (in place): each element is read before it is written, by
+// the same thread, and by no other thread.
+template <typename T, typename A, bool CAP, bool WEIGHTED>
 __device__ void write_row_grad(const T* row, T* out, int vocab, int y, const RowGrad<A>& f, A cap,
-                               const RowGroup& group) {
+                               const A* __restrict__ sum_weights, const RowGroup& group) {
     constexpr int W = Pack<T>::kLen;
     const bool valid = y >= 0;
     const int head = head_len(row, vocab);
@@ -274,7 +295,7 @@ __device__ void write_row_grad(const T* row, T* out, int vocab, int y, const Row
     if (group.lane < head) {
         const int j = group.lane;
         A x[1] = {A(widen(row[j]))}, g[1] = {A(0)};
-        if (valid) grad_of<CAP>(x, g, j, y, f, cap);
+        if (valid) grad_of<CAP, WEIGHTED>(x, g, j, y, f, cap, sum_weights);
         store_grad<T>(out, j, g, false);
     }
     const Pack<T>* body = reinterpret_cast<const Pack<T>*>(row + head);
@@ -287,7 +308,7 @@ __device__ void write_row_grad(const T* row, T* out, int vocab, int y, const Row
             A x[W];
 #pragma unroll
             for (int i = 0; i < W; ++i) x[i] = A(widen(pack.e[i]));
-            grad_of<CAP>(x, g, j0, y, f, cap);
+            grad_of<CAP, WEIGHTED>(x, g, j0, y, f, cap, sum_weights);
         } else {
 #pragma unroll
             for (int i = 0; i < W; ++i) g[i] = A(0);
@@ -297,7 +318,7 @@ __device__ void write_row_grad(const T* row, T* out, int vocab, int y, const Row
     if (group.lane < vocab - tail) {
         const int j = tail + group.lane;
         A x[1] = {A(widen(row[j]))}, g[1] = {A(0)};
-        if (valid) grad_of<CAP>(x, g, j, y, f, cap);
+        if (valid) grad_of<CAP, WEIGHTED>(x, g, j, y, f, cap, sum_weights);
         store_grad<T>(out, j, g, false);
     }
 }
@@ -314,20 +335,23 @@ template <typename A> struct UnitFactors {
 // ---------------------------------------------------------------------------
 
 // stats[r] = (ce, lse, logit_sum, correct), zeros on ignored rows; logit_sum
-// only with SUM. A label outside [0, V) that is not ignore_index lowers
-// *first_bad_row (which the host sets to ULLONG_MAX) to its row, so that the
-// host reports the first bad row, as the CPU path does; the row's stats stay
-// zero. Every thread of a block runs the same number of row iterations and
-// merges (rows past the end and ignored rows merge empty partials), so that
-// warp-per-row blocks never diverge across a shuffle.
+// only with SUM, class-weighted by sum_weights with WEIGHTED. A label outside
+// [0, V) that is not ignore_index lowers *first_bad_row (which the host sets
+// to ULLONG_MAX) to its row, so that the host reports the first bad row, as
+// the CPU path does; the row's stats stay zero. Every thread of a block runs
+// the same number of row iterations and merges (rows past the end and ignored
+// rows merge empty partials), so that warp-per-row blocks never diverge
+// across a shuffle.
 //
 // With GRAD (a scalar loss, as Liger does), the row group then reads its row
 // once more (mostly from L2) and writes the gradient of a loss whose value
 // receives 1 over it, from `unit`: two passes over the logits instead of the
 // three of a forward and a separate backward. The target's term is formed in A
-// from ce, as in the backward.
-template <typename T, typename A, bool CAP, bool SUM, bool GRAD>
-__device__ void forward(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,
+// from ce, as in the backward; with WEIGHTED the class weights reach the
+// gradient's g_sum terms too.
+template <typename T, typename A, bool CAP, bool SUM, bool WEIGHTED, bool GRAD>
+__device__ void forward(const T* __restrict__ logits, const int64_t* __restrict__ labels,
+                        const A* __restrict__ sum_weights, A* __restrict__ stats,
                         unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,
                         int64_t ignore_index, A cap, UnitFactors<A> unit, int rows_per_block, int64_t start,
                         int64_t inner, int64_t stride_outer, int64_t stride_inner) {
@@ -347,7 +371,7 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
             const int tail = head + packs * W;
             if (group.lane < head) {
                 A x[1] = {capped<CAP>(A(widen(row[group.lane])), cap)};
-                add_logits<SUM>(p, x, group.lane, y);
+                add_logits<SUM, WEIGHTED>(p, x, group.lane, y, sum_weights);
             }
             const Pack<T>* __restrict__ body = reinterpret_cast<const Pack<T>*>(row + head);
 #pragma unroll Pack<T>::kUnroll
@@ -356,11 +380,11 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
                 A x[W];
 #pragma unroll
                 for (int i = 0; i < W; ++i) x[i] = capped<CAP>(A(widen(pack.e[i])), cap);
-                add_logits<SUM>(p, x, head + k * W, y);
+                add_logits<SUM, WEIGHTED>(p, x, head + k * W, y, sum_weights);
             }
             if (group.lane < vocab - tail) {
                 A x[1] = {capped<CAP>(A(widen(row[tail + group.lane])), cap)};
-                add_logits<SUM>(p, x, tail + group.lane, y);
+                add_logits<SUM, WEIGHTED>(p, x, tail + group.lane, y, sum_weights);
             }
         }
         group_merge<SUM>(p, group.whole_block);
@@ -389,24 +413,27 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
             }
         }
         if (GRAD) {
-            group_broadcast(lse, ce, group.whole_block);
+            group_broadcast<WEIGHTED>(lse, ce, group.whole_block);
             if (r < rows) {
-                const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce);
-                // The entry's logits are writable (see FORWARD_WITH_GRAD): this pass
+                const A target_weight = valid ? sum_weight<WEIGHTED>(sum_weights, y) : A(1);
+                const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce, target_weight);
+                // The entry's logits are writable (NAME_WITH_GRAD in FORWARD): this pass
                 // reads each element before its own thread rewrites it.
-                write_row_grad<T, A, CAP>(row, const_cast<T*>(row), vocab, y, f, cap, group);
+                write_row_grad<T, A, CAP, WEIGHTED>(row, const_cast<T*>(row), vocab, y, f, cap, sum_weights, group);
             }
         }
     }
 }
 
 // The gradient of every row from factors[r] = (g_ce, g_lse, g_sum, lse, ce),
-// into `grad` or over `logits` (in place). No barriers: rows are independent.
-template <typename T, typename A, bool CAP>
-__device__ void backward(const T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, T* grad,
-                         int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start,
-                         int64_t inner, int64_t stride_outer, int64_t stride_inner, int64_t out_start,
-                         int64_t out_inner, int64_t out_stride_outer, int64_t out_stride_inner) {
+// into `grad` or over `logits` (in place), with the class weights sum_weights
+// in the g_sum terms with WEIGHTED. No barriers: rows are independent.
+template <typename T, typename A, bool CAP, bool WEIGHTED>
+__device__ void backward(const T* logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,
+                         const A* __restrict__ factors, T* grad, int64_t rows, int vocab, int64_t ignore_index, A cap,
+                         int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,
+                         int64_t stride_inner, int64_t out_start, int64_t out_inner, int64_t out_stride_outer,
+                         int64_t out_stride_inner) {
     const RowGroup group(rows_per_block);
     for (int64_t r = int64_t(blockIdx.x) * rows_per_block + group.index; r < rows;
          r += int64_t(gridDim.x) * rows_per_block) {
@@ -415,82 +442,116 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
         T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);
         const bool valid = label != ignore_index && label >= 0 && label < vocab;
         const A* f = factors + 5 * r;
-        const RowGrad<A> row_grad = valid ? RowGrad<A>(f[0], f[1], f[2], f[3], f[4]) : RowGrad<A>(0, 0, 0, 0, 0);
-        write_row_grad<T, A, CAP>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, group);
+        const A target_weight = valid ? sum_weight<WEIGHTED>(sum_weights, int(label)) : A(1);
+        const RowGrad<A> row_grad =
+            valid ? RowGrad<A>(f[0], f[1], f[2], f[3], f[4], target_weight) : RowGrad<A>(0, 0, 0, 0, 0, 0);
+        write_row_grad<T, A, CAP, WEIGHTED>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, sum_weights,
+                                            group);
     }
 }
 
 // ---------------------------------------------------------------------------
-// Entry points: one per dtype and direction; the soft-cap, the logit sum and
-// the gradient are picked once per launch, not per element. MAX_THREADS is the
-// largest block an entry is compiled for (64 registers a thread at 1024); f64's
-// double-precision maths would spill there, so f64 blocks stop at 512 threads.
-// src/kernel_abi.rs holds the same limits and every argument list.
+// Entry points: one per dtype, direction and class weighting; the soft-cap,
+// the logit sum and the gradient are picked once per launch, not per element.
+// The class-weighted logit sum has entries of its own (`_weighted_`), so that
+// its extra registers never lower the occupancy of the plain ones. Every
+// entry takes sum_weights, the [V] class weights in A: the weighted entries
+// read them (the forward only with want_sum, as the CPU's; the gradient
+// always), the plain ones never (the host passes nullptr). MAX_THREADS is the
+// largest block an entry is compiled for (64 registers a thread at 1024);
+// f64's double-precision maths would spill there, so f64 blocks stop at 512
+// threads. src/kernel_abi.rs holds the same limits and every argument list.
 // ---------------------------------------------------------------------------
 
-// Picks forward<T, A, CAP, SUM, GRAD> from the launch's cap and want_sum.
-#define DISPATCH_FORWARD(T, A, GRAD, LOGITS, UNIT)                                                                 \
-    if (cap > A(0) && want_sum)                                                                                    \
-        forward<T, A, true, true, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,      \
-                                        UNIT, rows_per_block, start, inner, stride_outer, stride_inner);           \
-    else if (cap > A(0))                                                                                           \
-        forward<T, A, true, false, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,     \
-                                         UNIT, rows_per_block, start, inner, stride_outer, stride_inner);          \
-    else if (want_sum)                                                                                             \
-        forward<T, A, false, true, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,     \
-                                         UNIT, rows_per_block, start, inner, stride_outer, stride_inner);          \
-    else                                                                                                           \
-        forward<T, A, false, false, GRAD>(LOGITS, labels, stats, first_bad_row, rows, vocab, ignore_index, cap,    \
-                                          UNIT, rows_per_block, start, inner, stride_outer, stride_inner)
+// Picks forward<T, A, CAP, SUM, WEIGHTED, GRAD> from the launch's cap and
+// want_sum (without SUM, WEIGHTED is left only to the gradient's g_sum c_j).
+template <typename T, typename A, bool WEIGHTED, bool GRAD>
+__device__ __forceinline__ void dispatch_forward(const T* __restrict__ logits, const int64_t* __restrict__ labels,
+                                                 const A* __restrict__ sum_weights, A* __restrict__ stats,
+                                                 unsigned long long* __restrict__ first_bad_row, int64_t rows,
+                                                 int vocab, int64_t ignore_index, A cap, int want_sum,
+                                                 UnitFactors<A> unit, int rows_per_block, int64_t start,
+                                                 int64_t inner, int64_t stride_outer, int64_t stride_inner) {
+#define CE_FORWARD(CAP, SUM, W)                                                                                    \
+    forward<T, A, CAP, SUM, W, GRAD>(logits, labels, sum_weights, stats, first_bad_row, rows, vocab, ignore_index, \
+                                     cap, unit, rows_per_block, start, inner, stride_outer, stride_inner)
+    if (cap > A(0) && want_sum)
+        CE_FORWARD(true, true, WEIGHTED);
+    else if (cap > A(0))
+        CE_FORWARD(true, false, WEIGHTED && GRAD);
+    else if (want_sum)
+        CE_FORWARD(false, true, WEIGHTED);
+    else
+        CE_FORWARD(false, false, WEIGHTED && GRAD);
+#undef CE_FORWARD
+}
 
-#define FORWARD(NAME, NAME_WITH_GRAD, T, A, MAX_THREADS)                                                           \
+#define FORWARD(NAME, NAME_WITH_GRAD, T, A, MAX_THREADS, WEIGHTED)                                                 \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
-        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,             \
-             unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
-             int want_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                 \
-             int64_t stride_inner) {                                                                               \
-        DISPATCH_FORWARD(T, A, false, logits, (UnitFactors<A>{0, 0, 0, 0}));                                       \
+        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
+             A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,       \
+             int64_t ignore_index, A cap, int want_sum, int rows_per_block, int64_t start, int64_t inner,          \
+             int64_t stride_outer, int64_t stride_inner) {                                                         \
+        dispatch_forward<T, A, WEIGHTED, false>(logits, labels, sum_weights, stats, first_bad_row, rows, vocab,   \
+                                                ignore_index, cap, want_sum, UnitFactors<A>{0, 0, 0, 0},           \
+                                                rows_per_block, start, inner, stride_outer, stride_inner);         \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
-        NAME_WITH_GRAD(T* __restrict__ logits, const int64_t* __restrict__ labels, A* __restrict__ stats,          \
+        NAME_WITH_GRAD(T* __restrict__ logits, const int64_t* __restrict__ labels,                                 \
+                       const A* __restrict__ sum_weights, A* __restrict__ stats,                                   \
                        unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,                    \
                        int64_t ignore_index, A cap, int want_sum, A unit_ce, A unit_lse, A unit_lse_squared,       \
                        A unit_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,         \
                        int64_t stride_inner) {                                                                     \
-        DISPATCH_FORWARD(T, A, true, logits, (UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}));     \
+        dispatch_forward<T, A, WEIGHTED, true>(                                                                    \
+            logits, labels, sum_weights, stats, first_bad_row, rows, vocab, ignore_index, cap, want_sum,           \
+            UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}, rows_per_block, start, inner,           \
+            stride_outer, stride_inner);                                                                           \
     }
 
-#define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS)                                                           \
+#define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS, WEIGHTED)                                                 \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
-        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ factors,      \
-             T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index, A cap, int rows_per_block,       \
-             int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {                           \
+        NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
+             const A* __restrict__ factors, T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index,   \
+             A cap, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                        \
+             int64_t stride_inner) {                                                                               \
         if (cap > A(0))                                                                                            \
-            backward<T, A, true>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, rows_per_block,    \
-                                 start, inner, stride_outer, stride_inner, 0, rows, 0, vocab);                     \
+            backward<T, A, true, WEIGHTED>(logits, labels, sum_weights, factors, grad, rows, vocab, ignore_index,  \
+                                           cap, rows_per_block, start, inner, stride_outer, stride_inner, 0, rows, \
+                                           0, vocab);                                                              \
         else                                                                                                       \
-            backward<T, A, false>(logits, labels, factors, grad, rows, vocab, ignore_index, cap, rows_per_block,   \
-                                  start, inner, stride_outer, stride_inner, 0, rows, 0, vocab);                    \
+            backward<T, A, false, WEIGHTED>(logits, labels, sum_weights, factors, grad, rows, vocab, ignore_index, \
+                                            cap, rows_per_block, start, inner, stride_outer, stride_inner, 0,      \
+                                            rows, 0, vocab);                                                       \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
-        NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ factors, int64_t rows,  \
-                      int vocab, int64_t ignore_index, A cap, int rows_per_block, int64_t start, int64_t inner,    \
-                      int64_t stride_outer, int64_t stride_inner) {                                                \
+        NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,            \
+                      const A* __restrict__ factors, int64_t rows, int vocab, int64_t ignore_index, A cap,         \
+                      int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                      \
+                      int64_t stride_inner) {                                                                      \
         if (cap > A(0))                                                                                            \
-            backward<T, A, true>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, rows_per_block,  \
-                                 start, inner, stride_outer, stride_inner, start, inner, stride_outer,             \
-                                 stride_inner);                                                                    \
+            backward<T, A, true, WEIGHTED>(logits, labels, sum_weights, factors, logits, rows, vocab,              \
+                                           ignore_index, cap, rows_per_block, start, inner, stride_outer,          \
+                                           stride_inner, start, inner, stride_outer, stride_inner);                \
         else                                                                                                       \
-            backward<T, A, false>(logits, labels, factors, logits, rows, vocab, ignore_index, cap, rows_per_block, \
-                                  start, inner, stride_outer, stride_inner, start, inner, stride_outer,            \
-                                  stride_inner);                                                                   \
+            backward<T, A, false, WEIGHTED>(logits, labels, sum_weights, factors, logits, rows, vocab,             \
+                                            ignore_index, cap, rows_per_block, start, inner, stride_outer,         \
+                                            stride_inner, start, inner, stride_outer, stride_inner);               \
     }
 
-FORWARD(ce_fwd_f32, ce_fwd_grad_f32, float, float, 1024)
-FORWARD(ce_fwd_bf16, ce_fwd_grad_bf16, __nv_bfloat16, float, 1024)
-FORWARD(ce_fwd_f16, ce_fwd_grad_f16, __half, float, 1024)
-FORWARD(ce_fwd_f64, ce_fwd_grad_f64, double, double, 512)
-BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024)
-BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024)
-BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024)
-BACKWARD(ce_bwd_f64, ce_bwd_inplace_f64, double, double, 512)
+FORWARD(ce_fwd_f32, ce_fwd_grad_f32, float, float, 1024, false)
+FORWARD(ce_fwd_bf16, ce_fwd_grad_bf16, __nv_bfloat16, float, 1024, false)
+FORWARD(ce_fwd_f16, ce_fwd_grad_f16, __half, float, 1024, false)
+FORWARD(ce_fwd_f64, ce_fwd_grad_f64, double, double, 512, false)
+FORWARD(ce_fwd_weighted_f32, ce_fwd_grad_weighted_f32, float, float, 1024, true)
+FORWARD(ce_fwd_weighted_bf16, ce_fwd_grad_weighted_bf16, __nv_bfloat16, float, 1024, true)
+FORWARD(ce_fwd_weighted_f16, ce_fwd_grad_weighted_f16, __half, float, 1024, true)
+FORWARD(ce_fwd_weighted_f64, ce_fwd_grad_weighted_f64, double, double, 512, true)
+BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024, false)
+BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024, false)
+BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024, false)
+BACKWARD(ce_bwd_f64, ce_bwd_inplace_f64, double, double, 512, false)
+BACKWARD(ce_bwd_weighted_f32, ce_bwd_inplace_weighted_f32, float, float, 1024, true)
+BACKWARD(ce_bwd_weighted_bf16, ce_bwd_inplace_weighted_bf16, __nv_bfloat16, float, 1024, true)
+BACKWARD(ce_bwd_weighted_f16, ce_bwd_inplace_weighted_f16, __half, float, 1024, true)
+BACKWARD(ce_bwd_weighted_f64, ce_bwd_inplace_weighted_f64, double, double, 512, true)

@@ -8,16 +8,22 @@
 use crate::cpu::STATS;
 use crate::kernel_abi::{self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, UnitFactors};
 use crate::op::OpConfig;
-use candle::backend::BackendStorage;
+use candle::backend::{BackendDevice, BackendStorage};
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
-use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, StorageRef};
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
 /// candle caches modules by name per device: two versions of this crate in one
 /// binary must not share one.
 const MODULE: &str = concat!("candle_chunked_ce-", env!("CARGO_PKG_VERSION"));
+/// The value of a null device pointer argument ([`KernelArg::Null`]); a static,
+/// since the launch reads each argument through its address.
+static NULL_POINTER: u64 = 0;
+
+/// An internal operand as candle hands it over: its storage and layout.
+type Stored<'a> = (&'a CudaStorage, &'a Layout);
 
 /// Per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)` (see `op.rs`),
 /// f32 (f64 for f64 logits). Fails, naming the first bad row and its value, if
@@ -59,19 +65,22 @@ fn row_stats(
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
     let launch = match unit {
-        None => kernel_abi::forward(&rows, dtype, &options(cfg)?, shape)?,
-        Some(unit) => kernel_abi::forward_with_grad(&rows, dtype, &options(cfg)?, unit, shape)?,
+        None => kernel_abi::forward(&rows, dtype, &options(cfg), shape)?,
+        Some(unit) => kernel_abi::forward_with_grad(&rows, dtype, &options(cfg), unit, shape)?,
     };
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
+    let weights = SumWeights::lock(cfg);
+    let sum_weights = weights.on(dev)?;
     // The flag the kernel lowers to the first bad row; not read back (no sync)
     // when the caller checked the labels on the host already.
     let first_bad_row = if cfg.labels_checked { dev.alloc_zeros::<u64>(1)? } else { dev.clone_htod(&[u64::MAX])? };
+    let n = rows.rows;
     let stats = match dtype {
-        DType::F32 => forward_typed::<f32, f32>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
-        DType::BF16 => forward_typed::<bf16, f32>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
-        DType::F16 => forward_typed::<f16, f32>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
-        DType::F64 => forward_typed::<f64, f64>(dev, &launch, logits, &labels, &first_bad_row, rows.rows)?,
+        DType::F32 => forward_typed::<f32, f32>(dev, &launch, logits, &labels, sum_weights, &first_bad_row, n)?,
+        DType::BF16 => forward_typed::<bf16, f32>(dev, &launch, logits, &labels, sum_weights, &first_bad_row, n)?,
+        DType::F16 => forward_typed::<f16, f32>(dev, &launch, logits, &labels, sum_weights, &first_bad_row, n)?,
+        DType::F64 => forward_typed::<f64, f64>(dev, &launch, logits, &labels, sum_weights, &first_bad_row, n)?,
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
     if cfg.labels_checked {
@@ -91,18 +100,17 @@ fn forward_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     launch: &KernelLaunch,
     logits: &CudaStorage,
     labels: &CudaView<'_, i64>,
+    sum_weights: Option<Stored<'_>>,
     first_bad_row: &CudaSlice<u64>,
     rows: usize,
 ) -> Result<CudaStorage> {
     // SAFETY: the forward writes all four statistics of every row.
     let stats = unsafe { dev.alloc::<A>(STATS * rows)? };
     if rows > 0 {
+        let sum_weights = sum_weights.map(contiguous_operand::<A>).transpose()?;
         let logits = LogitsArg::Read(logits.as_cuda_slice::<T>()?);
-        run(
-            dev,
-            launch,
-            Operands { stats: Some(&stats), first_bad_row: Some(first_bad_row), ..Operands::new(logits, labels) },
-        )?;
+        let operands = Operands::new(logits, labels, sum_weights.as_ref());
+        run(dev, launch, Operands { stats: Some(&stats), first_bad_row: Some(first_bad_row), ..operands })?;
     }
     Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
 }
@@ -121,15 +129,17 @@ pub(crate) fn backward(
     let rows = RowGeometry::new(logits_layout)?;
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
-    let launch = kernel_abi::backward(&rows, dtype, &options(cfg)?, false, shape)?;
+    let launch = kernel_abi::backward(&rows, dtype, &options(cfg), false, shape)?;
     let dev = logits.device();
     let labels = contiguous::<i64>(labels, labels_layout)?;
-    let len = rows.rows * rows.vocab;
+    let weights = SumWeights::lock(cfg);
+    let sum_weights = weights.on(dev)?;
+    let (factors, len) = ((factors, factors_layout), rows.rows * rows.vocab);
     let grad = match dtype {
-        DType::F32 => backward_typed::<f32, f32>(dev, &launch, logits, &labels, factors, factors_layout, len)?,
-        DType::BF16 => backward_typed::<bf16, f32>(dev, &launch, logits, &labels, factors, factors_layout, len)?,
-        DType::F16 => backward_typed::<f16, f32>(dev, &launch, logits, &labels, factors, factors_layout, len)?,
-        DType::F64 => backward_typed::<f64, f64>(dev, &launch, logits, &labels, factors, factors_layout, len)?,
+        DType::F32 => backward_typed::<f32, f32>(dev, &launch, logits, &labels, sum_weights, factors, len)?,
+        DType::BF16 => backward_typed::<bf16, f32>(dev, &launch, logits, &labels, sum_weights, factors, len)?,
+        DType::F16 => backward_typed::<f16, f32>(dev, &launch, logits, &labels, sum_weights, factors, len)?,
+        DType::F64 => backward_typed::<f64, f64>(dev, &launch, logits, &labels, sum_weights, factors, len)?,
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
     Ok((grad, logits_layout.shape().clone()))
@@ -140,16 +150,18 @@ fn backward_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     launch: &KernelLaunch,
     logits: &CudaStorage,
     labels: &CudaView<'_, i64>,
-    factors: &CudaStorage,
-    factors_layout: &Layout,
+    sum_weights: Option<Stored<'_>>,
+    factors: Stored<'_>,
     len: usize,
 ) -> Result<CudaStorage> {
     // SAFETY: the backward writes every element of every row (zeros on ignored rows).
     let grad = unsafe { dev.alloc::<T>(len)? };
     if len > 0 {
-        let factors = contiguous::<A>(factors, factors_layout)?;
+        let factors = contiguous_operand::<A>(factors)?;
+        let sum_weights = sum_weights.map(contiguous_operand::<A>).transpose()?;
         let logits = LogitsArg::Read(logits.as_cuda_slice::<T>()?);
-        run(dev, launch, Operands { factors: Some(&factors), grad: Some(&grad), ..Operands::new(logits, labels) })?;
+        let operands = Operands::new(logits, labels, sum_weights.as_ref());
+        run(dev, launch, Operands { factors: Some(&factors), grad: Some(&grad), ..operands })?;
     }
     Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
 }
@@ -170,14 +182,17 @@ pub(crate) fn backward_in_place(
     }
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
-    let launch = kernel_abi::backward(&rows, dtype, &options(cfg)?, true, shape)?;
+    let launch = kernel_abi::backward(&rows, dtype, &options(cfg), true, shape)?;
     let dev = logits.device().clone();
     let labels = contiguous::<i64>(labels, labels_layout)?;
+    let weights = SumWeights::lock(cfg);
+    let sum_weights = weights.on(&dev)?;
+    let factors = (factors, factors_layout);
     match dtype {
-        DType::F32 => in_place_typed::<f32, f32>(&dev, &launch, logits, &labels, factors, factors_layout),
-        DType::BF16 => in_place_typed::<bf16, f32>(&dev, &launch, logits, &labels, factors, factors_layout),
-        DType::F16 => in_place_typed::<f16, f32>(&dev, &launch, logits, &labels, factors, factors_layout),
-        DType::F64 => in_place_typed::<f64, f64>(&dev, &launch, logits, &labels, factors, factors_layout),
+        DType::F32 => in_place_typed::<f32, f32>(&dev, &launch, logits, &labels, sum_weights, factors),
+        DType::BF16 => in_place_typed::<bf16, f32>(&dev, &launch, logits, &labels, sum_weights, factors),
+        DType::F16 => in_place_typed::<f16, f32>(&dev, &launch, logits, &labels, sum_weights, factors),
+        DType::F64 => in_place_typed::<f64, f64>(&dev, &launch, logits, &labels, sum_weights, factors),
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     }
 }
@@ -187,12 +202,34 @@ fn in_place_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
     launch: &KernelLaunch,
     logits: &mut CudaStorage,
     labels: &CudaView<'_, i64>,
-    factors: &CudaStorage,
-    factors_layout: &Layout,
+    sum_weights: Option<Stored<'_>>,
+    factors: Stored<'_>,
 ) -> Result<()> {
-    let factors = contiguous::<A>(factors, factors_layout)?;
+    let factors = contiguous_operand::<A>(factors)?;
+    let sum_weights = sum_weights.map(contiguous_operand::<A>).transpose()?;
     let logits = LogitsArg::Write(logits.as_cuda_slice_mut::<T>()?);
-    run(dev, launch, Operands { factors: Some(&factors), ..Operands::new(logits, labels) })
+    run(dev, launch, Operands { factors: Some(&factors), ..Operands::new(logits, labels, sum_weights.as_ref()) })
+}
+
+/// The class weights of [`OpConfig::sum_weights`], read-locked for a launch
+/// (the weights are a tensor of their own: candle hands a custom op only its
+/// inputs' storage).
+struct SumWeights<'a>(Option<(StorageRef<'a>, &'a Layout)>);
+
+impl<'a> SumWeights<'a> {
+    fn lock(cfg: &'a OpConfig) -> Self {
+        Self(cfg.sum_weights.as_ref().map(|w| w.storage_and_layout()))
+    }
+
+    /// Their storage and layout, which must be on `dev` (`kernel_abi` checks
+    /// their shape and dtype).
+    fn on(&self, dev: &CudaDevice) -> Result<Option<Stored<'_>>> {
+        let Some((storage, layout)) = &self.0 else { return Ok(None) };
+        match &**storage {
+            Storage::Cuda(storage) if storage.device().same_device(dev) => Ok(Some((storage, *layout))),
+            _ => bail!("chunked cross-entropy (cuda): the class weights must be on the logits' device"),
+        }
+    }
 }
 
 /// The logits as the kernel sees them: read, or rewritten in place. The
@@ -208,6 +245,7 @@ enum LogitsArg<'a, T> {
 struct Operands<'a, T, A> {
     logits: LogitsArg<'a, T>,
     labels: &'a CudaView<'a, i64>,
+    sum_weights: Option<&'a CudaView<'a, A>>,
     stats: Option<&'a CudaSlice<A>>,
     first_bad_row: Option<&'a CudaSlice<u64>>,
     factors: Option<&'a CudaView<'a, A>>,
@@ -215,10 +253,10 @@ struct Operands<'a, T, A> {
 }
 
 impl<'a, T, A> Operands<'a, T, A> {
-    /// The logits and labels every entry takes; the other operands are bound by
-    /// the caller.
-    fn new(logits: LogitsArg<'a, T>, labels: &'a CudaView<'a, i64>) -> Self {
-        Self { logits, labels, stats: None, first_bad_row: None, factors: None, grad: None }
+    /// The inputs every entry takes: logits, labels, and the class weights
+    /// where the loss has them; the other operands are bound by the caller.
+    fn new(logits: LogitsArg<'a, T>, labels: &'a CudaView<'a, i64>, sum_weights: Option<&'a CudaView<'a, A>>) -> Self {
+        Self { logits, labels, sum_weights, stats: None, first_bad_row: None, factors: None, grad: None }
     }
 }
 
@@ -226,7 +264,7 @@ impl<'a, T, A> Operands<'a, T, A> {
 fn run<T, A: DeviceRepr>(dev: &CudaDevice, launch: &KernelLaunch, operands: Operands<'_, T, A>) -> Result<()> {
     let func = dev.get_or_load_custom_func(launch.entry, MODULE, PTX)?;
     let mut builder = func.builder();
-    let Operands { logits, labels, stats, first_bad_row, factors, grad } = operands;
+    let Operands { logits, labels, sum_weights, stats, first_bad_row, factors, grad } = operands;
     // Bound once: the in-place logits are a unique borrow.
     let mut logits = Some(logits);
     let missing = |op: Operand| candle::Error::Msg(format!("chunked cross-entropy (cuda): {op:?} is not bound"));
@@ -237,6 +275,7 @@ fn run<T, A: DeviceRepr>(dev: &CudaDevice, launch: &KernelLaunch, operands: Oper
                 LogitsArg::Write(slice) => builder.arg(slice),
             },
             KernelArg::Operand(Operand::Labels) => builder.arg(labels),
+            KernelArg::Operand(op @ Operand::SumWeights) => builder.arg(sum_weights.ok_or_else(|| missing(*op))?),
             KernelArg::Operand(op @ Operand::Stats) => builder.arg(stats.ok_or_else(|| missing(*op))?),
             KernelArg::Operand(op @ Operand::FirstBadRow) => builder.arg(first_bad_row.ok_or_else(|| missing(*op))?),
             KernelArg::Operand(op @ Operand::Factors) => builder.arg(factors.ok_or_else(|| missing(*op))?),
@@ -245,6 +284,7 @@ fn run<T, A: DeviceRepr>(dev: &CudaDevice, launch: &KernelLaunch, operands: Oper
             KernelArg::I32(v) => builder.arg(v),
             KernelArg::F32(v) => builder.arg(v),
             KernelArg::F64(v) => builder.arg(v),
+            KernelArg::Null => builder.arg(&NULL_POINTER),
         };
     }
     let config =
@@ -252,25 +292,32 @@ fn run<T, A: DeviceRepr>(dev: &CudaDevice, launch: &KernelLaunch, operands: Oper
     // SAFETY: `kernel_abi` lists the arguments in the entry's parameter order with
     // its parameter types (tests/kernels_on_cpu.rs checks both against the .cu);
     // every row offset lies inside the logits' storage (from its layout), the
-    // labels hold N values, stats 4 N, factors 5 N and grad N V; candle refused
-    // layouts with internal overlap, so in-place rows are disjoint.
+    // labels hold N values, the class weights V (`kernel_abi` checked them),
+    // stats 4 N, factors 5 N and grad N V; null is passed only for an operand
+    // the entry does not read; candle refused layouts with internal overlap, so
+    // in-place rows are disjoint.
     unsafe { builder.launch(config) }.w()?;
     Ok(())
 }
 
-/// The kernels' options; refuses class weights in the logit sum, which these
-/// kernels do not take yet (the CPU engines do), rather than ignore them.
-fn options(cfg: &OpConfig) -> Result<KernelOptions> {
-    if cfg.sum_weights.is_some() {
-        bail!("chunked cross-entropy (cuda): class weights with label smoothing are not supported on CUDA yet")
+fn options(cfg: &OpConfig) -> KernelOptions {
+    KernelOptions {
+        ignore_index: cfg.ignore_index,
+        softcap: cfg.terms.softcap,
+        logit_sum: cfg.terms.logit_sum,
+        sum_weights: cfg.sum_weights.clone(),
     }
-    Ok(KernelOptions { ignore_index: cfg.ignore_index, softcap: cfg.terms.softcap, logit_sum: cfg.terms.logit_sum })
 }
 
-/// The contiguous elements of an internal operand (labels, factors).
+/// The contiguous elements of an internal operand (labels, factors, class weights).
 fn contiguous<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("chunked cross-entropy (cuda): internal operands must be contiguous")
     };
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// [`contiguous`] of a [`Stored`] operand.
+fn contiguous_operand<'a, T: CudaDType>((storage, layout): Stored<'a>) -> Result<CudaView<'a, T>> {
+    contiguous(storage, layout)
 }

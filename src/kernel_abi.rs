@@ -15,8 +15,10 @@ use candle::{bail, DType, Layout, Result, Tensor};
 /// Blocks per launch at most; the kernels loop over further rows.
 pub const MAX_BLOCKS: u32 = 1 << 16;
 
-/// Every kernel entry of `cuda/cross_entropy.cu`.
-pub const ENTRIES: [&str; 16] = [
+/// Every kernel entry of `cuda/cross_entropy.cu`: `ce_{kind}_{dtype}`, and
+/// `ce_{kind}_weighted_{dtype}` for a class-weighted logit sum (see
+/// [`KernelOptions::sum_weights`]).
+pub const ENTRIES: [&str; 32] = [
     "ce_fwd_f32",
     "ce_fwd_bf16",
     "ce_fwd_f16",
@@ -33,6 +35,22 @@ pub const ENTRIES: [&str; 16] = [
     "ce_bwd_inplace_bf16",
     "ce_bwd_inplace_f16",
     "ce_bwd_inplace_f64",
+    "ce_fwd_weighted_f32",
+    "ce_fwd_weighted_bf16",
+    "ce_fwd_weighted_f16",
+    "ce_fwd_weighted_f64",
+    "ce_fwd_grad_weighted_f32",
+    "ce_fwd_grad_weighted_bf16",
+    "ce_fwd_grad_weighted_f16",
+    "ce_fwd_grad_weighted_f64",
+    "ce_bwd_weighted_f32",
+    "ce_bwd_weighted_bf16",
+    "ce_bwd_weighted_f16",
+    "ce_bwd_weighted_f64",
+    "ce_bwd_inplace_weighted_f32",
+    "ce_bwd_inplace_weighted_bf16",
+    "ce_bwd_inplace_weighted_f16",
+    "ce_bwd_inplace_weighted_f64",
 ];
 
 /// A buffer a kernel reads or writes, bound to device memory by the launcher.
@@ -43,6 +61,10 @@ pub enum Operand {
     Logits,
     /// `[N]` i64 labels, contiguous.
     Labels,
+    /// `[V]` class weights of the logit sum, contiguous, in the accumulator
+    /// type: [`KernelOptions::sum_weights`]. Only the `_weighted_` entries
+    /// take it; the others get [`KernelArg::Null`] in its place.
+    SumWeights,
     /// `[N, 4]` row statistics written by the forward, in the accumulator type
     /// (f32, or f64 for f64 logits).
     Stats,
@@ -61,6 +83,8 @@ pub enum Operand {
 pub enum KernelArg {
     /// A device pointer.
     Operand(Operand),
+    /// A null device pointer: an operand the entry does not read.
+    Null,
     /// `int64_t`.
     I64(i64),
     /// `int`.
@@ -127,7 +151,7 @@ pub fn max_threads(dtype: DType) -> u32 {
 }
 
 /// The loss settings the kernels take.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct KernelOptions {
     /// Label value of rows without a target.
     pub ignore_index: i64,
@@ -135,6 +159,33 @@ pub struct KernelOptions {
     pub softcap: Option<f64>,
     /// Whether the forward sums the row's logits (label smoothing needs it).
     pub logit_sum: bool,
+    /// The class weights `c` of the logit sum, `Σ_j c_j x'_j`, which also
+    /// weigh the gradients' `g_sum` terms (see `op.rs`); `None` for `c_j = 1`.
+    /// `[V]`, contiguous, in the accumulator type (f32; f64 for f64 logits),
+    /// on the logits' device: the CUDA launcher binds it as
+    /// [`Operand::SumWeights`], the CPU oracle ([`cpu_row_stats`],
+    /// [`cpu_logits_grad`]) reads it. With them, the backward and the forward
+    /// with gradient run a `_weighted_` entry, and so does the forward when it
+    /// sums the logits (without, as on the CPU, the weights go unread).
+    pub sum_weights: Option<Tensor>,
+}
+
+impl KernelOptions {
+    /// Whether a launch over rows of `vocab` logits of `dtype` reads the class
+    /// weights (`used`: the forward reads them only with the logit sum), once
+    /// they are checked against those rows.
+    fn weighted(&self, vocab: usize, dtype: DType, used: bool) -> Result<bool> {
+        let Some(weights) = &self.sum_weights else { return Ok(false) };
+        let acc = accumulator_dtype(dtype);
+        if weights.dims() != [vocab] || weights.dtype() != acc || !weights.is_contiguous() {
+            bail!(
+                "chunked cross-entropy (cuda): class weights must be [{vocab}] {acc:?}, contiguous, got {:?} {:?}",
+                weights.shape(),
+                weights.dtype()
+            )
+        }
+        Ok(used)
+    }
 }
 
 /// Where the rows of `[.., V]` logits live: row `r` starts at
@@ -205,8 +256,10 @@ pub struct KernelLaunch {
 /// The forward: writes [`Operand::Stats`] and lowers [`Operand::FirstBadRow`].
 pub fn forward(rows: &RowGeometry, dtype: DType, options: &KernelOptions, shape: LaunchShape) -> Result<KernelLaunch> {
     use KernelArg::{Operand as Op, I32};
-    let entry = entry("ce_fwd_", dtype)?;
-    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
+    let weighted = options.weighted(rows.vocab, dtype, options.logit_sum)?;
+    let entry = entry("fwd", weighted, dtype)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), sum_weights(weighted)];
+    args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
     launch(entry, rows, dtype, shape, args)
@@ -224,8 +277,10 @@ pub fn forward_with_grad(
     shape: LaunchShape,
 ) -> Result<KernelLaunch> {
     use KernelArg::{Operand as Op, I32};
-    let entry = entry("ce_fwd_grad_", dtype)?;
-    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
+    let weighted = options.weighted(rows.vocab, dtype, true)?;
+    let entry = entry("fwd_grad", weighted, dtype)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), sum_weights(weighted)];
+    args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
     args.extend([unit.ce, unit.lse, unit.lse_squared, unit.logit_sum].map(|v| accumulator(dtype, v)));
@@ -242,11 +297,13 @@ pub fn backward(
     shape: LaunchShape,
 ) -> Result<KernelLaunch> {
     use KernelArg::Operand as Op;
-    let (entry, mut args) = if in_place {
-        (entry("ce_bwd_inplace_", dtype)?, vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Factors)])
+    let weighted = options.weighted(rows.vocab, dtype, true)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), sum_weights(weighted), Op(Operand::Factors)];
+    let entry = if in_place {
+        entry("bwd_inplace", weighted, dtype)?
     } else {
-        let operands = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Factors), Op(Operand::Grad)];
-        (entry("ce_bwd_", dtype)?, operands)
+        args.push(Op(Operand::Grad));
+        entry("bwd", weighted, dtype)?
     };
     args.extend(row_args(rows, dtype, options));
     launch(entry, rows, dtype, shape, args)
@@ -258,7 +315,26 @@ fn row_args(rows: &RowGeometry, dtype: DType, options: &KernelOptions) -> [Kerne
     [KernelArg::I64(rows.rows as i64), KernelArg::I32(rows.vocab as i32), KernelArg::I64(options.ignore_index), cap]
 }
 
-/// A value in the accumulator type of `dtype`'s kernels (f64 for f64, else f32).
+/// The class weights' argument: [`Operand::SumWeights`] for a weighted
+/// entry, else a null pointer.
+fn sum_weights(weighted: bool) -> KernelArg {
+    if weighted {
+        KernelArg::Operand(Operand::SumWeights)
+    } else {
+        KernelArg::Null
+    }
+}
+
+/// The accumulator type of `dtype`'s kernels: f64 for f64, else f32.
+fn accumulator_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// A value in the accumulator type of `dtype`'s kernels.
 fn accumulator(dtype: DType, value: f64) -> KernelArg {
     if dtype == DType::F64 {
         KernelArg::F64(value)
@@ -284,18 +360,20 @@ fn launch(
 
 /// The crate's fused CPU engine on the kernels' inputs: `[N, 4] = (ce, lse,
 /// logit_sum, correct)` of `logits` (`[.., V]` on the CPU, last dim
-/// unit-stride) against `labels` (`[N]` i64), the oracle of
+/// unit-stride) against `labels` (`[N]` i64), with `options.sum_weights` (on
+/// the CPU) as the logit sum's class weights: the oracle of
 /// `tests/kernels_on_cpu.rs`.
 ///
 /// # Errors
-/// A label outside `[0, V)` that is not `options.ignore_index`, named with its row.
+/// A label outside `[0, V)` that is not `options.ignore_index`, named with its
+/// row; class weights that are not `[V]` in the accumulator type.
 pub fn cpu_row_stats(logits: &Tensor, labels: &Tensor, options: &KernelOptions) -> Result<Tensor> {
-    op::row_stats(logits, labels, &cpu_config(options, false))
+    op::row_stats(logits, labels, &cpu_config(logits, options, false)?)
 }
 
 /// The crate's fused CPU engine's gradient from `factors` (`[N, 5] = (g_ce,
-/// g_lse, g_sum, lse, ce)`), shaped like `logits`; with `in_place` it is
-/// written over `logits`' storage.
+/// g_lse, g_sum, lse, ce)`), shaped like `logits`, with `options.sum_weights`
+/// in its `g_sum` terms; with `in_place` it is written over `logits`' storage.
 ///
 /// # Errors
 /// As [`cpu_row_stats`].
@@ -306,22 +384,26 @@ pub fn cpu_logits_grad(
     options: &KernelOptions,
     in_place: bool,
 ) -> Result<Tensor> {
-    op::logits_grad(logits, labels, factors, &cpu_config(options, in_place))
+    op::logits_grad(logits, labels, factors, &cpu_config(logits, options, in_place)?)
 }
 
-fn cpu_config(options: &KernelOptions, inplace_grad: bool) -> OpConfig {
-    OpConfig {
+/// The fused CPU engine's settings for `options`, whose class weights must fit
+/// `logits` as they must for a launch.
+fn cpu_config(logits: &Tensor, options: &KernelOptions, inplace_grad: bool) -> Result<OpConfig> {
+    options.weighted(logits.dim(candle::D::Minus1)?, logits.dtype(), true)?;
+    Ok(OpConfig {
         engine: Engine::Fused,
         ignore_index: options.ignore_index,
         chunk_len: 32,
         inplace_grad,
         terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
-        sum_weights: None,
+        sum_weights: options.sum_weights.clone(),
         labels_checked: false,
-    }
+    })
 }
 
-fn entry(prefix: &str, dtype: DType) -> Result<&'static str> {
+/// `ce_{kind}_{dtype}`, or `ce_{kind}_weighted_{dtype}`, from [`ENTRIES`].
+fn entry(kind: &str, weighted: bool, dtype: DType) -> Result<&'static str> {
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -329,7 +411,7 @@ fn entry(prefix: &str, dtype: DType) -> Result<&'static str> {
         DType::F64 => "f64",
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
-    let name = format!("{prefix}{suffix}");
+    let name = format!("ce_{kind}_{}{suffix}", if weighted { "weighted_" } else { "" });
     match ENTRIES.iter().find(|e| **e == name) {
         Some(e) => Ok(e),
         None => bail!("chunked cross-entropy (cuda): no kernel entry {name}"),
@@ -354,7 +436,7 @@ mod tests {
     fn every_dtype_has_its_entries() -> Result<()> {
         let layout = Layout::contiguous((3, 7));
         let rows = RowGeometry::new(&layout)?;
-        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
             let shape = LaunchShape::for_vocab(dtype, 7);
             assert!(forward(&rows, dtype, &options, shape)?.entry.starts_with("ce_fwd_"));
@@ -363,6 +445,36 @@ mod tests {
         assert!(forward(&rows, DType::U8, &options, LaunchShape::for_vocab(DType::U8, 7)).is_err());
         let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1 };
         assert!(forward(&rows, DType::F32, &options, bad).is_err());
+        Ok(())
+    }
+
+    /// Class weights pick the `_weighted_` entries and bind their operand,
+    /// except in a forward without the logit sum, which does not read them;
+    /// weights that do not fit the rows are refused.
+    #[test]
+    fn class_weights_pick_the_weighted_entries() -> Result<()> {
+        let rows = RowGeometry::new(&Layout::contiguous((3, 7)))?;
+        let weights = Tensor::ones(7, DType::F32, &candle::Device::Cpu)?;
+        let options =
+            KernelOptions { ignore_index: -100, softcap: None, logit_sum: true, sum_weights: Some(weights.clone()) };
+        let shape = LaunchShape::for_vocab(DType::BF16, 7);
+        let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
+        let bound = KernelArg::Operand(Operand::SumWeights);
+        for (launch, entry) in [
+            (forward(&rows, DType::BF16, &options, shape)?, "ce_fwd_weighted_bf16"),
+            (forward_with_grad(&rows, DType::BF16, &options, &unit, shape)?, "ce_fwd_grad_weighted_bf16"),
+            (backward(&rows, DType::BF16, &options, false, shape)?, "ce_bwd_weighted_bf16"),
+            (backward(&rows, DType::BF16, &options, true, shape)?, "ce_bwd_inplace_weighted_bf16"),
+        ] {
+            assert_eq!((launch.entry, launch.args[2]), (entry, bound));
+        }
+        let unsummed = KernelOptions { logit_sum: false, ..options.clone() };
+        let launch = forward(&rows, DType::BF16, &unsummed, shape)?;
+        assert_eq!((launch.entry, launch.args[2]), ("ce_fwd_bf16", KernelArg::Null));
+        for bad in [Tensor::ones(6, DType::F32, &candle::Device::Cpu)?, weights.to_dtype(DType::F64)?] {
+            let options = KernelOptions { sum_weights: Some(bad), ..options.clone() };
+            assert!(backward(&rows, DType::BF16, &options, false, shape).is_err());
+        }
         Ok(())
     }
 }

@@ -1,14 +1,14 @@
 //! CPU against CUDA at realistic sizes (feature `cuda`; skipped with a message
 //! when no GPU is present): the same inputs through the fused kernels on both
 //! devices give the same losses and gradients, also beyond 2^31 elements,
-//! beyond one launch's blocks, in place over strided views, and with NaN and
-//! infinite logits.
+//! beyond one launch's blocks, in place over strided views, with NaN and
+//! infinite logits, and with class weights.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{ChunkedCrossEntropy, Reduction};
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, Reduction};
 use common::{assert_close, assert_close_nonfinite, backward_of, cuda_or_skip, loss_and_grad, max_abs, Rng};
 
 fn cpu_vs_cuda(rows: usize, vocab: usize, dtype: DType) -> anyhow::Result<()> {
@@ -78,7 +78,8 @@ fn offsets_beyond_i32() -> anyhow::Result<()> {
     for inplace in [false, true] {
         let what = format!("{rows}x{vocab} bf16 inplace={inplace}");
         let var = Var::from_tensor(&logits)?;
-        let out = sum.clone().inplace_grad(inplace).forward_with_outputs(var.as_tensor(), &gpu_labels, None, None, None)?;
+        let out =
+            sum.clone().inplace_grad(inplace).forward_with_outputs(var.as_tensor(), &gpu_labels, None, None, None)?;
         let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
         assert_close(&cpu(&out.token_losses)?, &want.token_losses, 1e-5, 1e-6, &format!("{what}: token losses"))?;
         assert_close(&cpu(&out.lse)?, &want.lse, 1e-5, 1e-6, &format!("{what}: lse"))?;
@@ -303,6 +304,70 @@ fn options_and_outputs_llama3_vocabulary() -> anyhow::Result<()> {
             let rtol = if *name == "gradient" && dtype == DType::BF16 { 1.0 / 128.0 } else { 1e-5 };
             assert_close(g, c, rtol, 1e-9, &format!("{dtype:?} {name}"))?;
         }
+    }
+    Ok(())
+}
+
+/// Label smoothing with class weights (a quarter of them 0) and per-token loss
+/// weights, with a mask: the loss and the gradients on the GPU equal the CPU
+/// engine's, for the loss over logits (f32 and bf16, out of place and in
+/// place) and for the linear loss (f32; the gradients of the hidden states and
+/// of the weight). This runs the kernels' `_weighted_` entries.
+#[test]
+fn class_weights_with_label_smoothing_and_loss_weights() -> anyhow::Result<()> {
+    let Some(gpu) = cuda_or_skip("class_weights_with_label_smoothing_and_loss_weights") else { return Ok(()) };
+    let (rows, vocab, hidden_dim) = (96usize, 50257usize, 64usize);
+    let mut rng = Rng::new(29);
+    let labels = common::labels(&mut rng, &[rows], vocab, 0.1, -100, &Device::Cpu)?;
+    let mask = common::mask(&mut rng, &[rows], 0.9, &Device::Cpu)?;
+    let class: Vec<f32> = (0..vocab).map(|_| if rng.below(4) == 0 { 0.0 } else { 2.0 * rng.unit() as f32 }).collect();
+    let class = Tensor::from_vec(class, vocab, &Device::Cpu)?;
+    let loss_weights: Vec<f32> = (0..rows).map(|_| 2.0 * rng.unit() as f32).collect();
+    let loss_weights = Tensor::from_vec(loss_weights, rows, &Device::Cpu)?;
+    // A tensor moved to `device`, and brought back to the CPU.
+    let on = |device: &Device, t: &Tensor| t.to_device(device);
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+
+    for dtype in [DType::F32, DType::BF16] {
+        let logits = common::logits(&mut rng, &[rows, vocab], 8.0, dtype, &Device::Cpu)?;
+        let grad_rtol = if dtype == DType::BF16 { 1.0 / 128.0 } else { 1e-5 };
+        for inplace in [false, true] {
+            let run = |device: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+                let ce = ChunkedCrossEntropy::default()
+                    .label_smoothing(0.1)
+                    .inplace_grad(inplace)
+                    .class_weights(Some(on(device, &class)?));
+                let var = Var::from_tensor(&on(device, &logits)?)?;
+                let (labels, mask, weights) = (on(device, &labels)?, on(device, &mask)?, on(device, &loss_weights)?);
+                let loss = ce.forward_weighted(var.as_tensor(), &labels, Some(&mask), &weights)?;
+                let grad = loss.backward()?.get(var.as_tensor()).expect("no gradient").clone();
+                Ok((cpu(&loss)?, cpu(&grad)?))
+            };
+            let ((want_loss, want_grad), (loss, grad)) = (run(&Device::Cpu)?, run(&gpu)?);
+            let what = format!("{dtype:?} inplace={inplace}");
+            assert_close(&loss, &want_loss, 1e-5, 1e-7, &format!("{what}: loss"))?;
+            let atol = 1e-6 * max_abs(&want_grad)?;
+            assert_close(&grad, &want_grad, grad_rtol, atol, &format!("{what}: gradient"))?;
+        }
+    }
+
+    let hidden = common::logits(&mut rng, &[rows, hidden_dim], 1.0, DType::F32, &Device::Cpu)?;
+    let weight = common::logits(&mut rng, &[vocab, hidden_dim], 0.5, DType::F32, &Device::Cpu)?;
+    let run = |device: &Device| -> anyhow::Result<[Tensor; 3]> {
+        let ce = LinearCrossEntropy::default().label_smoothing(0.1).class_weights(Some(on(device, &class)?));
+        let (h, w) = (Var::from_tensor(&on(device, &hidden)?)?, Var::from_tensor(&on(device, &weight)?)?);
+        let (labels, mask, weights) = (on(device, &labels)?, on(device, &mask)?, on(device, &loss_weights)?);
+        let loss = ce.forward_weighted(h.as_tensor(), w.as_tensor(), &labels, Some(&mask), &weights)?;
+        let grads = loss.backward()?;
+        let grad = |v: &Var| grads.get(v.as_tensor()).expect("no gradient").clone();
+        Ok([cpu(&loss)?, cpu(&grad(&h))?, cpu(&grad(&w))?])
+    };
+    let (want, got) = (run(&Device::Cpu)?, run(&gpu)?);
+    for ((name, g), w) in ["loss", "hidden gradient", "weight gradient"].iter().zip(&got).zip(&want) {
+        // The gradients are matmuls over many partly cancelling terms: their error
+        // scales with their largest element.
+        let (rtol, atol) = if *name == "loss" { (1e-5, 1e-7) } else { (1e-4, 1e-5 * max_abs(w)?) };
+        assert_close(g, w, rtol, atol, &format!("linear f32: {name}"))?;
     }
     Ok(())
 }

@@ -178,6 +178,7 @@ impl Buffer {
 struct Operands<'a> {
     logits: Option<&'a mut Buffer>,
     labels: Option<&'a mut Buffer>,
+    sum_weights: Option<&'a mut Buffer>,
     stats: Option<&'a mut Buffer>,
     first_bad_row: Option<&'a mut Buffer>,
     factors: Option<&'a mut Buffer>,
@@ -196,6 +197,7 @@ fn run(kernels: &CpuKernels, launch: &KernelLaunch, mut operands: Operands<'_>) 
                 let buffer = match op {
                     Operand::Logits => operands.logits.as_deref_mut(),
                     Operand::Labels => operands.labels.as_deref_mut(),
+                    Operand::SumWeights => operands.sum_weights.as_deref_mut(),
                     Operand::Stats => operands.stats.as_deref_mut(),
                     Operand::FirstBadRow => operands.first_bad_row.as_deref_mut(),
                     Operand::Factors => operands.factors.as_deref_mut(),
@@ -204,6 +206,7 @@ fn run(kernels: &CpuKernels, launch: &KernelLaunch, mut operands: Operands<'_>) 
                 let pointer = buffer.unwrap_or_else(|| panic!("{}: {op:?} is not bound", launch.entry)).pointer();
                 (b'p', (pointer as usize).to_ne_bytes().to_vec())
             }
+            KernelArg::Null => (b'p', 0usize.to_ne_bytes().to_vec()),
             KernelArg::I64(v) => (b'i', v.to_ne_bytes().to_vec()),
             KernelArg::I32(v) => (b'i', v.to_ne_bytes().to_vec()),
             KernelArg::F32(v) => (b'f', v.to_ne_bytes().to_vec()),
@@ -258,6 +261,12 @@ fn storage_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
+/// A buffer holding the class weights of `options` (a fresh `[V]` tensor: its
+/// storage is its elements), if it has them.
+fn sum_weights_buffer(options: &KernelOptions) -> Result<Option<Buffer>> {
+    options.sum_weights.as_ref().map(|w| Ok(Buffer::from_bytes(&storage_bytes(w)?))).transpose()
+}
+
 /// The accumulator type of the kernels for `dtype`.
 fn acc(dtype: DType) -> DType {
     if dtype == DType::F64 {
@@ -289,7 +298,7 @@ fn same_view(t: &Tensor) -> Result<Tensor> {
 
 impl Case {
     fn new(name: impl Into<String>, base: Tensor, labels: Vec<i64>) -> Self {
-        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
         Self { name: name.into(), base, view: same_view, labels, options, shape: None }
     }
 
@@ -318,8 +327,9 @@ impl Case {
         assert_eq!(geometry.rows, rows, "{name}: one label per row");
         let labels = Tensor::new(self.labels.as_slice(), &Device::Cpu)?;
         let acc = acc(dtype);
-        let run_forward =
-            |launch: &KernelLaunch| -> Result<Forward> { Forward::run(kernels, launch, &self.base, &labels, acc) };
+        let run_forward = |launch: &KernelLaunch| -> Result<Forward> {
+            Forward::run(kernels, launch, &self.base, &labels, &self.options, acc)
+        };
         // A scalar loss's factors for the forward that writes the gradient: every term,
         // z-loss included.
         let unit = UnitFactors { ce: 0.75, lse: 0.125, lse_squared: 0.01, logit_sum: -0.25 / vocab as f64 };
@@ -373,6 +383,7 @@ impl Case {
         let mut logits_buffer = Buffer::from_bytes(&storage_bytes(&self.base)?);
         let mut labels_buffer = Buffer::from_bytes(&storage_bytes(&labels)?);
         let mut factors_buffer = Buffer::from_bytes(&storage_bytes(&factors)?);
+        let mut weights_buffer = sum_weights_buffer(&self.options)?;
         // Out of place, into a sentinel-filled buffer.
         let launch = kernel_abi::backward(&geometry, dtype, &self.options, false, shape)?;
         let sentinel = Tensor::full(777f32, 1, &Device::Cpu)?.to_dtype(dtype)?;
@@ -383,6 +394,7 @@ impl Case {
             Operands {
                 logits: Some(&mut logits_buffer),
                 labels: Some(&mut labels_buffer),
+                sum_weights: weights_buffer.as_mut(),
                 factors: Some(&mut factors_buffer),
                 grad: Some(&mut grad),
                 ..Default::default()
@@ -400,6 +412,7 @@ impl Case {
             Operands {
                 logits: Some(&mut logits_buffer),
                 labels: Some(&mut labels_buffer),
+                sum_weights: weights_buffer.as_mut(),
                 factors: Some(&mut factors_buffer),
                 ..Default::default()
             },
@@ -423,10 +436,18 @@ struct Forward {
 
 impl Forward {
     /// Runs a forward entry over a copy of `base`'s storage.
-    fn run(kernels: &CpuKernels, launch: &KernelLaunch, base: &Tensor, labels: &Tensor, acc: DType) -> Result<Self> {
+    fn run(
+        kernels: &CpuKernels,
+        launch: &KernelLaunch,
+        base: &Tensor,
+        labels: &Tensor,
+        options: &KernelOptions,
+        acc: DType,
+    ) -> Result<Self> {
         let rows = labels.dim(0)?;
         let mut logits = Buffer::from_bytes(&storage_bytes(base)?);
         let mut labels = Buffer::from_bytes(&storage_bytes(labels)?);
+        let mut sum_weights = sum_weights_buffer(options)?;
         // Stats start as a sentinel, so that a row the kernel never writes shows.
         let sentinel = Tensor::full(12345f32, 1, &Device::Cpu)?.to_dtype(acc)?;
         let mut stats = Buffer::filled(4 * rows, &storage_bytes(&sentinel)?);
@@ -434,6 +455,7 @@ impl Forward {
         let operands = Operands {
             logits: Some(&mut logits),
             labels: Some(&mut labels),
+            sum_weights: sum_weights.as_mut(),
             stats: Some(&mut stats),
             first_bad_row: Some(&mut first_bad_row),
             ..Default::default()
@@ -678,15 +700,59 @@ fn every_option() -> Result<()> {
     Ok(())
 }
 
+/// `[V]` class weights in `dtype`: uniform in `[0, 3)`, about a quarter of
+/// them 0, and 0 at each class of `zero_at` (targets, so that the target's
+/// `g_sum c_y` term is checked at 0 as well).
+fn class_weights(seed: u64, vocab: usize, zero_at: &[i64], dtype: DType) -> Result<Tensor> {
+    let mut rng = Rng::new(seed ^ 0xc1a55);
+    let mut values: Vec<f64> = (0..vocab).map(|_| if rng.below(4) == 0 { 0.0 } else { 3.0 * rng.unit() }).collect();
+    for &class in zero_at {
+        values[class as usize] = 0.0;
+    }
+    Tensor::from_vec(values, vocab, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Label smoothing with class weights: the class-weighted logit sum, and
+/// `g_sum c_j` in every gradient (the forward with gradient, the backward out
+/// of place and in place), in every dtype and block shape, with and without
+/// the soft-cap. Without the logit sum the forward leaves the weights unread
+/// (the plain entry) and the gradients still apply them, as on the CPU.
+#[test]
+fn class_weighted_logit_sum() -> Result<()> {
+    let Some(kernels) = kernels("class_weighted_logit_sum") else { return Ok(()) };
+    for dtype in DTYPES {
+        for vocab in [257, 5003] {
+            for (softcap, logit_sum) in [(None, true), (Some(5.0), true), (None, false)] {
+                let rows = 8;
+                let mut case = Case::random(
+                    format!("{dtype:?} V={vocab} class weights, softcap {softcap:?} logit_sum {logit_sum}"),
+                    31,
+                    &[rows, vocab],
+                    dtype,
+                    rows,
+                    vocab,
+                )?;
+                let weights = class_weights(vocab as u64, vocab, &case.labels[..2], acc(dtype))?;
+                case.options = KernelOptions { softcap, logit_sum, sum_weights: Some(weights), ..case.options };
+                for shape in shapes(dtype) {
+                    case.shape = shape;
+                    case.check(kernels)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A marshalling mistake is caught before the kernel runs.
 #[test]
 fn mismatched_arguments_are_refused() -> Result<()> {
     let Some(kernels) = kernels("mismatched_arguments_are_refused") else { return Ok(()) };
     let logits = random_logits(1, &[2, 8], DType::F32)?;
-    let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false };
+    let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
     let geometry = RowGeometry::new(logits.layout())?;
     let mut launch = kernel_abi::forward(&geometry, DType::F32, &options, LaunchShape::for_vocab(DType::F32, 8))?;
-    launch.args.swap(4, 5); // rows (i64) and vocab (int)
+    launch.args.swap(5, 6); // rows (i64) and vocab (int)
     let mut buffers: [Buffer; 4] = std::array::from_fn(|_| Buffer::filled(64, &[0]));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let [logits, labels, stats, first_bad_row] = buffers.each_mut();
@@ -701,6 +767,6 @@ fn mismatched_arguments_are_refused() -> Result<()> {
     }));
     let message = caught.expect_err("a swapped argument must be refused");
     let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(message.contains("argument 4"), "{message}");
+    assert!(message.contains("argument 5"), "{message}");
     Ok(())
 }
