@@ -189,7 +189,8 @@ fn linear_every_option(device: &Device) -> anyhow::Result<()> {
                     .logit_softcap(softcap);
                 let run = |ce: &LinearCrossEntropy| -> anyhow::Result<(CrossEntropyOutput, Vec<Tensor>)> {
                     let (h, w, b) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
-                    let out = ce.forward_with_outputs(&h, &w, Some(&b), &labels, Some(&mask), None, num_label_tokens)?;
+                    let out =
+                        ce.forward_with_outputs(&h, &w, Some(&b), &labels, Some(&mask), None, num_label_tokens)?;
                     let grads = backward_of(&out.loss)?.backward()?;
                     let grads = [&h, &w, &b].map(|v| grads.get(v).expect("no gradient").clone());
                     Ok((out, grads.to_vec()))

@@ -191,7 +191,8 @@ fn gradients_from_forward_or_recomputed(device: &Device) -> anyhow::Result<()> {
             assert_eq!(recomputed, usize::from(!from_forward), "{what}: recomputed backward passes");
             let (fh, fw, fb) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
             let logits = fh.as_tensor().broadcast_matmul(&fw.as_tensor().t()?)?.broadcast_add(&fb)?;
-            let want = objective(&full.forward_with_outputs(&logits, &labels, None, None, num_label_tokens)?)?.backward()?;
+            let want =
+                objective(&full.forward_with_outputs(&logits, &labels, None, None, num_label_tokens)?)?.backward()?;
             for (got, expected, var) in [(&h, &fh, "hidden"), (&w, &fw, "weight"), (&b, &fb, "bias")] {
                 let got = grads.get(got).expect("no gradient");
                 let expected = want.get(expected).expect("no gradient");

@@ -394,7 +394,8 @@ fn bad_settings_are_errors(device: &Device) -> anyhow::Result<()> {
         (Tensor::zeros(5, DType::F64, device)?, "bias [5] must be [6]"),
         (Tensor::zeros(6, DType::F32, device)?, "bias (F32)"),
     ] {
-        let err = linear.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None, None).expect_err(expected);
+        let err =
+            linear.forward_with_outputs(&hidden, &weight, Some(&bias), &labels, None, None, None).expect_err(expected);
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
     let err = LinearCrossEntropy::default().z_loss(-1.0).forward(&hidden, &weight, &labels, None).expect_err("z");

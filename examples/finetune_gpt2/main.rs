@@ -144,8 +144,13 @@ fn validation(model: &Gpt2, batches: &[train::Batch]) -> Result<(f32, f32)> {
     let (mut loss, mut accuracy) = (0f32, 0f32);
     for batch in batches {
         let logits = model.logits(&batch.inputs)?;
-        let out =
-            ChunkedCrossEntropy::default().forward_with_outputs(&logits, &batch.labels, Some(&batch.mask), None, None)?;
+        let out = ChunkedCrossEntropy::default().forward_with_outputs(
+            &logits,
+            &batch.labels,
+            Some(&batch.mask),
+            None,
+            None,
+        )?;
         loss += out.loss.to_scalar::<f32>()?;
         accuracy += out.token_accuracy.to_scalar::<f32>()?;
     }
