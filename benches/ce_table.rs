@@ -6,7 +6,7 @@
 //! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear
 //! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
 //! its floor and against materialised logits instead, then by mode (training,
-//! evaluation, frozen head); `-- --options [NxV]
+//! evaluation, frozen head; `-- --linear --modes` the by-mode table alone); `-- --options [NxV]
 //! [runs]` (default 2048x50257) times the loss options against the plain loss.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
@@ -231,7 +231,7 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
     let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
     let labels = Tensor::rand(0f32, v as f32, n, &device).unwrap().to_dtype(DType::U32).unwrap();
-    let chunk = (n * h / v).max(512).min(n);
+    let chunk = (n * h / v).max(1024).min(n);
     let logits_bytes = (n * v * 4) as f64;
     let bound = (chunk * v * 4 + n * h * 4 + v * h * 4) as f64;
     println!(
@@ -421,7 +421,9 @@ fn main() {
             None => (4096, 768, 50257),
         };
         let runs = args.get(1).map_or(3, |r| r.parse().unwrap());
-        linear_table(n, h, v, runs);
+        if !std::env::args().any(|a| a == "--modes") {
+            linear_table(n, h, v, runs);
+        }
         linear_modes_table(n, h, v, runs);
         return;
     }

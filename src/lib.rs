@@ -61,6 +61,7 @@ mod cpu;
 mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_gemm;
+mod gemm;
 #[doc(hidden)]
 pub mod kernel_abi;
 mod linear;

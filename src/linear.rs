@@ -17,7 +17,8 @@
 //! in all would be the minimum; the fast path does exactly three, the
 //! recomputing one four.
 
-use crate::cpu::{self, STATS};
+use crate::cpu::STATS;
+use crate::gemm;
 use crate::loss::{checked_labels, checked_logits, LossCall, UnitFactors};
 use crate::op::{self, Engine, NodeBackward, OpConfig, RowWeights, StatsNode};
 use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
@@ -40,7 +41,7 @@ use std::sync::Mutex;
 /// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
 /// nothing is valid, the errors), except that `chunk_len` defaults to
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
-/// size of the hidden states, but at least 512 rows. Labels are checked on the
+/// size of the hidden states, but at least 1024 rows. Labels are checked on the
 /// host before any chunk runs.
 ///
 /// On a device the kernels do not cover (Metal, or CUDA without this crate's
@@ -70,7 +71,7 @@ pub struct LinearCrossEntropy {
 
 impl LinearCrossEntropy {
     /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`,
-    /// at least 512.
+    /// at least 1024.
     pub fn chunk_len(mut self, chunk_len: Option<usize>) -> Self {
         self.chunk_len = chunk_len;
         self
@@ -373,10 +374,35 @@ struct Projection {
 }
 
 impl Projection {
-    /// The logits of `rows` (`[n, H]`): `[n, V]`.
+    /// The logits of `rows` (`[n, H]`): `[n, V]`, by candle's ops (recorded
+    /// for autograd when the inputs track).
     fn logits(&self, rows: &Tensor) -> Result<Tensor> {
         count_product(|c| &mut c.logits);
-        let logits = rows.matmul(&self.weight.t()?)?;
+        self.add_bias(rows.matmul(&self.weight.t()?)?)
+    }
+
+    /// The logits of a chunk of rows (`[n, H]`): `[n, V]`, on the CPU (f32,
+    /// f64) written into `buffer`, which the chunks of one pass share (a
+    /// fresh `[n, V]` per chunk would fault its pages in again: ~1.4 µs per
+    /// 4 KiB here, 70 ms per 1024 x 50257 f32 chunk). The chunk's logits are
+    /// dead before the next chunk's are written: each becomes its gradient in
+    /// place and is folded into the sums. Nothing is recorded.
+    fn chunk_logits(&self, rows: &Tensor, buffer: &mut LogitsBuffer) -> Result<Tensor> {
+        let (len, vocab) = (rows.dim(0)?, self.weight.dim(0)?);
+        if !gemm::ops::takes(&[rows, &self.weight]) {
+            return self.logits(rows);
+        }
+        let shared = match &buffer.0 {
+            Some(shared) if shared.dim(0)? >= len => shared.clone(),
+            _ => buffer.0.insert(faulted_zeros((len, vocab), rows.dtype(), rows.device())?).clone(),
+        };
+        let logits = shared.narrow(0, 0, len)?;
+        count_product(|c| &mut c.logits);
+        gemm::ops::matmul_into(&logits, rows, &self.weight, true)?;
+        self.add_bias(logits)
+    }
+
+    fn add_bias(&self, logits: Tensor) -> Result<Tensor> {
         match &self.bias {
             None => Ok(logits),
             Some(bias) => logits.broadcast_add(bias),
@@ -384,12 +410,17 @@ impl Projection {
     }
 }
 
+/// The `[chunk, V]` logits buffer of one pass over the chunks (see
+/// [`Projection::chunk_logits`]); allocated by the first chunk, the largest.
+#[derive(Default)]
+struct LogitsBuffer(Option<Tensor>);
+
 /// Per-row statistics `[N, 4]` (see `op.rs`) of the logits of `rows` (`[N,
 /// H]`, detached), one chunk of rows at a time, nothing recorded.
 fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
-    let mut stats = Vec::new();
+    let (mut stats, mut buffer) = (Vec::new(), LogitsBuffer::default());
     for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
-        let logits = projection.logits(&rows.narrow(0, start, len)?)?;
+        let logits = projection.chunk_logits(&rows.narrow(0, start, len)?, &mut buffer)?;
         stats.push(op::row_stats(&logits, &labels.narrow(0, start, len)?, cfg)?);
     }
     if stats.is_empty() {
@@ -415,9 +446,11 @@ struct Precomputed {
 /// are formed with the factors times it, and divided by it (exactly) once
 /// the upstream gradient is known: per-token gradients of size `p / n` would
 /// otherwise underflow f16 before a loss scale of, say, 2^16 reached them.
-fn boost_of(unit: &UnitFactors) -> f64 {
+/// Other dtypes (`dtype` is the logits') have f32's exponent range and no
+/// boost: backward then skips the pass that would divide it out again.
+fn boost_of(unit: &UnitFactors, dtype: DType) -> f64 {
     let largest = unit.ce.abs().max(unit.lse.abs());
-    if largest > 0.0 && largest.is_finite() {
+    if dtype == DType::F16 && largest > 0.0 && largest.is_finite() {
         2f64.powi(-largest.log2().round() as i32)
     } else {
         1.0
@@ -445,18 +478,18 @@ impl ChunkPass<'_> {
     ) -> Result<(Tensor, Precomputed)> {
         let Self { rows, projection, labels, cfg } = *self;
         let mut sums = GradientSums::new(rows, projection, wanted)?;
-        let boost = boost_of(&unit);
+        let boost = boost_of(&unit, rows.dtype());
         let boosted = UnitFactors {
             ce: unit.ce * boost,
             lse: unit.lse * boost,
             lse_squared: unit.lse_squared * boost,
             logit_sum: unit.logit_sum * boost,
         };
-        let (mut stats, mut unit_factors) = (Vec::new(), Vec::new());
+        let (mut stats, mut unit_factors, mut buffer) = (Vec::new(), Vec::new(), LogitsBuffer::default());
         for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
             let labels = labels.narrow(0, start, len)?;
-            let logits = projection.logits(&chunk)?;
+            let logits = projection.chunk_logits(&chunk, &mut buffer)?;
             let weights = weights.map(|w| w.narrow(start, len)).transpose()?;
             let (chunk_stats, chunk_unit, logits_grad) =
                 op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted, weights.as_ref())?;
@@ -496,7 +529,7 @@ impl GradientSums {
     fn new(rows: &Tensor, projection: &Projection, wanted: Wanted) -> Result<Self> {
         let weight = &projection.weight;
         Ok(Self {
-            rows: wanted.rows.then(|| Tensor::zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
+            rows: wanted.rows.then(|| faulted_zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
             weight: wanted.weight.then(|| ProductSum::new(weight)).transpose()?,
             bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
             acc: reference::compute_dtype(weight.dtype()),
@@ -509,7 +542,11 @@ impl GradientSums {
     fn add(&mut self, start: usize, chunk: &Tensor, logits_grad: &Tensor, projection: &Projection) -> Result<()> {
         if let Some(rows) = &self.rows {
             count_product(|c| &mut c.hidden_grad);
-            rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
+            // Straight into the chunk's rows of the gradient on the CPU.
+            let chunk_rows = rows.narrow(0, start, chunk.dim(0)?)?;
+            if !gemm::ops::matmul_into(&chunk_rows, logits_grad, &projection.weight, false)? {
+                rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
+            }
         }
         if let Some(weight) = &mut self.weight {
             count_product(|c| &mut c.weight_grad);
@@ -524,7 +561,7 @@ impl GradientSums {
     /// `[rows, weight, bias]` gradients (`None` where not wanted; bias only
     /// when there is one), the weight's and bias's still in the accumulator dtype.
     fn finish(self, has_bias: bool) -> Result<Vec<Option<Tensor>>> {
-        let mut gradients = vec![self.rows, self.weight.map(|w| w.acc)];
+        let mut gradients = vec![self.rows, self.weight.map(ProductSum::into_gradient).transpose()?];
         if has_bias {
             gradients.push(match self.bias {
                 Some(Sum(Some(sum))) => Some(sum),
@@ -563,6 +600,48 @@ fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f6
         .collect()
 }
 
+/// Zeros whose pages are already mapped: on the CPU the buffer is advised to
+/// transparent huge pages (see `cpu::advise_huge_pages`) and one thread
+/// writes one element of each 4 KiB page. A fresh buffer's first write faults
+/// its pages in, and on our VMs faulting from several threads at once is
+/// several times slower than from one: the f32 `[H, V]` weight-gradient
+/// accumulator at 768 x 50257 took 350-580 ms when the gemm crate's two
+/// threads faulted it in, 62 ms from one thread in 4 KiB pages.
+fn faulted_zeros(shape: impl Into<candle::Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let zeros = Tensor::zeros(shape, dtype, device)?;
+    if device.is_cpu() {
+        zeros.inplace_op1(&FaultIn)?;
+    }
+    Ok(zeros)
+}
+
+/// See [`faulted_zeros`].
+struct FaultIn;
+
+impl candle::InplaceOp1 for FaultIn {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-fault-in"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> Result<()> {
+        fn touch<T: Copy>(values: &mut [T]) {
+            crate::cpu::advise_huge_pages(values);
+            let per_page = (4096 / std::mem::size_of::<T>()).max(1);
+            if let Some(&zero) = values.first() {
+                values.iter_mut().step_by(per_page).for_each(|x| *x = zero);
+            }
+        }
+        match storage {
+            CpuStorage::F32(v) => touch(v),
+            CpuStorage::F64(v) => touch(v),
+            CpuStorage::BF16(v) => touch(v),
+            CpuStorage::F16(v) => touch(v),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// `x *= scale` in place, for the gradients' f32 (f64) accumulators.
 struct ScaleInPlace(f64);
 
@@ -574,8 +653,14 @@ impl candle::InplaceOp1 for ScaleInPlace {
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
         use candle::backend::BackendStorage;
         use rayon::prelude::*;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("linear cross-entropy: the scaled gradient must be contiguous")
+        // Contiguous, or its transpose (the CPU's weight gradient): either way
+        // the elements fill one range of the storage.
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(range) => range,
+            None if layout.is_fortran_contiguous() => {
+                (layout.start_offset(), layout.start_offset() + layout.shape().elem_count())
+            }
+            None => bail!("linear cross-entropy: the scaled gradient must be dense"),
         };
         match storage {
             CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
@@ -592,10 +677,12 @@ impl candle::InplaceOp1 for ScaleInPlace {
 }
 
 /// The automatic chunk never has fewer rows than this: thinner chunks make
-/// the thin matmuls dominate (measured when each chunk also allocated a `[V,
-/// H]` weight-gradient product: 31-row chunks at N = 2048, H = 768, V = 50257
-/// took 4x longer than 1024-row ones).
-const MIN_AUTO_CHUNK: usize = 512;
+/// the thin matmuls dominate (31-row chunks at N = 2048, H = 768, V = 50257
+/// took 4x longer than 1024-row ones, when each chunk also allocated a `[V,
+/// H]` product), and the gemm crate's `G · W` (inner dimension V) still runs
+/// at 243 GFLOP/s on 512 rows against 282 on 1024 (4096 x 768 x 50257 f32:
+/// a training step 0.1-0.2 s faster with 1024-row chunks, BENCHMARKS.md).
+const MIN_AUTO_CHUNK: usize = 1024;
 
 /// `(start, len)` of each chunk of `chunk_len` rows.
 fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -634,10 +721,10 @@ impl LinearBackward {
     fn recompute(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let rows = inputs[0].detach();
         let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
-        let mut sums = GradientSums::new(&rows, &projection, self.wanted)?;
+        let (mut sums, mut buffer) = (GradientSums::new(&rows, &projection, self.wanted)?, LogitsBuffer::default());
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
-            let logits = projection.logits(&chunk)?;
+            let logits = projection.chunk_logits(&chunk, &mut buffer)?;
             let labels = self.labels.narrow(0, start, len)?;
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, &self.cfg)?;
             sums.add(start, &chunk, &logits_grad, &projection)?;
@@ -676,20 +763,28 @@ fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
 }
 
 /// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64)
-/// in place, with no `[V, H]` product per chunk: on the CPU by
-/// `cpu::add_transposed_product` (on f32/f64 copies of the chunk's operands),
-/// on CUDA (f32, bf16, f16) by one cuBLAS GEMM per chunk that reads the
-/// operands as they are and adds into the f32 accumulator (`beta = 1`, see
-/// `cuda_gemm.rs`). f64 on CUDA, and other devices, take candle ops: a `[V,
-/// H]` product and a new sum per chunk.
+/// in place, with no `[V, H]` product per chunk. On the CPU it is held
+/// transposed, `[H, V]` += `Hᵀ · G` by `gemm::ops::AddTransposedProduct` (on
+/// f32/f64 copies of the chunk's operands): the gemm crate runs that
+/// orientation at torch's speed and the other at three quarters of it
+/// (BENCHMARKS.md), and the gradient handed out is the transposed view (candle's
+/// backprop copies it into its own sum anyway). On CUDA (f32, bf16, f16) one
+/// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
+/// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
+/// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
 struct ProductSum {
     acc: Tensor,
+    /// `acc` is `[H, V]`, the gradient transposed (the CPU).
+    transposed: bool,
 }
 
 impl ProductSum {
     fn new(weight: &Tensor) -> Result<Self> {
         let dtype = reference::compute_dtype(weight.dtype());
-        Ok(Self { acc: Tensor::zeros(weight.shape(), dtype, weight.device())? })
+        let transposed = weight.device().is_cpu();
+        let (vocab, width) = weight.dims2()?;
+        let shape = if transposed { (width, vocab) } else { (vocab, width) };
+        Ok(Self { acc: faulted_zeros(shape, dtype, weight.device())?, transposed })
     }
 
     fn dtype(&self) -> DType {
@@ -704,49 +799,22 @@ impl ProductSum {
             return crate::cuda_gemm::add_transposed_product(&self.acc, &lhs.contiguous()?, &rhs.contiguous()?);
         }
         let (lhs, rhs) = (lhs.to_dtype(self.dtype())?.contiguous()?, rhs.to_dtype(self.dtype())?.contiguous()?);
-        if self.acc.device().is_cpu() {
-            self.acc.inplace_op3(&lhs, &rhs, &AddTransposedProduct)
+        if self.transposed {
+            // `[H, V] += rhsᵀ · lhs`.
+            self.acc.inplace_op3(&rhs, &lhs, &gemm::ops::AddTransposedProduct)
         } else {
             self.acc = (&self.acc + lhs.t()?.matmul(&rhs)?)?;
             Ok(())
         }
     }
-}
 
-/// `acc += lhsᵀ · rhs` in place on the CPU (see `cpu::add_transposed_product`).
-struct AddTransposedProduct;
-
-impl candle::InplaceOp3 for AddTransposedProduct {
-    fn name(&self) -> &'static str {
-        "chunked-linear-cross-entropy-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        acc: &mut CpuStorage,
-        acc_layout: &Layout,
-        lhs: &CpuStorage,
-        lhs_layout: &Layout,
-        rhs: &CpuStorage,
-        rhs_layout: &Layout,
-    ) -> Result<()> {
-        let (Some(a), Some(l), Some(r)) =
-            (acc_layout.contiguous_offsets(), lhs_layout.contiguous_offsets(), rhs_layout.contiguous_offsets())
-        else {
-            bail!("linear cross-entropy: weight-gradient operands must be contiguous")
-        };
-        let (m, n) = acc_layout.shape().dims2()?;
-        let k = lhs_layout.shape().dims2()?.0;
-        match (acc, lhs, rhs) {
-            (CpuStorage::F32(acc), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) => {
-                cpu::add_transposed_product(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
-            }
-            (CpuStorage::F64(acc), CpuStorage::F64(lhs), CpuStorage::F64(rhs)) => {
-                cpu::add_transposed_product(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
-            }
-            _ => bail!("linear cross-entropy: weight-gradient operands must all be f32 or all f64"),
+    /// The summed gradient, `[V, H]` (a transposed view on the CPU).
+    fn into_gradient(self) -> Result<Tensor> {
+        if self.transposed {
+            self.acc.t()
+        } else {
+            Ok(self.acc)
         }
-        Ok(())
     }
 }
 

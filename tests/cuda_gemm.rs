@@ -67,8 +67,8 @@ fn cpu_vs_cuda(
         let before = linear_products().weight_grad;
         let got = loss_and_grads(&ce, &hidden_gpu, &weight_gpu, &labels_gpu)?;
         // One weight-gradient product per chunk (the automatic chunk: about
-        // N * H / V rows, at least 512).
-        let len = chunk_len.unwrap_or((rows * width / vocab).max(512)).min(rows);
+        // N * H / V rows, at least 1024).
+        let len = chunk_len.unwrap_or((rows * width / vocab).max(1024)).min(rows);
         assert_eq!(linear_products().weight_grad - before, rows.div_ceil(len), "{what}: weight-gradient products");
         assert_eq!(got.2.dtype(), dtype, "{what}: weight gradient dtype");
         let loss_rtol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
@@ -83,10 +83,10 @@ fn cpu_vs_cuda(
     Ok(())
 }
 
-/// GPT-2's vocabulary (50257, odd), 1000 rows: the automatic chunk (512 rows,
+/// GPT-2's vocabulary (50257, odd), 1500 rows: the automatic chunk (1024 rows,
 /// a short last chunk), one row, an odd length, one chunk.
-const GPT2: (usize, usize, usize) = (1000, 64, 50257);
-const GPT2_CHUNKS: &[Option<usize>] = &[None, Some(1), Some(333), Some(1000)];
+const GPT2: (usize, usize, usize) = (1500, 64, 50257);
+const GPT2_CHUNKS: &[Option<usize>] = &[None, Some(1), Some(333), Some(1500)];
 
 #[test]
 fn gpt2_vocabulary_f32() -> anyhow::Result<()> {

@@ -403,7 +403,7 @@ impl_zeroed!(f32 => u32, f64 => u64, bf16 => u16, f16 => u16);
 /// memory (about 1.4 µs per page on our VMs); 2 MiB pages cut the fault count
 /// 512-fold. Only the 2 MiB-aligned interior is advised; where THP is off the
 /// call is a harmless no-op, and its result is ignored either way.
-fn advise_huge_pages<T>(buf: &[T]) {
+pub(crate) fn advise_huge_pages<T>(buf: &[T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE_PAGE: usize = 2 << 20;
@@ -530,50 +530,4 @@ fn row_grad_f64(row: &mut [f64], label: RowLabel, factors: &[f64], terms: RowTer
         *x = ((capped(*x, terms) - g.lse).exp() * g.scale + g.shift * weight(j)) * cap_slope(*x);
     }
     row[target] = g.target * target_slope;
-}
-
-// ---------------------------------------------------------------------------
-// The weight-gradient accumulation of the linear loss.
-// ---------------------------------------------------------------------------
-
-/// `acc += lhs^T · rhs` in place, for row-major `acc` `[m, n]`, `lhs` `[k, m]`
-/// and `rhs` `[k, n]`: one chunk's contribution to the weight gradient
-/// (`lhs` the chunk's logits gradient, `rhs` its hidden states), added
-/// without allocating a `[m, n]` product.
-pub(crate) fn add_transposed_product<T: Copy + num_traits::One + 'static>(
-    acc: &mut [T],
-    lhs: &[T],
-    rhs: &[T],
-    (m, n, k): (usize, usize, usize),
-) {
-    assert!(acc.len() == m * n && lhs.len() == k * m && rhs.len() == k * n, "add_transposed_product: bad sizes");
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let (m_i, n_i) = (m as isize, n as isize);
-    // SAFETY: the three slices hold exactly the [m, n], [k, m] and [k, n]
-    // matrices the strides describe (asserted above); `acc` is borrowed
-    // mutably and does not overlap the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            acc.as_mut_ptr(),
-            1,
-            n_i,
-            true,
-            lhs.as_ptr(),
-            m_i,
-            1,
-            rhs.as_ptr(),
-            1,
-            n_i,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }

@@ -1,0 +1,351 @@
+//! The three matrix products of the linear loss on the CPU, over contiguous
+//! row-major `f32` / `f64` slices, by the pure-Rust
+//! [`gemm`](https://crates.io/crates/gemm) crate (the one inside candle's CPU
+//! matmul), the transposes expressed through strides (no copies), on rayon's
+//! threads. Its AVX-512 kernels come with this crate's default `gemm-avx512`
+//! feature (the gemm crate's `x86-v4`, chosen at run time, so the build runs
+//! on any x86-64); without it the gemm crate stops at AVX2/FMA, at about
+//! half the speed on a CPU with AVX-512. The system OpenBLAS was measured
+//! beside it and was no faster on these shapes (BENCHMARKS.md).
+//!
+//! For a chunk of `rows` rows of the linear loss (hidden `H`, vocabulary `V`):
+//!
+//! - logits = X · Wᵀ: [`matmul_nt`] with `(m, n, k) = (rows, V, H)`;
+//! - dX = G · W: [`matmul_nn`] with `(m, n, k) = (rows, H, V)`;
+//! - dWᵀ += Xᵀ · G: [`add_matmul_tn`] with `(m, n, k) = (H, V, rows)`, the
+//!   weight gradient accumulated transposed, `[H, V]`: the gemm crate runs
+//!   that orientation about 1.3x faster than `dW += Gᵀ · X` into `[V, H]`.
+//!
+//! Every function takes the output's shape `[m, n]` and the inner dimension
+//! `k`, and panics if a slice's length is not that of its matrix.
+
+/// The element types of the products: `f32` and `f64`.
+pub(crate) trait Scalar: Copy + Send + Sync + num_traits::Zero + num_traits::One + 'static {}
+
+impl Scalar for f32 {}
+
+impl Scalar for f64 {}
+
+/// `C = A · Bᵀ`: `c` `[m, n]`, `a` `[m, k]`, `b` `[n, k]` (the logits
+/// `X · Wᵀ`: `(m, n, k) = (rows, V, H)`).
+pub(crate) fn matmul_nt<T: Scalar>(c: &mut [T], a: &[T], b: &[T], (m, n, k): (usize, usize, usize)) {
+    product(Product { m, n, k, a_transposed: false, b_transposed: true, accumulate: false }, c, a, b)
+}
+
+/// `C = A · B`: `c` `[m, n]`, `a` `[m, k]`, `b` `[k, n]` (the input gradient
+/// `G · W`: `(m, n, k) = (rows, H, V)`).
+pub(crate) fn matmul_nn<T: Scalar>(c: &mut [T], a: &[T], b: &[T], (m, n, k): (usize, usize, usize)) {
+    product(Product { m, n, k, a_transposed: false, b_transposed: false, accumulate: false }, c, a, b)
+}
+
+/// `C += Aᵀ · B` in place: `c` `[m, n]`, `a` `[k, m]`, `b` `[k, n]` (one
+/// chunk's transposed weight gradient `Xᵀ · G`: `(m, n, k) = (H, V, rows)`).
+pub(crate) fn add_matmul_tn<T: Scalar>(c: &mut [T], a: &[T], b: &[T], (m, n, k): (usize, usize, usize)) {
+    product(Product { m, n, k, a_transposed: true, b_transposed: false, accumulate: true }, c, a, b)
+}
+
+/// One row-major product `C (+)= op(A) · op(B)`, `C` `[m, n]`: `A` is stored
+/// `[m, k]`, or `[k, m]` if `a_transposed`; `B` is stored `[k, n]`, or
+/// `[n, k]` if `b_transposed`. `accumulate` adds to `C`, else `C` is overwritten.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Product {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) a_transposed: bool,
+    pub(crate) b_transposed: bool,
+    pub(crate) accumulate: bool,
+}
+
+/// Computes `p` (see [`Product`]); panics on slices of the wrong length.
+pub(crate) fn product<T: Scalar>(p: Product, c: &mut [T], a: &[T], b: &[T]) {
+    assert!(
+        c.len() == p.m * p.n && a.len() == p.m * p.k && b.len() == p.k * p.n,
+        "gemm: slices of {}, {} and {} elements for [{m}, {n}] = [{m}, {k}] x [{k}, {n}]",
+        c.len(),
+        a.len(),
+        b.len(),
+        m = p.m,
+        n = p.n,
+        k = p.k,
+    );
+    if p.m == 0 || p.n == 0 {
+        return;
+    }
+    if p.k == 0 {
+        // An empty sum.
+        if !p.accumulate {
+            c.fill(T::zero());
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
+    let (m, n, k) = (p.m as isize, p.n as isize, p.k as isize);
+    // (column stride, row stride) of each row-major operand.
+    let (a_cs, a_rs) = if p.a_transposed { (m, 1) } else { (1, k) };
+    let (b_cs, b_rs) = if p.b_transposed { (k, 1) } else { (1, n) };
+    // SAFETY: the assertion above checked that `c`, `a` and `b` hold exactly
+    // the `m * n`, `m * k` and `k * n` elements these strides address
+    // (every index `i * rs + j * cs` with `i`, `j` in range is in bounds);
+    // `c` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        ::gemm::gemm(
+            p.m,
+            p.n,
+            p.k,
+            c.as_mut_ptr(),
+            1,
+            n,
+            p.accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// The products as candle ops on CPU storages, for the linear loss's chunks:
+/// f32 and f64, contiguous operands. Other devices and dtypes are not theirs
+/// (see [`takes`]).
+pub(crate) mod ops {
+    use super::Scalar;
+    use candle::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+    /// Whether [`matmul_into`] and [`AddTransposedProduct`] take these operands:
+    /// on the CPU, f32 or f64, contiguous.
+    pub(crate) fn takes(operands: &[&Tensor]) -> bool {
+        operands.iter().all(|t| {
+            t.device().is_cpu() && matches!(t.dtype(), candle::DType::F32 | candle::DType::F64) && t.is_contiguous()
+        })
+    }
+
+    /// `out = a · bᵀ` (`b_transposed`: `a` `[m, k]`, `b` `[n, k]`) or `out = a
+    /// · b` (`b` `[k, n]`), written into `out` `[m, n]` in place through this
+    /// build's route, nothing recorded; `Ok(false)` (and nothing written) for
+    /// operands [`takes`] refuses: the caller then uses candle's matmul.
+    pub(crate) fn matmul_into(out: &Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<bool> {
+        if !takes(&[out, a, b]) {
+            return Ok(false);
+        }
+        out.inplace_op3(a, b, &MatmulInto { b_transposed })?;
+        Ok(true)
+    }
+
+    struct MatmulInto {
+        b_transposed: bool,
+    }
+
+    impl MatmulInto {
+        fn product<T: Scalar>(&self, out: &mut [T], a: &[T], b: &[T], dims: (usize, usize, usize)) {
+            if self.b_transposed {
+                super::matmul_nt(out, a, b, dims)
+            } else {
+                super::matmul_nn(out, a, b, dims)
+            }
+        }
+    }
+
+    impl InplaceOp3 for MatmulInto {
+        fn name(&self) -> &'static str {
+            "chunked-linear-cross-entropy-matmul"
+        }
+
+        fn cpu_fwd(
+            &self,
+            out: &mut CpuStorage,
+            out_layout: &Layout,
+            a: &CpuStorage,
+            a_layout: &Layout,
+            b: &CpuStorage,
+            b_layout: &Layout,
+        ) -> Result<()> {
+            let (Some(o), Some(l), Some(r)) =
+                (out_layout.contiguous_offsets(), a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
+            else {
+                bail!("{}: the operands must be contiguous", self.name())
+            };
+            let ((m, n), (a_m, k), (b0, b1)) =
+                (out_layout.shape().dims2()?, a_layout.shape().dims2()?, b_layout.shape().dims2()?);
+            let (b_k, b_n) = if self.b_transposed { (b1, b0) } else { (b0, b1) };
+            if (a_m, b_k, b_n) != (m, k, n) {
+                bail!(
+                    "{}: {:?} = {:?} · {:?}{} does not fit",
+                    self.name(),
+                    out_layout.shape(),
+                    a_layout.shape(),
+                    b_layout.shape(),
+                    if self.b_transposed { "ᵀ" } else { "" }
+                )
+            }
+            match (out, a, b) {
+                (CpuStorage::F32(out), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                    self.product(&mut out[o.0..o.1], &a[l.0..l.1], &b[r.0..r.1], (m, n, k))
+                }
+                (CpuStorage::F64(out), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                    self.product(&mut out[o.0..o.1], &a[l.0..l.1], &b[r.0..r.1], (m, n, k))
+                }
+                _ => bail!("{}: the operands must all be f32 or all f64", self.name()),
+            }
+            Ok(())
+        }
+    }
+
+    /// `acc += lhsᵀ · rhs` in place (`acc` `[m, n]`, `lhs` `[k, m]`, `rhs`
+    /// `[k, n]`, all f32 or all f64, contiguous): a chunk's weight gradient
+    /// added to the f32 accumulator with no `[V, H]` product in between.
+    pub(crate) struct AddTransposedProduct;
+
+    impl InplaceOp3 for AddTransposedProduct {
+        fn name(&self) -> &'static str {
+            "chunked-linear-cross-entropy-weight-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            acc: &mut CpuStorage,
+            acc_layout: &Layout,
+            lhs: &CpuStorage,
+            lhs_layout: &Layout,
+            rhs: &CpuStorage,
+            rhs_layout: &Layout,
+        ) -> Result<()> {
+            let (Some(a), Some(l), Some(r)) =
+                (acc_layout.contiguous_offsets(), lhs_layout.contiguous_offsets(), rhs_layout.contiguous_offsets())
+            else {
+                bail!("{}: the operands must be contiguous", self.name())
+            };
+            let (m, n) = acc_layout.shape().dims2()?;
+            let ((k, lhs_m), (rhs_k, rhs_n)) = (lhs_layout.shape().dims2()?, rhs_layout.shape().dims2()?);
+            if (lhs_m, rhs_k, rhs_n) != (m, k, n) {
+                bail!(
+                    "{}: {:?} += {:?}ᵀ · {:?} does not fit",
+                    self.name(),
+                    acc_layout.shape(),
+                    lhs_layout.shape(),
+                    rhs_layout.shape()
+                )
+            }
+            match (acc, lhs, rhs) {
+                (CpuStorage::F32(acc), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) => {
+                    super::add_matmul_tn(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+                }
+                (CpuStorage::F64(acc), CpuStorage::F64(lhs), CpuStorage::F64(rhs)) => {
+                    super::add_matmul_tn(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+                }
+                _ => bail!("{}: the operands must all be f32 or all f64", self.name()),
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1), exactly representable in f32.
+    fn values<T: Scalar + From<f32>>(len: usize, seed: u64) -> Vec<T> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                T::from((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    }
+
+    /// `op(A) · op(B)` by the triple loop, in f64, `[m, n]` row-major.
+    fn naive<T: Scalar + Into<f64>>(p: Product, a: &[T], b: &[T]) -> Vec<f64> {
+        let a_at = |i: usize, l: usize| if p.a_transposed { a[l * p.m + i] } else { a[i * p.k + l] }.into();
+        let b_at = |l: usize, j: usize| if p.b_transposed { b[j * p.k + l] } else { b[l * p.n + j] }.into();
+        let mut c = vec![0.0; p.m * p.n];
+        for i in 0..p.m {
+            for j in 0..p.n {
+                c[i * p.n + j] = (0..p.k).map(|l| a_at(i, l) * b_at(l, j)).sum();
+            }
+        }
+        c
+    }
+
+    /// Every layout against the triple loop; `tol` relative to `k`.
+    fn check<T: Scalar + From<f32> + Into<f64>>(tol: f64) {
+        for (m, n, k) in [(37, 19, 23), (1, 1, 1), (5, 1, 9), (1, 7, 3), (64, 33, 129), (3, 4, 0), (0, 4, 3), (4, 0, 3)]
+        {
+            for (a_transposed, b_transposed) in [(false, true), (false, false), (true, false), (true, true)] {
+                for accumulate in [false, true] {
+                    let p = Product { m, n, k, a_transposed, b_transposed, accumulate };
+                    let (a, b) = (values::<T>(m * k, 1), values::<T>(k * n, 2));
+                    let start = values::<T>(m * n, 3);
+                    let mut want = naive(p, &a, &b);
+                    if accumulate {
+                        want.iter_mut().zip(&start).for_each(|(w, &s)| *w += s.into());
+                    }
+                    // NaN where `C` is overwritten: a product that reads it fails.
+                    let mut c = if accumulate { start.clone() } else { vec![T::from(f32::NAN); m * n] };
+                    product(p, &mut c, &a, &b);
+                    for (idx, (&got, &want)) in c.iter().zip(&want).enumerate() {
+                        let got: f64 = got.into();
+                        assert!((got - want).abs() <= tol * (k as f64 + 1.0), "{p:?}: c[{idx}] = {got}, want {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_match_the_triple_loop_f32() {
+        check::<f32>(1e-6);
+    }
+
+    #[test]
+    fn products_match_the_triple_loop_f64() {
+        check::<f64>(1e-13);
+    }
+
+    #[test]
+    fn the_three_products_of_the_linear_loss() {
+        // X [rows, H], W [V, H], G [rows, V], dWᵀ [H, V], at odd sizes.
+        let (rows, h, v) = (37, 19, 23);
+        let (x, w, g) = (values::<f32>(rows * h, 4), values::<f32>(v * h, 5), values::<f32>(rows * v, 6));
+        let close = |got: &[f32], want: &[f64]| {
+            assert_eq!(got.len(), want.len());
+            got.iter().zip(want).all(|(&g, &w)| (f64::from(g) - w).abs() <= 1e-4)
+        };
+
+        let mut logits = vec![f32::NAN; rows * v];
+        matmul_nt(&mut logits, &x, &w, (rows, v, h));
+        let p = Product { m: rows, n: v, k: h, a_transposed: false, b_transposed: true, accumulate: false };
+        assert!(close(&logits, &naive(p, &x, &w)), "logits = X · Wᵀ");
+
+        let mut dx = vec![f32::NAN; rows * h];
+        matmul_nn(&mut dx, &g, &w, (rows, h, v));
+        let p = Product { m: rows, n: h, k: v, a_transposed: false, b_transposed: false, accumulate: false };
+        assert!(close(&dx, &naive(p, &g, &w)), "dX = G · W");
+
+        // Two chunks accumulated, transposed: rows [0, 20) then [20, 37).
+        let mut dw_t = vec![0f32; h * v];
+        add_matmul_tn(&mut dw_t, &x[..20 * h], &g[..20 * v], (h, v, 20));
+        add_matmul_tn(&mut dw_t, &x[20 * h..], &g[20 * v..], (h, v, rows - 20));
+        let p = Product { m: h, n: v, k: rows, a_transposed: true, b_transposed: false, accumulate: false };
+        assert!(close(&dw_t, &naive(p, &x, &g)), "dWᵀ = Σ Xᵀ · G over chunks");
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: slices")]
+    fn wrong_lengths_panic() {
+        let mut c = vec![0f32; 6];
+        matmul_nn(&mut c, &[0.0; 6], &[0.0; 5], (2, 3, 3));
+    }
+}
