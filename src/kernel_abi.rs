@@ -124,7 +124,7 @@ impl LaunchShape {
 
     fn check(&self, dtype: DType) -> Result<()> {
         let max = max_threads(dtype);
-        if self.threads == 0 || self.threads % 32 != 0 || self.threads > max {
+        if self.threads == 0 || !self.threads.is_multiple_of(32) || self.threads > max {
             bail!(
                 "chunked cross-entropy (cuda): {} threads per block; {dtype:?} takes multiples of 32 up to {max}",
                 self.threads

@@ -69,9 +69,10 @@ use crate::loss::UnitFactors;
 use crate::reference;
 use candle::backend::BackendStorage;
 use candle::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DeviceLocation, InplaceOp3, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, DeviceLocation, InplaceOp2, InplaceOp3, Layout, Result,
+    Shape, Storage, Tensor,
 };
+use std::sync::Mutex;
 
 /// Which kernels compute the loss: the fused ones (`compile = true`) or
 /// candle's primitive ops, a chunk of rows at a time (`compile = false`),
@@ -377,9 +378,16 @@ pub(crate) fn row_stats_and_unit_grad(
     weights: Option<&RowWeights>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let cfg = OpConfig { inplace_grad: true, ..cfg.clone() };
-    let fused_on_cuda = cfg.engine == Engine::Fused && logits.device().is_cuda() && weights.is_none();
+    let fused = cfg.engine == Engine::Fused && weights.is_none();
+    let fused_on_cuda = fused && logits.device().is_cuda();
+    let fused_on_cpu = fused && logits.device().is_cpu() && logits.dtype() != DType::F64;
     let stats = if fused_on_cuda {
         logits.apply_op2_no_bwd(labels, &FusedForwardWithGrad { cfg: cfg.clone(), unit })?
+    } else if fused_on_cpu {
+        let op = FusedForwardWithGradInPlace { cfg: cfg.clone(), unit, stats: Mutex::new(Vec::new()) };
+        logits.inplace_op2(labels, &op)?;
+        let stats = op.stats.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Tensor::from_vec(stats, (labels.elem_count(), STATS), logits.device())?
     } else {
         row_stats(logits, labels, &cfg)?
     };
@@ -391,7 +399,7 @@ pub(crate) fn row_stats_and_unit_grad(
         (g_ce, g_lse, g_sum) = ((g_ce * &w.ce)?, (g_lse * &w.rest)?, (g_sum * &w.rest)?);
     }
     let unit_factors = Tensor::cat(&[g_ce, g_lse, g_sum], 1)?;
-    let grad = if fused_on_cuda {
+    let grad = if fused_on_cuda || fused_on_cpu {
         logits.detach()
     } else {
         logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, &cfg)?
@@ -426,6 +434,44 @@ impl CustomOp2 for FusedForwardWithGrad {
         l2: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         crate::cuda::forward_with_grad(s1, l1, s2, l2, &self.cfg, &self.unit)
+    }
+}
+
+/// The CPU's [`FusedForwardWithGrad`] (f32, bf16, f16): an in-place op over
+/// the logits, which it rewrites row by row with their gradient right after
+/// the row's statistics (`cpu::forward_with_grad_in_place`), leaving the
+/// statistics `[N, 4]` (f32) in `stats`.
+struct FusedForwardWithGradInPlace {
+    cfg: OpConfig,
+    unit: UnitFactors,
+    stats: Mutex<Vec<f32>>,
+}
+
+impl InplaceOp2 for FusedForwardWithGradInPlace {
+    fn name(&self) -> &'static str {
+        "chunked-cross-entropy-fwd-grad-inplace"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let layout = row_layout(l1)?;
+        let labels = row_labels(i64_slice(s2, l2)?, layout.vocab, self.cfg.ignore_index)?;
+        let (terms, chunk) = (self.cfg.terms, self.cfg.chunk_len);
+        let w = SumWeights::read(&self.cfg)?;
+        let u = self.unit;
+        let unit = cpu::UnitRowFactors {
+            ce: u.ce as f32,
+            lse: u.lse as f32,
+            lse_squared: u.lse_squared as f32,
+            logit_sum: u.logit_sum as f32,
+        };
+        let stats = match s1 {
+            CpuStorage::F32(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
+            CpuStorage::BF16(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
+            CpuStorage::F16(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
+            other => bail!("{}: logits must be f32, bf16 or f16, got {:?}", self.name(), other.dtype()),
+        };
+        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = stats;
+        Ok(())
     }
 }
 

@@ -295,17 +295,79 @@ pub(crate) fn backward_in_place<T: Logit>(
             return;
         };
         let g = RowGrad::new(&factors[FACTORS * r..FACTORS * (r + 1)], sum_weights.map_or(1.0, |w| w[target]));
+        SCRATCH.with_borrow_mut(|scratch| row_grad_in_place(row, target, &g, terms, sum_weights, scratch));
+    });
+}
+
+/// Writes one valid row's gradient over the row.
+fn row_grad_in_place<T: Logit>(
+    row: &mut [T],
+    target: usize,
+    g: &RowGrad<f32>,
+    terms: RowTerms,
+    sum_weights: Option<&[f32]>,
+    scratch: &mut Vec<f32>,
+) {
+    if widened_grad(terms, sum_weights) {
+        let wide = T::widen_into(row, scratch);
+        wide_row_grad(wide, target, g, terms.softcap, sum_weights);
+        T::narrow_from(wide, row);
+    } else {
+        T::row_scaled_softmax_in_place(row, g.lse, g.scale, g.shift, scratch);
+        row[target] = T::from_f32(g.target);
+    }
+}
+
+/// The per-row factors of a scalar loss whose value receives 1 (see
+/// `loss::UnitFactors`), in f32: `(g_ce, g_lse = lse + lse_squared · lse_r,
+/// g_sum)`, the same for every unweighted row but for the row's `lse_r`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnitRowFactors {
+    pub ce: f32,
+    pub lse: f32,
+    pub lse_squared: f32,
+    pub logit_sum: f32,
+}
+
+/// [`forward`] and then, row by row while the row is still in cache, its
+/// gradient for [`UnitRowFactors`] written over the logits (what
+/// [`backward_in_place`] would write from the factors the statistics give):
+/// one pass over memory instead of two. Returns the statistics; ignored rows
+/// get zeros in both.
+pub(crate) fn forward_with_grad_in_place<T: Logit>(
+    logits: &mut [T],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    terms: RowTerms,
+    sum_weights: Option<&[f32]>,
+    unit: UnitRowFactors,
+    chunk_len: usize,
+) -> Vec<f32> {
+    let vocab = layout.vocab;
+    let mut stats = vec![0f32; STATS * labels.len()];
+    let base = SharedRows(logits.as_mut_ptr());
+    let len = logits.len();
+    stats.par_chunks_mut(STATS).enumerate().with_min_len(chunk_len).for_each(|(r, out)| {
+        let offset = layout.row_offsets[r];
+        assert!(offset + vocab <= len, "row {r} outside the logits storage");
+        // SAFETY: as in `backward_in_place`: distinct rows are disjoint slices
+        // of `logits` (candle's `inplace_op` refuses overlapping layouts), each
+        // inside it (asserted above), and `logits` is borrowed mutably.
+        let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(offset), vocab) };
+        let Some(target) = labels[r] else {
+            row.fill(T::from_f32(0.0));
+            return;
+        };
         SCRATCH.with_borrow_mut(|scratch| {
-            if widened_grad(terms, sum_weights) {
-                let wide = T::widen_into(row, scratch);
-                wide_row_grad(wide, target, &g, terms.softcap, sum_weights);
-                T::narrow_from(wide, row);
-            } else {
-                T::row_scaled_softmax_in_place(row, g.lse, g.scale, g.shift, scratch);
-                row[target] = T::from_f32(g.target);
-            }
+            out.copy_from_slice(&row_stats(row, target, terms, sum_weights, scratch));
+            let (ce, lse) = (out[0], out[1]);
+            let g_lse = lse * unit.lse_squared + unit.lse;
+            let factors = [unit.ce, g_lse, unit.logit_sum, lse, ce];
+            let g = RowGrad::new(&factors, sum_weights.map_or(1.0, |w| w[target]));
+            row_grad_in_place(row, target, &g, terms, sum_weights, scratch);
         });
     });
+    stats
 }
 
 /// `(ce, lse)` of a row from its max, the target logit, and `rest`, the sum
