@@ -8,6 +8,7 @@
 //! `softmax_last_dim` record no backward).
 
 use crate::rng::Rng;
+use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 
@@ -136,7 +137,7 @@ impl Gpt2 {
     /// `transformer.` prefix): exactly the parameters of `config`, each with its
     /// shape (any float dtype; kept as f32 `Var`s on `device`).
     pub fn new(config: Config, mut tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
-        if config.heads == 0 || config.width % config.heads != 0 {
+        if config.heads == 0 || !config.width.is_multiple_of(config.heads) {
             candle::bail!("{} attention heads do not divide the width {}", config.heads, config.width)
         }
         let mut params = HashMap::new();
@@ -204,23 +205,43 @@ impl Gpt2 {
         self.conv1d(&y, &format!("{prefix}.c_proj"))
     }
 
-    /// The final hidden states `[B, T, C]` of token ids `[B, T]` (u32).
-    pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// The token plus position embeddings `[B, T, C]` of token ids `[B, T]` (u32).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.embed_with(self.p("wte.weight"), tokens)
+    }
+
+    /// [`embed`](Self::embed) through this token embedding.
+    fn embed_with(&self, wte: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if t > self.config.context {
             candle::bail!("sequence length {t} exceeds the model's context of {} tokens", self.config.context)
         }
-        let embedded =
-            self.p("wte.weight").index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
-        let mut x = embedded.broadcast_add(&self.p("wpe.weight").narrow(0, 0, t)?)?;
+        let embedded = wte.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
+        embedded.broadcast_add(&self.p("wpe.weight").narrow(0, 0, t)?)
+    }
+
+    /// Transformer block `i` (pre-norm attention, then pre-norm MLP, each
+    /// added to the residual stream) of `x` `[B, T, C]`.
+    pub fn block(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        let h = format!("h.{i}");
+        let x = (x + self.attention(&self.layer_norm(x, &format!("{h}.ln_1"))?, &format!("{h}.attn"))?)?;
+        let m = self.conv1d(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
+        let m = self.config.activation.apply(&m)?;
+        &x + self.conv1d(&m, &format!("{h}.mlp.c_proj"))?
+    }
+
+    /// The final layer norm of the last block's output.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.layer_norm(x, "ln_f")
+    }
+
+    /// The final hidden states `[B, T, C]` of token ids `[B, T]` (u32).
+    pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?;
         for i in 0..self.config.layers {
-            let h = format!("h.{i}");
-            x = (&x + self.attention(&self.layer_norm(&x, &format!("{h}.ln_1"))?, &format!("{h}.attn"))?)?;
-            let m = self.conv1d(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
-            let m = self.config.activation.apply(&m)?;
-            x = (&x + self.conv1d(&m, &format!("{h}.mlp.c_proj"))?)?;
+            x = self.block(&x, i)?;
         }
-        self.layer_norm(&x, "ln_f")
+        self.final_norm(&x)
     }
 
     /// The `lm_head` weight `[V, C]`: the token embedding when tied.
@@ -228,9 +249,92 @@ impl Gpt2 {
         self.p(if self.config.tied { "wte.weight" } else { LM_HEAD })
     }
 
+    /// Next-token logits `[B, T, V]` of final hidden states `[B, T, C]`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden.broadcast_matmul(&self.lm_head().t()?)
+    }
+
     /// Next-token logits `[B, T, V]` through the `lm_head`.
+    #[allow(dead_code)] // the example evaluates and samples with `logits_no_grad`; the tests use both
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.hidden(tokens)?.broadcast_matmul(&self.lm_head().t()?)
+        self.head(&self.hidden(tokens)?)
+    }
+
+    /// [`logits`](Self::logits) for evaluation and sampling: the same values,
+    /// but no block's activations outlive the block (candle keeps every
+    /// intermediate tensor of a graph alive while its output is).
+    pub fn logits_no_grad(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?.detach();
+        for i in 0..self.config.layers {
+            x = self.block(&x, i)?.detach();
+        }
+        self.head(&self.final_norm(&x)?)
+    }
+
+    /// `loss_of(&self.hidden(tokens)?)` and the gradients of the parameters
+    /// (detached), with activation checkpointing: the forward pass keeps each
+    /// block's input only, and the backward pass recomputes one block at a
+    /// time from it, so that one block's activations are alive at a time
+    /// instead of the whole model's. The gradients are those of
+    /// `loss.backward()` on the whole graph, bit for bit: each block's
+    /// backward runs the same operations in the same order, started from the
+    /// gradient of its output through `sum(output * gradient)`.
+    pub fn loss_and_gradients(
+        &self,
+        tokens: &Tensor,
+        loss_of: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let mut kept = GradStore::default();
+        let mut keep = |grads: &mut GradStore| {
+            for var in self.params.values() {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    kept.insert(var.as_tensor(), g.detach());
+                }
+            }
+        };
+        // The token embedding is taken detached: its gradient is added below
+        // by hand, after the lm_head's, as the whole graph's backward adds it.
+        let wte = self.p("wte.weight");
+        let embedded = self.embed_with(&wte.detach(), tokens)?;
+        let mut inputs = Vec::with_capacity(self.config.layers);
+        let mut x = embedded.detach();
+        for i in 0..self.config.layers {
+            let next = self.block(&x, i)?.detach();
+            inputs.push(x);
+            x = next;
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let loss = loss_of(&self.final_norm(top.as_tensor())?)?;
+        let mut grads = loss.backward()?;
+        let loss = loss.detach();
+        keep(&mut grads);
+        let mut grad = output_gradient(&mut grads, &top)?;
+        drop(grads);
+        for i in (0..self.config.layers).rev() {
+            let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
+            let mut grads = (self.block(input.as_tensor(), i)? * &grad)?.sum_all()?.backward()?;
+            keep(&mut grads);
+            grad = output_gradient(&mut grads, &input)?;
+        }
+        let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
+        keep(&mut grads);
+        let (b, t) = tokens.dims2()?;
+        let wte_grad = match kept.remove(wte) {
+            Some(g) => g,
+            None => wte.zeros_like()?,
+        };
+        let ids = tokens.flatten_all()?.contiguous()?;
+        kept.insert(wte, wte_grad.index_add(&ids, &grad.reshape((b * t, self.config.width))?, 0)?);
+        Ok((loss, kept))
+    }
+}
+
+/// The gradient of a block's input `var`, detached.
+fn output_gradient(grads: &mut GradStore, var: &Var) -> Result<Tensor> {
+    match grads.remove(var.as_tensor()) {
+        Some(g) => Ok(g.detach()),
+        None => var.zeros_like(),
     }
 }
 

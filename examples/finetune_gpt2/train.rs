@@ -118,19 +118,26 @@ impl Batch {
 /// This batch's share of a loss whose sum is divided by `num_label_tokens`,
 /// the valid tokens of all micro-batches of the step.
 pub fn batch_loss(model: &Gpt2, batch: &Batch, kind: LossKind, num_label_tokens: usize) -> Result<Tensor> {
+    hidden_loss(model, &model.hidden(&batch.inputs)?, batch, kind, num_label_tokens)
+}
+
+/// [`batch_loss`] from the model's final hidden states `[B, T, C]`.
+fn hidden_loss(
+    model: &Gpt2,
+    hidden: &Tensor,
+    batch: &Batch,
+    kind: LossKind,
+    num_label_tokens: usize,
+) -> Result<Tensor> {
     let (labels, mask, n) = (&batch.labels, Some(&batch.mask), Some(num_label_tokens));
     match kind {
-        LossKind::Linear => LinearCrossEntropy::default().forward_with_num_label_tokens(
-            &model.hidden(&batch.inputs)?,
-            model.lm_head(),
-            labels,
-            mask,
-            n,
-        ),
-        LossKind::Chunked => {
-            ChunkedCrossEntropy::default().forward_with_num_label_tokens(&model.logits(&batch.inputs)?, labels, mask, n)
+        LossKind::Linear => {
+            LinearCrossEntropy::default().forward_with_num_label_tokens(hidden, model.lm_head(), labels, mask, n)
         }
-        LossKind::CandleNn => candle_nn_loss(&model.logits(&batch.inputs)?, batch, num_label_tokens),
+        LossKind::Chunked => {
+            ChunkedCrossEntropy::default().forward_with_num_label_tokens(&model.head(hidden)?, labels, mask, n)
+        }
+        LossKind::CandleNn => candle_nn_loss(&model.head(hidden)?, batch, num_label_tokens),
     }
 }
 
@@ -151,31 +158,53 @@ fn candle_nn_loss(logits: &Tensor, batch: &Batch, num_label_tokens: usize) -> Re
 
 /// The loss and gradients of one optimizer step over `batches`
 /// (micro-batches): their sum equals those of one batch holding them all.
+/// Each micro-batch's gradients are those of [`batch_loss`]'s backward, bit
+/// for bit, computed with activation checkpointing
+/// ([`Gpt2::loss_and_gradients`]).
+#[allow(dead_code)] // the tests' entry point; the example passes its --keep-activations
 pub fn step_gradients(model: &Gpt2, batches: &[Batch], kind: LossKind) -> Result<(f32, GradStore)> {
+    step_gradients_with(model, batches, kind, false)
+}
+
+/// [`step_gradients`], or with `keep_activations` through the whole graph:
+/// every block's activations alive during the backward pass instead of
+/// recomputed block by block (faster, and more memory). Either way only
+/// the parameters' gradients are kept, detached: candle's backward returns
+/// each one holding the graph that computed it (all the activations), with
+/// gradients of tensors that are not parameters (the causal mask's), so
+/// that the sum would otherwise hold every micro-batch's activations until
+/// the optimizer step.
+pub fn step_gradients_with(
+    model: &Gpt2,
+    batches: &[Batch],
+    kind: LossKind,
+    keep_activations: bool,
+) -> Result<(f32, GradStore)> {
     let num_label_tokens = batches.iter().map(Batch::valid_tokens).sum::<Result<usize>>()?;
     let mut total = 0f32;
-    let mut sum: Option<GradStore> = None;
+    let mut sum = GradStore::default();
     for batch in batches {
-        let loss = batch_loss(model, batch, kind, num_label_tokens)?;
+        let (loss, mut grads) = if keep_activations {
+            let loss = batch_loss(model, batch, kind, num_label_tokens)?;
+            let grads = loss.backward()?;
+            (loss, grads)
+        } else {
+            model
+                .loss_and_gradients(&batch.inputs, |hidden| hidden_loss(model, hidden, batch, kind, num_label_tokens))?
+        };
         total += loss.to_scalar::<f32>()?;
-        let grads = loss.backward()?;
-        sum = Some(match sum {
-            None => grads,
-            Some(mut acc) => {
-                for (_, var) in model.named_vars() {
-                    if let Some(g) = grads.get(var.as_tensor()) {
-                        let merged = match acc.get(var.as_tensor()) {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        };
-                        acc.insert(var.as_tensor(), merged);
-                    }
-                }
-                acc
+        for (_, var) in model.named_vars() {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                let g = g.detach();
+                let merged = match sum.remove(var.as_tensor()) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                sum.insert(var.as_tensor(), merged);
             }
-        });
+        }
     }
-    Ok((total, sum.expect("at least one micro-batch")))
+    Ok((total, sum))
 }
 
 /// Names of the parameters without a gradient in `grads`.
