@@ -10,6 +10,7 @@
 
 mod adamw;
 mod checkpoint;
+mod cli;
 mod gpt2;
 mod rng;
 mod train;
@@ -20,12 +21,13 @@ use candle::{Device, Tensor};
 use candle_chunked_ce::ChunkedCrossEntropy;
 use candle_nn::{Optimizer, ParamsAdamW};
 use clap::Parser;
+use cli::{Args, DeviceKind};
 use gpt2::{Config, Gpt2};
 use rng::Rng;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use train::{Dataset, LossKind};
+use train::Dataset;
 
 /// Text this repository contains: the default training data.
 const REPO_TEXT: [&str; 6] = [
@@ -39,95 +41,6 @@ const REPO_TEXT: [&str; 6] = [
 
 /// GPT-2's `<|endoftext|>`: ends every JSONL record, so that the model learns to stop.
 const END_OF_TEXT: u32 = 50256;
-
-/// Fine-tunes a GPT-2 with candle and candle_chunked_ce's fused cross-entropy.
-///
-/// Without --weights: a fresh GPT-2 (real 50257-token vocabulary) on text this
-/// repository contains. With --weights: a Hugging Face GPT-2 checkpoint, with
-/// defaults for fine-tuning pretrained weights.
-#[derive(Parser, Debug)]
-#[command(name = "finetune_gpt2")]
-struct Args {
-    /// GPT-2 model.safetensors (or its directory) in Hugging Face's layout; its config.json beside it gives the
-    /// heads, layer-norm epsilon, activation and tying [default: a fresh model]
-    #[arg(long, value_name = "FILE")]
-    weights: Option<PathBuf>,
-    /// Plain text, or .jsonl of {"prompt": .., "completion": ..} records (prompts masked out of the loss, each
-    /// record ended by <|endoftext|>) [default: text this repository contains]
-    #[arg(long, value_name = "FILE")]
-    data: Option<PathBuf>,
-    /// The cross-entropy: ours without logits (LinearCrossEntropy, over the hidden states and the lm_head weight:
-    /// the fastest and leanest), ours over the logits, or candle-nn's
-    #[arg(long, value_enum, default_value_t = LossKind::Linear)]
-    loss: LossKind,
-    /// Optimizer steps
-    #[arg(long, default_value_t = 150, value_parser = at_least_one)]
-    steps: usize,
-    /// Sequences per micro-batch
-    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
-    batch: usize,
-    /// Micro-batches per step (gradient accumulation)
-    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
-    accum: usize,
-    /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
-    /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens, but 6.4 GB peak instead of 3.1
-    /// GB
-    #[arg(long)]
-    keep_activations: bool,
-    /// Tokens per sequence (at most the model's context)
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
-    seq: usize,
-    /// Peak learning rate [default: 3e-3 for a fresh model, 1e-4 with --weights]
-    #[arg(long)]
-    lr: Option<f64>,
-    /// AdamW weight decay, on matrices only (never on biases or layer-norm gains)
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    /// Linear warm-up steps, then cosine decay to 10% of --lr
-    #[arg(long, default_value_t = 15)]
-    warmup: usize,
-    /// Gradient clipping: largest global L2 norm
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    /// Validate every N steps
-    #[arg(long, default_value_t = 25, value_parser = at_least_one)]
-    eval_every: usize,
-    /// Seed of the fresh weights, batches and samples
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Layers of a fresh model
-    #[arg(long, default_value_t = 2, conflicts_with = "weights")]
-    layers: usize,
-    /// Width of a fresh model
-    #[arg(long, default_value_t = 128, conflicts_with = "weights")]
-    width: usize,
-    /// Attention heads [default: 4 for a fresh model; with --weights config.json's n_head (an error if they
-    /// differ), or width / 64 without a config.json]
-    #[arg(long)]
-    heads: Option<usize>,
-    /// Save the trained model here (and its config.json beside it)
-    #[arg(long, value_name = "FILE")]
-    save: Option<PathBuf>,
-    /// Plot the loss curves to this SVG
-    #[arg(long, value_name = "FILE.svg")]
-    plot: Option<PathBuf>,
-    /// Where to train (cuda needs --features cuda and a GPU)
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
-    device: DeviceKind,
-}
-
-fn at_least_one(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("must be a whole number of at least 1".into()),
-    }
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum DeviceKind {
-    Cpu,
-    Cuda,
-}
 
 /// Plain text, or JSONL prompt/completion records (prompt tokens masked out).
 fn load_data(path: Option<&PathBuf>, bpe: &tiktoken_rs::CoreBPE) -> Result<Dataset> {

@@ -1,0 +1,82 @@
+//! The `finetune_gpt2` example's command line: `--help` prints every flag with
+//! its default, and bad flags are clap errors (the example exits with status 2).
+
+#[path = "../examples/finetune_gpt2/checkpoint.rs"]
+#[allow(dead_code)]
+mod checkpoint;
+#[path = "../examples/finetune_gpt2/cli.rs"]
+mod cli;
+#[path = "../examples/finetune_gpt2/gpt2.rs"]
+#[allow(dead_code)]
+mod gpt2;
+#[path = "../examples/finetune_gpt2/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+#[path = "../examples/finetune_gpt2/train.rs"]
+#[allow(dead_code)]
+mod train;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use cli::{Args, DeviceKind};
+use train::LossKind;
+
+fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+    Args::try_parse_from(std::iter::once("finetune_gpt2").chain(args.iter().copied()))
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let err = parse(&["--help"]).expect_err("--help stops the program");
+    assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+    let help = err.to_string();
+    for flag in [
+        "--weights",
+        "--data",
+        "--loss",
+        "--steps",
+        "--batch",
+        "--accum",
+        "--keep-activations",
+        "--seq",
+        "--lr",
+        "--weight-decay",
+        "--warmup",
+        "--clip",
+        "--eval-every",
+        "--seed",
+        "--layers",
+        "--width",
+        "--heads",
+        "--save",
+        "--plot",
+        "--device",
+    ] {
+        assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
+    }
+    assert!(help.contains("[default: linear]"), "the default loss:\n{help}");
+    assert!(help.contains("[default: 150]"), "the default steps:\n{help}");
+}
+
+#[test]
+fn defaults() -> Result<(), clap::Error> {
+    let args = parse(&[])?;
+    assert_eq!(args.loss, LossKind::Linear);
+    assert_eq!((args.steps, args.batch, args.accum, args.seq), (150, 8, 2, 64));
+    assert_eq!(args.device, DeviceKind::Cpu);
+    assert!(args.weights.is_none() && args.heads.is_none() && args.lr.is_none() && !args.keep_activations);
+    let args = parse(&["--loss", "chunked", "--keep-activations", "--heads", "12"])?;
+    assert_eq!((args.loss, args.keep_activations, args.heads), (LossKind::Chunked, true, Some(12)));
+    Ok(())
+}
+
+#[test]
+fn bad_flags_are_errors() {
+    let kind = |args: &[&str]| parse(args).err().map(|e| e.kind());
+    assert_eq!(kind(&["--no-such-flag"]), Some(ErrorKind::UnknownArgument));
+    assert_eq!(kind(&["--steps", "0"]), Some(ErrorKind::ValueValidation));
+    assert_eq!(kind(&["--steps", "ten"]), Some(ErrorKind::ValueValidation));
+    assert_eq!(kind(&["--loss", "mse"]), Some(ErrorKind::InvalidValue));
+    // A fresh model's shape contradicts a checkpoint's.
+    assert_eq!(kind(&["--weights", "model.safetensors", "--layers", "3"]), Some(ErrorKind::ArgumentConflict));
+}
