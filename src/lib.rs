@@ -52,7 +52,9 @@
 //! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
 //!   autograd, the reference the tests hold the fast path against.
 //!
-//! Features: none by default (CPU); `cuda` builds candle with CUDA.
+//! Features: `gemm-avx512` (default) gives the `gemm` crate, and so candle's CPU
+//! matmul and [`LinearCrossEntropy`]'s products, its AVX-512 kernels, chosen at
+//! run time; `cuda` builds candle with CUDA and our CUDA kernels.
 
 #![warn(missing_docs)]
 
