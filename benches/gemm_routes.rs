@@ -165,40 +165,6 @@ impl Operands {
     }
 }
 
-/// The `gemm` crate with an explicit `Parallelism`, row-major operands,
-/// transposes as strides: `C (+)= op(A) op(B)` as in `routes::Product`.
-fn gemm_with(par: gemm::Parallelism, p: routes::Product, c: &mut [f32], a: &[f32], b: &[f32]) {
-    assert!(c.len() == p.m * p.n && a.len() == p.m * p.k && b.len() == p.k * p.n);
-    let (m, n, k) = (p.m as isize, p.n as isize, p.k as isize);
-    let (a_cs, a_rs) = if p.a_transposed { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if p.b_transposed { (k, 1) } else { (1, n) };
-    // SAFETY: the slices hold exactly the [m, n], [m, k] and [k, n] row-major
-    // matrices these strides address (asserted above); `c` is borrowed mutably.
-    unsafe {
-        gemm::gemm(
-            p.m,
-            p.n,
-            p.k,
-            c.as_mut_ptr(),
-            1,
-            n,
-            p.accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 /// A route of one product: its name and a call, given the operands.
 type Call = Box<dyn FnMut(&mut Operands) -> candle::Result<()>>;
 
@@ -248,7 +214,7 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
             out.push((
                 format!("gemm Rayon({})", 2 * threads),
                 Box::new(move |o| {
-                    gemm_with(Rayon(2 * threads), nt(o), &mut o.logits, &o.x, &o.w);
+                    routes::product_with(Rayon(2 * threads), nt(o), &mut o.logits, &o.x, &o.w);
                     Ok(())
                 }),
             ));
@@ -256,7 +222,7 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
                 format!("gemm Rayon({threads}), W^T copied [H,V]"),
                 Box::new(move |o| {
                     let p = routes::Product { b_transposed: false, ..nt(o) };
-                    gemm_with(Rayon(threads), p, &mut o.logits, &o.x, &o.w_t);
+                    routes::product_with(Rayon(threads), p, &mut o.logits, &o.x, &o.w_t);
                     Ok(())
                 }),
             ));
@@ -279,7 +245,7 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
             out.push((
                 format!("gemm Rayon({})", 2 * threads),
                 Box::new(move |o| {
-                    gemm_with(Rayon(2 * threads), nn(o), &mut o.dx, &o.g, &o.w);
+                    routes::product_with(Rayon(2 * threads), nn(o), &mut o.dx, &o.g, &o.w);
                     Ok(())
                 }),
             ));
@@ -324,7 +290,7 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
             out.push((
                 format!("gemm Rayon({})", 2 * threads),
                 Box::new(move |o| {
-                    gemm_with(Rayon(2 * threads), tn(o), &mut o.dw, &o.g, &o.x);
+                    routes::product_with(Rayon(2 * threads), tn(o), &mut o.dw, &o.g, &o.x);
                     Ok(())
                 }),
             ));

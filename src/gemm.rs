@@ -4,8 +4,8 @@
 //! matmul), the transposes expressed through strides (no copies), on rayon's
 //! threads. Its AVX-512 kernels come with this crate's default `gemm-avx512`
 //! feature (the gemm crate's `x86-v4`, chosen at run time, so the build runs
-//! on any x86-64); without it the gemm crate stops at AVX2/FMA, at about
-//! half the speed on a CPU with AVX-512. The system OpenBLAS was measured
+//! on any x86-64); without it the gemm crate stops at AVX2/FMA, and a
+//! training step of the linear loss takes 1.6x longer on a CPU with AVX-512. The system OpenBLAS was measured
 //! beside it and was no faster on these shapes (BENCHMARKS.md).
 //!
 //! For a chunk of `rows` rows of the linear loss (hidden `H`, vocabulary `V`):
@@ -57,8 +57,17 @@ pub(crate) struct Product {
     pub(crate) accumulate: bool,
 }
 
-/// Computes `p` (see [`Product`]); panics on slices of the wrong length.
+/// Computes `p` (see [`Product`]) on rayon's threads; panics on slices of
+/// the wrong length.
 pub(crate) fn product<T: Scalar>(p: Product, c: &mut [T], a: &[T], b: &[T]) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
+    product_with(parallelism, p, c, a, b)
+}
+
+/// [`product`] with the gemm crate's `parallelism` (the benchmarks try
+/// others than rayon's thread count).
+pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Product, c: &mut [T], a: &[T], b: &[T]) {
     assert!(
         c.len() == p.m * p.n && a.len() == p.m * p.k && b.len() == p.k * p.n,
         "gemm: slices of {}, {} and {} elements for [{m}, {n}] = [{m}, {k}] x [{k}, {n}]",
@@ -79,8 +88,6 @@ pub(crate) fn product<T: Scalar>(p: Product, c: &mut [T], a: &[T], b: &[T]) {
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
     let (m, n, k) = (p.m as isize, p.n as isize, p.k as isize);
     // (column stride, row stride) of each row-major operand.
     let (a_cs, a_rs) = if p.a_transposed { (m, 1) } else { (1, k) };

@@ -279,24 +279,45 @@ pub(crate) fn backward_in_place<T: Logit>(
     sum_weights: Option<&[f32]>,
     chunk_len: usize,
 ) {
-    let vocab = layout.vocab;
-    let base = SharedRows(logits.as_mut_ptr());
-    let len = logits.len();
-    (0..labels.len()).into_par_iter().with_min_len(chunk_len).for_each(|r| {
-        let offset = layout.row_offsets[r];
-        assert!(offset + vocab <= len, "row {r} outside the logits storage");
-        // SAFETY: the caller rejected layouts with internal overlap (candle's
-        // `inplace_op` refuses them), so distinct rows are disjoint slices of
-        // `logits`, each inside it (asserted above); `logits` is borrowed
-        // mutably for the whole call.
-        let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(offset), vocab) };
-        let Some(target) = labels[r] else {
-            row.fill(T::from_f32(0.0));
-            return;
-        };
+    map_valid_rows_mut(logits, layout, labels, chunk_len, |r, row, target| {
         let g = RowGrad::new(&factors[FACTORS * r..FACTORS * (r + 1)], sum_weights.map_or(1.0, |w| w[target]));
         SCRATCH.with_borrow_mut(|scratch| row_grad_in_place(row, target, &g, terms, sum_weights, scratch));
     });
+}
+
+/// Runs `f(r, row, target)` on every valid row of `logits`, in place, rayon
+/// over runs of at least `chunk_len` rows, and returns its results in row
+/// order; an ignored row is zeroed and gets `R::default()`.
+fn map_valid_rows_mut<T: Logit, R: Send + Default>(
+    logits: &mut [T],
+    layout: &RowLayout,
+    labels: &[RowLabel],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [T], usize) -> R + Sync + Send,
+) -> Vec<R> {
+    let vocab = layout.vocab;
+    let base = SharedRows(logits.as_mut_ptr());
+    let len = logits.len();
+    (0..labels.len())
+        .into_par_iter()
+        .with_min_len(chunk_len)
+        .map(|r| {
+            let offset = layout.row_offsets[r];
+            assert!(offset + vocab <= len, "row {r} outside the logits storage");
+            // SAFETY: the caller rejected layouts with internal overlap (candle's
+            // `inplace_op` refuses them), so distinct rows are disjoint slices of
+            // `logits`, each inside it (asserted above); `logits` is borrowed
+            // mutably for the whole call.
+            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(offset), vocab) };
+            match labels[r] {
+                Some(target) => f(r, row, target),
+                None => {
+                    row.fill(T::from_f32(0.0));
+                    R::default()
+                }
+            }
+        })
+        .collect()
 }
 
 /// Writes one valid row's gradient over the row.
@@ -343,31 +364,17 @@ pub(crate) fn forward_with_grad_in_place<T: Logit>(
     unit: UnitRowFactors,
     chunk_len: usize,
 ) -> Vec<f32> {
-    let vocab = layout.vocab;
-    let mut stats = vec![0f32; STATS * labels.len()];
-    let base = SharedRows(logits.as_mut_ptr());
-    let len = logits.len();
-    stats.par_chunks_mut(STATS).enumerate().with_min_len(chunk_len).for_each(|(r, out)| {
-        let offset = layout.row_offsets[r];
-        assert!(offset + vocab <= len, "row {r} outside the logits storage");
-        // SAFETY: as in `backward_in_place`: distinct rows are disjoint slices
-        // of `logits` (candle's `inplace_op` refuses overlapping layouts), each
-        // inside it (asserted above), and `logits` is borrowed mutably.
-        let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(offset), vocab) };
-        let Some(target) = labels[r] else {
-            row.fill(T::from_f32(0.0));
-            return;
-        };
+    let stats = map_valid_rows_mut(logits, layout, labels, chunk_len, |_, row, target| {
         SCRATCH.with_borrow_mut(|scratch| {
-            out.copy_from_slice(&row_stats(row, target, terms, sum_weights, scratch));
-            let (ce, lse) = (out[0], out[1]);
-            let g_lse = lse * unit.lse_squared + unit.lse;
-            let factors = [unit.ce, g_lse, unit.logit_sum, lse, ce];
+            let stats = row_stats(row, target, terms, sum_weights, scratch);
+            let (ce, lse) = (stats[0], stats[1]);
+            let factors = [unit.ce, lse * unit.lse_squared + unit.lse, unit.logit_sum, lse, ce];
             let g = RowGrad::new(&factors, sum_weights.map_or(1.0, |w| w[target]));
             row_grad_in_place(row, target, &g, terms, sum_weights, scratch);
-        });
+            stats
+        })
     });
-    stats
+    stats.into_iter().flatten().collect()
 }
 
 /// `(ce, lse)` of a row from its max, the target logit, and `rest`, the sum
@@ -423,7 +430,7 @@ fn target_is_first_argmax<F: Float>(
 /// A raw row pointer that rayon may share between threads.
 #[derive(Clone, Copy)]
 struct SharedRows<T>(*mut T);
-// SAFETY: only used by `backward_in_place`, where every thread writes its own
+// SAFETY: only used by `map_valid_rows_mut`, where every thread writes its own
 // disjoint rows.
 unsafe impl<T: Send> Send for SharedRows<T> {}
 // SAFETY: as above.
