@@ -7,9 +7,15 @@
 //! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
 //! its floor and against materialised logits instead, then by mode (training,
 //! evaluation, frozen head; `-- --linear --modes` the by-mode table alone); `-- --options [NxV]
-//! [runs]` (default 2048x50257) times the loss options against the plain loss.
+//! [runs]` (default 2048x50257) times the loss options against the plain loss;
+//! `-- --probes [runs]` times first-touch from one thread against several, and
+//! candle's accumulation of a transposed gradient against a contiguous one.
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
+
+#[path = "../src/gemm.rs"]
+#[allow(dead_code)]
+mod routes;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
@@ -104,9 +110,9 @@ fn bandwidth() -> (f64, f64) {
 }
 
 /// Time to first-touch a fresh `bytes` buffer (one write per 4 KiB page),
-/// split over the rayon threads.
-fn first_touch(bytes: usize) -> Duration {
-    let piece = bytes / rayon::current_num_threads() + 1;
+/// split over `threads` of rayon's threads (one piece per thread).
+fn first_touch(bytes: usize, threads: usize) -> Duration {
+    let piece = bytes / threads + 1;
     let times = (0..3)
         .map(|_| {
             let mut buf = vec![0u8; bytes];
@@ -308,6 +314,67 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
     }
 }
 
+/// Two costs the linear loss's design works around, at GPT-2's `[V, H]` =
+/// `[50257, 768]` f32 (the weight gradient): first-touching a fresh buffer
+/// from rayon's threads at once against from one thread (`faulted_zeros` in
+/// `src/linear.rs`), and candle's backprop accumulation of a returned
+/// gradient (`zeros_like` + `add`) when it is the transposed view our CPU
+/// accumulator hands out, against a contiguous one.
+fn probes_table(runs: usize) {
+    let (v, h) = (50257, 768);
+    let bytes = v * h * 4;
+    let threads = rayon::current_num_threads();
+    println!("first touch of a fresh {:.0} MB buffer, median of 3:", bytes as f64 / 1e6);
+    println!("  from {threads} threads: {:.1} ms", ms(first_touch(bytes, threads)));
+    println!("  from one thread: {:.1} ms", ms(first_touch(bytes, 1)));
+    // One 1024-row chunk's `dWᵀ += Xᵀ·G` into the [H, V] accumulator, as
+    // `src/linear.rs` runs it: into a fresh zeroed buffer that the product's
+    // threads fault in, into the same buffer again, and into a fresh buffer
+    // first touched by one thread (that touch included).
+    let rows = 1024;
+    let x: Vec<f32> = (0..rows * h).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+    let g: Vec<f32> = (0..rows * v).map(|i| ((i * 104729 % 1000) as f32 - 500.0) * 1e-6).collect();
+    let product = |acc: &mut [f32]| routes::add_matmul_tn(acc, &x, &g, (h, v, rows));
+    let (mut fresh, mut again, mut touched) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut acc = vec![0f32; h * v];
+        let start = Instant::now();
+        product(&mut acc);
+        fresh.push(start.elapsed());
+        let start = Instant::now();
+        product(&mut acc);
+        again.push(start.elapsed());
+        drop(acc);
+        let start = Instant::now();
+        let mut acc = vec![0f32; h * v];
+        acc.iter_mut().step_by(1024).for_each(|a| *a = 0.0);
+        product(&mut acc);
+        touched.push(start.elapsed());
+        std::hint::black_box(acc);
+    }
+    println!("one 1024-row chunk's weight-gradient product into the f32 [H, V] accumulator, median of {runs}:");
+    println!("  into a fresh buffer (faulted in by the product's threads): {:.1} ms", ms(median(fresh)));
+    println!("  into the same buffer again: {:.1} ms", ms(median(again)));
+    println!("  into a fresh buffer first touched by one thread (touch included): {:.1} ms", ms(median(touched)));
+    let device = Device::Cpu;
+    let acc = Tensor::randn(0f32, 1.0, (h, v), &device).unwrap();
+    let contiguous = acc.t().unwrap().contiguous().unwrap();
+    println!("candle's accumulation of a [{v}, {h}] f32 gradient (zeros + add), median of {runs}:");
+    for (name, grad) in [("transposed view of [H, V]", acc.t().unwrap()), ("contiguous [V, H]", contiguous)] {
+        let times = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                let zeros = Tensor::zeros((v, h), DType::F32, &device).unwrap();
+                let sum = (&zeros + &grad).unwrap();
+                let t = start.elapsed();
+                std::hint::black_box(sum);
+                t
+            })
+            .collect();
+        println!("  {name}: {:.1} ms", ms(median(times)));
+    }
+}
+
 /// The three ways a linear loss is called in practice, each timed as one
 /// call (forward, and backward when anything wants a gradient), ours against
 /// the materialised logits through our logits loss, on the same inputs: a
@@ -431,6 +498,10 @@ fn main() {
         let (n, v) = s.split_once('x').expect("shape as NxV");
         (n.parse().unwrap(), v.parse().unwrap())
     };
+    if std::env::args().any(|a| a == "--probes") {
+        probes_table(args.first().map_or(5, |r| r.parse().unwrap()));
+        return;
+    }
     if std::env::args().any(|a| a == "--options") {
         let (n, v) = args.first().map_or((2048, 50257), nxv);
         options_table(n, v, args.get(1).map_or(5, |r| r.parse().unwrap()));
@@ -464,7 +535,7 @@ fn main() {
             let bytes = n * v * dtype.size_in_bytes();
             let read_pass = bytes as f64 / read_bw * 1e3;
             let rw_pass = bytes as f64 / rw_bw * 1e3;
-            let touch = ms(first_touch(bytes));
+            let touch = ms(first_touch(bytes, rayon::current_num_threads()));
             println!(
                 "{n}x{v} {dtype:?}: logits {:.0} MB; floors: fwd op (1 read) {read_pass:.1} ms; bwd op (read + write) {:.1} ms + first touch of a fresh gradient {touch:.1} ms = {:.1} ms (in place: {:.1} ms); e2e (fwd + bwd floors, 3 passes) {:.1} ms, in place {:.1} ms",
                 bytes as f64 / 1e6,

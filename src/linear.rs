@@ -603,10 +603,11 @@ fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f6
 /// Zeros whose pages are already mapped: on the CPU the buffer is advised to
 /// transparent huge pages (see `cpu::advise_huge_pages`) and one thread
 /// writes one element of each 4 KiB page. A fresh buffer's first write faults
-/// its pages in, and on our VMs faulting from several threads at once is
-/// several times slower than from one: the f32 `[H, V]` weight-gradient
-/// accumulator at 768 x 50257 took 350-580 ms when the gemm crate's two
-/// threads faulted it in, 62 ms from one thread in 4 KiB pages.
+/// its pages in; when that write is the gemm crate's product, the faults land
+/// inside it and cost far more than a plain pass: one 1024-row chunk's
+/// weight-gradient product took 871 ms into a fresh `[768, 50257]` f32
+/// accumulator, 259 ms into a touched one, 320 ms with this one-thread touch
+/// included (`cargo bench --bench ce_table -- --probes`).
 fn faulted_zeros(shape: impl Into<candle::Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
     let zeros = Tensor::zeros(shape, dtype, device)?;
     if device.is_cpu() {
@@ -680,8 +681,8 @@ impl candle::InplaceOp1 for ScaleInPlace {
 /// the thin matmuls dominate (31-row chunks at N = 2048, H = 768, V = 50257
 /// took 4x longer than 1024-row ones, when each chunk also allocated a `[V,
 /// H]` product), and the gemm crate's `G · W` (inner dimension V) still runs
-/// at 243 GFLOP/s on 512 rows against 282 on 1024 (4096 x 768 x 50257 f32:
-/// a training step 0.1-0.2 s faster with 1024-row chunks, BENCHMARKS.md).
+/// at 243-259 GFLOP/s on 512 rows against 282-300 on 1024 (`cargo bench
+/// --bench gemm_routes`, BENCHMARKS.md).
 const MIN_AUTO_CHUNK: usize = 1024;
 
 /// `(start, len)` of each chunk of `chunk_len` rows.

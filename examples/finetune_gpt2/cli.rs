@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub accum: usize,
     /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
-    /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens, but 6.4 GB peak instead of 3.1
+    /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens, but 6.5 GB peak instead of 3.1
     /// GB
     #[arg(long)]
     pub keep_activations: bool,
