@@ -359,6 +359,11 @@ impl RowWeights {
     pub(crate) fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self { ce: self.ce.narrow(0, start, len)?, rest: self.rest.narrow(0, start, len)? })
     }
+
+    /// The multipliers of the rows `f` picks from each column.
+    pub(crate) fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self { ce: f(&self.ce)?, rest: f(&self.rest)? })
+    }
 }
 
 /// The statistics `[N, 4]` of `logits` and the gradient of a scalar loss whose
@@ -391,20 +396,28 @@ pub(crate) fn row_stats_and_unit_grad(
     } else {
         row_stats(logits, labels, &cfg)?
     };
-    let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
+    let unit_factors = unit_factors(&stats, unit, weights)?;
+    let grad = if fused_on_cuda || fused_on_cpu {
+        logits.detach()
+    } else {
+        let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
+        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, &cfg)?
+    };
+    Ok((stats, unit_factors, grad))
+}
+
+/// The per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` that rows with the
+/// statistics `stats` (`[N, 4]`) receive when a scalar loss receives 1, from
+/// `unit` and, for a weighted loss, the rows' `weights` (see the maths above).
+pub(crate) fn unit_factors(stats: &Tensor, unit: UnitFactors, weights: Option<&RowWeights>) -> Result<Tensor> {
+    let lse = stats.narrow(1, 1, 1)?;
     let constant = |v: f64| Tensor::full(v, (stats.dim(0)?, 1), lse.device())?.to_dtype(lse.dtype());
     let (mut g_ce, mut g_lse, mut g_sum) =
         (constant(unit.ce)?, lse.affine(unit.lse_squared, unit.lse)?, constant(unit.logit_sum)?);
     if let Some(w) = weights {
         (g_ce, g_lse, g_sum) = ((g_ce * &w.ce)?, (g_lse * &w.rest)?, (g_sum * &w.rest)?);
     }
-    let unit_factors = Tensor::cat(&[g_ce, g_lse, g_sum], 1)?;
-    let grad = if fused_on_cuda || fused_on_cpu {
-        logits.detach()
-    } else {
-        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, &cfg)?
-    };
-    Ok((stats, unit_factors, grad))
+    Tensor::cat(&[g_ce, g_lse, g_sum], 1)
 }
 
 /// The fused forward that also rewrites its logits with the gradient of a

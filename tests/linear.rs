@@ -215,7 +215,10 @@ fn gradients_only_where_wanted(device: &Device) -> anyhow::Result<()> {
     let hidden = common::logits(&mut rng, &[rows, 12], 1.0, DType::F32, device)?;
     let weight = common::logits(&mut rng, &[97, 12], 0.5, DType::F32, device)?;
     let labels = common::labels(&mut rng, &[rows], 97, 0.2, -100, device)?;
-    let chunks = rows / chunk;
+    // Ignored rows are left out of the products.
+    let valid = labels.to_vec1::<i64>()?.iter().filter(|&&l| l != -100).count();
+    assert!(valid < rows, "the test needs ignored rows");
+    let chunks = valid.div_ceil(chunk);
     for reduction in [Reduction::Mean, Reduction::None] {
         let linear = LinearCrossEntropy::default().chunk_len(Some(chunk)).reduction(reduction);
         let full = ChunkedCrossEntropy::default().reduction(reduction);
@@ -233,6 +236,8 @@ fn gradients_only_where_wanted(device: &Device) -> anyhow::Result<()> {
             let recomputed = reduction == Reduction::None && (hidden_wanted || weight_wanted);
             let logits = chunks * (1 + usize::from(recomputed));
             assert_eq!(after.logits - before.logits, logits, "{what}: logits products");
+            let logits_rows = valid * (1 + usize::from(recomputed));
+            assert_eq!(after.logits_rows - before.logits_rows, logits_rows, "{what}: rows multiplied");
             let hidden_grads = after.hidden_grad - before.hidden_grad;
             assert_eq!(hidden_grads, chunks * usize::from(hidden_wanted), "{what}: hidden-gradient products");
             let weight_grads = after.weight_grad - before.weight_grad;
