@@ -6,7 +6,9 @@
 //! `cargo bench --bench ce_table -- 2048x50257 [runs]`; `-- --linear
 //! [NxHxV] [runs]` (default 4096x768x50257) times the fused linear loss against
 //! its floor and against materialised logits instead, then by mode (training,
-//! evaluation, frozen head; `-- --linear --modes` the by-mode table alone); `-- --options [NxV]
+//! evaluation, frozen head; `-- --linear --modes` the by-mode table alone;
+//! `--ignore-every=K` ignores every K-th label there, 10 by default as in
+//! `scripts/torch_linear_ce_bench.py`, 0 for none); `-- --options [NxV]
 //! [runs]` (default 2048x50257) times the loss options against the plain loss;
 //! `-- --probes [runs]` times first-touch from one thread against several, and
 //! candle's accumulation of a transposed gradient against a contiguous one.
@@ -381,17 +383,19 @@ fn probes_table(runs: usize) {
 /// training step (hidden states and weight are variables), evaluation
 /// (nothing is), and a frozen head (only the hidden states are, as with LoRA).
 /// `scripts/torch_linear_ce_bench.py --modes` times PyTorch's the same way.
-fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize) {
+fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) {
     let device = Device::Cpu;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
     let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
-    // About 10% ignored, as in PyTorch's script.
-    let labels: Vec<i64> = (0..n).map(|i| if i % 10 == 0 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    // Every `ignore_every`-th label ignored (10%, by default), as in PyTorch's script.
+    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
+    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { ((i * 7919) % v) as i64 }).collect();
     let labels = Tensor::new(labels.as_slice(), &device).unwrap();
     let linear = LinearCrossEntropy::default();
     let ce = ChunkedCrossEntropy::default();
     let materialised = 5.0 * ((n * v * 4) as f64) < 0.8 * total_memory() as f64;
-    println!("\nlinear cross-entropy by mode, N={n} H={h} V={v} f32: median ms over {runs} runs (min-max)");
+    let share = if ignore_every > 0 { format!("1 in {ignore_every}") } else { "no".into() };
+    println!("\nlinear cross-entropy by mode, N={n} H={h} V={v} f32, {share} labels ignored: median ms over {runs} runs (min-max)");
     println!("{:<12} {:>22} {:>22}", "mode", "LinearCrossEntropy", "ours over logits");
     for (mode, hidden_var, weight_var) in
         [("training", true, true), ("evaluation", false, false), ("frozen head", true, false)]
@@ -491,7 +495,10 @@ fn main() {
         if !std::env::args().any(|a| a == "--modes") {
             linear_table(n, h, v, runs);
         }
-        linear_modes_table(n, h, v, runs);
+        let ignore_every = std::env::args()
+            .find_map(|a| a.strip_prefix("--ignore-every=").map(|k| k.parse().expect("--ignore-every=K")))
+            .unwrap_or(10);
+        linear_modes_table(n, h, v, runs, ignore_every);
         return;
     }
     let nxv = |s: &String| -> (usize, usize) {
