@@ -4,12 +4,15 @@
 //! f32 logits on the CPU match the slow autograd reference computed in f64;
 //! ignored and masked rows get exactly zero gradient, and the loss is finite.
 //! With random label smoothing, z-loss and soft-cap, the fused kernels match
-//! the primitive engine run in f64, output by output.
+//! the primitive engine run in f64, output by output. The linear loss, over
+//! random hidden states and weight (its ignored and masked rows left out of
+//! its products), matches the primitive engine run in f64 on the logits
+//! `hidden @ weightᵀ`, output by output and in both gradients.
 
 mod common;
 
 use candle::{DType, Device, Tensor};
-use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
+use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, LinearCrossEntropy, Reduction};
 use common::{loss_and_grad, slow_loss_and_grad, Rng};
 use proptest::prelude::*;
 
@@ -222,6 +225,75 @@ fn check_options(
     Ok(())
 }
 
+/// The linear loss (fused, `case.chunk_len` rows a chunk) on f32 hidden
+/// states `[dims, H]` and weight `[V, H]` from `seed`, with the case's mask,
+/// options and weights, against the primitive engine in f64 on the logits
+/// `hidden @ weightᵀ` of the same values: every output and the gradients of
+/// `hidden` and `weight`. Gradients come from the forward pass (`Mean`, `Sum`)
+/// or a recomputing backward (`None`, whose upstream gradient is per token).
+fn check_linear(
+    case: &Case,
+    width: usize,
+    (smoothing, z_loss, softcap): (f64, f64, Option<f64>),
+    seed: u64,
+) -> anyhow::Result<()> {
+    let device = &Device::Cpu;
+    let Inputs { labels, mask, .. } = inputs(case)?;
+    let (class_weights, loss_weights) = weights(case, seed)?;
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let hidden_dims: Vec<usize> = case.dims.iter().copied().chain([width]).collect();
+    // Logits of about the case's scale: hidden in ±scale, weight in ±1/H.
+    let hidden = common::logits(&mut rng, &hidden_dims, case.scale, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[case.vocab, width], 1.0 / width as f64, DType::F32, device)?;
+    let (mask, weights) = (mask.as_ref(), Some(&loss_weights));
+    let run = |dtype: DType| -> anyhow::Result<(CrossEntropyOutput, Tensor, Tensor)> {
+        let h = candle::Var::from_tensor(&hidden.to_dtype(dtype)?)?;
+        let w = candle::Var::from_tensor(&weight.to_dtype(dtype)?)?;
+        let class = Some(class_weights.to_dtype(dtype)?);
+        let out = if dtype == DType::F32 {
+            let ce = LinearCrossEntropy::default()
+                .chunk_len(Some(case.chunk_len))
+                .reduction(case.reduction)
+                .label_smoothing(smoothing)
+                .z_loss(z_loss)
+                .logit_softcap(softcap)
+                .class_weights(class);
+            ce.forward_with_outputs(h.as_tensor(), w.as_tensor(), None, &labels, mask, weights, case.num_label_tokens)?
+        } else {
+            let ce = ChunkedCrossEntropy::new(case.chunk_len, false, IGNORE_INDEX)
+                .reduction(case.reduction)
+                .label_smoothing(smoothing)
+                .z_loss(z_loss)
+                .logit_softcap(softcap)
+                .class_weights(class);
+            let logits = h.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
+            let weights = weights.map(|t| t.to_dtype(dtype)).transpose()?;
+            ce.forward_with_outputs(&logits, &labels, mask, weights.as_ref(), case.num_label_tokens)?
+        };
+        let grads = common::backward_of(&out.loss)?.backward()?;
+        let grad =
+            |v: &candle::Var| grads.get(v.as_tensor()).map_or_else(|| v.as_tensor().zeros_like(), |g| Ok(g.clone()));
+        Ok((out, grad(&h)?, grad(&w)?))
+    };
+    let (got, hidden_grad, weight_grad) = run(DType::F32)?;
+    let (want, want_hidden_grad, want_weight_grad) = run(DType::F64)?;
+    // The f32 products round each logit to about 1e-7 of `H` terms of the
+    // case's scale; the f64 truth does not.
+    let (rtol, atol) = (1e-4, 1e-5 * case.scale.max(1.0));
+    close(&got.loss, &want.loss, rtol, atol, "loss")?;
+    close(&got.token_losses, &want.token_losses, rtol, atol, "token losses")?;
+    close(&got.z_loss, &want.z_loss, rtol, atol, "z_loss")?;
+    close(&got.lse, &want.lse, rtol, atol, "lse")?;
+    for (name, got, want) in [("hidden", &hidden_grad, &want_hidden_grad), ("weight", &weight_grad, &want_weight_grad)]
+    {
+        let largest = want.abs()?.flatten_all()?.to_vec1::<f64>()?.into_iter().fold(0.0, f64::max);
+        // Where smoothing cancels a gradient to about 0, its f32 error is that of
+        // the terms it cancels (see `check_options`): the absolute floor.
+        close(got, want, rtol, 1e-6 + 1e-4 * largest, &format!("{name} gradient"))?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -233,6 +305,19 @@ proptest! {
     #[test]
     fn options_match_f64_primitive_engine(case in case(), options in options()) {
         check_options(&case, options, None).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    }
+
+    // Two classes at least: with one, smoothing cancels every gradient to exactly 0
+    // in f64, and the f32 result is the rounding of the cancelled terms, whose size
+    // (loss weights x class weights x hidden values) no floor of the result covers.
+    #[test]
+    fn linear_matches_f64_primitive_engine(
+        case in case().prop_filter("two classes at least", |c| c.vocab >= 2),
+        width in 1usize..9,
+        options in options(),
+        seed in any::<u64>(),
+    ) {
+        check_linear(&case, width, options, seed).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 
     #[test]
