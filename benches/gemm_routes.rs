@@ -9,7 +9,9 @@
 //!
 //! Routes: candle's `matmul` (which allocates its output, and for product 3
 //! does not accumulate); the `gemm` crate called directly through
-//! `src/gemm.rs` (strides, no copies, `Parallelism::Rayon(threads)`) and with
+//! `src/gemm.rs` (strides, no copies, `Parallelism::Rayon(threads)`; product 2,
+//! whose inner dimension `V` is long, split along `V` into one single-threaded
+//! product per thread, and also not split) and with
 //! other `Parallelism` settings; for product 1 also with `Wᵀ` copied once to
 //! `[H, V]` (the copy not timed, as once per pass it is amortised over the
 //! chunks; its time is printed apart); for products 2 and 3 also into the
@@ -236,9 +238,16 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
                 }),
             ));
             out.push((
-                format!("gemm Rayon({threads}) [gemm.rs]"),
+                format!("gemm, V split in {threads} [gemm.rs]"),
                 Box::new(move |o| {
                     routes::product(nn(o), &mut o.dx, &o.g, &o.w);
+                    Ok(())
+                }),
+            ));
+            out.push((
+                format!("gemm Rayon({threads}), not split"),
+                Box::new(move |o| {
+                    routes::product_with(Rayon(threads), nn(o), &mut o.dx, &o.g, &o.w);
                     Ok(())
                 }),
             ));
@@ -250,7 +259,7 @@ fn product_routes(product: usize, threads: usize) -> Vec<(String, Call)> {
                 }),
             ));
             out.push((
-                format!("gemm Rayon({threads}), dX^T = W^T G^T {TRANSPOSED}"),
+                format!("gemm, V split, dX^T = W^T G^T {TRANSPOSED}"),
                 Box::new(move |o| {
                     let p = routes::Product {
                         m: H,

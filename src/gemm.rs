@@ -58,16 +58,66 @@ pub(crate) struct Product {
 }
 
 /// Computes `p` (see [`Product`]) on rayon's threads; panics on slices of
-/// the wrong length.
+/// the wrong length. A product whose inner dimension is long against its
+/// output (see [`inner_splits`]) is split along it instead.
 pub(crate) fn product<T: Scalar>(p: Product, c: &mut [T], a: &[T], b: &[T]) {
     let threads = rayon::current_num_threads();
+    let splits = inner_splits(p, threads);
+    if splits > 1 {
+        return product_split_inner(splits, p, c, a, b);
+    }
     let parallelism = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
     product_with(parallelism, p, c, a, b)
 }
 
-/// [`product`] with the gemm crate's `parallelism` (the benchmarks try
-/// others than rayon's thread count).
-pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Product, c: &mut [T], a: &[T], b: &[T]) {
+/// An inner dimension at least this many times the output's larger side is
+/// "long" (see [`inner_splits`]).
+const LONG_INNER: usize = 4;
+
+/// Into how many ranges of `k` to split `p` on `threads` threads: one per
+/// thread when `k` is long against the output (`k >= LONG_INNER * max(m,
+/// n)`, and each range still is), else 1. The input gradient `G · W` (`(m, n,
+/// k) = (1024, 768, 50257)`) ran at 267-280 GFLOP/s with the gemm crate
+/// threading its small output, 291-300 split in two along `V`, one
+/// single-threaded product per thread (2 threads, `examples`-style scratch
+/// timing, BENCHMARKS.md); the logits and weight-gradient products, whose `k`
+/// is short, gained nothing from splitting their output instead.
+fn inner_splits(p: Product, threads: usize) -> usize {
+    let side = p.m.max(p.n).max(1);
+    threads.min(p.k / (LONG_INNER * side)).max(1)
+}
+
+/// `p` as `splits` products over consecutive ranges of `k`, run as rayon
+/// tasks, each single-threaded: the first into `c` (adding to it if
+/// `p.accumulate`), the others into zeroed `[m, n]` partials that are then
+/// added to `c`. Panics on slices of the wrong length.
+pub(crate) fn product_split_inner<T: Scalar>(splits: usize, p: Product, c: &mut [T], a: &[T], b: &[T]) {
+    use rayon::prelude::*;
+    check_lengths(p, c, a, b);
+    let splits = splits.clamp(1, p.k.max(1));
+    let range = |s: usize| (s * p.k / splits, (s + 1) * p.k / splits);
+    let mut partials: Vec<Vec<T>> = (1..splits).map(|_| vec![T::zero(); p.m * p.n]).collect();
+    let outputs = std::iter::once(&mut *c).chain(partials.iter_mut().map(Vec::as_mut_slice));
+    outputs.enumerate().collect::<Vec<_>>().into_par_iter().for_each(|(s, out)| {
+        let (start, end) = range(s);
+        let part = Product { k: end - start, accumulate: p.accumulate && s == 0, ..p };
+        // SAFETY: `check_lengths` checked `a` and `b` against `p`; the range
+        // `[start, end)` of `k` addresses, from offsets `start * a_cs` and `start *
+        // b_rs`, only elements of op(A)'s columns and op(B)'s rows in that range,
+        // all inside the slices; `out` holds `m * n` elements and is written by
+        // this task alone.
+        unsafe { strided_product(::gemm::Parallelism::None, p, part, out, a, b, start) }
+    });
+    let width = p.n.max(1);
+    c.par_chunks_mut(width).enumerate().for_each(|(row, c_row)| {
+        for partial in &partials {
+            c_row.iter_mut().zip(&partial[row * width..(row + 1) * width]).for_each(|(x, &y)| *x = *x + y);
+        }
+    });
+}
+
+/// Panics unless `c`, `a` and `b` hold exactly the elements of `p`'s matrices.
+fn check_lengths<T>(p: Product, c: &[T], a: &[T], b: &[T]) {
     assert!(
         c.len() == p.m * p.n && a.len() == p.m * p.k && b.len() == p.k * p.n,
         "gemm: slices of {}, {} and {} elements for [{m}, {n}] = [{m}, {k}] x [{k}, {n}]",
@@ -78,6 +128,33 @@ pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Produ
         n = p.n,
         k = p.k,
     );
+}
+
+/// [`product`] with the gemm crate's `parallelism` (the benchmarks try
+/// others than rayon's thread count), never split.
+pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Product, c: &mut [T], a: &[T], b: &[T]) {
+    check_lengths(p, c, a, b);
+    // SAFETY: the lengths were checked against `p`, and the whole of `k` is taken.
+    unsafe { strided_product(parallelism, p, p, c, a, b, 0) }
+}
+
+/// The gemm crate's product `part` (the same `m`, `n` as `whole`, and `part.k`
+/// of `whole`'s inner dimension starting at `k_start`) on row-major operands
+/// laid out for `whole`.
+///
+/// # Safety
+/// `a`, `b` and `c` must hold `whole`'s `[m, k]`, `[k, n]` and `[m, n]`
+/// matrices, and `k_start + part.k <= whole.k`.
+unsafe fn strided_product<T: Scalar>(
+    parallelism: ::gemm::Parallelism,
+    whole: Product,
+    part: Product,
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    k_start: usize,
+) {
+    let p = part;
     if p.m == 0 || p.n == 0 {
         return;
     }
@@ -88,14 +165,15 @@ pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Produ
         }
         return;
     }
-    let (m, n, k) = (p.m as isize, p.n as isize, p.k as isize);
+    let (m, n, k) = (whole.m as isize, whole.n as isize, whole.k as isize);
     // (column stride, row stride) of each row-major operand.
     let (a_cs, a_rs) = if p.a_transposed { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if p.b_transposed { (k, 1) } else { (1, n) };
-    // SAFETY: the assertion above checked that `c`, `a` and `b` hold exactly
-    // the `m * n`, `m * k` and `k * n` elements these strides address
-    // (every index `i * rs + j * cs` with `i`, `j` in range is in bounds);
-    // `c` is borrowed mutably, so it overlaps neither input.
+    // SAFETY: the caller's contract: `c`, `a` and `b` hold exactly the `m * n`,
+    // `m * k` and `k * n` elements these strides address (every index `i * rs +
+    // j * cs` with `i`, `j` in range is in bounds), and columns `k_start..k_start +
+    // part.k` of op(A) and rows of op(B) lie within them; `c` is borrowed
+    // mutably, so it overlaps neither input.
     unsafe {
         ::gemm::gemm(
             p.m,
@@ -105,10 +183,10 @@ pub(crate) fn product_with<T: Scalar>(parallelism: ::gemm::Parallelism, p: Produ
             1,
             n,
             p.accumulate,
-            a.as_ptr(),
+            a.as_ptr().offset(k_start as isize * a_cs),
             a_cs,
             a_rs,
-            b.as_ptr(),
+            b.as_ptr().offset(k_start as isize * b_rs),
             b_cs,
             b_rs,
             T::one(),
@@ -288,8 +366,20 @@ mod tests {
 
     /// Every layout against the triple loop; `tol` relative to `k`.
     fn check<T: Scalar + From<f32> + Into<f64>>(tol: f64) {
-        for (m, n, k) in [(37, 19, 23), (1, 1, 1), (5, 1, 9), (1, 7, 3), (64, 33, 129), (3, 4, 0), (0, 4, 3), (4, 0, 3)]
-        {
+        // (3, 5, 97) and (2, 1, 40): a long inner dimension, split by `product` too.
+        let shapes = [
+            (37, 19, 23),
+            (1, 1, 1),
+            (5, 1, 9),
+            (1, 7, 3),
+            (64, 33, 129),
+            (3, 5, 97),
+            (2, 1, 40),
+            (3, 4, 0),
+            (0, 4, 3),
+            (4, 0, 3),
+        ];
+        for (m, n, k) in shapes {
             for (a_transposed, b_transposed) in [(false, true), (false, false), (true, false), (true, true)] {
                 for accumulate in [false, true] {
                     let p = Product { m, n, k, a_transposed, b_transposed, accumulate };
@@ -299,12 +389,19 @@ mod tests {
                     if accumulate {
                         want.iter_mut().zip(&start).for_each(|(w, &s)| *w += s.into());
                     }
-                    // NaN where `C` is overwritten: a product that reads it fails.
-                    let mut c = if accumulate { start.clone() } else { vec![T::from(f32::NAN); m * n] };
-                    product(p, &mut c, &a, &b);
-                    for (idx, (&got, &want)) in c.iter().zip(&want).enumerate() {
-                        let got: f64 = got.into();
-                        assert!((got - want).abs() <= tol * (k as f64 + 1.0), "{p:?}: c[{idx}] = {got}, want {want}");
+                    // The product as the library runs it, and split along `k` in 2 and 3.
+                    for splits in [0, 2, 3] {
+                        // NaN where `C` is overwritten: a product that reads it fails.
+                        let mut c = if accumulate { start.clone() } else { vec![T::from(f32::NAN); m * n] };
+                        match splits {
+                            0 => product(p, &mut c, &a, &b),
+                            _ => product_split_inner(splits, p, &mut c, &a, &b),
+                        }
+                        for (idx, (&got, &want)) in c.iter().zip(&want).enumerate() {
+                            let got: f64 = got.into();
+                            let what = format!("{p:?}, {splits} splits: c[{idx}] = {got}, want {want}");
+                            assert!((got - want).abs() <= tol * (k as f64 + 1.0), "{what}");
+                        }
                     }
                 }
             }
