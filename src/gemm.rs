@@ -11,7 +11,8 @@
 //! For a chunk of `rows` rows of the linear loss (hidden `H`, vocabulary `V`):
 //!
 //! - logits = X · Wᵀ: [`matmul_nt`] with `(m, n, k) = (rows, V, H)`;
-//! - dX = G · W: [`matmul_nn`] with `(m, n, k) = (rows, H, V)`;
+//! - dX = G · W: [`matmul_nn`] with `(m, n, k) = (rows, H, V)`, split along
+//!   `V` between the threads (see [`inner_splits`]);
 //! - dWᵀ += Xᵀ · G: [`add_matmul_tn`] with `(m, n, k) = (H, V, rows)`, the
 //!   weight gradient accumulated transposed, `[H, V]`: the gemm crate runs
 //!   that orientation about 1.3x faster than `dW += Gᵀ · X` into `[V, H]`.
@@ -77,11 +78,12 @@ const LONG_INNER: usize = 4;
 /// Into how many ranges of `k` to split `p` on `threads` threads: one per
 /// thread when `k` is long against the output (`k >= LONG_INNER * max(m,
 /// n)`, and each range still is), else 1. The input gradient `G · W` (`(m, n,
-/// k) = (1024, 768, 50257)`) ran at 267-280 GFLOP/s with the gemm crate
-/// threading its small output, 291-300 split in two along `V`, one
-/// single-threaded product per thread (2 threads, `examples`-style scratch
-/// timing, BENCHMARKS.md); the logits and weight-gradient products, whose `k`
-/// is short, gained nothing from splitting their output instead.
+/// k) = (1024, 768, 50257)`) runs at 284 GFLOP/s with the gemm crate
+/// threading its small output, and at 307 (`torch.mm`: 304) split in two along
+/// `V`, one single-threaded product per thread (2 threads, `cargo bench
+/// --bench gemm_routes`, BENCHMARKS.md). The logits and weight-gradient
+/// products, whose `k` is short, gained nothing from splitting their output
+/// between threads that way instead.
 fn inner_splits(p: Product, threads: usize) -> usize {
     let side = p.m.max(p.n).max(1);
     threads.min(p.k / (LONG_INNER * side)).max(1)
