@@ -887,8 +887,8 @@ fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
 /// transposed, `[H, V]` += `Hᵀ · G` by `gemm::ops::AddTransposedProduct` (on
 /// f32/f64 copies of the chunk's operands): the gemm crate runs that
 /// orientation at torch's speed and the other at three quarters of it
-/// (BENCHMARKS.md), and the gradient handed out is the transposed view (candle's
-/// backprop copies it into its own sum anyway). On CUDA (f32, bf16, f16) one
+/// (BENCHMARKS.md), and the gradient is handed out transposed back into the
+/// pass's logits buffer (see [`into_gradient`](Self::into_gradient)). On CUDA (f32, bf16, f16) one
 /// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
 /// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
 /// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
