@@ -396,7 +396,7 @@ impl Projection {
     /// for autograd when the inputs track).
     fn logits(&self, rows: &Tensor) -> Result<Tensor> {
         count_product(|c| &mut c.logits);
-        count(|c| &mut c.logits_rows, rows.dims().iter().rev().skip(1).product());
+        count(|c| &mut c.logits_rows, rows.elem_count() / rows.dim(candle::D::Minus1)?.max(1));
         self.add_bias(rows.matmul(&self.weight.t()?)?)
     }
 
@@ -432,6 +432,8 @@ impl Projection {
 
 /// The `[chunk, V]` logits buffer of one pass over the chunks (see
 /// [`Projection::chunk_logits`]); allocated by the first chunk, the largest.
+/// Once the pass is over it may hold the weight gradient (see
+/// [`ProductSum::into_gradient`]).
 #[derive(Default)]
 struct LogitsBuffer(Option<Tensor>);
 
@@ -512,7 +514,7 @@ impl ChunkPass<'_> {
             let labels = labels.narrow(0, start, len)?;
             let logits = projection.chunk_logits(&chunk, &mut buffer)?;
             let weights = weights.map(|w| w.narrow(start, len)).transpose()?;
-            let (chunk_stats, _, logits_grad) =
+            let (chunk_stats, logits_grad) =
                 op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted, weights.as_ref())?;
             sums.add(start, &chunk, &logits_grad, projection)?;
             stats.push(chunk_stats);

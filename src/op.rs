@@ -369,9 +369,9 @@ impl RowWeights {
 /// The statistics `[N, 4]` of `logits` and the gradient of a scalar loss whose
 /// value receives 1, from `unit` (see [`UnitFactors`]) and, for a weighted
 /// loss, the rows' `weights`, written over the logits' storage: they must be
-/// a temporary nobody else reads (the linear loss's chunk logits). Also
-/// returns the per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` the gradient
-/// was formed with, and the gradient itself. Unweighted on CUDA, one fused
+/// a temporary nobody else reads (the linear loss's chunk logits). Returns
+/// the statistics and the gradient (the per-row factors it was formed with
+/// are [`unit_factors`] of the statistics). Unweighted on CUDA, one fused
 /// kernel makes two passes over the logits (the forward's read, then a read
 /// mostly from L2 and the write); otherwise the forward engine runs, then the
 /// in-place backward.
@@ -381,7 +381,7 @@ pub(crate) fn row_stats_and_unit_grad(
     cfg: &OpConfig,
     unit: UnitFactors,
     weights: Option<&RowWeights>,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     let cfg = OpConfig { inplace_grad: true, ..cfg.clone() };
     let fused = cfg.engine == Engine::Fused && weights.is_none();
     let fused_on_cuda = fused && logits.device().is_cuda();
@@ -396,14 +396,14 @@ pub(crate) fn row_stats_and_unit_grad(
     } else {
         row_stats(logits, labels, &cfg)?
     };
-    let unit_factors = unit_factors(&stats, unit, weights)?;
     let grad = if fused_on_cuda || fused_on_cpu {
         logits.detach()
     } else {
         let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
-        logits_grad(logits, labels, &Tensor::cat(&[&unit_factors, &lse, &ce], 1)?, &cfg)?
+        let factors = Tensor::cat(&[&unit_factors(&stats, unit, weights)?, &lse, &ce], 1)?;
+        logits_grad(logits, labels, &factors, &cfg)?
     };
-    Ok((stats, unit_factors, grad))
+    Ok((stats, grad))
 }
 
 /// The per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` that rows with the
