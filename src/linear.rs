@@ -432,8 +432,6 @@ impl Projection {
 
 /// The `[chunk, V]` logits buffer of one pass over the chunks (see
 /// [`Projection::chunk_logits`]); allocated by the first chunk, the largest.
-/// Once the pass is over it may hold the weight gradient (see
-/// [`ProductSum::into_gradient`]).
 #[derive(Default)]
 struct LogitsBuffer(Option<Tensor>);
 
@@ -523,7 +521,7 @@ impl ChunkPass<'_> {
             true => Tensor::zeros((0, STATS), reference::compute_dtype(rows.dtype()), rows.device())?,
             false => Tensor::cat(&stats, 0)?,
         };
-        Ok((stats, sums.finish(projection.bias.is_some(), buffer.0.take())?, boost))
+        Ok((stats, sums.finish(projection.bias.is_some())?, boost))
     }
 }
 
@@ -576,11 +574,8 @@ impl GradientSums {
 
     /// `[rows, weight, bias]` gradients (`None` where not wanted; bias only
     /// when there is one), the weight's and bias's still in the accumulator dtype.
-    /// `spare` is the pass's logits buffer, dead by now: the weight gradient
-    /// may be laid out in it (see [`ProductSum::into_gradient`]).
-    fn finish(self, has_bias: bool, spare: Option<Tensor>) -> Result<Vec<Option<Tensor>>> {
-        let weight = self.weight.map(|w| w.into_gradient(spare)).transpose()?;
-        let mut gradients = vec![self.rows, weight];
+    fn finish(self, has_bias: bool) -> Result<Vec<Option<Tensor>>> {
+        let mut gradients = vec![self.rows, self.weight.map(ProductSum::into_gradient).transpose()?];
         if has_bias {
             gradients.push(match self.bias {
                 Some(Sum(Some(sum))) => Some(sum),
@@ -660,55 +655,6 @@ impl candle::InplaceOp1 for FaultIn {
         }
         Ok(())
     }
-}
-
-/// `dst = srcᵀ` in place: `dst` `[V, H]` and `src` `[H, V]`, contiguous,
-/// f32 or f64 (the CPU's weight gradient, see [`ProductSum::into_gradient`]).
-struct TransposeInto;
-
-impl candle::InplaceOp2 for TransposeInto {
-    fn name(&self) -> &'static str {
-        "chunked-linear-cross-entropy-transpose"
-    }
-
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_layout: &Layout, src: &CpuStorage, src_layout: &Layout) -> Result<()> {
-        let (Some(d), Some(s)) = (dst_layout.contiguous_offsets(), src_layout.contiguous_offsets()) else {
-            bail!("{}: the operands must be contiguous", self.name())
-        };
-        let ((rows, cols), (src_rows, src_cols)) = (dst_layout.shape().dims2()?, src_layout.shape().dims2()?);
-        if (src_rows, src_cols) != (cols, rows) {
-            bail!("{}: {:?} is not the transpose of {:?}", self.name(), dst_layout.shape(), src_layout.shape())
-        }
-        match (dst, src) {
-            (CpuStorage::F32(dst), CpuStorage::F32(src)) => transpose(&mut dst[d.0..d.1], &src[s.0..s.1], rows, cols),
-            (CpuStorage::F64(dst), CpuStorage::F64(src)) => transpose(&mut dst[d.0..d.1], &src[s.0..s.1], rows, cols),
-            _ => bail!("{}: the operands must both be f32 or both f64", self.name()),
-        }
-        Ok(())
-    }
-}
-
-/// `dst` (`[rows, cols]`) `= src`ᵀ (`src` `[cols, rows]`), row-major, in
-/// tiles of 64 x 64 so that both sides are read and written a cache line at
-/// a time, bands of 64 rows of `dst` on rayon's threads.
-fn transpose<T: Copy + Send + Sync>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
-    use rayon::prelude::*;
-    const TILE: usize = 64;
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    dst.par_chunks_mut(TILE * cols).enumerate().for_each(|(band, dst_band)| {
-        let first_row = band * TILE;
-        let band_rows = dst_band.len() / cols;
-        for col_start in (0..cols).step_by(TILE) {
-            for c in col_start..(col_start + TILE).min(cols) {
-                let src_row = &src[c * rows + first_row..c * rows + first_row + band_rows];
-                for (r, &value) in src_row.iter().enumerate() {
-                    dst_band[r * cols + c] = value;
-                }
-            }
-        }
-    });
 }
 
 /// `x *= scale` in place, for the gradients' f32 (f64) accumulators.
@@ -849,7 +795,7 @@ impl LinearBackward {
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, &self.cfg)?;
             sums.add(start, &chunk, &logits_grad, &projection)?;
         }
-        let mut gradients = sums.finish(projection.bias.is_some(), buffer.0.take())?;
+        let mut gradients = sums.finish(projection.bias.is_some())?;
         gradients[0] = gradients[0].take().map(|g| self.selection.scatter(&g)).transpose()?;
         input_gradients(gradients, inputs, 1.0)
     }
@@ -889,8 +835,8 @@ fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
 /// transposed, `[H, V]` += `Hᵀ · G` by `gemm::ops::AddTransposedProduct` (on
 /// f32/f64 copies of the chunk's operands): the gemm crate runs that
 /// orientation at torch's speed and the other at three quarters of it
-/// (BENCHMARKS.md), and the gradient is handed out transposed back into the
-/// pass's logits buffer (see [`into_gradient`](Self::into_gradient)). On CUDA (f32, bf16, f16) one
+/// (BENCHMARKS.md), and the gradient handed out is the transposed view (candle's
+/// backprop copies it into its own sum anyway). On CUDA (f32, bf16, f16) one
 /// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
 /// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
 /// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
@@ -930,27 +876,12 @@ impl ProductSum {
         }
     }
 
-    /// The summed gradient, `[V, H]`. On the CPU it is transposed into
-    /// `spare` (a dead buffer of the accumulator's dtype, at least `V · H`
-    /// elements: the pass's logits buffer) and handed out contiguous, or else
-    /// as the transposed view of the accumulator. candle's backprop adds it
-    /// into fresh zeros: reading the transposed view there costs 125 ms at
-    /// 50257 x 768 f32, a contiguous gradient 47 ms (`cargo bench --bench
-    /// ce_table -- --probes`), and the transpose into memory already mapped
-    /// less than the difference.
-    fn into_gradient(self, spare: Option<Tensor>) -> Result<Tensor> {
-        if !self.transposed {
-            return Ok(self.acc);
-        }
-        let (width, vocab) = self.acc.dims2()?;
-        let fits = |b: &Tensor| b.dtype() == self.acc.dtype() && b.elem_count() >= width * vocab && b.is_contiguous();
-        match spare {
-            Some(spare) if fits(&spare) => {
-                let gradient = spare.flatten_all()?.narrow(0, 0, width * vocab)?.reshape((vocab, width))?;
-                gradient.inplace_op2(&self.acc, &TransposeInto)?;
-                Ok(gradient)
-            }
-            _ => self.acc.t(),
+    /// The summed gradient, `[V, H]` (a transposed view on the CPU).
+    fn into_gradient(self) -> Result<Tensor> {
+        if self.transposed {
+            self.acc.t()
+        } else {
+            Ok(self.acc)
         }
     }
 }
