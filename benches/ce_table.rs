@@ -11,7 +11,11 @@
 //! `scripts/torch_linear_ce_bench.py`, 0 for none); `-- --options [NxV]
 //! [runs]` (default 2048x50257) times the loss options against the plain loss;
 //! `-- --probes [runs]` times first-touch from one thread against several, and
-//! candle's accumulation of a transposed gradient against a contiguous one.
+//! candle's accumulation of a transposed gradient against a contiguous one;
+//! `-- --steps [runs] [chunk,chunk,..] [--ignore-every=K]` times training steps
+//! of the linear loss alone at 4096 x 768 x 50257 f32 (forward and
+//! `backward()`), the chunk lengths interleaved step by step (0: automatic;
+//! default 0 and 5 steps; no label ignored unless `--ignore-every`).
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
@@ -377,6 +381,38 @@ fn probes_table(runs: usize) {
     }
 }
 
+/// Training steps (forward and `backward()`) of the linear loss alone at
+/// 4096 x 768 x 50257 f32, every `ignore_every`-th label ignored (0: none),
+/// one step per chunk length (0: automatic) in turn, `runs` rounds; the
+/// median and every time per chunk length.
+fn training_steps(runs: usize, chunk_lens: &[usize], ignore_every: usize) {
+    let (n, h, v) = (4096, 768, 50257);
+    let device = Device::Cpu;
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
+    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
+    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
+    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    let labels = Tensor::new(labels.as_slice(), &device).unwrap();
+    let mut times = vec![Vec::new(); chunk_lens.len()];
+    for _ in 0..runs {
+        for (&chunk_len, times) in chunk_lens.iter().zip(&mut times) {
+            let linear = LinearCrossEntropy::default().chunk_len((chunk_len > 0).then_some(chunk_len));
+            let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
+            let start = Instant::now();
+            let loss = linear.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap();
+            let grads = loss.backward().unwrap();
+            times.push(start.elapsed());
+            drop(grads);
+        }
+    }
+    let share = if ignore_every > 0 { format!("1 in {ignore_every}") } else { "no".into() };
+    println!("linear loss training steps, N={n} H={h} V={v} f32, {share} labels ignored, {runs} rounds:");
+    for (chunk_len, times) in chunk_lens.iter().zip(times) {
+        let all: Vec<String> = times.iter().map(|t| format!("{:.0}", ms(*t))).collect();
+        println!("  chunk_len {chunk_len}: median {:.0} ms, all [{}]", ms(median(times)), all.join(", "));
+    }
+}
+
 /// The three ways a linear loss is called in practice, each timed as one
 /// call (forward, and backward when anything wants a gradient), ours against
 /// the materialised logits through our logits loss, on the same inputs: a
@@ -483,6 +519,8 @@ fn linear_floor(hidden: &Tensor, weight: &Tensor, labels: &Tensor, chunk: usize,
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let ignore_every =
+        std::env::args().find_map(|a| a.strip_prefix("--ignore-every=").map(|k| k.parse().expect("--ignore-every=K")));
     if std::env::args().any(|a| a == "--linear") {
         let (n, h, v) = match args.first() {
             Some(s) => {
@@ -495,16 +533,18 @@ fn main() {
         if !std::env::args().any(|a| a == "--modes") {
             linear_table(n, h, v, runs);
         }
-        let ignore_every = std::env::args()
-            .find_map(|a| a.strip_prefix("--ignore-every=").map(|k| k.parse().expect("--ignore-every=K")))
-            .unwrap_or(10);
-        linear_modes_table(n, h, v, runs, ignore_every);
+        linear_modes_table(n, h, v, runs, ignore_every.unwrap_or(10));
         return;
     }
     let nxv = |s: &String| -> (usize, usize) {
         let (n, v) = s.split_once('x').expect("shape as NxV");
         (n.parse().unwrap(), v.parse().unwrap())
     };
+    if std::env::args().any(|a| a == "--steps") {
+        let chunks = args.get(1).map_or(vec![0], |c| c.split(',').map(|c| c.parse().expect("chunk lengths")).collect());
+        training_steps(args.first().map_or(5, |r| r.parse().unwrap()), &chunks, ignore_every.unwrap_or(0));
+        return;
+    }
     if std::env::args().any(|a| a == "--probes") {
         probes_table(args.first().map_or(5, |r| r.parse().unwrap()));
         return;
