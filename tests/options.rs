@@ -369,6 +369,40 @@ fn defaults_are_plain_cross_entropy(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One class: the cross-entropy and smoothing terms are 0 whatever the logit
+/// (its probability is 1), and only z-loss remains: a token's loss is
+/// `t z x²` and its gradient `2 t z x / d`, with `d = 1` (`Sum`) or
+/// `Σ t c_y` over valid tokens (`Mean`). By hand, for both engines, f32.
+fn one_class_leaves_only_z_loss(device: &Device) -> anyhow::Result<()> {
+    let logits = Tensor::new(&[[2.0f32], [-1.5], [0.5]], device)?;
+    let labels = Tensor::new(&[0i64, 0, -100], device)?;
+    let loss_weights = Tensor::new(&[1.5f32, 0.5, 1.0], device)?;
+    let (z, class_weight) = (0.01, 2.0);
+    // Sum: 1.5 z 4 + 0.5 z 2.25; Mean divides by 1.5 c + 0.5 c = 4.
+    let token_losses = [1.5 * z * 4.0, 0.5 * z * 2.25, 0.0];
+    let unit_grad = [1.5 * 2.0 * z * 2.0, 0.5 * 2.0 * z * -1.5, 0.0];
+    for compile in [true, false] {
+        for (reduction, divisor) in [(Reduction::Sum, 1.0), (Reduction::Mean, 4.0)] {
+            let ce = ChunkedCrossEntropy::new(2, compile, -100)
+                .reduction(reduction)
+                .label_smoothing(0.4)
+                .z_loss(z)
+                .class_weights(Some(Tensor::new(&[class_weight as f32], device)?));
+            let var = Var::from_tensor(&logits)?;
+            let out = ce.forward_with_outputs(var.as_tensor(), &labels, None, Some(&loss_weights), None)?;
+            let grad = out.loss.backward()?.get(var.as_tensor()).expect("logits without gradient").clone();
+            let what = format!("compile {compile}, {reduction:?}");
+            let loss = token_losses.iter().sum::<f64>() / divisor;
+            assert_close(&out.loss, &Tensor::new(loss as f32, device)?, 1e-6, 0.0, &format!("{what}: loss"))?;
+            let want_tokens = Tensor::new(&token_losses.map(|l| l as f32), device)?;
+            assert_close(&out.token_losses, &want_tokens, 1e-6, 1e-7, &format!("{what}: token losses"))?;
+            let want_grad = Tensor::new(&unit_grad.map(|g| (g / divisor) as f32), device)?.reshape((3, 1))?;
+            assert_close(&grad, &want_grad, 1e-6, 1e-7, &format!("{what}: gradient"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Settings outside their domain are errors naming the setting.
 fn bad_settings_are_errors(device: &Device) -> anyhow::Result<()> {
     let logits = Tensor::new(&LOGITS, device)?;
@@ -409,5 +443,6 @@ device_tests!(
     fused_matches_primitive_at_vocab_scale,
     token_accuracy_counts_valid_tokens,
     defaults_are_plain_cross_entropy,
+    one_class_leaves_only_z_loss,
     bad_settings_are_errors,
 );
