@@ -5,9 +5,8 @@
 //! (entry, grid, block, arguments) in `kernel_abi.rs`, which this file only
 //! binds to device memory.
 
-use crate::cpu::STATS;
-use crate::kernel_abi::{self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, UnitFactors};
-use crate::op::OpConfig;
+use crate::config::{OpConfig, UnitFactors, STATS};
+use crate::kernel_abi::{self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry};
 use candle::backend::{BackendDevice, BackendStorage};
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
@@ -90,7 +89,7 @@ fn row_stats(
     if row != u64::MAX {
         let row = row as usize;
         let label = dev.clone_dtoh(&labels.slice(row..row + 1))?[0];
-        return Err(crate::op::bad_label(row, label, rows.vocab, cfg.ignore_index));
+        return Err(crate::config::bad_label(row, label, rows.vocab, cfg.ignore_index));
     }
     Ok((stats, Shape::from((rows.rows, STATS))))
 }

@@ -7,9 +7,7 @@
 //!
 //! Not a stable API: it is public only for those tests.
 
-use crate::cpu::RowTerms;
-pub use crate::loss::UnitFactors;
-use crate::op::{self, Engine, OpConfig};
+pub use crate::config::UnitFactors;
 use candle::{bail, DType, Layout, Result, Tensor};
 
 /// Blocks per launch at most; the kernels loop over further rows.
@@ -163,8 +161,8 @@ pub struct KernelOptions {
     /// weigh the gradients' `g_sum` terms (see `op.rs`); `None` for `c_j = 1`.
     /// `[V]`, contiguous, in the accumulator type (f32; f64 for f64 logits),
     /// on the logits' device: the CUDA launcher binds it as
-    /// [`Operand::SumWeights`], the CPU oracle ([`cpu_row_stats`],
-    /// [`cpu_logits_grad`]) reads it. With them, the backward and the forward
+    /// [`Operand::SumWeights`], the CPU oracle ([`crate::cpu_row_stats`],
+    /// [`crate::cpu_logits_grad`]) reads it. With them, the backward and the forward
     /// with gradient run a `_weighted_` entry, and so does the forward when it
     /// sums the logits (without, as on the CPU, the weights go unread).
     pub sum_weights: Option<Tensor>,
@@ -174,7 +172,7 @@ impl KernelOptions {
     /// Whether a launch over rows of `vocab` logits of `dtype` reads the class
     /// weights (`used`: the forward reads them only with the logit sum), once
     /// they are checked against those rows.
-    fn weighted(&self, vocab: usize, dtype: DType, used: bool) -> Result<bool> {
+    pub(crate) fn weighted(&self, vocab: usize, dtype: DType, used: bool) -> Result<bool> {
         let Some(weights) = &self.sum_weights else { return Ok(false) };
         let acc = accumulator_dtype(dtype);
         if weights.dims() != [vocab] || weights.dtype() != acc || !weights.is_contiguous() {
@@ -356,50 +354,6 @@ fn launch(
     args.extend(rows.args());
     let blocks = rows.rows.div_ceil(shape.rows_per_block as usize).clamp(1, shape.max_blocks as usize) as u32;
     Ok(KernelLaunch { entry, blocks, threads: shape.threads, args })
-}
-
-/// The crate's fused CPU engine on the kernels' inputs: `[N, 4] = (ce, lse,
-/// logit_sum, correct)` of `logits` (`[.., V]` on the CPU, last dim
-/// unit-stride) against `labels` (`[N]` i64), with `options.sum_weights` (on
-/// the CPU) as the logit sum's class weights: the oracle of
-/// `tests/kernels_on_cpu.rs`.
-///
-/// # Errors
-/// A label outside `[0, V)` that is not `options.ignore_index`, named with its
-/// row; class weights that are not `[V]` in the accumulator type.
-pub fn cpu_row_stats(logits: &Tensor, labels: &Tensor, options: &KernelOptions) -> Result<Tensor> {
-    op::row_stats(logits, labels, &cpu_config(logits, options, false)?)
-}
-
-/// The crate's fused CPU engine's gradient from `factors` (`[N, 5] = (g_ce,
-/// g_lse, g_sum, lse, ce)`), shaped like `logits`, with `options.sum_weights`
-/// in its `g_sum` terms; with `in_place` it is written over `logits`' storage.
-///
-/// # Errors
-/// As [`cpu_row_stats`].
-pub fn cpu_logits_grad(
-    logits: &Tensor,
-    labels: &Tensor,
-    factors: &Tensor,
-    options: &KernelOptions,
-    in_place: bool,
-) -> Result<Tensor> {
-    op::logits_grad(logits, labels, factors, &cpu_config(logits, options, in_place)?)
-}
-
-/// The fused CPU engine's settings for `options`, whose class weights must fit
-/// `logits` as they must for a launch.
-fn cpu_config(logits: &Tensor, options: &KernelOptions, inplace_grad: bool) -> Result<OpConfig> {
-    options.weighted(logits.dim(candle::D::Minus1)?, logits.dtype(), true)?;
-    Ok(OpConfig {
-        engine: Engine::Fused,
-        ignore_index: options.ignore_index,
-        chunk_len: 32,
-        inplace_grad,
-        terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
-        sum_weights: options.sum_weights.clone(),
-        labels_checked: false,
-    })
 }
 
 /// `ce_{kind}_{dtype}`, or `ce_{kind}_weighted_{dtype}`, from [`ENTRIES`].

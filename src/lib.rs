@@ -58,6 +58,7 @@
 
 #![warn(missing_docs)]
 
+mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -76,3 +77,5 @@ pub use linear::LinearCrossEntropy;
 #[doc(hidden)]
 pub use linear::{linear_products, recomputed_backwards, LinearProducts};
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
+#[doc(hidden)]
+pub use op::{cpu_logits_grad, cpu_row_stats};

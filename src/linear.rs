@@ -17,10 +17,10 @@
 //! in all would be the minimum; the fast path does exactly three, the
 //! recomputing one four.
 
-use crate::cpu::{RowLabel, STATS};
+use crate::config::{Engine, OpConfig, RowLabel, UnitFactors, STATS};
 use crate::gemm;
-use crate::loss::{checked_labels, checked_logits, LossCall, UnitFactors};
-use crate::op::{self, Engine, NodeBackward, OpConfig, RowWeights, StatsNode};
+use crate::loss::{checked_labels, checked_logits, LossCall};
+use crate::op::{self, NodeBackward, RowWeights, StatsNode};
 use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 use std::sync::Mutex;

@@ -3,8 +3,8 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
-use crate::cpu::RowTerms;
-use crate::op::{self, Engine, LogitsBackward, OpConfig, RowWeights, StatsNode};
+use crate::config::{Engine, OpConfig, RowTerms, UnitFactors};
+use crate::op::{self, LogitsBackward, RowWeights, StatsNode};
 use crate::reference;
 use candle::{bail, DType, Device, Result, Shape, Tensor};
 
@@ -698,22 +698,6 @@ struct TokenTerms {
     z_loss: Option<Tensor>,
     lse: Tensor,
     correct: Tensor,
-}
-
-/// The gradients that a valid row's statistics receive when a scalar loss
-/// receives 1 (see `ChunkedCrossEntropy::unit_factors`): `g_ce = ce`, `g_lse =
-/// lse + lse_squared * lse_r` (with the row's log-sum-exp `lse_r`), `g_sum =
-/// logit_sum`. Public only for the kernel tests (`kernel_abi`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct UnitFactors {
-    /// `g_ce`.
-    pub ce: f64,
-    /// The constant part of `g_lse`.
-    pub lse: f64,
-    /// The part of `g_lse` proportional to the row's log-sum-exp (z-loss).
-    pub lse_squared: f64,
-    /// `g_sum`.
-    pub logit_sum: f64,
 }
 
 /// The sum over rows of the f32 cross-entropy of `logits` (`[N, V]` or `[B, S,

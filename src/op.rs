@@ -64,8 +64,9 @@
 //! statistics op by op (`reference::row_stats_recorded`), and candle's
 //! autograd differentiates them.
 
-use crate::cpu::{self, RowLabel, RowLayout, RowTerms, STATS};
-use crate::loss::UnitFactors;
+use crate::config::{bad_label, Engine, OpConfig, RowLabel, RowTerms, UnitFactors, STATS};
+use crate::cpu::{self, RowLayout};
+use crate::kernel_abi::KernelOptions;
 use crate::reference;
 use candle::backend::BackendStorage;
 use candle::{
@@ -73,30 +74,6 @@ use candle::{
     Shape, Storage, Tensor,
 };
 use std::sync::Mutex;
-
-/// Which kernels compute the loss: the fused ones (`compile = true`) or
-/// candle's primitive ops, a chunk of rows at a time (`compile = false`),
-/// both inside a [`StatsNode`]; or, on a device that no custom op of this
-/// crate runs on (see [`kernels_cover`]), candle's primitive ops recorded in
-/// the graph op by op and differentiated by candle's autograd (`Autograd`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Engine {
-    Fused,
-    Primitive,
-    Autograd,
-}
-
-impl Engine {
-    /// The engine for a loss on a device that [`kernels_cover`] (or not), with
-    /// the `compile` setting.
-    pub(crate) fn select(covered: bool, compile: bool) -> Self {
-        match (covered, compile) {
-            (false, _) => Engine::Autograd,
-            (true, true) => Engine::Fused,
-            (true, false) => Engine::Primitive,
-        }
-    }
-}
 
 /// Whether this build's custom ops run on tensors at `location`: the fused
 /// kernels, and also the [`StatsNode`] that makes either engine one graph node
@@ -110,27 +87,6 @@ pub(crate) fn kernels_cover(location: DeviceLocation) -> bool {
         DeviceLocation::Cuda { .. } => cfg!(feature = "cuda"),
         DeviceLocation::Metal { .. } => false,
     }
-}
-
-/// Validated settings shared by the forward and backward of one loss call.
-#[derive(Debug, Clone)]
-pub(crate) struct OpConfig {
-    pub engine: Engine,
-    pub ignore_index: i64,
-    pub chunk_len: usize,
-    pub inplace_grad: bool,
-    pub terms: RowTerms,
-    /// The class weights `w` of the logit sum, `Σ_j w_j x'_j` (see the maths
-    /// above): `[V]`, contiguous, in the compute dtype, on the logits' device;
-    /// only with label smoothing and class weights (it is the one kernel term
-    /// that class weights reach).
-    pub sum_weights: Option<Tensor>,
-    /// The labels were checked against `[0, V)` on the host already (the
-    /// linear loss reads them once per call): the fused CUDA forward then does
-    /// not read its bad-label flag back, which would synchronise per chunk.
-    /// Only the CUDA launcher reads it.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub labels_checked: bool,
 }
 
 /// Computes the per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)`
@@ -602,15 +558,6 @@ pub(crate) fn row_labels(labels: &[i64], vocab: usize, ignore_index: i64) -> Res
         .collect()
 }
 
-/// The error for a label outside `[0, vocab)` that is not `ignore_index`
-/// (the CPU and CUDA paths both report it this way).
-pub(crate) fn bad_label(row: usize, label: i64, vocab: usize, ignore_index: i64) -> candle::Error {
-    candle::Error::Msg(format!(
-        "chunked cross-entropy: label {label} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
-    ))
-    .bt()
-}
-
 /// Row offsets of a `[.., V]` layout whose last dim is unit-stride; any
 /// strides are allowed on the leading dims.
 fn row_layout(layout: &Layout) -> Result<RowLayout> {
@@ -683,6 +630,51 @@ fn f64_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f64]> 
         (CpuStorage::F64(v), Some((start, end))) => Ok(&v[start..end]),
         _ => bail!("chunked cross-entropy: backward factors must be contiguous f64"),
     }
+}
+
+/// The crate's fused CPU engine on the kernels' inputs: `[N, 4] = (ce, lse,
+/// logit_sum, correct)` of `logits` (`[.., V]` on the CPU, last dim
+/// unit-stride) against `labels` (`[N]` i64), with `options.sum_weights` (on
+/// the CPU) as the logit sum's class weights: the oracle of
+/// `tests/kernels_on_cpu.rs`, beside the launch descriptions of
+/// [`crate::kernel_abi`] that it tests.
+///
+/// # Errors
+/// A label outside `[0, V)` that is not `options.ignore_index`, named with its
+/// row; class weights that are not `[V]` in the accumulator type.
+pub fn cpu_row_stats(logits: &Tensor, labels: &Tensor, options: &KernelOptions) -> Result<Tensor> {
+    row_stats(logits, labels, &cpu_config(logits, options, false)?)
+}
+
+/// The crate's fused CPU engine's gradient from `factors` (`[N, 5] = (g_ce,
+/// g_lse, g_sum, lse, ce)`), shaped like `logits`, with `options.sum_weights`
+/// in its `g_sum` terms; with `in_place` it is written over `logits`' storage.
+///
+/// # Errors
+/// As [`cpu_row_stats`].
+pub fn cpu_logits_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    factors: &Tensor,
+    options: &KernelOptions,
+    in_place: bool,
+) -> Result<Tensor> {
+    logits_grad(logits, labels, factors, &cpu_config(logits, options, in_place)?)
+}
+
+/// The fused CPU engine's settings for `options`, whose class weights must fit
+/// `logits` as they must for a launch.
+fn cpu_config(logits: &Tensor, options: &KernelOptions, inplace_grad: bool) -> Result<OpConfig> {
+    options.weighted(logits.dim(candle::D::Minus1)?, logits.dtype(), true)?;
+    Ok(OpConfig {
+        engine: Engine::Fused,
+        ignore_index: options.ignore_index,
+        chunk_len: 32,
+        inplace_grad,
+        terms: RowTerms { softcap: options.softcap, logit_sum: options.logit_sum },
+        sum_weights: options.sum_weights.clone(),
+        labels_checked: false,
+    })
 }
 
 #[cfg(test)]

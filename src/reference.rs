@@ -11,8 +11,7 @@
 //! - [`cross_entropy_slow`], the plain, unchunked formula differentiated by
 //!   candle's own autograd: the reference the tests hold both engines against.
 
-use crate::cpu::{RowTerms, STATS};
-use crate::op::OpConfig;
+use crate::config::{OpConfig, RowTerms, STATS};
 use candle::{DType, Tensor, D};
 
 /// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every

@@ -339,7 +339,7 @@ impl Case {
         let with_grad = run_forward(&kernel_abi::forward_with_grad(&geometry, dtype, &self.options, &unit, shape)?)?;
         let expected_bad_row =
             self.labels.iter().position(|&l| l != self.options.ignore_index && (l < 0 || l >= vocab as i64));
-        let cpu = kernel_abi::cpu_row_stats(&logits, &labels, &self.options);
+        let cpu = candle_chunked_ce::cpu_row_stats(&logits, &labels, &self.options);
         if let Some(row) = expected_bad_row {
             assert_eq!(forward.bad_row, Some(row), "{name}: first bad row");
             assert_eq!(with_grad.bad_row, Some(row), "{name}: first bad row (forward with gradient)");
@@ -371,7 +371,7 @@ impl Case {
         let unit_factors =
             Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
         let cpu_rewritten = self.base.copy()?;
-        kernel_abi::cpu_logits_grad(&(self.view)(&cpu_rewritten)?, &labels, &unit_factors, &self.options, true)?;
+        candle_chunked_ce::cpu_logits_grad(&(self.view)(&cpu_rewritten)?, &labels, &unit_factors, &self.options, true)?;
         let what = format!("{name}: storage after the forward with gradient");
         assert_close(&what, &with_grad.logits(&self.base)?, &cpu_rewritten, grad_tolerance)?;
 
@@ -379,7 +379,7 @@ impl Case {
         let mut rng = Rng::new(rows as u64 * 31 + vocab as u64);
         let upstream = common::logits(&mut rng, &[rows, 3], 1.0, acc, &Device::Cpu)?;
         let factors = Tensor::cat(&[&upstream, &lse, &ce], 1)?.to_dtype(acc)?.contiguous()?;
-        let want = kernel_abi::cpu_logits_grad(&logits, &labels, &factors, &self.options, false)?;
+        let want = candle_chunked_ce::cpu_logits_grad(&logits, &labels, &factors, &self.options, false)?;
         let mut logits_buffer = Buffer::from_bytes(&storage_bytes(&self.base)?);
         let mut labels_buffer = Buffer::from_bytes(&storage_bytes(&labels)?);
         let mut factors_buffer = Buffer::from_bytes(&storage_bytes(&factors)?);
@@ -420,7 +420,7 @@ impl Case {
         let rewritten = storage_tensor(&logits_buffer, &self.base)?;
         assert_close(&format!("{name}: in-place grad"), &(self.view)(&rewritten)?, &want, grad_tolerance)?;
         let cpu_in_place = self.base.copy()?;
-        kernel_abi::cpu_logits_grad(&(self.view)(&cpu_in_place)?, &labels, &factors, &self.options, true)?;
+        candle_chunked_ce::cpu_logits_grad(&(self.view)(&cpu_in_place)?, &labels, &factors, &self.options, true)?;
         assert_close(&format!("{name}: in-place storage"), &rewritten, &cpu_in_place, grad_tolerance)?;
         Ok(())
     }

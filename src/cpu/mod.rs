@@ -8,6 +8,7 @@
 
 mod lanes;
 
+use crate::config::{RowLabel, RowTerms, FACTORS, STATS};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use lanes::Lane;
 use num_traits::Float;
@@ -20,30 +21,6 @@ pub(crate) struct RowLayout {
     pub row_offsets: Vec<usize>,
     pub vocab: usize,
 }
-
-/// One validated label per row; `None` marks an ignored row.
-pub(crate) type RowLabel = Option<usize>;
-
-/// The optional terms a row's kernels compute (see `op.rs`): soft-capping of
-/// the logits, and the sum of the (capped) logits that label smoothing needs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RowTerms {
-    pub softcap: Option<f64>,
-    pub logit_sum: bool,
-}
-
-impl RowTerms {
-    /// Whether the row goes through an f32 copy: soft-capping rewrites every
-    /// logit, and the logit sum is one more reduction of the copy.
-    fn widened(self) -> bool {
-        self.softcap.is_some() || self.logit_sum
-    }
-}
-
-/// Values per row in the forward statistics: `[ce, lse, logit_sum, correct]`.
-pub(crate) const STATS: usize = 4;
-/// Values per row in the backward factors: `[g_ce, g_lse, g_sum, lse, ce]`.
-pub(crate) const FACTORS: usize = 5;
 
 /// A logits element type the f32-accumulating row kernels handle.
 pub(crate) trait Logit: Copy + Send + Sync + 'static {

@@ -1,0 +1,103 @@
+//! What every engine is handed: one loss call's validated settings, and the
+//! layout of the per-row values passed between the graph node (`op.rs`) and
+//! the engines (`cpu/`, `cuda.rs`, `reference.rs`, and the launch
+//! descriptions in `kernel_abi.rs`). It imports nothing of this crate, so the
+//! data flows one way: the public losses validate their settings into an
+//! [`OpConfig`], the node hands it to an engine, the engine to its kernels.
+
+use candle::Tensor;
+
+/// Which kernels compute the loss: the fused ones (`compile = true`) or
+/// candle's primitive ops, a chunk of rows at a time (`compile = false`),
+/// both inside the loss's graph node (`op::StatsNode`); or, on a device that
+/// no custom op of this crate runs on (see `op::kernels_cover`), candle's
+/// primitive ops recorded in the graph op by op and differentiated by
+/// candle's autograd (`Autograd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Engine {
+    Fused,
+    Primitive,
+    Autograd,
+}
+
+impl Engine {
+    /// The engine for a loss on a device that `op::kernels_cover` (or not), with
+    /// the `compile` setting.
+    pub(crate) fn select(covered: bool, compile: bool) -> Self {
+        match (covered, compile) {
+            (false, _) => Engine::Autograd,
+            (true, true) => Engine::Fused,
+            (true, false) => Engine::Primitive,
+        }
+    }
+}
+
+/// Validated settings shared by the forward and backward of one loss call.
+#[derive(Debug, Clone)]
+pub(crate) struct OpConfig {
+    pub engine: Engine,
+    pub ignore_index: i64,
+    pub chunk_len: usize,
+    pub inplace_grad: bool,
+    pub terms: RowTerms,
+    /// The class weights `w` of the logit sum, `Σ_j w_j x'_j` (see the maths
+    /// in `op.rs`): `[V]`, contiguous, in the compute dtype, on the logits' device;
+    /// only with label smoothing and class weights (it is the one kernel term
+    /// that class weights reach).
+    pub sum_weights: Option<Tensor>,
+    /// The labels were checked against `[0, V)` on the host already (the
+    /// linear loss reads them once per call): the fused CUDA forward then does
+    /// not read its bad-label flag back, which would synchronise per chunk.
+    /// Only the CUDA launcher reads it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub labels_checked: bool,
+}
+
+/// One validated label per row; `None` marks an ignored row.
+pub(crate) type RowLabel = Option<usize>;
+
+/// The error for a label outside `[0, vocab)` that is not `ignore_index`
+/// (the CPU and CUDA paths both report it this way).
+pub(crate) fn bad_label(row: usize, label: i64, vocab: usize, ignore_index: i64) -> candle::Error {
+    candle::Error::Msg(format!(
+        "chunked cross-entropy: label {label} at row {row} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+    ))
+    .bt()
+}
+
+/// The optional terms a row's kernels compute (see `op.rs`): soft-capping of
+/// the logits, and the sum of the (capped) logits that label smoothing needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowTerms {
+    pub softcap: Option<f64>,
+    pub logit_sum: bool,
+}
+
+impl RowTerms {
+    /// Whether the row goes through an f32 copy: soft-capping rewrites every
+    /// logit, and the logit sum is one more reduction of the copy.
+    pub(crate) fn widened(self) -> bool {
+        self.softcap.is_some() || self.logit_sum
+    }
+}
+
+/// Values per row in the forward statistics: `[ce, lse, logit_sum, correct]`.
+pub(crate) const STATS: usize = 4;
+/// Values per row in the backward factors: `[g_ce, g_lse, g_sum, lse, ce]`.
+pub(crate) const FACTORS: usize = 5;
+
+/// The gradients that a valid row's statistics receive when a scalar loss
+/// receives 1 (see `ChunkedCrossEntropy::unit_factors`): `g_ce = ce`, `g_lse =
+/// lse + lse_squared * lse_r` (with the row's log-sum-exp `lse_r`), `g_sum =
+/// logit_sum`. Public only for the kernel tests (`kernel_abi`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnitFactors {
+    /// `g_ce`.
+    pub ce: f64,
+    /// The constant part of `g_lse`.
+    pub lse: f64,
+    /// The part of `g_lse` proportional to the row's log-sum-exp (z-loss).
+    pub lse_squared: f64,
+    /// `g_sum`.
+    pub logit_sum: f64,
+}
