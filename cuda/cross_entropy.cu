@@ -36,6 +36,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// The columns of a row's `stats` and `factors`, as src/config.rs names them
+// (`Stat`, `Factor`; a test there holds the two together).
+enum Stat { STAT_CE, STAT_LSE, STAT_LOGIT_SUM, STAT_CORRECT, STATS };
+enum Factor { FACTOR_G_CE, FACTOR_G_LSE, FACTOR_G_SUM, FACTOR_LSE, FACTOR_CE, FACTORS };
+
 // ---------------------------------------------------------------------------
 // Elements, 16-byte packs and the accumulator type A.
 // ---------------------------------------------------------------------------
@@ -390,7 +395,7 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
         group_merge<SUM>(p, group.whole_block);
         A lse = A(0), ce = A(0);
         if (group.lane == 0 && r < rows) {
-            A* out = stats + 4 * r;
+            A* out = stats + STATS * r;
             if (valid) {
                 const A target_logit = capped<CAP>(A(widen(row[y])), cap);
                 const A max = p.max > target_logit ? p.max : target_logit;
@@ -400,15 +405,15 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
                 const A total = rest + target_term;
                 ce = rest <= target_term ? log1p(rest / target_term) : (max - target_logit) + log(total);
                 lse = max + log(total);
-                out[0] = ce;
-                out[1] = lse;
-                out[2] = A(p.logit_sum);
+                out[STAT_CE] = ce;
+                out[STAT_LSE] = lse;
+                out[STAT_LOGIT_SUM] = A(p.logit_sum);
                 // argmax picks the first largest logit: none after the target may exceed it, none
                 // before it reach it (fmax skips NaN, and max_before stays NaN with nothing before).
                 const bool first = p.max_before != p.max_before || target_logit > p.max_before;
-                out[3] = target_logit >= p.max && first ? A(1) : A(0);
+                out[STAT_CORRECT] = target_logit >= p.max && first ? A(1) : A(0);
             } else {
-                for (int k = 0; k < 4; ++k) out[k] = A(0);
+                for (int k = 0; k < STATS; ++k) out[k] = A(0);
                 if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
             }
         }
@@ -441,10 +446,11 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
         T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);
         const bool valid = label != ignore_index && label >= 0 && label < vocab;
-        const A* f = factors + 5 * r;
+        const A* f = factors + FACTORS * r;
         const A target_weight = valid ? sum_weight<WEIGHTED>(sum_weights, int(label)) : A(1);
-        const RowGrad<A> row_grad =
-            valid ? RowGrad<A>(f[0], f[1], f[2], f[3], f[4], target_weight) : RowGrad<A>(0, 0, 0, 0, 0, 0);
+        const RowGrad<A> row_grad = valid ? RowGrad<A>(f[FACTOR_G_CE], f[FACTOR_G_LSE], f[FACTOR_G_SUM], f[FACTOR_LSE],
+                                                       f[FACTOR_CE], target_weight)
+                                          : RowGrad<A>(0, 0, 0, 0, 0, 0);
         write_row_grad<T, A, CAP, WEIGHTED>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, sum_weights,
                                             group);
     }

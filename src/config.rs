@@ -5,7 +5,7 @@
 //! data flows one way: the public losses validate their settings into an
 //! [`OpConfig`], the node hands it to an engine, the engine to its kernels.
 
-use candle::Tensor;
+use candle::{Result, Tensor};
 
 /// Which kernels compute the loss: the fused ones (`compile = true`) or
 /// candle's primitive ops, a chunk of rows at a time (`compile = false`),
@@ -81,10 +81,65 @@ impl RowTerms {
     }
 }
 
-/// Values per row in the forward statistics: `[ce, lse, logit_sum, correct]`.
+/// The columns of the forward statistics, `[N, STATS]` row-major, that every
+/// engine writes (see the maths in `op.rs`); `cuda/cross_entropy.cu` names
+/// the same columns in its `enum Stat` (a test below holds the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stat {
+    Ce,
+    Lse,
+    LogitSum,
+    Correct,
+}
+
+/// Values per row in the forward statistics.
 pub(crate) const STATS: usize = 4;
-/// Values per row in the backward factors: `[g_ce, g_lse, g_sum, lse, ce]`.
+
+/// The columns of the backward factors, `[N, FACTORS]` row-major: the upstream
+/// gradients of the three differentiable statistics, then the row's `lse` and
+/// `ce` kept from forward. The `.cu`'s `enum Factor` names the same columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Factor {
+    GCe,
+    GLse,
+    GSum,
+    Lse,
+    Ce,
+}
+
+/// Values per row in the backward factors.
 pub(crate) const FACTORS: usize = 5;
+
+/// The upstream gradients' columns (`g_ce`, `g_lse`, `g_sum`) lead the factors.
+pub(crate) const UPSTREAM: usize = 3;
+
+impl Stat {
+    /// This column of `[N, STATS]` statistics, as `[N, 1]`.
+    pub(crate) fn of(self, stats: &Tensor) -> Result<Tensor> {
+        column(stats, self as usize)
+    }
+}
+
+impl Factor {
+    /// This column of `[N, FACTORS]` factors, as `[N, 1]`.
+    pub(crate) fn of(self, factors: &Tensor) -> Result<Tensor> {
+        column(factors, self as usize)
+    }
+}
+
+/// Column `i` of a row-major `[N, C]` tensor, as `[N, 1]`; with no rows, at
+/// offset 0 (candle's reductions index the storage at a narrowed view's
+/// start, even when it is empty).
+fn column(t: &Tensor, i: usize) -> Result<Tensor> {
+    t.narrow(1, if t.dim(0)? == 0 { 0 } else { i }, 1)
+}
+
+/// The backward factors `[N, FACTORS]` from the upstream gradients (their
+/// first [`UPSTREAM`] columns: those of `ce`, `lse` and `logit_sum`) and the
+/// forward `stats`.
+pub(crate) fn backward_factors(upstream: &Tensor, stats: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[&upstream.narrow(1, 0, UPSTREAM)?, &Stat::Lse.of(stats)?, &Stat::Ce.of(stats)?], 1)
+}
 
 /// The gradients that a valid row's statistics receive when a scalar loss
 /// receives 1 (see `ChunkedCrossEntropy::unit_factors`): `g_ce = ce`, `g_lse =
@@ -100,4 +155,42 @@ pub struct UnitFactors {
     pub lse_squared: f64,
     /// `g_sum`.
     pub logit_sum: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `.cu` names the columns in the same order: its enums, read from its
+    /// source, list them as `Stat` and `Factor` do.
+    #[test]
+    fn the_kernels_name_the_same_columns() {
+        let source = include_str!("../cuda/cross_entropy.cu");
+        let enum_members = |name: &str| -> Vec<String> {
+            let start = source.find(&format!("enum {name} {{")).expect("enum in the .cu") + name.len() + 7;
+            let end = start + source[start..].find('}').expect("enum's end");
+            source[start..end].split(',').map(|m| m.trim().to_string()).collect()
+        };
+        let stats = [Stat::Ce, Stat::Lse, Stat::LogitSum, Stat::Correct];
+        let rust_stats: Vec<String> = stats.iter().map(|s| format!("STAT_{}", snake(&format!("{s:?}")))).collect();
+        assert_eq!(enum_members("Stat"), [rust_stats, vec!["STATS".to_string()]].concat());
+        assert!(stats.iter().enumerate().all(|(i, &s)| s as usize == i) && stats.len() == STATS);
+        let factors = [Factor::GCe, Factor::GLse, Factor::GSum, Factor::Lse, Factor::Ce];
+        let rust_factors: Vec<String> =
+            factors.iter().map(|f| format!("FACTOR_{}", snake(&format!("{f:?}")))).collect();
+        assert_eq!(enum_members("Factor"), [rust_factors, vec!["FACTORS".to_string()]].concat());
+        assert!(factors.iter().enumerate().all(|(i, &f)| f as usize == i) && factors.len() == FACTORS);
+    }
+
+    /// `LogitSum` as `LOGIT_SUM`, `GCe` as `G_CE`.
+    fn snake(camel: &str) -> String {
+        let mut out = String::new();
+        for (i, c) in camel.chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
 }

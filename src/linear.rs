@@ -17,7 +17,7 @@
 //! in all would be the minimum; the fast path does exactly three, the
 //! recomputing one four.
 
-use crate::config::{Engine, OpConfig, RowLabel, UnitFactors, STATS};
+use crate::config::{Engine, OpConfig, RowLabel, UnitFactors, STATS, UPSTREAM};
 use crate::gemm;
 use crate::loss::{checked_labels, checked_logits, LossCall};
 use crate::op::{self, NodeBackward, RowWeights, StatsNode};
@@ -772,7 +772,7 @@ impl NodeBackward for LinearBackward {
     fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let precomputed = self.precomputed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         if let Some(pre) = precomputed {
-            if let Some(scale) = upstream_scale(&factors.narrow(1, 0, 3)?, &pre.unit_factors)? {
+            if let Some(scale) = upstream_scale(&factors.narrow(1, 0, UPSTREAM)?, &pre.unit_factors)? {
                 return input_gradients(pre.gradients, inputs, scale / pre.boost);
             }
             RECOMPUTED_BACKWARDS.with(|n| n.set(n.get() + 1));

@@ -3,7 +3,7 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
-use crate::config::{Engine, OpConfig, RowTerms, UnitFactors};
+use crate::config::{backward_factors, Engine, OpConfig, RowTerms, Stat, UnitFactors};
 use crate::op::{self, LogitsBackward, RowWeights, StatsNode};
 use crate::reference;
 use candle::{bail, DType, Device, Result, Shape, Tensor};
@@ -394,11 +394,9 @@ impl ChunkedCrossEntropy {
     /// The per-token terms composed from the node's `[N, 4]` statistics (the
     /// formula is in `op.rs`).
     fn token_terms(&self, node: &Tensor, vocab: usize, weights: &CallWeights) -> Result<TokenTerms> {
-        // With no rows, every column is empty: take them all at offset 0 (candle's
-        // reductions index the storage at a narrowed view's start, even when empty).
-        let rows = node.dim(0)?;
-        let column = |i: usize| node.narrow(1, if rows == 0 { 0 } else { i }, 1)?.squeeze(1);
-        let (ce, lse, logit_sum, correct) = (column(0)?, column(1)?, column(2)?, column(3)?);
+        let column = |stat: Stat| stat.of(node)?.squeeze(1);
+        let (ce, lse, logit_sum, correct) =
+            (column(Stat::Ce)?, column(Stat::Lse)?, column(Stat::LogitSum)?, column(Stat::Correct)?);
         // Terms with a zero coefficient are left out, not multiplied by 0: the
         // default loss stays the bare `ce` column.
         let mut losses = match &weights.target_class {
@@ -537,7 +535,7 @@ impl ChunkedCrossEntropy {
         let count = valid_count(&labels, self.ignore_index, stats.dtype())?;
         let g_ce = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
         let zeros = g_ce.zeros_like()?;
-        let factors = Tensor::cat(&[&g_ce, &zeros, &zeros, &stats.narrow(1, 1, 1)?, &stats.narrow(1, 0, 1)?], 1)?;
+        let factors = backward_factors(&Tensor::cat(&[&g_ce, &zeros, &zeros], 1)?, &stats)?;
         device.synchronize()?;
         let start = std::time::Instant::now();
         let grad = op::logits_grad(&logits, &labels, &factors, &cfg)?;

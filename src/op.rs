@@ -64,7 +64,7 @@
 //! statistics op by op (`reference::row_stats_recorded`), and candle's
 //! autograd differentiates them.
 
-use crate::config::{bad_label, Engine, OpConfig, RowLabel, RowTerms, UnitFactors, STATS};
+use crate::config::{backward_factors, bad_label, Engine, OpConfig, RowLabel, RowTerms, Stat, UnitFactors, STATS};
 use crate::cpu::{self, RowLayout};
 use crate::kernel_abi::KernelOptions;
 use crate::reference;
@@ -144,10 +144,7 @@ impl<B: NodeBackward> StatsNode<B> {
     /// The node's backward: `grad` is `[N, 4]`, the upstream gradient of each
     /// statistic (that of `correct` is ignored).
     fn gradients(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let upstream = grad.narrow(1, 0, 3)?;
-        let (ce, lse) = (self.stats.narrow(1, 0, 1)?, self.stats.narrow(1, 1, 1)?);
-        let factors = Tensor::cat(&[&upstream, &lse, &ce], 1)?;
-        self.backward.backward(inputs, &factors)
+        self.backward.backward(inputs, &backward_factors(grad, &self.stats)?)
     }
 }
 
@@ -355,8 +352,7 @@ pub(crate) fn row_stats_and_unit_grad(
     let grad = if fused_on_cuda || fused_on_cpu {
         logits.detach()
     } else {
-        let (ce, lse) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
-        let factors = Tensor::cat(&[&unit_factors(&stats, unit, weights)?, &lse, &ce], 1)?;
+        let factors = backward_factors(&unit_factors(&stats, unit, weights)?, &stats)?;
         logits_grad(logits, labels, &factors, &cfg)?
     };
     Ok((stats, grad))
@@ -366,7 +362,7 @@ pub(crate) fn row_stats_and_unit_grad(
 /// statistics `stats` (`[N, 4]`) receive when a scalar loss receives 1, from
 /// `unit` and, for a weighted loss, the rows' `weights` (see the maths above).
 pub(crate) fn unit_factors(stats: &Tensor, unit: UnitFactors, weights: Option<&RowWeights>) -> Result<Tensor> {
-    let lse = stats.narrow(1, 1, 1)?;
+    let lse = Stat::Lse.of(stats)?;
     let constant = |v: f64| Tensor::full(v, (stats.dim(0)?, 1), lse.device())?.to_dtype(lse.dtype());
     let (mut g_ce, mut g_lse, mut g_sum) =
         (constant(unit.ce)?, lse.affine(unit.lse_squared, unit.lse)?, constant(unit.logit_sum)?);

@@ -11,7 +11,7 @@
 //! - [`cross_entropy_slow`], the plain, unchunked formula differentiated by
 //!   candle's own autograd: the reference the tests hold both engines against.
 
-use crate::config::{OpConfig, RowTerms, STATS};
+use crate::config::{Factor, OpConfig, RowTerms, STATS};
 use candle::{DType, Tensor, D};
 
 /// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every
@@ -122,6 +122,7 @@ fn block_stats(x: &Tensor, labels: &ChunkLabels, cfg: &OpConfig) -> candle::Resu
         (true, Some(w)) => x.broadcast_mul(&w.unsqueeze(0)?)?.sum_keepdim(1)?,
     };
     let correct = labels.first_argmax(&x.detach())?;
+    // The columns in `Stat`'s order.
     labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)
 }
 
@@ -141,8 +142,8 @@ pub(crate) fn grad_chunked(
         let raw = x;
         let x = softcapped(&raw, cfg.terms)?;
         let f = factors.narrow(0, start, x.dim(0)?)?;
-        let column = |i| f.narrow(1, i, 1);
-        let (g_ce, g_lse, g_sum, lse) = (column(0)?, column(1)?, column(2)?, column(3)?);
+        let (g_ce, g_lse, g_sum, lse) =
+            (Factor::GCe.of(&f)?, Factor::GLse.of(&f)?, Factor::GSum.of(&f)?, Factor::Lse.of(&f)?);
         let probs = x.broadcast_sub(&lse)?.exp()?;
         let not_target = labels.not_target(x.dim(1)?, probs.dtype())?;
         let others = probs.mul(&not_target)?;

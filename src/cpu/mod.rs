@@ -8,7 +8,7 @@
 
 mod lanes;
 
-use crate::config::{RowLabel, RowTerms, FACTORS, STATS};
+use crate::config::{Factor, RowLabel, RowTerms, Stat, FACTORS, STATS};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use lanes::Lane;
 use num_traits::Float;
@@ -137,7 +137,7 @@ pub(crate) fn forward<T: Logit>(
     stats
 }
 
-/// `[ce, lse, logit_sum, correct]` of one valid row.
+/// `[ce, lse, logit_sum, correct]` (in [`Stat`]'s order) of one valid row.
 fn row_stats<T: Logit>(
     row: &[T],
     target: usize,
@@ -176,7 +176,9 @@ struct RowGrad<F> {
 impl<F: Float> RowGrad<F> {
     /// From the row's [`FACTORS`] and its target's weight in the logit sum.
     fn new(f: &[F], target_weight: F) -> Self {
-        let (g_ce, g_lse, g_sum, lse, ce) = (f[0], f[1], f[2], f[3], f[4]);
+        let column = |factor: Factor| f[factor as usize];
+        let (g_ce, g_lse, g_sum) = (column(Factor::GCe), column(Factor::GLse), column(Factor::GSum));
+        let (lse, ce) = (column(Factor::Lse), column(Factor::Ce));
         // p_y - 1 as expm1(-ce): no cancellation when p_y -> 1.
         let target = g_ce * (-ce).exp_m1() + g_lse * (-ce).exp() + g_sum * target_weight;
         Self { scale: g_ce + g_lse, shift: g_sum, lse, target }
@@ -344,7 +346,8 @@ pub(crate) fn forward_with_grad_in_place<T: Logit>(
     let stats = map_valid_rows_mut(logits, layout, labels, chunk_len, |_, row, target| {
         SCRATCH.with_borrow_mut(|scratch| {
             let stats = row_stats(row, target, terms, sum_weights, scratch);
-            let (ce, lse) = (stats[0], stats[1]);
+            let (ce, lse) = (stats[Stat::Ce as usize], stats[Stat::Lse as usize]);
+            // In `Factor`'s order.
             let factors = [unit.ce, lse * unit.lse_squared + unit.lse, unit.logit_sum, lse, ce];
             let g = RowGrad::new(&factors, sum_weights.map_or(1.0, |w| w[target]));
             row_grad_in_place(row, target, &g, terms, sum_weights, scratch);
@@ -500,6 +503,7 @@ pub(crate) fn forward_f64(
                 };
                 let reaches_before = || row[..target].iter().any(|&x| x >= row[target]);
                 let correct = target_is_first_argmax(row[target], before_max, after_max, reaches_before);
+                // In `Stat`'s order.
                 out.copy_from_slice(&[ce, lse, logit_sum, f64::from(u8::from(correct))]);
             }
         },
