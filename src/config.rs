@@ -1,11 +1,11 @@
 //! What every engine is handed: one loss call's validated settings, and the
 //! layout of the per-row values passed between the graph node (`op.rs`) and
-//! the engines (`cpu/`, `cuda.rs`, `reference.rs`, and the launch
+//! the engines (`cpu/`, `cuda.rs`, `primitive.rs`, and the launch
 //! descriptions in `kernel_abi.rs`). It imports nothing of this crate, so the
 //! data flows one way: the public losses validate their settings into an
 //! [`OpConfig`], the node hands it to an engine, the engine to its kernels.
 
-use candle::{Result, Tensor};
+use candle::{DType, Result, Tensor};
 
 /// Which kernels compute the loss: the fused ones (`compile = true`) or
 /// candle's primitive ops, a chunk of rows at a time (`compile = false`),
@@ -29,6 +29,16 @@ impl Engine {
             (true, true) => Engine::Fused,
             (true, false) => Engine::Primitive,
         }
+    }
+}
+
+/// The dtype the maths runs in for logits of `dtype`: f64 stays f64, every
+/// other float type is widened to f32 (the accumulator dtype of every engine).
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

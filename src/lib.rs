@@ -70,6 +70,7 @@ pub mod kernel_abi;
 mod linear;
 mod loss;
 mod op;
+mod primitive;
 pub mod reference;
 
 pub use cpu::instruction_set;

@@ -17,11 +17,12 @@
 //! in all would be the minimum; the fast path does exactly three, the
 //! recomputing one four.
 
-use crate::config::{Engine, OpConfig, RowLabel, UnitFactors, STATS, UPSTREAM};
+use crate::config::{compute_dtype, Engine, OpConfig, RowLabel, UnitFactors, STATS, UPSTREAM};
 use crate::gemm;
 use crate::loss::{checked_labels, checked_logits, LossCall};
 use crate::op::{self, NodeBackward, RowWeights, StatsNode};
-use crate::{reference, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
+use crate::primitive;
+use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 use std::sync::Mutex;
 
@@ -253,7 +254,7 @@ impl LinearCrossEntropy {
         let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.config.op_config(hidden.device())? };
         if cfg.engine == Engine::Autograd {
             let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
-            let node = reference::row_stats_recorded(&logits, &labels, &cfg)?;
+            let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
             return Ok(LossCall { node, labels, labels_shape, vocab, weights });
         }
         // Each chunk's logits are a temporary: its gradient always overwrites it.
@@ -444,7 +445,7 @@ fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: &OpCo
         stats.push(op::row_stats(&logits, &labels.narrow(0, start, len)?, cfg)?);
     }
     if stats.is_empty() {
-        let dtype = reference::compute_dtype(rows.dtype());
+        let dtype = compute_dtype(rows.dtype());
         return Tensor::zeros((0, STATS), dtype, rows.device());
     }
     Tensor::cat(&stats, 0)
@@ -518,7 +519,7 @@ impl ChunkPass<'_> {
             stats.push(chunk_stats);
         }
         let stats = match stats.is_empty() {
-            true => Tensor::zeros((0, STATS), reference::compute_dtype(rows.dtype()), rows.device())?,
+            true => Tensor::zeros((0, STATS), compute_dtype(rows.dtype()), rows.device())?,
             false => Tensor::cat(&stats, 0)?,
         };
         Ok((stats, sums.finish(projection.bias.is_some())?, boost))
@@ -546,7 +547,7 @@ impl GradientSums {
             rows: wanted.rows.then(|| faulted_zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
             weight: wanted.weight.then(|| ProductSum::new(weight)).transpose()?,
             bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
-            acc: reference::compute_dtype(weight.dtype()),
+            acc: compute_dtype(weight.dtype()),
             vocab: weight.dim(0)?,
             device: weight.device().clone(),
         })
@@ -600,7 +601,7 @@ fn input_gradients(gradients: Vec<Option<Tensor>>, inputs: &[&Tensor], scale: f6
         .zip(inputs)
         .map(|(g, input)| {
             let Some(g) = g else { return Ok(None) };
-            let compute = reference::compute_dtype(g.dtype());
+            let compute = compute_dtype(g.dtype());
             let g = match scale {
                 1.0 => g,
                 _ if g.dtype() == compute => {
@@ -848,7 +849,7 @@ struct ProductSum {
 
 impl ProductSum {
     fn new(weight: &Tensor) -> Result<Self> {
-        let dtype = reference::compute_dtype(weight.dtype());
+        let dtype = compute_dtype(weight.dtype());
         let transposed = weight.device().is_cpu();
         let (vocab, width) = weight.dims2()?;
         let shape = if transposed { (width, vocab) } else { (vocab, width) };

@@ -3,9 +3,9 @@
 //! behind receive `[.., V]` logits with a unit-stride vocabulary dim and `[N]`
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
-use crate::config::{backward_factors, Engine, OpConfig, RowTerms, Stat, UnitFactors};
+use crate::config::{backward_factors, compute_dtype, Engine, OpConfig, RowTerms, Stat, UnitFactors};
 use crate::op::{self, LogitsBackward, RowWeights, StatsNode};
-use crate::reference;
+use crate::primitive;
 use candle::{bail, DType, Device, Result, Shape, Tensor};
 
 /// How per-token losses are combined.
@@ -350,7 +350,7 @@ impl ChunkedCrossEntropy {
         let weights = self.call_weights(&logits, vocab, &labels, &labels_shape, loss_weights)?;
         let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..cfg };
         let node = if cfg.engine == Engine::Autograd {
-            reference::row_stats_recorded(&logits, &labels, &cfg)?
+            primitive::row_stats_recorded(&logits, &labels, &cfg)?
         } else {
             let stats = op::row_stats(&logits, &labels, &cfg)?;
             let backward = LogitsBackward { cfg, labels: labels.clone() };
@@ -371,7 +371,7 @@ impl ChunkedCrossEntropy {
         labels_shape: &Shape,
         loss_weights: Option<&Tensor>,
     ) -> Result<CallWeights> {
-        let dtype = reference::compute_dtype(inputs.dtype());
+        let dtype = compute_dtype(inputs.dtype());
         let mut weights = CallWeights { mean_class: 1.0, ..CallWeights::default() };
         if let Some(ClassWeights(class)) = &self.class_weights {
             let class = checked_weights("class_weights", class, &[vocab], "[V] for the logits' V", inputs)?;

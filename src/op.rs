@@ -46,7 +46,7 @@
 //! is rounded to the logits' dtype. PyTorch forms `exp(log_softmax) - 1` and
 //! keeps only about 3 significant digits of a 3e-5 gradient in f32. The CPU
 //! kernels (`src/cpu/`), the CUDA kernels (`cuda/cross_entropy.cu`) and the
-//! primitive engine (`src/reference.rs`) all compute exactly this.
+//! primitive engine (`src/primitive.rs`) all compute exactly this.
 //!
 //! # The graph
 //!
@@ -61,13 +61,13 @@
 //!
 //! On a device where no custom op of this crate runs ([`kernels_cover`]),
 //! there is no node: `Engine::Autograd` records the primitive engine's
-//! statistics op by op (`reference::row_stats_recorded`), and candle's
+//! statistics op by op (`primitive::row_stats_recorded`), and candle's
 //! autograd differentiates them.
 
 use crate::config::{backward_factors, bad_label, Engine, OpConfig, RowLabel, RowTerms, Stat, UnitFactors, STATS};
 use crate::cpu::{self, RowLayout};
 use crate::kernel_abi::KernelOptions;
-use crate::reference;
+use crate::primitive;
 use candle::backend::BackendStorage;
 use candle::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, DeviceLocation, InplaceOp2, InplaceOp3, Layout, Result,
@@ -93,12 +93,12 @@ pub(crate) fn kernels_cover(location: DeviceLocation) -> bool {
 /// of `logits` (`[.., V]`, last dim unit-stride) against `labels` (`[N]`,
 /// i64, contiguous), with nothing recorded for backward. `Autograd` runs the
 /// primitive engine, which needs no custom op (the losses record their
-/// statistics with `reference::row_stats_recorded` instead; only the
+/// statistics with `primitive::row_stats_recorded` instead; only the
 /// benchmarks' [`crate::ChunkedCrossEntropy::bench_ops`] come here with it).
 pub(crate) fn row_stats(logits: &Tensor, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
     match cfg.engine {
         Engine::Fused => logits.apply_op2_no_bwd(labels, &FusedForward(cfg.clone())),
-        Engine::Primitive | Engine::Autograd => reference::row_stats_chunked(&logits.detach(), labels, cfg),
+        Engine::Primitive | Engine::Autograd => primitive::row_stats_chunked(&logits.detach(), labels, cfg),
     }
 }
 
@@ -258,7 +258,7 @@ pub(crate) fn logits_grad(logits: &Tensor, labels: &Tensor, factors: &Tensor, cf
             logits.inplace_op3(labels, factors, &FusedBackwardInPlace(cfg.clone()))?;
             Ok(logits.detach())
         }
-        (Engine::Primitive | Engine::Autograd, _) => reference::grad_chunked(&logits.detach(), labels, factors, cfg),
+        (Engine::Primitive | Engine::Autograd, _) => primitive::grad_chunked(&logits.detach(), labels, factors, cfg),
     }
 }
 

@@ -36,7 +36,7 @@ const REPO_TEXT: [&str; 6] = [
     include_str!("../../src/loss.rs"),
     include_str!("../../src/op.rs"),
     include_str!("../../src/cpu/mod.rs"),
-    include_str!("../../src/reference.rs"),
+    include_str!("../../src/primitive.rs"),
 ];
 
 /// GPT-2's `<|endoftext|>`: ends every JSONL record, so that the model learns to stop.
