@@ -1,0 +1,71 @@
+//! The module layout README's "Where each part lives" describes: a loss call
+//! flows one way (public losses -> the graph node -> engines -> config), so no
+//! module names a crate module before it. Read from the sources' `crate::`
+//! paths, `use` lines and inline paths alike (doc comments aside).
+
+use std::collections::BTreeSet;
+
+/// Each source file, and the crate modules it may name.
+const ALLOWED: [(&str, &[&str]); 12] = [
+    ("src/config.rs", &[]),
+    ("src/gemm.rs", &[]),
+    ("src/cuda_gemm.rs", &[]),
+    ("src/cpu/lanes.rs", &[]),
+    ("src/cpu/mod.rs", &["config"]),
+    ("src/primitive.rs", &["config"]),
+    ("src/reference.rs", &["config"]),
+    ("src/kernel_abi.rs", &["config"]),
+    ("src/cuda.rs", &["config", "kernel_abi"]),
+    ("src/op.rs", &["config", "cpu", "cuda", "kernel_abi", "primitive"]),
+    ("src/loss.rs", &["config", "op", "primitive"]),
+    ("src/linear.rs", &["config", "cpu", "cuda_gemm", "gemm", "loss", "op", "primitive"]),
+];
+
+/// The crate modules `source` names as `crate::module`, outside comments.
+fn named_modules(source: &str) -> BTreeSet<String> {
+    let mut named = BTreeSet::new();
+    for line in source.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        for (i, _) in line.match_indices("crate::") {
+            let rest = &line[i + "crate::".len()..];
+            let module: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            // `crate::{a, b}` names each module in the braces.
+            if module.is_empty() && rest.starts_with('{') {
+                let inner = &rest[1..rest.find('}').unwrap_or(rest.len())];
+                named.extend(inner.split(',').map(|m| m.split("::").next().unwrap_or("").trim().to_string()));
+            } else {
+                named.insert(module);
+            }
+        }
+    }
+    named.retain(|m| m.chars().next().is_some_and(|c| c.is_ascii_lowercase()));
+    named
+}
+
+/// Every `.rs` file under `dir`, as a path from the crate root.
+fn sources(root: &str, dir: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(format!("{root}/{dir}")).expect(dir).map(|e| e.expect(dir)) {
+        let name = format!("{dir}/{}", entry.file_name().to_string_lossy());
+        if entry.file_type().expect(dir).is_dir() {
+            files.extend(sources(root, &name));
+        } else if name.ends_with(".rs") {
+            files.push(name);
+        }
+    }
+    files
+}
+
+#[test]
+fn modules_import_one_way() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    // A new module takes its place in the list (`lib.rs` declares and re-exports).
+    for file in sources(root, "src").into_iter().filter(|f| f != "src/lib.rs") {
+        assert!(ALLOWED.iter().any(|(listed, _)| *listed == file), "{file} is not placed in ALLOWED");
+    }
+    for (file, allowed) in ALLOWED {
+        let source = std::fs::read_to_string(format!("{root}/{file}")).expect(file);
+        let named = named_modules(&source);
+        let stray: Vec<&String> = named.iter().filter(|m| !allowed.contains(&m.as_str())).collect();
+        assert!(stray.is_empty(), "{file} names crate modules {stray:?}; it may name only {allowed:?}");
+    }
+}
