@@ -381,18 +381,33 @@ fn probes_table(runs: usize) {
     }
 }
 
+/// f32 hidden states `[n, h]` and weight `[v, h]` (logits of order 1), and
+/// labels `[n]` i64 with every `ignore_every`-th one ignored (0: none).
+fn linear_inputs(n: usize, h: usize, v: usize, ignore_every: usize) -> (Tensor, Tensor, Tensor) {
+    let device = Device::Cpu;
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
+    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
+    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
+    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    (hidden, weight, Tensor::new(labels.as_slice(), &device).unwrap())
+}
+
+/// "1 in K" or "no", for the tables' titles.
+fn ignored_share(ignore_every: usize) -> String {
+    if ignore_every > 0 {
+        format!("1 in {ignore_every}")
+    } else {
+        "no".into()
+    }
+}
+
 /// Training steps (forward and `backward()`) of the linear loss alone at
 /// 4096 x 768 x 50257 f32, every `ignore_every`-th label ignored (0: none),
 /// one step per chunk length (0: automatic) in turn, `runs` rounds; the
 /// median and every time per chunk length.
 fn training_steps(runs: usize, chunk_lens: &[usize], ignore_every: usize) {
     let (n, h, v) = (4096, 768, 50257);
-    let device = Device::Cpu;
-    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
-    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
-    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
-    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { ((i * 7919) % v) as i64 }).collect();
-    let labels = Tensor::new(labels.as_slice(), &device).unwrap();
+    let (hidden, weight, labels) = linear_inputs(n, h, v, ignore_every);
     let mut times = vec![Vec::new(); chunk_lens.len()];
     for _ in 0..runs {
         for (&chunk_len, times) in chunk_lens.iter().zip(&mut times) {
@@ -405,7 +420,7 @@ fn training_steps(runs: usize, chunk_lens: &[usize], ignore_every: usize) {
             drop(grads);
         }
     }
-    let share = if ignore_every > 0 { format!("1 in {ignore_every}") } else { "no".into() };
+    let share = ignored_share(ignore_every);
     println!("linear loss training steps, N={n} H={h} V={v} f32, {share} labels ignored, {runs} rounds:");
     for (chunk_len, times) in chunk_lens.iter().zip(times) {
         let all: Vec<String> = times.iter().map(|t| format!("{:.0}", ms(*t))).collect();
@@ -420,17 +435,12 @@ fn training_steps(runs: usize, chunk_lens: &[usize], ignore_every: usize) {
 /// (nothing is), and a frozen head (only the hidden states are, as with LoRA).
 /// `scripts/torch_linear_ce_bench.py --modes` times PyTorch's the same way.
 fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) {
-    let device = Device::Cpu;
-    let hidden = Tensor::randn(0f32, 1.0, (n, h), &device).unwrap();
-    let weight = Tensor::randn(0f32, 0.05, (v, h), &device).unwrap();
     // Every `ignore_every`-th label ignored (10%, by default), as in PyTorch's script.
-    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
-    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { ((i * 7919) % v) as i64 }).collect();
-    let labels = Tensor::new(labels.as_slice(), &device).unwrap();
+    let (hidden, weight, labels) = linear_inputs(n, h, v, ignore_every);
     let linear = LinearCrossEntropy::default();
     let ce = ChunkedCrossEntropy::default();
     let materialised = 5.0 * ((n * v * 4) as f64) < 0.8 * total_memory() as f64;
-    let share = if ignore_every > 0 { format!("1 in {ignore_every}") } else { "no".into() };
+    let share = ignored_share(ignore_every);
     println!("\nlinear cross-entropy by mode, N={n} H={h} V={v} f32, {share} labels ignored: median ms over {runs} runs (min-max)");
     println!("{:<12} {:>22} {:>22}", "mode", "LinearCrossEntropy", "ours over logits");
     for (mode, hidden_var, weight_var) in
