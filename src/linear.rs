@@ -274,9 +274,8 @@ impl LinearCrossEntropy {
             Some(unit) => {
                 let kept_weights = row_weights.as_ref().map(|w| w.map(|c| selection.gather(c))).transpose()?;
                 let pass = ChunkPass { rows: &kept_rows, projection: &projection, labels: &kept_labels, cfg: &cfg };
-                let (stats, mut gradients, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), wanted)?;
-                let stats = selection.scatter(&stats)?;
-                gradients[0] = gradients[0].take().map(|g| selection.scatter(&g)).transpose()?;
+                let (stats, gradients, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), wanted)?;
+                let (stats, gradients) = (selection.scatter(&stats)?, selection.scatter_hidden_grad(gradients)?);
                 // Over all rows: an ignored row receives them too (its gradient is 0 regardless).
                 let unit_factors = op::unit_factors(&stats, unit, row_weights.as_ref())?;
                 (stats, Some(Precomputed { unit_factors, gradients, boost }))
@@ -738,6 +737,13 @@ impl RowSelection {
             }
         }
     }
+
+    /// The input gradients (hidden states first, see [`GradientSums::finish`])
+    /// with the hidden states' put back among all rows.
+    fn scatter_hidden_grad(&self, mut gradients: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+        gradients[0] = gradients[0].take().map(|g| self.scatter(&g)).transpose()?;
+        Ok(gradients)
+    }
 }
 
 /// The automatic chunk never has fewer rows than this: thinner chunks make
@@ -796,8 +802,7 @@ impl LinearBackward {
             let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, &self.cfg)?;
             sums.add(start, &chunk, &logits_grad, &projection)?;
         }
-        let mut gradients = sums.finish(projection.bias.is_some())?;
-        gradients[0] = gradients[0].take().map(|g| self.selection.scatter(&g)).transpose()?;
+        let gradients = self.selection.scatter_hidden_grad(sums.finish(projection.bias.is_some())?)?;
         input_gradients(gradients, inputs, 1.0)
     }
 }

@@ -310,7 +310,7 @@ pub(crate) struct RowWeights {
 impl RowWeights {
     /// The multipliers of rows `start..start + len`.
     pub(crate) fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self { ce: self.ce.narrow(0, start, len)?, rest: self.rest.narrow(0, start, len)? })
+        self.map(|column| column.narrow(0, start, len))
     }
 
     /// The multipliers of the rows `f` picks from each column.
