@@ -13,7 +13,7 @@ mod common;
 
 use candle::{DType, Device, Tensor};
 use candle_chunked_ce::{ChunkedCrossEntropy, CrossEntropyOutput, LinearCrossEntropy, Reduction};
-use common::{loss_and_grad, slow_loss_and_grad, Rng};
+use common::{loss_and_grad, max_abs, slow_loss_and_grad, Rng};
 use proptest::prelude::*;
 
 const IGNORE_INDEX: i64 = -100;
@@ -73,11 +73,6 @@ prop_compose! {
     ) -> Case {
         Case { dims, vocab, seed, scale, ignored_fraction, mask_keep, reduction, num_label_tokens, chunk_len, compile }
     }
-}
-
-/// The largest absolute value of `t` (0 if empty).
-fn max_abs(t: &Tensor) -> anyhow::Result<f64> {
-    Ok(t.abs()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.into_iter().fold(0.0, f64::max))
 }
 
 /// `|a - b| <= atol + rtol * |b|` element-wise, as an error naming the first
@@ -339,7 +334,7 @@ fn check_linear(
     close(&got.lse, &want.lse, rtol, atol, "lse")?;
     for (name, got, want) in [("hidden", &hidden_grad, &want_hidden_grad), ("weight", &weight_grad, &want_weight_grad)]
     {
-        let largest = want.abs()?.flatten_all()?.to_vec1::<f64>()?.into_iter().fold(0.0, f64::max);
+        let largest = max_abs(want)?;
         // Where smoothing cancels a gradient to about 0, its f32 error is that of
         // the terms it cancels (see `check_options`): the absolute floor.
         close(got, want, rtol, 1e-6 + 1e-4 * largest, &format!("{name} gradient"))?;
