@@ -161,6 +161,17 @@ fn check(case: &Case) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A case with two classes at least, for the tests with options. With one,
+/// smoothing cancels every gradient to 0 in f64 (z-loss's aside), and the f32
+/// result is the rounding of the cancelled terms, whose size (loss weights x
+/// class weights x logits, or hidden values) no floor drawn from the result,
+/// nor the equal-logits run in `check_options` (its gradient is 0 too),
+/// measures. One class is checked without options by `matches_f64_reference`,
+/// and with them by hand in `tests/options.rs`.
+fn multiclass_case() -> impl Strategy<Value = Case> {
+    case().prop_filter("two classes at least", |c| c.vocab >= 2)
+}
+
 /// Loss options on top of a generated case: `(label_smoothing, z_loss, logit_softcap)`.
 fn options() -> impl Strategy<Value = (f64, f64, Option<f64>)> {
     (0.0f64..=1.0, prop_oneof![Just(0.0), 0.0f64..0.1], proptest::option::of(0.5f64..50.0))
@@ -350,24 +361,14 @@ proptest! {
         check(&case).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 
-    // Two classes at least: with one, smoothing cancels every gradient to 0 in
-    // f64 (z-loss's aside), and the f32 result is the rounding of the cancelled
-    // terms, whose size `u` the equal-logits run in `check_options` no longer
-    // measures (its gradient is 0 too). One class is covered without options above.
     #[test]
-    fn options_match_f64_primitive_engine(
-        case in case().prop_filter("two classes at least", |c| c.vocab >= 2),
-        options in options(),
-    ) {
+    fn options_match_f64_primitive_engine(case in multiclass_case(), options in options()) {
         check_options(&case, options, None).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 
-    // Two classes at least: with one, smoothing cancels every gradient to exactly 0
-    // in f64, and the f32 result is the rounding of the cancelled terms, whose size
-    // (loss weights x class weights x hidden values) no floor of the result covers.
     #[test]
     fn linear_matches_f64_primitive_engine(
-        case in case().prop_filter("two classes at least", |c| c.vocab >= 2),
+        case in multiclass_case(),
         width in 1usize..9,
         options in options(),
         seed in any::<u64>(),
@@ -376,11 +377,7 @@ proptest! {
     }
 
     #[test]
-    fn weighted_options_match_f64_primitive_engine(
-        case in case().prop_filter("two classes at least", |c| c.vocab >= 2),
-        options in options(),
-        seed in any::<u64>(),
-    ) {
+    fn weighted_options_match_f64_primitive_engine(case in multiclass_case(), options in options(), seed in any::<u64>()) {
         check_options(&case, options, Some(seed)).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 }
