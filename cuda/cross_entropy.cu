@@ -14,7 +14,10 @@
 // formed as they are (no cancellation when p_y -> 1), is written once in
 // src/op.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
 // lists below are described once, in src/kernel_abi.rs, for both the CUDA
-// launcher and the CPU-executed tests (tests/kernels_on_cpu.rs).
+// launcher and the CPU-executed tests (tests/kernels_on_cpu.rs); it describes
+// no launch for an empty problem (the driver refuses an empty grid). At the
+// end, `ce_labels_*` turn the caller's labels into the i64 labels all of these
+// read.
 //
 // Why the loop looks as it does (it is bound by memory bandwidth):
 // - Every row is split into scalar head elements up to the first 16-byte
@@ -35,6 +38,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <type_traits>
 
 // The columns of a row's `stats` and `factors`, as src/config.rs names them
 // (`Stat`, `Factor`; a test there holds the two together).
@@ -215,10 +219,8 @@ struct RowGroup {
 
 // Hands lane 0's (lse, ce) to every thread of its row group: a shuffle within
 // a warp, or shared memory across the block. Every thread of the block calls
-// it the same number of times. WEIGHTED only gives the weighted entries a
-// shared_pair of their own: one used by ce_fwd_grad_f64 alone is placed in
-// that kernel by nvcc, and ptxas then keeps it at 80 registers (82 otherwise).
-template <bool WEIGHTED, typename A> __device__ void group_broadcast(A& lse, A& ce, bool whole_block) {
+// it the same number of times.
+template <typename A> __device__ void group_broadcast(A& lse, A& ce, bool whole_block) {
     __shared__ A shared_pair[2];
     if (!whole_block) {
         lse = __shfl_sync(0xffffffffu, lse, 0);
@@ -352,10 +354,15 @@ template <typename A> struct UnitFactors {
 // once more (mostly from L2) and writes the gradient of a loss whose value
 // receives 1 over it, from `unit`: two passes over the logits instead of the
 // three of a forward and a separate backward. The target's term is formed in A
-// from ce, as in the backward; with WEIGHTED the class weights reach the
-// gradient's g_sum terms too.
+// from ce, as in the backward. Those logits are written, so their pointer is
+// writable and not __restrict__ all the way down (a read-only one would let
+// the compiler read them through the non-coherent cache while they change;
+// scripts/check-ptx.sh fails on such a load). Class weights never come with
+// GRAD: a weighted loss runs the forward, then the in-place backward.
+template <bool GRAD, typename T> using LogitsPtr = typename std::conditional<GRAD, T*, const T*>::type;
+
 template <typename T, typename A, bool CAP, bool SUM, bool WEIGHTED, bool GRAD>
-__device__ void forward(const T* __restrict__ logits, const int64_t* __restrict__ labels,
+__device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ labels,
                         const A* __restrict__ sum_weights, A* __restrict__ stats,
                         unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,
                         int64_t ignore_index, A cap, UnitFactors<A> unit, int rows_per_block, int64_t start,
@@ -366,7 +373,7 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
         const int64_t r = first + group.index;
         const int64_t label = r < rows ? labels[r] : ignore_index;
         const bool valid = r < rows && label != ignore_index && label >= 0 && label < vocab;
-        const T* __restrict__ row = logits + row_offset(r < rows ? r : 0, start, inner, stride_outer, stride_inner);
+        const LogitsPtr<GRAD, T> row = logits + row_offset(r < rows ? r : 0, start, inner, stride_outer, stride_inner);
         const int y = valid ? int(label) : -1;
         RowPartial<A> p = empty_partial<A>();
         if (valid) {
@@ -417,14 +424,13 @@ __device__ void forward(const T* __restrict__ logits, const int64_t* __restrict_
                 if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
             }
         }
-        if (GRAD) {
-            group_broadcast<WEIGHTED>(lse, ce, group.whole_block);
+        if constexpr (GRAD) {
+            static_assert(!WEIGHTED, "the forward with gradient takes no class weights");
+            group_broadcast(lse, ce, group.whole_block);
             if (r < rows) {
-                const A target_weight = valid ? sum_weight<WEIGHTED>(sum_weights, y) : A(1);
-                const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce, target_weight);
-                // The entry's logits are writable (NAME_WITH_GRAD in FORWARD): this pass
-                // reads each element before its own thread rewrites it.
-                write_row_grad<T, A, CAP, WEIGHTED>(row, const_cast<T*>(row), vocab, y, f, cap, sum_weights, group);
+                const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce, A(1));
+                // Each element is read before its own thread rewrites it.
+                write_row_grad<T, A, CAP, false>(row, row, vocab, y, f, cap, sum_weights, group);
             }
         }
     }
@@ -460,19 +466,21 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
 // Entry points: one per dtype, direction and class weighting; the soft-cap,
 // the logit sum and the gradient are picked once per launch, not per element.
 // The class-weighted logit sum has entries of its own (`_weighted_`), so that
-// its extra registers never lower the occupancy of the plain ones. Every
-// entry takes sum_weights, the [V] class weights in A: the weighted entries
-// read them (the forward only with want_sum, as the CPU's; the gradient
-// always), the plain ones never (the host passes nullptr). MAX_THREADS is the
-// largest block an entry is compiled for (64 registers a thread at 1024);
-// f64's double-precision maths would spill there, so f64 blocks stop at 512
-// threads. src/kernel_abi.rs holds the same limits and every argument list.
+// its extra registers never lower the occupancy of the plain ones. The
+// forward and backward entries take sum_weights, the [V] class weights in A:
+// the weighted entries read them (the forward only with want_sum, as the
+// CPU's; the gradient always), the plain ones never (the host passes
+// nullptr). The forward with gradient has no weighted entries (see forward).
+// MAX_THREADS is the largest block an entry is compiled for (64 registers a
+// thread at 1024); f64's double-precision maths would spill there, so f64
+// blocks stop at 512 threads. src/kernel_abi.rs holds the same limits and
+// every argument list.
 // ---------------------------------------------------------------------------
 
 // Picks forward<T, A, CAP, SUM, WEIGHTED, GRAD> from the launch's cap and
-// want_sum (without SUM, WEIGHTED is left only to the gradient's g_sum c_j).
+// want_sum (without SUM, the class weights go unread).
 template <typename T, typename A, bool WEIGHTED, bool GRAD>
-__device__ __forceinline__ void dispatch_forward(const T* __restrict__ logits, const int64_t* __restrict__ labels,
+__device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ labels,
                                                  const A* __restrict__ sum_weights, A* __restrict__ stats,
                                                  unsigned long long* __restrict__ first_bad_row, int64_t rows,
                                                  int vocab, int64_t ignore_index, A cap, int want_sum,
@@ -484,15 +492,15 @@ __device__ __forceinline__ void dispatch_forward(const T* __restrict__ logits, c
     if (cap > A(0) && want_sum)
         CE_FORWARD(true, true, WEIGHTED);
     else if (cap > A(0))
-        CE_FORWARD(true, false, WEIGHTED && GRAD);
+        CE_FORWARD(true, false, false);
     else if (want_sum)
         CE_FORWARD(false, true, WEIGHTED);
     else
-        CE_FORWARD(false, false, WEIGHTED && GRAD);
+        CE_FORWARD(false, false, false);
 #undef CE_FORWARD
 }
 
-#define FORWARD(NAME, NAME_WITH_GRAD, T, A, MAX_THREADS, WEIGHTED)                                                 \
+#define FORWARD(NAME, T, A, MAX_THREADS, WEIGHTED)                                                                 \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
              A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,       \
@@ -501,18 +509,19 @@ __device__ __forceinline__ void dispatch_forward(const T* __restrict__ logits, c
         dispatch_forward<T, A, WEIGHTED, false>(logits, labels, sum_weights, stats, first_bad_row, rows, vocab,   \
                                                 ignore_index, cap, want_sum, UnitFactors<A>{0, 0, 0, 0},           \
                                                 rows_per_block, start, inner, stride_outer, stride_inner);         \
-    }                                                                                                              \
+    }
+
+// The logits are rewritten with their gradient: a writable pointer, not __restrict__ (see forward).
+#define FORWARD_WITH_GRAD(NAME, T, A, MAX_THREADS)                                                                 \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
-        NAME_WITH_GRAD(T* __restrict__ logits, const int64_t* __restrict__ labels,                                 \
-                       const A* __restrict__ sum_weights, A* __restrict__ stats,                                   \
-                       unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,                    \
-                       int64_t ignore_index, A cap, int want_sum, A unit_ce, A unit_lse, A unit_lse_squared,       \
-                       A unit_sum, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,         \
-                       int64_t stride_inner) {                                                                     \
-        dispatch_forward<T, A, WEIGHTED, true>(                                                                    \
-            logits, labels, sum_weights, stats, first_bad_row, rows, vocab, ignore_index, cap, want_sum,           \
-            UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}, rows_per_block, start, inner,           \
-            stride_outer, stride_inner);                                                                           \
+        NAME(T* logits, const int64_t* __restrict__ labels, A* __restrict__ stats,                                 \
+             unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
+             int want_sum, A unit_ce, A unit_lse, A unit_lse_squared, A unit_sum, int rows_per_block,              \
+             int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {                           \
+        dispatch_forward<T, A, false, true>(logits, labels, nullptr, stats, first_bad_row, rows, vocab,            \
+                                            ignore_index, cap, want_sum,                                           \
+                                            UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum},         \
+                                            rows_per_block, start, inner, stride_outer, stride_inner);             \
     }
 
 #define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS, WEIGHTED)                                                 \
@@ -545,14 +554,18 @@ __device__ __forceinline__ void dispatch_forward(const T* __restrict__ logits, c
                                             stride_inner, start, inner, stride_outer, stride_inner);               \
     }
 
-FORWARD(ce_fwd_f32, ce_fwd_grad_f32, float, float, 1024, false)
-FORWARD(ce_fwd_bf16, ce_fwd_grad_bf16, __nv_bfloat16, float, 1024, false)
-FORWARD(ce_fwd_f16, ce_fwd_grad_f16, __half, float, 1024, false)
-FORWARD(ce_fwd_f64, ce_fwd_grad_f64, double, double, 512, false)
-FORWARD(ce_fwd_weighted_f32, ce_fwd_grad_weighted_f32, float, float, 1024, true)
-FORWARD(ce_fwd_weighted_bf16, ce_fwd_grad_weighted_bf16, __nv_bfloat16, float, 1024, true)
-FORWARD(ce_fwd_weighted_f16, ce_fwd_grad_weighted_f16, __half, float, 1024, true)
-FORWARD(ce_fwd_weighted_f64, ce_fwd_grad_weighted_f64, double, double, 512, true)
+FORWARD(ce_fwd_f32, float, float, 1024, false)
+FORWARD(ce_fwd_bf16, __nv_bfloat16, float, 1024, false)
+FORWARD(ce_fwd_f16, __half, float, 1024, false)
+FORWARD(ce_fwd_f64, double, double, 512, false)
+FORWARD(ce_fwd_weighted_f32, float, float, 1024, true)
+FORWARD(ce_fwd_weighted_bf16, __nv_bfloat16, float, 1024, true)
+FORWARD(ce_fwd_weighted_f16, __half, float, 1024, true)
+FORWARD(ce_fwd_weighted_f64, double, double, 512, true)
+FORWARD_WITH_GRAD(ce_fwd_grad_f32, float, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_bf16, __nv_bfloat16, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_f16, __half, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_f64, double, double, 512)
 BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024, false)
 BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024, false)
 BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024, false)
@@ -561,3 +574,60 @@ BACKWARD(ce_bwd_weighted_f32, ce_bwd_inplace_weighted_f32, float, float, 1024, t
 BACKWARD(ce_bwd_weighted_bf16, ce_bwd_inplace_weighted_bf16, __nv_bfloat16, float, 1024, true)
 BACKWARD(ce_bwd_weighted_f16, ce_bwd_inplace_weighted_f16, __half, float, 1024, true)
 BACKWARD(ce_bwd_weighted_f64, ce_bwd_inplace_weighted_f64, double, double, 512, true)
+
+// ---------------------------------------------------------------------------
+// Labels: the caller's labels, of any integer dtype L and any strides, to the
+// [N] contiguous i64 every kernel above reads, with masked tokens set to
+// ignore_index. candle-kernels has no CUDA cast from i16 or i32 (nor compare
+// on them), so the loss converts them here, in one pass. Element r of the
+// labels is at start + (r / inner) * stride_outer + (r % inner) * stride_inner
+// (a [N] or [B, S] view), and of the mask at its own offsets. The mask, when
+// there is one, is read as raw bytes: mask_bytes (1, 2, 4 or 8) per element,
+// 0 unless some bit is set, the sign bit left out for a float mask
+// (mask_float), so that -0.0 is 0 and NaN is not, as `mask != 0`.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ bool mask_keeps(const unsigned char* __restrict__ mask, int64_t offset, int mask_bytes,
+                                           int mask_float) {
+    const unsigned char* element = mask + offset * mask_bytes;
+    uint64_t bits;
+    switch (mask_bytes) {
+    case 1: bits = *element; break;
+    case 2: bits = *reinterpret_cast<const uint16_t*>(element); break;
+    case 4: bits = *reinterpret_cast<const uint32_t*>(element); break;
+    default: bits = *reinterpret_cast<const uint64_t*>(element); break;
+    }
+    if (mask_float) bits &= ~(uint64_t(1) << (8 * mask_bytes - 1));
+    return bits != 0;
+}
+
+template <typename L>
+__device__ void labels_to_i64(const L* __restrict__ labels, const unsigned char* __restrict__ mask,
+                              int64_t* __restrict__ out, int64_t rows, int64_t ignore_index, int mask_bytes,
+                              int mask_float, int64_t start, int64_t inner, int64_t stride_outer,
+                              int64_t stride_inner, int64_t mask_start, int64_t mask_inner, int64_t mask_stride_outer,
+                              int64_t mask_stride_inner) {
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+        const bool kept = mask == nullptr ||
+                          mask_keeps(mask, row_offset(r, mask_start, mask_inner, mask_stride_outer, mask_stride_inner),
+                                     mask_bytes, mask_float);
+        out[r] = kept ? int64_t(labels[row_offset(r, start, inner, stride_outer, stride_inner)]) : ignore_index;
+    }
+}
+
+#define LABELS(NAME, L)                                                                                            \
+    extern "C" __global__ void NAME(const L* __restrict__ labels, const unsigned char* __restrict__ mask,         \
+                                    int64_t* __restrict__ out, int64_t rows, int64_t ignore_index,                 \
+                                    int mask_bytes, int mask_float, int64_t start, int64_t inner,                  \
+                                    int64_t stride_outer, int64_t stride_inner, int64_t mask_start,                \
+                                    int64_t mask_inner, int64_t mask_stride_outer, int64_t mask_stride_inner) {    \
+        labels_to_i64<L>(labels, mask, out, rows, ignore_index, mask_bytes, mask_float, start, inner,              \
+                         stride_outer, stride_inner, mask_start, mask_inner, mask_stride_outer,                    \
+                         mask_stride_inner);                                                                       \
+    }
+
+LABELS(ce_labels_u8, uint8_t)
+LABELS(ce_labels_u32, uint32_t)
+LABELS(ce_labels_i16, int16_t)
+LABELS(ce_labels_i32, int32_t)
+LABELS(ce_labels_i64, int64_t)

@@ -5,6 +5,11 @@
 //! launch of the same `.cu` source compiled for the CPU (HIP-CPU), so that the
 //! argument marshalling is tested without a GPU.
 //!
+//! An empty problem (no rows, or no classes) has no launch: each function
+//! returns `None` for it, and a [`KernelLaunch`] cannot be built elsewhere, so
+//! no launch with an empty grid reaches the driver (which refuses it with
+//! `CUDA_ERROR_INVALID_VALUE`).
+//!
 //! Not a stable API: it is public only for those tests.
 
 pub use crate::config::UnitFactors;
@@ -15,8 +20,8 @@ pub const MAX_BLOCKS: u32 = 1 << 16;
 
 /// Every kernel entry of `cuda/cross_entropy.cu`: `ce_{kind}_{dtype}`, and
 /// `ce_{kind}_weighted_{dtype}` for a class-weighted logit sum (see
-/// [`KernelOptions::sum_weights`]).
-pub const ENTRIES: [&str; 32] = [
+/// [`KernelOptions::sum_weights`]); `ce_labels_{dtype}` for each label dtype.
+pub const ENTRIES: [&str; 33] = [
     "ce_fwd_f32",
     "ce_fwd_bf16",
     "ce_fwd_f16",
@@ -37,10 +42,6 @@ pub const ENTRIES: [&str; 32] = [
     "ce_fwd_weighted_bf16",
     "ce_fwd_weighted_f16",
     "ce_fwd_weighted_f64",
-    "ce_fwd_grad_weighted_f32",
-    "ce_fwd_grad_weighted_bf16",
-    "ce_fwd_grad_weighted_f16",
-    "ce_fwd_grad_weighted_f64",
     "ce_bwd_weighted_f32",
     "ce_bwd_weighted_bf16",
     "ce_bwd_weighted_f16",
@@ -49,7 +50,16 @@ pub const ENTRIES: [&str; 32] = [
     "ce_bwd_inplace_weighted_bf16",
     "ce_bwd_inplace_weighted_f16",
     "ce_bwd_inplace_weighted_f64",
+    "ce_labels_u8",
+    "ce_labels_u32",
+    "ce_labels_i16",
+    "ce_labels_i32",
+    "ce_labels_i64",
 ];
+
+/// The label dtypes the loss takes, each converted to i64 by its
+/// `ce_labels_{dtype}` entry (see [`labels`]).
+pub const LABEL_DTYPES: [DType; 5] = [DType::U8, DType::U32, DType::I16, DType::I32, DType::I64];
 
 /// A buffer a kernel reads or writes, bound to device memory by the launcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +67,13 @@ pub enum Operand {
     /// The logits' whole storage (`[..]` of the dtype; rows are found from the
     /// start offset and strides that follow in the arguments).
     Logits,
-    /// `[N]` i64 labels, contiguous.
+    /// `[N]` i64 labels, contiguous: read by the loss's entries, written by
+    /// [`labels`]'s.
     Labels,
+    /// The caller's labels' whole storage, of a label dtype (see [`labels`]).
+    CallerLabels,
+    /// The caller's mask's whole storage, read as raw bytes (see [`labels`]).
+    Mask,
     /// `[V]` class weights of the logit sum, contiguous, in the accumulator
     /// type: [`KernelOptions::sum_weights`]. Only the `_weighted_` entries
     /// take it; the others get [`KernelArg::Null`] in its place.
@@ -186,18 +201,52 @@ impl KernelOptions {
     }
 }
 
-/// Where the rows of `[.., V]` logits live: row `r` starts at
-/// `start + (r / inner) * stride_outer + (r % inner) * stride_inner`.
+/// Where element `r` of a `[N]` or `[B, S]` view lives in its storage:
+/// `start + (r / inner) * stride_outer + (r % inner) * stride_inner`, in
+/// elements. The rows of `[.., V]` logits, the labels and the mask are all
+/// found this way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Strided {
+    start: i64,
+    inner: i64,
+    stride_outer: i64,
+    stride_inner: i64,
+}
+
+impl Strided {
+    /// The elements of leading `dims` (one or two) with their `strides`,
+    /// from `start`; `None` for another rank.
+    fn new(dims: &[usize], strides: &[usize], start: usize) -> Option<(usize, Self)> {
+        let i = |v: usize| v as i64;
+        let (count, inner, stride_outer, stride_inner) = match (dims, strides) {
+            ([n], [s]) => (*n, (*n).max(1), 0, *s),
+            ([b, s], [sb, ss]) => (b * s, (*s).max(1), *sb, *ss),
+            _ => return None,
+        };
+        Some((
+            count,
+            Self { start: i(start), inner: i(inner), stride_outer: i(stride_outer), stride_inner: i(stride_inner) },
+        ))
+    }
+
+    fn args(&self) -> [KernelArg; 4] {
+        [
+            KernelArg::I64(self.start),
+            KernelArg::I64(self.inner),
+            KernelArg::I64(self.stride_outer),
+            KernelArg::I64(self.stride_inner),
+        ]
+    }
+}
+
+/// Where the rows of `[.., V]` logits live (see `Strided`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowGeometry {
     /// Rows (`N`).
     pub rows: usize,
     /// Row length (`V`).
     pub vocab: usize,
-    start: i64,
-    inner: i64,
-    stride_outer: i64,
-    stride_inner: i64,
+    strided: Strided,
 }
 
 impl RowGeometry {
@@ -212,34 +261,85 @@ impl RowGeometry {
         if vocab > i32::MAX as usize {
             bail!("chunked cross-entropy (cuda): a vocabulary of {vocab} is over the kernels' 2^31 - 1")
         }
-        let (rows, inner, stride_outer, stride_inner) = match (dims, strides) {
-            ([n, _], [s, _]) => (*n, (*n).max(1), 0, *s),
-            ([b, s, _], [sb, ss, _]) => (b * s, (*s).max(1), *sb, *ss),
+        let leading = dims.len().saturating_sub(1);
+        let (rows, strided) = match Strided::new(&dims[..leading], &strides[..leading], layout.start_offset()) {
+            Some(rows) if matches!(dims.len(), 2 | 3) => rows,
             _ => bail!("chunked cross-entropy (cuda): logits must be rank 2 or 3, got {:?}", layout.shape()),
         };
-        let i = |v: usize| v as i64;
-        Ok(Self {
-            rows,
-            vocab,
-            start: i(layout.start_offset()),
-            inner: i(inner),
-            stride_outer: i(stride_outer),
-            stride_inner: i(stride_inner),
-        })
+        Ok(Self { rows, vocab, strided })
     }
 
-    fn args(&self) -> [KernelArg; 4] {
-        [
-            KernelArg::I64(self.start),
-            KernelArg::I64(self.inner),
-            KernelArg::I64(self.stride_outer),
-            KernelArg::I64(self.stride_inner),
-        ]
+    /// Whether a launch over these rows has nothing to do.
+    fn is_empty(&self) -> bool {
+        self.rows == 0 || self.vocab == 0
+    }
+}
+
+/// How a mask's elements are read (see [`labels`]): `bytes` per element, and
+/// whether it is a float (its sign bit then does not count, so `-0.0` is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskElements {
+    bytes: i32,
+    float: bool,
+}
+
+impl MaskElements {
+    /// The elements of a mask of `dtype`: every integer and float dtype of up
+    /// to 8 bytes whose zero is all bits clear (but for a float's sign).
+    pub fn of(dtype: DType) -> Result<Self> {
+        let float = match dtype {
+            DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => false,
+            DType::BF16 | DType::F16 | DType::F32 | DType::F64 | DType::F8E4M3 => true,
+            other => bail!(
+                "chunked cross-entropy: a mask of {other:?} is not supported (an integer or a float dtype of 8 to 64 bits)"
+            ),
+        };
+        Ok(Self { bytes: dtype.size_in_bytes() as i32, float })
+    }
+}
+
+/// The caller's labels (and mask) as the `ce_labels_*` entries read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelGeometry {
+    /// Labels (`N`).
+    pub rows: usize,
+    labels: Strided,
+    mask: Option<(Strided, MaskElements)>,
+}
+
+impl LabelGeometry {
+    /// `labels`' layout (rank 1 or 2), and the mask's layout and elements
+    /// when there is one (the same dims).
+    pub fn new(labels: &Layout, mask: Option<(&Layout, MaskElements)>) -> Result<Self> {
+        let strided =
+            |layout: &Layout, what: &str| match Strided::new(layout.dims(), layout.stride(), layout.start_offset()) {
+                Some(found) => Ok(found),
+                None => bail!("chunked cross-entropy: {what} must be rank 1 or 2, got {:?}", layout.shape()),
+            };
+        let (rows, labels_strided) = strided(labels, "labels")?;
+        let mask = match mask {
+            None => None,
+            Some((layout, elements)) => {
+                if layout.dims() != labels.dims() {
+                    bail!(
+                        "chunked cross-entropy: mask {:?} must have the labels' shape {:?}",
+                        layout.shape(),
+                        labels.shape()
+                    )
+                }
+                Some((strided(layout, "the mask")?.1, elements))
+            }
+        };
+        Ok(Self { rows, labels: labels_strided, mask })
     }
 }
 
 /// One kernel launch: entry, grid, block and arguments in parameter order.
+/// Only this module builds one (`non_exhaustive` keeps struct literals
+/// elsewhere out), never for an empty problem: `blocks` and `threads` are at
+/// least 1.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct KernelLaunch {
     /// The entry's name in `cuda/cross_entropy.cu`.
     pub entry: &'static str,
@@ -252,7 +352,13 @@ pub struct KernelLaunch {
 }
 
 /// The forward: writes [`Operand::Stats`] and lowers [`Operand::FirstBadRow`].
-pub fn forward(rows: &RowGeometry, dtype: DType, options: &KernelOptions, shape: LaunchShape) -> Result<KernelLaunch> {
+/// `None` for an empty problem.
+pub fn forward(
+    rows: &RowGeometry,
+    dtype: DType,
+    options: &KernelOptions,
+    shape: LaunchShape,
+) -> Result<Option<KernelLaunch>> {
     use KernelArg::{Operand as Op, I32};
     let weighted = options.weighted(rows.vocab, dtype, options.logit_sum)?;
     let entry = entry("fwd", weighted, dtype)?;
@@ -260,40 +366,43 @@ pub fn forward(rows: &RowGeometry, dtype: DType, options: &KernelOptions, shape:
     args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
-    launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args)
 }
 
 /// The forward that also writes, over [`Operand::Logits`], the gradient of a
 /// scalar loss whose value receives 1: `unit` gives every valid row's factors
 /// (see [`UnitFactors`]). Two passes over the logits instead of the three of
-/// [`forward`] and [`backward`].
+/// [`forward`] and [`backward`]. Without class weights only: a weighted loss
+/// runs [`forward`], then the in-place [`backward`]. `None` for an empty
+/// problem.
 pub fn forward_with_grad(
     rows: &RowGeometry,
     dtype: DType,
     options: &KernelOptions,
     unit: &UnitFactors,
     shape: LaunchShape,
-) -> Result<KernelLaunch> {
+) -> Result<Option<KernelLaunch>> {
     use KernelArg::{Operand as Op, I32};
-    let weighted = options.weighted(rows.vocab, dtype, true)?;
-    let entry = entry("fwd_grad", weighted, dtype)?;
-    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), sum_weights(weighted)];
-    args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
+    if options.sum_weights.is_some() {
+        bail!("chunked cross-entropy (cuda): the forward with gradient takes no class weights")
+    }
+    let entry = entry("fwd_grad", false, dtype)?;
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
     args.extend([unit.ce, unit.lse, unit.lse_squared, unit.logit_sum].map(|v| accumulator(dtype, v)));
-    launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args)
 }
 
 /// The backward into [`Operand::Grad`] (`in_place == false`), or over
-/// [`Operand::Logits`].
+/// [`Operand::Logits`]. `None` for an empty problem.
 pub fn backward(
     rows: &RowGeometry,
     dtype: DType,
     options: &KernelOptions,
     in_place: bool,
     shape: LaunchShape,
-) -> Result<KernelLaunch> {
+) -> Result<Option<KernelLaunch>> {
     use KernelArg::Operand as Op;
     let weighted = options.weighted(rows.vocab, dtype, true)?;
     let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), sum_weights(weighted), Op(Operand::Factors)];
@@ -304,7 +413,43 @@ pub fn backward(
         entry("bwd", weighted, dtype)?
     };
     args.extend(row_args(rows, dtype, options));
-    launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args)
+}
+
+/// Threads per block of the labels' conversion (one label per thread).
+const LABEL_THREADS: u32 = 256;
+
+/// The conversion of the caller's labels ([`Operand::CallerLabels`], of
+/// `dtype`, one of [`LABEL_DTYPES`]) into [`Operand::Labels`] (`[N]` i64,
+/// contiguous), with the tokens whose [`Operand::Mask`] element is 0 set to
+/// `ignore_index`. `None` when there are no labels.
+pub fn labels(geometry: &LabelGeometry, dtype: DType, ignore_index: i64) -> Result<Option<KernelLaunch>> {
+    use KernelArg::{Operand as Op, I32, I64};
+    let suffix = match dtype {
+        DType::U8 => "u8",
+        DType::U32 => "u32",
+        DType::I16 => "i16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        other => {
+            bail!("chunked cross-entropy: labels must be an integer dtype (u8, u32, i16, i32, i64), got {other:?}")
+        }
+    };
+    let entry = find_entry(&format!("ce_labels_{suffix}"))?;
+    let (mask, mask_elements, mask_strided) = match geometry.mask {
+        Some((strided, elements)) => (Op(Operand::Mask), elements, strided),
+        None => (KernelArg::Null, MaskElements { bytes: 1, float: false }, geometry.labels),
+    };
+    let mut args = vec![Op(Operand::CallerLabels), mask, Op(Operand::Labels)];
+    args.extend([I64(geometry.rows as i64), I64(ignore_index)]);
+    args.extend([I32(mask_elements.bytes), I32(i32::from(mask_elements.float))]);
+    args.extend(geometry.labels.args());
+    args.extend(mask_strided.args());
+    if geometry.rows == 0 {
+        return Ok(None);
+    }
+    let blocks = geometry.rows.div_ceil(LABEL_THREADS as usize).min(MAX_BLOCKS as usize) as u32;
+    Ok(Some(KernelLaunch { entry, blocks, threads: LABEL_THREADS, args }))
 }
 
 /// `rows, vocab, ignore_index, cap` (0 for none, in the accumulator type).
@@ -341,19 +486,24 @@ fn accumulator(dtype: DType, value: f64) -> KernelArg {
     }
 }
 
-/// Appends `rows_per_block` and the row geometry, and sizes the grid.
-fn launch(
+/// Appends `rows_per_block` and the row geometry, and sizes the grid: the
+/// launch of a row kernel, or `None` when the rows are empty (the arguments
+/// are still checked, so that an empty call fails where a full one would).
+fn row_launch(
     entry: &'static str,
     rows: &RowGeometry,
     dtype: DType,
     shape: LaunchShape,
     mut args: Vec<KernelArg>,
-) -> Result<KernelLaunch> {
+) -> Result<Option<KernelLaunch>> {
     shape.check(dtype)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
     args.push(KernelArg::I32(shape.rows_per_block as i32));
-    args.extend(rows.args());
-    let blocks = rows.rows.div_ceil(shape.rows_per_block as usize).clamp(1, shape.max_blocks as usize) as u32;
-    Ok(KernelLaunch { entry, blocks, threads: shape.threads, args })
+    args.extend(rows.strided.args());
+    let blocks = rows.rows.div_ceil(shape.rows_per_block as usize).min(shape.max_blocks as usize) as u32;
+    Ok(Some(KernelLaunch { entry, blocks, threads: shape.threads, args }))
 }
 
 /// `ce_{kind}_{dtype}`, or `ce_{kind}_weighted_{dtype}`, from [`ENTRIES`].
@@ -365,7 +515,11 @@ fn entry(kind: &str, weighted: bool, dtype: DType) -> Result<&'static str> {
         DType::F64 => "f64",
         other => bail!("chunked cross-entropy (cuda): logits must be a float dtype, got {other:?}"),
     };
-    let name = format!("ce_{kind}_{}{suffix}", if weighted { "weighted_" } else { "" });
+    find_entry(&format!("ce_{kind}_{}{suffix}", if weighted { "weighted_" } else { "" }))
+}
+
+/// `name` from [`ENTRIES`].
+fn find_entry(name: &str) -> Result<&'static str> {
     match ENTRIES.iter().find(|e| **e == name) {
         Some(e) => Ok(e),
         None => bail!("chunked cross-entropy (cuda): no kernel entry {name}"),
@@ -375,6 +529,10 @@ fn entry(kind: &str, weighted: bool, dtype: DType) -> Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options() -> KernelOptions {
+        KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None }
+    }
 
     #[test]
     fn shapes_follow_the_vocabulary() {
@@ -390,40 +548,118 @@ mod tests {
     fn every_dtype_has_its_entries() -> Result<()> {
         let layout = Layout::contiguous((3, 7));
         let rows = RowGeometry::new(&layout)?;
-        let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
+        let options = options();
+        let launched = |launch: Result<Option<KernelLaunch>>| launch.map(|l| l.expect("3 x 7 has a launch").entry);
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
             let shape = LaunchShape::for_vocab(dtype, 7);
-            assert!(forward(&rows, dtype, &options, shape)?.entry.starts_with("ce_fwd_"));
-            assert!(backward(&rows, dtype, &options, true, shape)?.entry.starts_with("ce_bwd_inplace_"));
+            assert!(launched(forward(&rows, dtype, &options, shape))?.starts_with("ce_fwd_"));
+            assert!(launched(backward(&rows, dtype, &options, true, shape))?.starts_with("ce_bwd_inplace_"));
         }
         assert!(forward(&rows, DType::U8, &options, LaunchShape::for_vocab(DType::U8, 7)).is_err());
         let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1 };
         assert!(forward(&rows, DType::F32, &options, bad).is_err());
+        for dtype in LABEL_DTYPES {
+            let geometry = LabelGeometry::new(&Layout::contiguous(3), None)?;
+            assert!(launched(labels(&geometry, dtype, -100))?.starts_with("ce_labels_"));
+        }
+        Ok(())
+    }
+
+    /// No launch is built for an empty problem (the driver refuses an empty
+    /// grid), from any entry point, in any dtype, with any block shape; and
+    /// every launch that is built has a grid and a block.
+    #[test]
+    fn no_empty_launch_can_be_built() -> Result<()> {
+        let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
+        for dims in [[0, 7], [5, 0], [0, 0], [3, 7]] {
+            let rows = RowGeometry::new(&Layout::contiguous((dims[0], dims[1])))?;
+            for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+                for shape in [
+                    LaunchShape::for_vocab(dtype, dims[1]),
+                    LaunchShape { threads: 32, rows_per_block: 1, max_blocks: 1 },
+                ] {
+                    let options = options();
+                    let launches = [
+                        forward(&rows, dtype, &options, shape)?,
+                        forward_with_grad(&rows, dtype, &options, &unit, shape)?,
+                        backward(&rows, dtype, &options, false, shape)?,
+                        backward(&rows, dtype, &options, true, shape)?,
+                    ];
+                    for launch in launches {
+                        match &launch {
+                            None => assert!(dims[0] * dims[1] == 0, "{dims:?} {dtype:?}: no launch"),
+                            Some(l) => {
+                                assert!(dims[0] * dims[1] > 0, "{dims:?} {dtype:?}: launched {}", l.entry);
+                                assert!(l.blocks >= 1 && l.threads >= 32, "{dims:?}: {l:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for n in [0, 1, 300] {
+            let geometry = LabelGeometry::new(&Layout::contiguous(n), None)?;
+            for dtype in LABEL_DTYPES {
+                let launch = labels(&geometry, dtype, -100)?;
+                assert_eq!(launch.is_some(), n > 0, "{n} labels of {dtype:?}");
+                assert!(
+                    launch.is_none_or(|l| l.blocks as usize * l.threads as usize >= n),
+                    "{n} labels: a thread each"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The labels' entry takes the mask as raw bytes, with its own strides;
+    /// packed formats with no zero are refused.
+    #[test]
+    fn labels_take_any_mask() -> Result<()> {
+        let labels_layout = Layout::contiguous((2, 3));
+        let mask_layout = Layout::contiguous((2, 5)).narrow(1, 1, 3)?;
+        for (dtype, bytes, float) in [(DType::U8, 1, 0), (DType::BF16, 2, 1), (DType::I32, 4, 0), (DType::F64, 8, 1)] {
+            let geometry = LabelGeometry::new(&labels_layout, Some((&mask_layout, MaskElements::of(dtype)?)))?;
+            let launch = labels(&geometry, DType::I32, 7)?.expect("6 labels");
+            assert_eq!(launch.entry, "ce_labels_i32");
+            assert_eq!(launch.args[1], KernelArg::Operand(Operand::Mask));
+            assert_eq!(&launch.args[5..7], &[KernelArg::I32(bytes), KernelArg::I32(float)]);
+            // The mask's start, inner length and strides: [2, 5] narrowed to columns 1..4.
+            let mask_strides = [KernelArg::I64(1), KernelArg::I64(3), KernelArg::I64(5), KernelArg::I64(1)];
+            assert_eq!(&launch.args[11..15], &mask_strides);
+        }
+        for dtype in [DType::F4, DType::F6E2M3, DType::F8E8M0] {
+            assert!(MaskElements::of(dtype).is_err(), "{dtype:?}");
+        }
+        let other_shape = Layout::contiguous((3, 2));
+        let mask = MaskElements::of(DType::U8)?;
+        assert!(LabelGeometry::new(&labels_layout, Some((&other_shape, mask))).is_err());
+        assert!(labels(&LabelGeometry::new(&labels_layout, None)?, DType::F32, -100).is_err());
         Ok(())
     }
 
     /// Class weights pick the `_weighted_` entries and bind their operand,
     /// except in a forward without the logit sum, which does not read them;
-    /// weights that do not fit the rows are refused.
+    /// weights that do not fit the rows are refused, and so is the forward
+    /// with gradient, which has no weighted entry.
     #[test]
     fn class_weights_pick_the_weighted_entries() -> Result<()> {
         let rows = RowGeometry::new(&Layout::contiguous((3, 7)))?;
         let weights = Tensor::ones(7, DType::F32, &candle::Device::Cpu)?;
-        let options =
-            KernelOptions { ignore_index: -100, softcap: None, logit_sum: true, sum_weights: Some(weights.clone()) };
+        let options = KernelOptions { logit_sum: true, sum_weights: Some(weights.clone()), ..self::options() };
         let shape = LaunchShape::for_vocab(DType::BF16, 7);
-        let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
         let bound = KernelArg::Operand(Operand::SumWeights);
         for (launch, entry) in [
             (forward(&rows, DType::BF16, &options, shape)?, "ce_fwd_weighted_bf16"),
-            (forward_with_grad(&rows, DType::BF16, &options, &unit, shape)?, "ce_fwd_grad_weighted_bf16"),
             (backward(&rows, DType::BF16, &options, false, shape)?, "ce_bwd_weighted_bf16"),
             (backward(&rows, DType::BF16, &options, true, shape)?, "ce_bwd_inplace_weighted_bf16"),
         ] {
+            let launch = launch.expect("3 x 7 has a launch");
             assert_eq!((launch.entry, launch.args[2]), (entry, bound));
         }
+        let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
+        assert!(forward_with_grad(&rows, DType::BF16, &options, &unit, shape).is_err());
         let unsummed = KernelOptions { logit_sum: false, ..options.clone() };
-        let launch = forward(&rows, DType::BF16, &unsummed, shape)?;
+        let launch = forward(&rows, DType::BF16, &unsummed, shape)?.expect("3 x 7 has a launch");
         assert_eq!((launch.entry, launch.args[2]), ("ce_fwd_bf16", KernelArg::Null));
         for bad in [Tensor::ones(6, DType::F32, &candle::Device::Cpu)?, weights.to_dtype(DType::F64)?] {
             let options = KernelOptions { sum_weights: Some(bad), ..options.clone() };

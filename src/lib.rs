@@ -64,9 +64,11 @@ mod cpu;
 mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_gemm;
+mod empty;
 mod gemm;
 #[doc(hidden)]
 pub mod kernel_abi;
+mod labels;
 mod linear;
 mod loss;
 mod op;

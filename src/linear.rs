@@ -19,7 +19,7 @@
 
 use crate::config::{compute_dtype, Engine, OpConfig, RowLabel, UnitFactors, STATS, UPSTREAM};
 use crate::gemm;
-use crate::loss::{checked_labels, checked_logits, LossCall};
+use crate::loss::{checked_labels, checked_logits, LossCall, TokenCall};
 use crate::op::{self, NodeBackward, RowWeights, StatsNode};
 use crate::primitive;
 use crate::{ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
@@ -228,14 +228,22 @@ impl LinearCrossEntropy {
         let labels_shape = labels.shape().clone();
         let ignore_index = self.config.ignore_index;
         self.config.check_num_label_tokens(num_label_tokens)?;
+        if self.chunk_len == Some(0) {
+            bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
+        }
         let hidden = checked_logits(hidden)?;
-        let labels = checked_labels(&hidden, labels, mask, ignore_index)?;
-        let width = hidden.dim(candle::D::Minus1)?;
         let vocab = checked_projection(&hidden, weight, bias)?;
+        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
+        let width = hidden.dim(candle::D::Minus1)?;
         let rows = hidden.reshape(((), width))?;
-        let n = rows.dim(0)?;
-        if n > 0 && vocab == 0 {
-            bail!("linear cross-entropy: weight {:?} has an empty vocabulary dim", weight.shape())
+        if labels.dim(0)? == 0 {
+            // Validated like a call with tokens; then nothing to compute.
+            self.config.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
+            self.config.op_config(hidden.device())?;
+            let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
+            if let Some(call) = self.config.empty_call(&inputs, &labels, &labels_shape)? {
+                return Ok(call);
+            }
         }
         // The forward call's one intended device->host read (a sync on CUDA): the labels,
         // once, to check them before any chunk runs and to count the valid ones, which the
@@ -246,7 +254,6 @@ impl LinearCrossEntropy {
         let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
         let valid = row_labels.iter().flatten().count();
         let chunk_len = match self.chunk_len {
-            Some(0) => bail!("linear cross-entropy: chunk_len must be at least 1, got 0"),
             Some(c) => c,
             None => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
         };
@@ -255,7 +262,7 @@ impl LinearCrossEntropy {
         if cfg.engine == Engine::Autograd {
             let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
             let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
-            return Ok(LossCall { node, labels, labels_shape, vocab, weights });
+            return Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
@@ -289,7 +296,7 @@ impl LinearCrossEntropy {
             None => rows.apply_op2(weight, node)?,
             Some(bias) => rows.apply_op3(weight, bias, node)?,
         };
-        Ok(LossCall { node, labels, labels_shape, vocab, weights })
+        Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
     }
 }
 
@@ -700,8 +707,10 @@ impl candle::InplaceOp1 for ScaleInPlace {
 enum RowSelection {
     /// Every row is valid: the rows as they are, no copy.
     All,
-    /// The valid rows' indices (`[n_valid]` u32, ascending) among `total`.
-    Valid { index: Tensor, total: usize },
+    /// The valid rows' indices (`[n_valid]` u32, ascending) among `total`;
+    /// `None` when no row is valid (candle's CUDA index ops would launch an
+    /// empty grid, which the driver refuses).
+    Valid { index: Option<Tensor>, total: usize },
 }
 
 impl RowSelection {
@@ -714,14 +723,16 @@ impl RowSelection {
         }
         let index: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize].is_some()).collect();
         let len = index.len();
-        Ok(Self::Valid { index: Tensor::from_vec(index, len, device)?, total: labels.len() })
+        let index = (len > 0).then(|| Tensor::from_vec(index, len, device)).transpose()?;
+        Ok(Self::Valid { index, total: labels.len() })
     }
 
     /// The selected rows (dim 0) of `t`.
     fn gather(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { index, .. } => t.index_select(index, 0),
+            Self::Valid { index: Some(index), .. } => t.index_select(index, 0),
+            Self::Valid { index: None, .. } => zero_rows(t, 0),
         }
     }
 
@@ -730,11 +741,8 @@ impl RowSelection {
     fn scatter(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { index, total } => {
-                let mut dims = t.dims().to_vec();
-                dims[0] = *total;
-                Tensor::zeros(dims, t.dtype(), t.device())?.index_add(index, t, 0)
-            }
+            Self::Valid { index: Some(index), total } => zero_rows(t, *total)?.index_add(index, t, 0),
+            Self::Valid { index: None, total } => zero_rows(t, *total),
         }
     }
 
@@ -744,6 +752,13 @@ impl RowSelection {
         gradients[0] = gradients[0].take().map(|g| self.scatter(&g)).transpose()?;
         Ok(gradients)
     }
+}
+
+/// `rows` rows of zeros shaped like those of `t` (dim 0).
+fn zero_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let mut dims = t.dims().to_vec();
+    dims[0] = rows;
+    Tensor::zeros(dims, t.dtype(), t.device())
 }
 
 /// The automatic chunk never has fewer rows than this: thinner chunks make

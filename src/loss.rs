@@ -4,6 +4,7 @@
 //! contiguous i64 labels with masked rows already set to `ignore_index`.
 
 use crate::config::{backward_factors, compute_dtype, Engine, OpConfig, RowTerms, Stat, UnitFactors};
+use crate::empty::EmptyCall;
 use crate::op::{self, LogitsBackward, RowWeights, StatsNode};
 use crate::primitive;
 use candle::{bail, DType, Device, Result, Shape, Tensor};
@@ -245,7 +246,8 @@ impl ChunkedCrossEntropy {
     /// - `labels`: `[N]` or `[B, S]` (the logits' shape without `V`), u8, u32,
     ///   i16, i32 or i64; each in `[0, V)` or equal to `ignore_index`. Never
     ///   modified.
-    /// - `mask`: optional, same shape as `labels`, any dtype; tokens where it is
+    /// - `mask`: optional, same shape as `labels`, any integer or float dtype
+    ///   of 8 to 64 bits (not the packed F6, F4 or F8E8M0); tokens where it is
     ///   0 are ignored.
     ///
     /// Returns an f32 tensor (f64 for f64 logits): a scalar for
@@ -255,7 +257,8 @@ impl ChunkedCrossEntropy {
     /// # Errors
     /// A `candle::Error` naming the problem for: logits of rank other than 2 or
     /// 3, or not a float dtype; labels not integer or not shaped like the
-    /// logits without `V`; a mask of another shape; a label outside `[0, V)`
+    /// logits without `V`; a mask of another shape, of a packed dtype, or on
+    /// another device; a label outside `[0, V)`
     /// that is not `ignore_index` (the message gives the row and the value);
     /// `V = 0` with tokens present; `chunk_len = 0`; `inplace_grad` with
     /// `compile = false`; `label_smoothing` outside `[0, 1]`, a negative or
@@ -348,6 +351,9 @@ impl ChunkedCrossEntropy {
         let (logits, labels) = self.checked_inputs(logits, labels, mask, &cfg)?;
         let vocab = logits.dim(candle::D::Minus1)?;
         let weights = self.call_weights(&logits, vocab, &labels, &labels_shape, loss_weights)?;
+        if let Some(call) = self.empty_call(&[&logits], &labels, &labels_shape)? {
+            return Ok(call);
+        }
         let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..cfg };
         let node = if cfg.engine == Engine::Autograd {
             primitive::row_stats_recorded(&logits, &labels, &cfg)?
@@ -356,7 +362,32 @@ impl ChunkedCrossEntropy {
             let backward = LogitsBackward { cfg, labels: labels.clone() };
             logits.apply_op1(StatsNode { stats, backward })?
         };
-        Ok(LossCall { node, labels, labels_shape, vocab, weights })
+        Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
+    }
+
+    /// The call over `inputs` when it has no token (`labels` is `[0]`) and the
+    /// kernels cover their device (see [`EmptyCall`]); `None` otherwise.
+    pub(crate) fn empty_call(
+        &self,
+        inputs: &[&Tensor],
+        labels: &Tensor,
+        labels_shape: &Shape,
+    ) -> Result<Option<LossCall>> {
+        let device = inputs[0].device();
+        if labels.dim(0)? > 0 || !op::kernels_cover(device.location()) {
+            return Ok(None);
+        }
+        let call = EmptyCall::new(inputs, compute_dtype(inputs[0].dtype()));
+        Ok(Some(LossCall::Empty { call, labels_shape: labels_shape.clone() }))
+    }
+
+    /// The shape of a reduced output: a scalar, or the labels' shape for
+    /// [`Reduction::None`].
+    fn reduced_shape(&self, labels_shape: &Shape) -> Shape {
+        match self.reduction {
+            Reduction::None => labels_shape.clone(),
+            Reduction::Mean | Reduction::Sum => Shape::from(()),
+        }
     }
 
     /// Validates the call's class weights (`[V]`) and `loss_weights` (the
@@ -373,19 +404,32 @@ impl ChunkedCrossEntropy {
     ) -> Result<CallWeights> {
         let dtype = compute_dtype(inputs.dtype());
         let mut weights = CallWeights { mean_class: 1.0, ..CallWeights::default() };
-        if let Some(ClassWeights(class)) = &self.class_weights {
-            let class = checked_weights("class_weights", class, &[vocab], "[V] for the logits' V", inputs)?;
+        let class = match &self.class_weights {
+            Some(ClassWeights(class)) => {
+                Some(checked_weights("class_weights", class, &[vocab], "[V] for the logits' V", inputs)?)
+            }
+            None => None,
+        };
+        let token = match loss_weights {
+            Some(token) => {
+                Some(checked_weights("loss_weights", token, labels_shape.dims(), "the labels' shape", inputs)?)
+            }
+            None => None,
+        };
+        // Without tokens (and so with V = 0) there is nothing to weigh: no op on empty tensors.
+        if labels.dim(0)? == 0 {
+            return Ok(weights);
+        }
+        if let Some(class) = class {
             let total: f64 = class.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
-            weights.mean_class = if vocab == 0 { 1.0 } else { total / vocab as f64 };
+            weights.mean_class = total / vocab as f64;
             let valid = labels.ne(self.ignore_index as f64)?;
             let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
             let class = class.to_dtype(dtype)?;
-            let target_class = if vocab == 0 { safe.zeros_like()?.to_dtype(dtype)? } else { class.gather(&safe, 0)? };
-            weights.target_class = Some((target_class * valid.to_dtype(dtype)?)?);
+            weights.target_class = Some((class.gather(&safe, 0)? * valid.to_dtype(dtype)?)?);
             weights.sum_weights = Some(class).filter(|_| self.label_smoothing > 0.0);
         }
-        if let Some(token) = loss_weights {
-            let token = checked_weights("loss_weights", token, labels_shape.dims(), "the labels' shape", inputs)?;
+        if let Some(token) = token {
             weights.token = Some(token.flatten_all()?.to_dtype(dtype)?);
         }
         Ok(weights)
@@ -421,6 +465,10 @@ impl ChunkedCrossEntropy {
 
     /// The reduced loss of the call's statistics, and nothing else.
     pub(crate) fn loss(&self, call: &LossCall, num_label_tokens: Option<usize>) -> Result<Tensor> {
+        let call = match call {
+            LossCall::Tokens(call) => call,
+            LossCall::Empty { call, labels_shape } => return call.node(self.reduced_shape(labels_shape)),
+        };
         let terms = self.token_terms(&call.node, call.vocab, &call.weights)?;
         self.reduce(&terms.losses, &call.labels_shape, num_label_tokens, || {
             call.weights.denominator(&call.labels, self.ignore_index, terms.losses.dtype())
@@ -429,6 +477,19 @@ impl ChunkedCrossEntropy {
 
     /// Every output of the call's statistics (see [`CrossEntropyOutput`]).
     pub(crate) fn outputs(&self, call: &LossCall, num_label_tokens: Option<usize>) -> Result<CrossEntropyOutput> {
+        let call = match call {
+            LossCall::Tokens(call) => call,
+            LossCall::Empty { call, labels_shape } => {
+                let reduced = self.reduced_shape(labels_shape);
+                return Ok(CrossEntropyOutput {
+                    loss: call.node(reduced.clone())?,
+                    z_loss: call.zeros(reduced)?,
+                    token_losses: call.node(labels_shape.clone())?,
+                    lse: call.zeros(labels_shape.clone())?,
+                    token_accuracy: call.zeros(())?,
+                });
+            }
+        };
         let terms = self.token_terms(&call.node, call.vocab, &call.weights)?;
         let dtype = terms.losses.dtype();
         let denominator = call.weights.denominator(&call.labels, self.ignore_index, dtype)?;
@@ -554,11 +615,8 @@ impl ChunkedCrossEntropy {
         cfg: &OpConfig,
     ) -> Result<(Tensor, Tensor)> {
         let logits = checked_logits(logits)?;
-        let labels = checked_labels(&logits, labels, mask, self.ignore_index)?;
         let vocab = logits.dim(candle::D::Minus1)?;
-        if labels.dim(0)? > 0 && vocab == 0 {
-            bail!("chunked cross-entropy: logits {:?} have an empty vocabulary dim", logits.shape())
-        }
+        let labels = checked_labels(&logits, vocab, labels, mask, self.ignore_index)?;
         if cfg.engine != Engine::Fused {
             // The fused op checks labels inside its kernel; candle's ops (whose `gather`
             // may not check its indices on every device) need them checked here.
@@ -604,9 +662,18 @@ impl ChunkedCrossEntropy {
     }
 }
 
-/// One loss call past validation: its graph node's `[N, 4]` statistics, the
-/// checked `[N]` i64 labels, their original shape, `V`, and the weights.
-pub(crate) struct LossCall {
+/// One loss call past validation.
+pub(crate) enum LossCall {
+    /// At least one token.
+    Tokens(TokenCall),
+    /// No token (`N = 0`) on a device the kernels cover: nothing to compute
+    /// (see [`EmptyCall`]); the labels' shape, for the per-token outputs.
+    Empty { call: EmptyCall, labels_shape: Shape },
+}
+
+/// A call with tokens: its graph node's `[N, 4]` statistics, the checked
+/// `[N]` i64 labels, their original shape, `V`, and the weights.
+pub(crate) struct TokenCall {
     pub node: Tensor,
     pub labels: Tensor,
     pub labels_shape: Shape,
@@ -681,6 +748,9 @@ fn checked_weights(name: &str, weights: &Tensor, dims: &[usize], expected: &str,
     if !weights.device().same_device(inputs.device()) {
         bail!("chunked cross-entropy: {name} are on {:?} but the inputs on {:?}", weights.device(), inputs.device())
     }
+    if weights.elem_count() == 0 {
+        return Ok(weights.detach());
+    }
     let values = weights.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
         bail!("chunked cross-entropy: {name} must be finite and >= 0, got {v} at flat index {i}")
@@ -729,11 +799,13 @@ pub(crate) fn checked_logits(logits: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Checks labels (and mask) against the logits and returns them as `[N]`
-/// contiguous i64, masked tokens set to `ignore_index`. The caller's tensors
-/// are not modified.
+/// Checks labels (and mask) against the logits (`[.., V]`, or the linear
+/// loss's `[.., H]` hidden states) and the vocabulary size `V`, and returns
+/// them as `[N]` contiguous i64, masked tokens set to `ignore_index`. The
+/// caller's tensors are not modified.
 pub(crate) fn checked_labels(
     logits: &Tensor,
+    vocab: usize,
     labels: &Tensor,
     mask: Option<&Tensor>,
     ignore_index: i64,
@@ -755,18 +827,15 @@ pub(crate) fn checked_labels(
     if !labels.device().same_device(logits.device()) {
         bail!("chunked cross-entropy: labels are on {:?} but logits on {:?}", labels.device(), logits.device())
     }
-    let labels = labels.to_dtype(DType::I64)?.flatten_all()?;
-    let labels = match mask {
-        None => labels,
-        Some(mask) => {
-            if mask.dims() != expected {
-                bail!("chunked cross-entropy: mask {:?} must have the labels' shape {expected:?}", mask.shape())
-            }
-            let keep = mask.flatten_all()?.ne(0f64)?;
-            keep.where_cond(&labels, &Tensor::full(ignore_index, labels.shape(), labels.device())?)?
+    if let Some(mask) = mask {
+        if mask.dims() != expected {
+            bail!("chunked cross-entropy: mask {:?} must have the labels' shape {expected:?}", mask.shape())
         }
-    };
-    labels.contiguous()
+    }
+    if labels.elem_count() > 0 && vocab == 0 {
+        bail!("chunked cross-entropy: an empty vocabulary (V = 0) cannot predict {} tokens", labels.elem_count())
+    }
+    crate::labels::row_labels(labels, mask, ignore_index)
 }
 
 /// The number of labels that are not `ignore_index`, at least 1, as a scalar

@@ -69,6 +69,7 @@ use crate::cpu::{self, RowLayout};
 use crate::kernel_abi::KernelOptions;
 use crate::primitive;
 use candle::backend::BackendStorage;
+use candle::op::BackpropOp;
 use candle::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, DeviceLocation, InplaceOp2, InplaceOp3, Layout, Result,
     Shape, Storage, Tensor,
@@ -324,10 +325,12 @@ impl RowWeights {
 /// loss, the rows' `weights`, written over the logits' storage: they must be
 /// a temporary nobody else reads (the linear loss's chunk logits). Returns
 /// the statistics and the gradient (the per-row factors it was formed with
-/// are [`unit_factors`] of the statistics). Unweighted on CUDA, one fused
+/// are [`unit_factors`] of the statistics). Unweighted, with the fused
+/// kernels (f64 on CUDA only), one in-place op computes both: on CUDA one
 /// kernel makes two passes over the logits (the forward's read, then a read
-/// mostly from L2 and the write); otherwise the forward engine runs, then the
-/// in-place backward.
+/// mostly from L2 and the write), on the CPU each row is rewritten right after
+/// its statistics. Otherwise the forward engine runs, then the in-place
+/// backward.
 pub(crate) fn row_stats_and_unit_grad(
     logits: &Tensor,
     labels: &Tensor,
@@ -336,26 +339,20 @@ pub(crate) fn row_stats_and_unit_grad(
     weights: Option<&RowWeights>,
 ) -> Result<(Tensor, Tensor)> {
     let cfg = OpConfig { inplace_grad: true, ..cfg.clone() };
-    let fused = cfg.engine == Engine::Fused && weights.is_none();
-    let fused_on_cuda = fused && logits.device().is_cuda();
-    let fused_on_cpu = fused && logits.device().is_cpu() && logits.dtype() != DType::F64;
-    let stats = if fused_on_cuda {
-        logits.apply_op2_no_bwd(labels, &FusedForwardWithGrad { cfg: cfg.clone(), unit })?
-    } else if fused_on_cpu {
-        let op = FusedForwardWithGradInPlace { cfg: cfg.clone(), unit, stats: Mutex::new(Vec::new()) };
+    let fused = cfg.engine == Engine::Fused
+        && weights.is_none()
+        && (logits.device().is_cuda() || (logits.device().is_cpu() && logits.dtype() != DType::F64));
+    if fused {
+        let op = FusedForwardWithGrad { cfg, unit, stats: Mutex::new(None) };
         logits.inplace_op2(labels, &op)?;
         let stats = op.stats.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Tensor::from_vec(stats, (labels.elem_count(), STATS), logits.device())?
-    } else {
-        row_stats(logits, labels, &cfg)?
-    };
-    let grad = if fused_on_cuda || fused_on_cpu {
-        logits.detach()
-    } else {
-        let factors = backward_factors(&unit_factors(&stats, unit, weights)?, &stats)?;
-        logits_grad(logits, labels, &factors, &cfg)?
-    };
-    Ok((stats, grad))
+        let Some(stats) = stats else { bail!("chunked cross-entropy: the forward with gradient left no statistics") };
+        let stats = Tensor::from_storage(stats, (labels.elem_count(), STATS), BackpropOp::none(), false);
+        return Ok((stats, logits.detach()));
+    }
+    let stats = row_stats(logits, labels, &cfg)?;
+    let factors = backward_factors(&unit_factors(&stats, unit, weights)?, &stats)?;
+    Ok((stats, logits_grad(logits, labels, &factors, &cfg)?))
 }
 
 /// The per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` that rows with the
@@ -373,48 +370,25 @@ pub(crate) fn unit_factors(stats: &Tensor, unit: UnitFactors, weights: Option<&R
 }
 
 /// The fused forward that also rewrites its logits with the gradient of a
-/// scalar loss (see [`row_stats_and_unit_grad`]); CUDA only: on the CPU the
-/// forward and the in-place backward run one after the other instead.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// scalar loss (see [`row_stats_and_unit_grad`]): an in-place op over the
+/// logits (the kernels write them), leaving the statistics `[N, 4]` in
+/// `stats`. On CUDA one kernel (`ce_fwd_grad_*`); on the CPU (f32, bf16, f16)
+/// `cpu::forward_with_grad_in_place`, row by row.
 struct FusedForwardWithGrad {
     cfg: OpConfig,
     unit: UnitFactors,
+    stats: Mutex<Option<Storage>>,
 }
 
-impl CustomOp2 for FusedForwardWithGrad {
+impl FusedForwardWithGrad {
+    fn keep(&self, stats: Storage) {
+        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(stats);
+    }
+}
+
+impl InplaceOp2 for FusedForwardWithGrad {
     fn name(&self) -> &'static str {
         "chunked-cross-entropy-fwd-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: runs on CUDA only (row_stats_and_unit_grad picks it)", self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle::CudaStorage,
-        l1: &Layout,
-        s2: &candle::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::forward_with_grad(s1, l1, s2, l2, &self.cfg, &self.unit)
-    }
-}
-
-/// The CPU's [`FusedForwardWithGrad`] (f32, bf16, f16): an in-place op over
-/// the logits, which it rewrites row by row with their gradient right after
-/// the row's statistics (`cpu::forward_with_grad_in_place`), leaving the
-/// statistics `[N, 4]` (f32) in `stats`.
-struct FusedForwardWithGradInPlace {
-    cfg: OpConfig,
-    unit: UnitFactors,
-    stats: Mutex<Vec<f32>>,
-}
-
-impl InplaceOp2 for FusedForwardWithGradInPlace {
-    fn name(&self) -> &'static str {
-        "chunked-cross-entropy-fwd-grad-inplace"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
@@ -435,7 +409,14 @@ impl InplaceOp2 for FusedForwardWithGradInPlace {
             CpuStorage::F16(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
             other => bail!("{}: logits must be f32, bf16 or f16, got {:?}", self.name(), other.dtype()),
         };
-        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = stats;
+        self.keep(Storage::Cpu(CpuStorage::F32(stats)));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle::CudaStorage, l1: &Layout, s2: &candle::CudaStorage, l2: &Layout) -> Result<()> {
+        let (stats, _) = crate::cuda::forward_with_grad(s1, l1, s2, l2, &self.cfg, &self.unit)?;
+        self.keep(Storage::Cuda(stats));
         Ok(())
     }
 }

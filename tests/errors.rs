@@ -34,14 +34,10 @@ fn expect_err<T: std::fmt::Debug>(result: candle::Result<T>, words: &[&str], wha
 fn label_too_large(device: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(20);
     let logits = common::logits(&mut rng, &[4, 5], 3.0, DType::F32, device)?;
-    let labels = Tensor::new(&[1i64, -100, 7, 9], device)?;
-    for dtype in [DType::I64, DType::I32, DType::U32, DType::U8] {
+    for dtype in common::LABEL_DTYPES {
         // u8 / u32 cannot hold -100: use a valid label there instead.
-        let labels = if matches!(dtype, DType::U8 | DType::U32) {
-            Tensor::new(&[1i64, 0, 7, 9], device)?.to_dtype(dtype)?
-        } else {
-            labels.to_dtype(dtype)?
-        };
+        let values = if matches!(dtype, DType::U8 | DType::U32) { [1, 0, 7, 9] } else { [1, -100, 7, 9] };
+        let labels = common::labels_as(&values, &[4], dtype, device)?;
         for ce in engines() {
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
                 let what = format!("{dtype:?} {reduction:?} {ce:?}");

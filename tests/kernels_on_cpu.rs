@@ -16,7 +16,8 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::kernel_abi::{
-    self, KernelArg, KernelLaunch, KernelOptions, LaunchShape, Operand, RowGeometry, UnitFactors, ENTRIES,
+    self, KernelArg, KernelLaunch, KernelOptions, LabelGeometry, LaunchShape, MaskElements, Operand, RowGeometry,
+    UnitFactors, ENTRIES, LABEL_DTYPES,
 };
 use common::Rng;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -178,6 +179,8 @@ impl Buffer {
 struct Operands<'a> {
     logits: Option<&'a mut Buffer>,
     labels: Option<&'a mut Buffer>,
+    caller_labels: Option<&'a mut Buffer>,
+    mask: Option<&'a mut Buffer>,
     sum_weights: Option<&'a mut Buffer>,
     stats: Option<&'a mut Buffer>,
     first_bad_row: Option<&'a mut Buffer>,
@@ -197,6 +200,8 @@ fn run(kernels: &CpuKernels, launch: &KernelLaunch, mut operands: Operands<'_>) 
                 let buffer = match op {
                     Operand::Logits => operands.logits.as_deref_mut(),
                     Operand::Labels => operands.labels.as_deref_mut(),
+                    Operand::CallerLabels => operands.caller_labels.as_deref_mut(),
+                    Operand::Mask => operands.mask.as_deref_mut(),
                     Operand::SumWeights => operands.sum_weights.as_deref_mut(),
                     Operand::Stats => operands.stats.as_deref_mut(),
                     Operand::FirstBadRow => operands.first_bad_row.as_deref_mut(),
@@ -257,6 +262,10 @@ fn storage_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
         DType::BF16 => bytes_of(cpu.as_slice::<half::bf16>()?),
         DType::F16 => bytes_of(cpu.as_slice::<half::f16>()?),
         DType::I64 => bytes_of(cpu.as_slice::<i64>()?),
+        DType::I32 => bytes_of(cpu.as_slice::<i32>()?),
+        DType::I16 => bytes_of(cpu.as_slice::<i16>()?),
+        DType::U32 => bytes_of(cpu.as_slice::<u32>()?),
+        DType::U8 => bytes_of(cpu.as_slice::<u8>()?),
         other => candle::bail!("no storage bytes for {other:?}"),
     })
 }
@@ -334,22 +343,36 @@ impl Case {
         // z-loss included.
         let unit = UnitFactors { ce: 0.75, lse: 0.125, lse_squared: 0.01, logit_sum: -0.25 / vocab as f64 };
 
-        // Forward.
-        let forward = run_forward(&kernel_abi::forward(&geometry, dtype, &self.options, shape)?)?;
-        let with_grad = run_forward(&kernel_abi::forward_with_grad(&geometry, dtype, &self.options, &unit, shape)?)?;
+        // Forward, and (without class weights, which it does not take) the forward with gradient.
+        let launched = |launch: Option<KernelLaunch>| launch.unwrap_or_else(|| panic!("{name}: no launch"));
+        let forward = run_forward(&launched(kernel_abi::forward(&geometry, dtype, &self.options, shape)?))?;
+        let with_grad = match self.options.sum_weights {
+            None => Some(run_forward(&launched(kernel_abi::forward_with_grad(
+                &geometry,
+                dtype,
+                &self.options,
+                &unit,
+                shape,
+            )?))?),
+            Some(_) => None,
+        };
         let expected_bad_row =
             self.labels.iter().position(|&l| l != self.options.ignore_index && (l < 0 || l >= vocab as i64));
         let cpu = candle_chunked_ce::cpu_row_stats(&logits, &labels, &self.options);
         if let Some(row) = expected_bad_row {
             assert_eq!(forward.bad_row, Some(row), "{name}: first bad row");
-            assert_eq!(with_grad.bad_row, Some(row), "{name}: first bad row (forward with gradient)");
+            if let Some(with_grad) = &with_grad {
+                assert_eq!(with_grad.bad_row, Some(row), "{name}: first bad row (forward with gradient)");
+            }
             let message = cpu.expect_err("the CPU engine refuses a bad label").to_string();
             assert!(message.contains(&format!("at row {row}")), "{name}: {message}");
             return Ok(());
         }
         let cpu_stats = cpu?;
         let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
-        for (run, what) in [(&forward, "forward"), (&with_grad, "forward with gradient")] {
+        let runs = [Some(&forward), with_grad.as_ref()];
+        for (run, what) in runs.into_iter().zip(["forward", "forward with gradient"]).filter_map(|(r, w)| Some((r?, w)))
+        {
             assert_eq!(run.bad_row, None, "{name}: no bad row ({what})");
             for (column, stat) in ["ce", "lse", "logit_sum", "correct"].iter().enumerate() {
                 // The logit sum adds V rounded (soft-capped) logits: its error grows with V.
@@ -366,14 +389,17 @@ impl Case {
         let (lse, ce) = (cpu_stats.narrow(1, 1, 1)?, cpu_stats.narrow(1, 0, 1)?);
 
         // The forward with gradient rewrote the logits' storage, rows of the view only.
-        let constant = |v: f64| Tensor::full(v, (rows, 1), &Device::Cpu)?.to_dtype(acc);
-        let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
-        let unit_factors =
-            Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
-        let cpu_rewritten = self.base.copy()?;
-        candle_chunked_ce::cpu_logits_grad(&(self.view)(&cpu_rewritten)?, &labels, &unit_factors, &self.options, true)?;
-        let what = format!("{name}: storage after the forward with gradient");
-        assert_close(&what, &with_grad.logits(&self.base)?, &cpu_rewritten, grad_tolerance)?;
+        if let Some(with_grad) = &with_grad {
+            let constant = |v: f64| Tensor::full(v, (rows, 1), &Device::Cpu)?.to_dtype(acc);
+            let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
+            let unit_factors =
+                Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
+            let cpu_rewritten = self.base.copy()?;
+            let view = (self.view)(&cpu_rewritten)?;
+            candle_chunked_ce::cpu_logits_grad(&view, &labels, &unit_factors, &self.options, true)?;
+            let what = format!("{name}: storage after the forward with gradient");
+            assert_close(&what, &with_grad.logits(&self.base)?, &cpu_rewritten, grad_tolerance)?;
+        }
 
         // Backward, from random upstream gradients and the CPU's lse and ce.
         let mut rng = Rng::new(rows as u64 * 31 + vocab as u64);
@@ -385,7 +411,7 @@ impl Case {
         let mut factors_buffer = Buffer::from_bytes(&storage_bytes(&factors)?);
         let mut weights_buffer = sum_weights_buffer(&self.options)?;
         // Out of place, into a sentinel-filled buffer.
-        let launch = kernel_abi::backward(&geometry, dtype, &self.options, false, shape)?;
+        let launch = launched(kernel_abi::backward(&geometry, dtype, &self.options, false, shape)?);
         let sentinel = Tensor::full(777f32, 1, &Device::Cpu)?.to_dtype(dtype)?;
         let mut grad = Buffer::filled(rows * vocab, &storage_bytes(&sentinel)?);
         run(
@@ -405,7 +431,7 @@ impl Case {
         assert_close(&format!("{name}: grad"), &got, &want, grad_tolerance)?;
 
         // In place, over the logits' own storage: the rows of the view change, nothing else does.
-        let launch = kernel_abi::backward(&geometry, dtype, &self.options, true, shape)?;
+        let launch = launched(kernel_abi::backward(&geometry, dtype, &self.options, true, shape)?);
         run(
             kernels,
             &launch,
@@ -700,6 +726,101 @@ fn every_option() -> Result<()> {
     Ok(())
 }
 
+/// Nothing to compute, nothing launched: no launch is described for zero rows
+/// or zero classes, in any dtype, entry or block shape; rows that are all
+/// ignored are launched and get zero statistics and zero gradients.
+#[test]
+fn empty_problems() -> Result<()> {
+    let Some(kernels) = kernels("empty_problems") else { return Ok(()) };
+    let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
+    for dtype in DTYPES {
+        for dims in [[0, 300], [0, 5000], [4, 0], [0, 0]] {
+            let base = Tensor::zeros(&dims[..], dtype, &Device::Cpu)?;
+            let geometry = RowGeometry::new(base.layout())?;
+            let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
+            for shape in shapes(dtype) {
+                let shape = shape.unwrap_or_else(|| LaunchShape::for_vocab(dtype, dims[1]));
+                assert!(kernel_abi::forward(&geometry, dtype, &options, shape)?.is_none(), "{dims:?}: forward");
+                let with_grad = kernel_abi::forward_with_grad(&geometry, dtype, &options, &unit, shape)?;
+                assert!(with_grad.is_none(), "{dims:?}: forward with gradient");
+                for in_place in [false, true] {
+                    assert!(kernel_abi::backward(&geometry, dtype, &options, in_place, shape)?.is_none(), "{dims:?}");
+                }
+            }
+        }
+        for vocab in [300, 5000] {
+            let base = random_logits(9, &[6, vocab], dtype)?;
+            Case::new(format!("{dtype:?} V={vocab} every row ignored"), base, vec![-100; 6]).check(kernels)?;
+        }
+    }
+    Ok(())
+}
+
+/// The labels' conversion (`ce_labels_*`) against the loss's own on the CPU
+/// (the same values widened to i64): every label dtype, contiguous and
+/// strided, without and with a mask of each kind (1 to 8 bytes, integer or
+/// float, strided too: its -0.0 is 0, its NaN is not), more labels than
+/// threads, and none.
+#[test]
+fn labels_of_every_dtype_and_mask() -> Result<()> {
+    let Some(kernels) = kernels("labels_of_every_dtype_and_mask") else { return Ok(()) };
+    let (b, s) = (3, 700);
+    let mut rng = Rng::new(77);
+    let values: Vec<i64> = (0..b * (s + 1)).map(|_| rng.below(250) as i64).collect();
+    let keep: Vec<f64> = (0..b * (s + 2)).map(|i| [0.0, 1.0, -0.0, 2.5, f64::NAN, 7.0][i % 6]).collect();
+    let masks = [
+        Tensor::from_vec(keep.iter().map(|&k| u8::from(k != 0.0)).collect::<Vec<_>>(), (b, s + 2), &Device::Cpu)?,
+        Tensor::from_vec(
+            keep.iter().map(|&k| if k != 0.0 { 1i64 << 40 } else { 0 }).collect::<Vec<_>>(),
+            (b, s + 2),
+            &Device::Cpu,
+        )?,
+        Tensor::from_vec(keep.iter().map(|&k| half::bf16::from_f64(k)).collect::<Vec<_>>(), (b, s + 2), &Device::Cpu)?,
+        Tensor::from_vec(keep.iter().map(|&k| k as f32).collect::<Vec<_>>(), (b, s + 2), &Device::Cpu)?,
+        Tensor::from_vec(keep.clone(), (b, s + 2), &Device::Cpu)?,
+    ];
+    for dtype in LABEL_DTYPES {
+        let wide = common::labels_as(&values, &[b, s + 1], dtype, &Device::Cpu)?;
+        for (labels, layout) in [(wide.narrow(1, 1, s)?, "strided"), (wide.narrow(1, 1, s)?.copy()?, "contiguous")] {
+            let flat: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+            let mask_views = masks.iter().map(|m| m.narrow(1, 2, s)).collect::<Result<Vec<_>>>()?;
+            for mask in std::iter::once(None).chain(mask_views.iter().map(Some)) {
+                let what = format!("{dtype:?} {layout} labels, mask {:?}", mask.map(|m| m.dtype()));
+                let want: Vec<i64> = match mask {
+                    None => flat.clone(),
+                    Some(m) => {
+                        let keep: Vec<f64> = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+                        flat.iter().zip(&keep).map(|(&l, &k)| if k != 0.0 { l } else { -7 }).collect()
+                    }
+                };
+                let elements = mask.map(|m| MaskElements::of(m.dtype())).transpose()?;
+                let geometry = LabelGeometry::new(labels.layout(), mask.map(|m| m.layout()).zip(elements))?;
+                let launch = kernel_abi::labels(&geometry, dtype, -7)?.expect("labels to convert");
+                let mut caller = Buffer::from_bytes(&storage_bytes(&labels)?);
+                let mut mask_buffer =
+                    mask.map(|m| Ok::<_, candle::Error>(Buffer::from_bytes(&storage_bytes(m)?))).transpose()?;
+                let mut out = Buffer::filled(want.len(), &0x5a5a5a5a5a5a5a5au64.to_ne_bytes());
+                let operands = Operands {
+                    caller_labels: Some(&mut caller),
+                    mask: mask_buffer.as_mut(),
+                    labels: Some(&mut out),
+                    ..Default::default()
+                };
+                run(kernels, &launch, operands);
+                let got: Vec<i64> = out
+                    .bytes(8 * want.len())
+                    .chunks_exact(8)
+                    .map(|c| i64::from_ne_bytes(c.try_into().unwrap()))
+                    .collect();
+                assert_eq!(got, want, "{what}");
+            }
+        }
+        let none = LabelGeometry::new(Tensor::zeros(0, dtype, &Device::Cpu)?.layout(), None)?;
+        assert!(kernel_abi::labels(&none, dtype, -100)?.is_none(), "{dtype:?}: no labels, no launch");
+    }
+    Ok(())
+}
+
 /// `[V]` class weights in `dtype`: uniform in `[0, 3)`, about a quarter of
 /// them 0, and 0 at each class of `zero_at` (targets, so that the target's
 /// `g_sum c_y` term is checked at 0 as well).
@@ -751,7 +872,8 @@ fn mismatched_arguments_are_refused() -> Result<()> {
     let logits = random_logits(1, &[2, 8], DType::F32)?;
     let options = KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None };
     let geometry = RowGeometry::new(logits.layout())?;
-    let mut launch = kernel_abi::forward(&geometry, DType::F32, &options, LaunchShape::for_vocab(DType::F32, 8))?;
+    let mut launch = kernel_abi::forward(&geometry, DType::F32, &options, LaunchShape::for_vocab(DType::F32, 8))?
+        .expect("2 x 8 has a launch");
     launch.args.swap(5, 6); // rows (i64) and vocab (int)
     let mut buffers: [Buffer; 4] = std::array::from_fn(|_| Buffer::filled(64, &[0]));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -122,29 +122,75 @@ fn bad_inputs(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// No valid token (all ignored, `num_label_tokens = 0`, or no rows): a loss
-/// of exactly 0 and exactly zero gradients, still connected to both inputs.
+/// No valid token (all ignored or masked, `num_label_tokens = 0`, or no rows:
+/// `[0, H]`, `[B, 0, H]`): a loss of exactly 0 and exactly zero gradients,
+/// still connected to every input, through every entry point and reduction,
+/// with a bias and per-token loss weights too. On CUDA no kernel and no
+/// matrix product may run over an empty problem.
 fn nothing_to_learn_is_exactly_zero(device: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(34);
     let hidden = common::logits(&mut rng, &[5, 6], 1.0, DType::F32, device)?;
     let weight = common::logits(&mut rng, &[11, 6], 1.0, DType::F32, device)?;
+    let bias = common::logits(&mut rng, &[11], 1.0, DType::F32, device)?;
     let labels = common::labels(&mut rng, &[5], 11, 0.0, -100, device)?;
-    let cases = [
-        (hidden.clone(), Tensor::full(-100i64, 5, device)?, None),
-        (hidden.clone(), labels, Some(0)),
-        (Tensor::zeros((0, 6), DType::F32, device)?, Tensor::zeros(0, DType::I64, device)?, None),
+    let none_kept = Tensor::zeros(5, DType::U8, device)?;
+    let ignored = Tensor::full(-100i64, 5, device)?;
+    let no_rows = Tensor::zeros((0, 6), DType::F32, device)?;
+    let no_positions = Tensor::zeros((2, 0, 6), DType::F32, device)?;
+    let (no_labels, no_position_labels) =
+        (Tensor::zeros(0, DType::I64, device)?, Tensor::zeros((2, 0), DType::U8, device)?);
+    type Case<'a> = (&'a Tensor, &'a Tensor, Option<&'a Tensor>, Option<usize>);
+    let cases: [Case; 5] = [
+        (&hidden, &ignored, None, None),
+        (&hidden, &labels, Some(&none_kept), None),
+        (&hidden, &labels, None, Some(0)),
+        (&no_rows, &no_labels, None, None),
+        (&no_positions, &no_position_labels, None, None),
     ];
-    for ce in [LinearCrossEntropy::default(), LinearCrossEntropy::default().force_autograd(true)] {
-        for (hidden, labels, num_label_tokens) in &cases {
-            let what = format!("{ce:?} {:?} {num_label_tokens:?}", hidden.shape());
-            let (h, w) = (Var::from_tensor(hidden)?, Var::from_tensor(&weight)?);
-            let loss =
-                ce.forward_with_num_label_tokens(h.as_tensor(), w.as_tensor(), labels, None, *num_label_tokens)?;
-            assert_eq!(loss.to_scalar::<f32>()?, 0.0, "{what}");
-            let grads = loss.backward()?;
-            for v in [&h, &w] {
-                let g: Vec<f32> = grads.get(v.as_tensor()).expect("no gradient").flatten_all()?.to_vec1()?;
-                assert!(g.iter().all(|&x| x == 0.0), "{what}: gradient not exactly zero");
+    for linear in [LinearCrossEntropy::default(), LinearCrossEntropy::default().force_autograd(true)] {
+        for (hidden, labels, mask, num_label_tokens) in cases {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                if reduction != Reduction::Mean && num_label_tokens.is_some() {
+                    continue;
+                }
+                let ce = linear.clone().reduction(reduction);
+                let what = format!("{ce:?} {:?} {num_label_tokens:?}", hidden.shape());
+                let (h, w, b) = (Var::from_tensor(hidden)?, Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
+                let loss_weights = match labels.elem_count() {
+                    0 => Tensor::zeros(labels.dims(), DType::F32, device)?,
+                    _ => Tensor::ones(labels.dims(), DType::F32, device)?,
+                };
+                let weights = num_label_tokens.is_none().then_some(&loss_weights);
+                let out = ce.forward_with_outputs(
+                    h.as_tensor(),
+                    w.as_tensor(),
+                    Some(b.as_tensor()),
+                    labels,
+                    mask,
+                    weights,
+                    num_label_tokens,
+                )?;
+                common::assert_all_zero(&out.loss, &format!("{what}: loss"))?;
+                common::assert_all_zero(&out.z_loss, &format!("{what}: z_loss"))?;
+                // With `num_label_tokens = 0` the tokens are valid: only the reduced loss is 0.
+                if num_label_tokens.is_none() {
+                    common::assert_all_zero(&out.token_losses, &format!("{what}: token_losses"))?;
+                }
+                assert_eq!(out.token_losses.dims(), labels.dims(), "{what}: token_losses shape");
+                // candle cannot start a backward pass from an empty tensor on CUDA: empty
+                // per-token losses are only checked forward.
+                if reduction == Reduction::None && labels.elem_count() == 0 {
+                    continue;
+                }
+                let grads = common::backward_of(&out.loss)?.backward()?;
+                for (name, v) in [("hidden", &h), ("weight", &w), ("bias", &b)] {
+                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{what}: no {name} gradient"));
+                    assert_eq!(g.dims(), v.dims(), "{what}: {name} gradient shape");
+                    common::assert_all_zero(g, &format!("{what}: {name} gradient"))?;
+                }
+                let loss =
+                    ce.forward_with_num_label_tokens(h.as_tensor(), w.as_tensor(), labels, mask, num_label_tokens)?;
+                common::assert_all_zero(&loss, &format!("{what}: forward_with_num_label_tokens"))?;
             }
         }
     }
@@ -293,7 +339,38 @@ fn f16_under_loss_scaling(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every label dtype, contiguous and strided, with a mask: the same loss and
+/// gradients as i64 labels (on CUDA no candle kernel sees the caller's dtype).
+fn label_dtypes(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(36);
+    let hidden = common::logits(&mut rng, &[2, 5, 8], 1.0, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[40, 8], 0.5, DType::F32, device)?;
+    let values: Vec<i64> = (0..12).map(|_| rng.below(40) as i64).collect();
+    let mask = common::mask(&mut rng, &[2, 5], 0.7, device)?;
+    let ce = LinearCrossEntropy::default().chunk_len(Some(3));
+    let run = |labels: &Tensor| -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+        let (h, w) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
+        let loss = ce.forward(h.as_tensor(), w.as_tensor(), labels, Some(&mask))?;
+        let grads = loss.backward()?;
+        let grad = |v: &Var| grads.get(v.as_tensor()).expect("a gradient").clone();
+        Ok((loss, grad(&h), grad(&w)))
+    };
+    let want = run(&Tensor::from_vec(values.clone(), (2, 6), device)?.narrow(1, 1, 5)?.contiguous()?)?;
+    for dtype in common::LABEL_DTYPES {
+        let wide = common::labels_as(&values, &[2, 6], dtype, device)?;
+        for labels in [wide.narrow(1, 1, 5)?, wide.narrow(1, 1, 5)?.copy()?] {
+            let what = format!("{dtype:?} labels, strides {:?}", labels.stride());
+            let got = run(&labels)?;
+            assert_close(&got.0, &want.0, 0.0, 0.0, &format!("{what}: loss"))?;
+            assert_close(&got.1, &want.1, 0.0, 0.0, &format!("{what}: hidden gradient"))?;
+            assert_close(&got.2, &want.2, 0.0, 0.0, &format!("{what}: weight gradient"))?;
+        }
+    }
+    Ok(())
+}
+
 device_tests!(
+    label_dtypes,
     matches_full_logits,
     tied_weights,
     bf16_inputs,

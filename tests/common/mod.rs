@@ -74,6 +74,34 @@ pub fn labels(
     Tensor::from_vec(values, dims, device)
 }
 
+/// `values` as labels of `dtype` (u8, u32, i16, i32 or i64) on `device`, made
+/// from a host vector of that dtype: candle's CUDA kernels cannot cast to i16
+/// or i32, and a test must not depend on a cast the loss itself avoids.
+pub fn labels_as(values: &[i64], dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    fn narrowed<T: TryFrom<i64> + candle::WithDType>(
+        values: &[i64],
+        dims: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let narrowed: Vec<T> = values
+            .iter()
+            .map(|&v| T::try_from(v).unwrap_or_else(|_| panic!("label {v} does not fit {:?}", T::DTYPE)))
+            .collect();
+        Tensor::from_vec(narrowed, dims, device)
+    }
+    match dtype {
+        DType::U8 => narrowed::<u8>(values, dims, device),
+        DType::U32 => narrowed::<u32>(values, dims, device),
+        DType::I16 => narrowed::<i16>(values, dims, device),
+        DType::I32 => narrowed::<i32>(values, dims, device),
+        DType::I64 => narrowed::<i64>(values, dims, device),
+        other => candle::bail!("{other:?} is not a label dtype"),
+    }
+}
+
+/// The label dtypes the losses take.
+pub const LABEL_DTYPES: [DType; 5] = [DType::U8, DType::U32, DType::I16, DType::I32, DType::I64];
+
 /// A 0/1 u8 mask keeping about `keep` of the tokens.
 pub fn mask(rng: &mut Rng, dims: &[usize], keep: f64, device: &Device) -> Result<Tensor> {
     let n: usize = dims.iter().product();
@@ -176,6 +204,17 @@ pub fn assert_close_nonfinite(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what
             assert!((x - y).abs() <= bound, "{what}: element {i}: {x} vs {y} (diff {:e} > {bound:e})", (x - y).abs());
         }
     }
+    Ok(())
+}
+
+/// Every element of `t` is exactly 0 (vacuously for an empty `t`, which
+/// candle cannot convert on CUDA: its cast kernels launch an empty grid).
+pub fn assert_all_zero(t: &Tensor, what: &str) -> Result<()> {
+    if t.elem_count() == 0 {
+        return Ok(());
+    }
+    let values: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    assert!(values.iter().all(|&v| v == 0.0), "{what}: not exactly zero: {values:?}");
     Ok(())
 }
 
