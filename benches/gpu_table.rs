@@ -5,7 +5,9 @@
 //! measured device-to-device copy bandwidth with the floors it implies.
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
 //!
-//! `gpu_table [NxV ...] [--reps R]`; `gpu_table --linear [NxHxV] [--reps R]`
+//! `gpu_table [NxV ...] [--reps R] [--retain-freed]` (the last keeps freed
+//! memory in CUDA's pool: the allocation lead of issue 21, timed against the
+//! default in the same call); `gpu_table --linear [NxHxV] [--reps R]`
 //! (default 8192x4096x128256, bf16) times `LinearCrossEntropy` instead, against
 //! issue 5's memory target (the bf16 weight gradient plus 1 GiB); PyTorch's
 //! figures for it come from `scripts/torch_linear_ce_bench.py`.
@@ -73,6 +75,23 @@ impl Pool {
     fn peak(&self) -> u64 {
         self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
     }
+
+    /// Keeps freed memory in the pool instead of handing it back to the driver at
+    /// each synchronisation (the release threshold, 0 by default, raised to
+    /// `u64::MAX`): the lead that every fresh buffer maps memory anew.
+    fn retain_freed(&self) {
+        let Some(pool) = self.0 else { return };
+        let mut threshold = u64::MAX;
+        // SAFETY: RELEASE_THRESHOLD is a u64 (cuuint64_t) attribute of a live pool.
+        let rc = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        };
+        println!("memory pool: release threshold raised to u64::MAX ({rc:?}): freed memory stays in the pool");
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -84,20 +103,35 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Device-to-device copy bandwidth in bytes/s (read + write counted).
+/// How `copy_bandwidth` measures, for the table's header.
+const COPY_METHOD: &str =
+    "driver memcpy (cuMemcpyDtoDAsync) between two preallocated 1 GiB buffers, CUDA events, median of 10";
+
+/// Device-to-device copy bandwidth in bytes/s (read + write counted), timed as
+/// PyTorch's `scripts/torch_ce_bench.py` times its `dst.copy_(src)`: a driver
+/// memcpy between two buffers allocated once, on candle's stream, between CUDA
+/// events, after a warm-up. (Candle's `Tensor::copy` allocates its output on
+/// every call, which measured 3.5x slower on an H200 and made the floors lenient.)
 fn copy_bandwidth(device: &Device) -> f64 {
-    let src = Tensor::zeros(1usize << 30, DType::U8, device).unwrap();
+    use candle::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    const BYTES: usize = 1 << 30;
+    let stream = device.as_cuda_device().expect("a CUDA device").cuda_stream();
+    let src = stream.alloc_zeros::<u8>(BYTES).expect("1 GiB for the copy's source");
+    let mut dst = stream.alloc_zeros::<u8>(BYTES).expect("1 GiB for the copy's destination");
+    for _ in 0..WARMUP {
+        stream.memcpy_dtod(&src, &mut dst).unwrap();
+    }
+    stream.synchronize().unwrap();
     let times = (0..10)
         .map(|_| {
-            device.synchronize().unwrap();
-            let start = Instant::now();
-            let copy = src.copy().unwrap();
-            device.synchronize().unwrap();
-            drop(copy);
-            start.elapsed()
+            let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+            stream.memcpy_dtod(&src, &mut dst).unwrap();
+            let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+            end.synchronize().unwrap();
+            Duration::from_secs_f64(f64::from(start.elapsed_ms(&end).unwrap()) / 1e3)
         })
         .collect();
-    2.0 * (1u64 << 30) as f64 / median(times).as_secs_f64()
+    2.0 * BYTES as f64 / median(times).as_secs_f64()
 }
 
 struct Timing {
@@ -202,9 +236,12 @@ fn main() {
     }
     let device = Device::new_cuda(0).expect("a CUDA device");
     let pool = Pool::new();
+    if args.iter().any(|a| a == "--retain-freed") {
+        pool.retain_freed();
+    }
     let bandwidth = copy_bandwidth(&device);
     println!(
-        "device-to-device copy bandwidth: {:.0} GB/s (read + write), {reps} timed runs per cell (median)",
+        "device-to-device copy bandwidth: {:.0} GB/s (read + write; {COPY_METHOD}); {reps} timed runs per cell (median)",
         bandwidth / 1e9
     );
     println!(

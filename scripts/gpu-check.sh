@@ -1,56 +1,235 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, on the lent GPU machine, from the repository root, with
-# gpu-bin/ carried (built here by scripts/build-gpu-bins.sh). Prints the GPU facts, runs
-# the whole test suite with the `cuda` feature, our GPU table, and PyTorch's eager and
-# torch.compile cross-entropy on the same card (scripts/torch_ce_bench.py), then the linear
-# cross-entropy against PyTorch's matmul + cross-entropy (scripts/torch_linear_ce_bench.py).
-# Everything it prints is also saved in $OUT (the folder the run tool brings back; gpu-out/
-# when unset) as gpu-check.log, beside compute-sanitizer's full reports.
+# Every GPU check in one call, on the lent GPU machine, from the repository root, with gpu-bin/
+# carried (built by scripts/build-gpu-bins.sh) and, optionally, .whl/ (Liger-Kernel's wheel):
+#   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 360
+# In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
+# compute-sanitizer (memcheck over a few small CUDA tests, racecheck over one), our GPU table and
+# PyTorch's cross-entropy on the same card, the linear loss against PyTorch's, then, if a minute
+# is left, the example fine-tuning GPT-2 on the GPU.
+# Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (330) from the start; each step
+# runs under `timeout` with its own cap, cut to what is left; a step that cannot get
+# MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
+# Output, in $OUT (gpu-out/ when unset), at most 4 files:
+#   summary.md        one line per test binary, the sanitizers' verdicts, the benchmarks' table
+#                     rows, the example's last lines, the wall time (printed to stdout at the end)
+#   gpu-check.log     summary.md, then every step's full output (appended as each step ends, so
+#                     a run cut short still brings back what it did)
+#   compute-sanitizer-{memcheck,racecheck}.log   the sanitizers' own reports
+# Exit status: 1 if a test failed, crashed or timed out, or a sanitizer found errors; else 0.
 set -u
+t_start=$(date +%s)
+budget=${GPU_CHECK_BUDGET:-330}
+deadline=$((t_start + budget))
+reserve=10      # seconds kept for the summary
+MIN_STEP_S=${MIN_STEP_S:-15}
+TEST_CAP_S=${TEST_CAP_S:-90}
+MEMCHECK_FILTERS=${MEMCHECK_FILTERS:-literal_values::cuda odd_sizes::cuda nothing_to_learn_is_exactly_zero::cuda inplace_grad_reuses_logits::cuda}
+RACECHECK_FILTERS=${RACECHECK_FILTERS:-literal_values::cuda}
+SANITIZER_CAP_S=${SANITIZER_CAP_S:-60}
+venv=${TORCH_VENV:-/opt/torch/.venv}
+py=$venv/bin/python
+bin=gpu-bin
 out_dir=${OUT:-gpu-out}
 mkdir -p "$out_dir"
-exec > >(tee "$out_dir/gpu-check.log") 2>&1
-tee_pid=$!
-source scripts/gpu-env.sh gpu-bin
-export CHUNKED_CE_REQUIRE_CUDA=1   # a CUDA test that cannot get the GPU fails here, it does not skip
+logs=$(mktemp -d)
+live_log=$out_dir/gpu-check.log   # rewritten at the end with the summary first
+: >"$live_log"
+export PYTHONUNBUFFERED=1
 status=0
-for t in gpu-bin/*; do
-  case "$(basename "$t")" in gpu_table|*.xz) continue ;; esac
-  echo "== tests: $t"
-  "$t" --test-threads=1 || status=1
-done
-# Shared-memory races (racecheck) and barriers not reached by every thread (synccheck) in our
-# kernels, over the CUDA variants of the parity tests: every kernel, both block shapes (a warp
-# per row for small vocabularies, a block per row above), in place, and bf16 -- at sizes the
-# sanitizer's slowdown allows.
-echo "== compute-sanitizer over gpu-bin/parity's CUDA tests"
-sanitizer=$(command -v compute-sanitizer || true)
-for dir in "${CUDA_HOME:-}/bin" /usr/local/cuda/bin; do
-  if [ -z "$sanitizer" ] && [ -x "$dir/compute-sanitizer" ]; then sanitizer=$dir/compute-sanitizer; fi
-done
-if [ -z "$sanitizer" ]; then
-  echo "compute-sanitizer: not on PATH, in \$CUDA_HOME/bin or in /usr/local/cuda/bin; racecheck and synccheck not run"
-else
-  for tool in racecheck synccheck; do
-    log="$out_dir/compute-sanitizer-$tool.log"
-    "$sanitizer" --tool "$tool" --error-exitcode 1 --log-file "$log" gpu-bin/parity cuda --test-threads=1 \
-      >"$out_dir/compute-sanitizer-$tool.tests.log" 2>&1
-    code=$?
-    [ "$code" -eq 0 ] || status=1
-    echo "$tool: exit $code, report $log, the tests' output beside it"
-    grep -E 'SUMMARY|Error|Hazard' "$log" | sort | uniq -c | head -20
-  done
+step_no=0
+
+remaining() { echo $((deadline - $(date +%s))); }
+
+# run_step NAME CAP CMD...: runs CMD (stdin closed) under `timeout`, for CAP seconds or what
+# the deadline leaves, whichever is less. Its output goes to $logs/NN-NAME.log, to stdout and
+# to the live log. Sets step_log and step_rc (124: timed out; 125: skipped, no time left),
+# and records "NAME rc seconds" in $logs/steps.
+run_step() {
+  local name=$1 cap=$2 left t0
+  shift 2
+  step_no=$((step_no + 1))
+  step_log=$logs/$(printf %02d "$step_no")-$name.log
+  left=$(($(remaining) - reserve))
+  [ "$cap" -le "$left" ] || cap=$left
+  t0=$(date +%s)
+  if [ "$cap" -lt "$MIN_STEP_S" ]; then
+    echo "== $name: skipped, ${left} s left before the deadline" | tee "$step_log"
+    step_rc=125
+  else
+    echo "== $name (timeout ${cap} s): $*" | tee "$step_log"
+    timeout -k 5 "$cap" "$@" </dev/null 2>&1 | tee -a "$step_log"
+    step_rc=${PIPESTATUS[0]}
+    # A test that crashed or timed out leaves "test NAME ... " without its newline.
+    [ -z "$(tail -c1 "$step_log")" ] || echo | tee -a "$step_log"
+    echo "== $name: exit $step_rc$([ "$step_rc" -eq 124 ] || [ "$step_rc" -eq 137 ] && echo ' (TIMED OUT)') after $(($(date +%s) - t0)) s" |
+      tee -a "$step_log"
+  fi
+  echo "$name $step_rc $(($(date +%s) - t0))" >>"$logs/steps"
+  cat "$step_log" >>"$live_log"
+  return 0
+}
+
+# libtest's counts in a step log: "P passed, F failed, I ignored".
+libtest_counts() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1);
+         if ($i ~ /^failed;?$/) f += $(i-1); if ($i ~ /^ignored;?$/) g += $(i-1) } ; n++ }
+       END { if (n) printf "%d passed, %d failed, %d ignored", p, f, g }' "$1"
+}
+
+# --- a. environment --------------------------------------------------------------------
+step_no=$((step_no + 1))
+env_log=$logs/$(printf %02d $step_no)-env.log
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh "$bin" >"$env_log" 2>&1
+tee -a "$live_log" <"$env_log"
+export CHUNKED_CE_REQUIRE_CUDA=1   # a CUDA test that cannot get the GPU fails here, it does not skip
+
+# --- b. Liger-Kernel for the peer benchmark, when its wheel is carried --------------------
+pip_note="no .whl/ carried: Liger not installed"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  run_step pip 60 "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  if [ "$step_rc" -eq 0 ]; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    pip_note="installed $(cd .whl && echo *.whl) into /tmp/site"
+  else
+    pip_note="!! pip install of .whl/*.whl: exit $step_rc"
+  fi
 fi
-echo "== ours (gpu_table)"
-gpu-bin/gpu_table "$@" || status=1
-echo "== PyTorch on the same card"
-"${TORCH_VENV:-/opt/torch/.venv}/bin/python" scripts/torch_ce_bench.py \
-  --shapes 8192x32000,8192x128256,16384x128256,8192x262144 --dtypes bf16,f32 || status=1
-echo "== linear cross-entropy, ours (gpu_table --linear) and PyTorch's, 8192x4096x128256 bf16"
-gpu-bin/gpu_table --linear 8192x4096x128256 --reps 5 || status=1
-"${TORCH_VENV:-/opt/torch/.venv}/bin/python" scripts/torch_linear_ce_bench.py \
-  --shape 8192x4096x128256 --dtype bf16 --reps 5 || status=1
-# Let tee finish writing gpu-check.log before the run ends.
-exec >&- 2>&-
-wait "$tee_pid"
+
+# --- c. the test binaries: the CUDA suites first, in case the budget runs out --------------
+tests_md=$logs/tests.md
+: >"$tests_md"
+ordered=()
+for name in cuda_parity cuda_gemm parity linear weights options errors gradcheck fallback candle_chunked_ce; do
+  grep -qx "$name" "$bin/LIST" 2>/dev/null && ordered+=("$name")
+done
+while read -r name; do
+  case " ${ordered[*]} gpu_table finetune_gpt2 " in *" $name "*) continue ;; esac
+  [ -n "$name" ] && ordered+=("$name")
+done < <(cat "$bin/LIST" 2>/dev/null)
+[ "${#ordered[@]}" -gt 0 ] || { echo "!! no test binaries listed in $bin/LIST" | tee -a "$tests_md"; status=1; }
+for name in "${ordered[@]}"; do
+  run_step "test-$name" "$TEST_CAP_S" "$bin/$name" --test-threads=1
+  counts=$(libtest_counts "$step_log")
+  nfailing=$(grep -c '^test .* \.\.\. FAILED$' "$step_log")
+  failing=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$step_log" | head -12 | paste -sd, - | sed 's/,/, /g')
+  [ "$nfailing" -le 12 ] || failing="$failing (+$((nfailing - 12)) more in gpu-check.log)"
+  running=$(sed -n 's/^test \(.*\) \.\.\. *$/\1/p' "$step_log" | tail -1)   # started, never finished
+  case $step_rc in
+    0) verdict="ok" ;;
+    124 | 137) verdict="TIMED OUT${running:+ in $running}"; status=1 ;;
+    125) verdict="SKIPPED (no time left)"; status=1 ;;
+    *) verdict="FAILED (exit $step_rc)${running:+, died in $running}"; status=1 ;;
+  esac
+  echo "- $name: ${counts:-no test result line}; $verdict${failing:+; failing: $failing}" >>"$tests_md"
+done
+
+# --- d. compute-sanitizer over a few small CUDA tests of gpu-bin/parity ---------------------
+sanitizer=$(command -v compute-sanitizer || true)
+for cand in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
+  $(find "$venv"/lib/python3*/site-packages/nvidia -maxdepth 4 -name compute-sanitizer -type f 2>/dev/null); do
+  [ -n "$sanitizer" ] || { [ -x "$cand" ] && sanitizer=$cand; }
+done
+sanitizer_md=$logs/sanitizer.md
+: >"$sanitizer_md"
+for tool in memcheck racecheck; do
+  if [ "$tool" = memcheck ]; then filters=$MEMCHECK_FILTERS; else filters=$RACECHECK_FILTERS; fi
+  if [ -z "$sanitizer" ]; then
+    echo "- $tool: not run, compute-sanitizer not on PATH, in \$CUDA_HOME/bin, /usr/local/cuda/bin or $venv" >>"$sanitizer_md"
+    continue
+  fi
+  report=$out_dir/compute-sanitizer-$tool.log
+  rm -f "$report"
+  # shellcheck disable=SC2086  # the filters are several words on purpose
+  run_step "$tool" "$SANITIZER_CAP_S" "$sanitizer" --tool "$tool" --error-exitcode 1 --log-file "$report" \
+    "$bin/parity" $filters --test-threads=1
+  verdict_line=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$report" 2>/dev/null | tail -1 | sed 's/^=* *//')
+  counts=$(libtest_counts "$step_log")
+  errors=$(grep -oE '\(?[0-9]+ errors?' <<<"$verdict_line" | head -1 | tr -dc 0-9)
+  case $step_rc in
+    0) verdict="clean" ;;
+    124 | 137) verdict="TIMED OUT after ${SANITIZER_CAP_S} s or less: no verdict" ;;
+    125) verdict="SKIPPED (no time left): no verdict" ;;
+    *) if [ "${errors:-0}" -gt 0 ]; then verdict="ERRORS (exit $step_rc)"; else
+         verdict="FAILED (exit $step_rc) with no sanitizer error: see the tests' output"; fi
+       status=1 ;;
+  esac
+  echo "- $tool over \`parity $filters\`: $verdict; ${verdict_line:-no summary line}; tests: ${counts:-no result line}" >>"$sanitizer_md"
+  # The run tool brings back files of at most 16 MiB.
+  [ ! -f "$report" ] || [ "$(stat -c %s "$report")" -le 8388608 ] || truncate -s 8M "$report"
+done
+
+# --- e. benchmarks: ours and PyTorch's on the same card -------------------------------------
+bench_steps=()
+run_step gpu_table 120 "$bin/gpu_table" "$@"
+bench_steps+=("$step_log")
+# The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool.
+run_step gpu_table-retain-freed 45 "$bin/gpu_table" 8192x128256 --retain-freed
+bench_steps+=("$step_log")
+run_step torch_ce 120 "$py" scripts/torch_ce_bench.py \
+  --shapes 8192x32000,8192x128256,16384x128256,8192x262144 --dtypes bf16,f32
+bench_steps+=("$step_log")
+run_step gpu_table-linear 60 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5
+bench_steps+=("$step_log")
+run_step torch_linear_ce 60 "$py" scripts/torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16 --reps 5
+bench_steps+=("$step_log")
+
+# --- f. the example on the GPU, if a minute is left -----------------------------------------
+example_log=""
+if [ "$(($(remaining) - reserve))" -ge 60 ]; then
+  run_step finetune_gpt2 90 "$bin/finetune_gpt2" --device cuda --steps 30 --eval-every 10
+  example_log=$step_log
+fi
+
+# --- g. summary.md, then gpu-check.log = summary + every step's output ----------------------
+summary=$out_dir/summary.md
+{
+  echo "# GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - t_start)) s of a $budget s budget, exit $status"
+  echo
+  echo "## Environment"
+  echo '```'
+  cat "$env_log"
+  echo "liger: $pip_note"
+  echo '```'
+  echo
+  echo "## Tests (CHUNKED_CE_REQUIRE_CUDA=1, --test-threads=1)"
+  cat "$tests_md"
+  echo
+  echo "## compute-sanitizer (${sanitizer:-not found})"
+  cat "$sanitizer_md"
+  echo
+  echo "## Benchmarks"
+  for log in "${bench_steps[@]}"; do
+    echo
+    head -1 "$log" | sed 's/^== /### /'
+    # Table rows, headers, the bandwidth line and PyTorch's "# ..." notes; the step's verdict.
+    grep -E '^\||^# |bandwidth|^linear:|failed|panicked|Error' "$log" | grep -v '^|---' | head -60
+    [ "$(wc -l <"$log")" -le 1 ] || tail -1 "$log"
+  done
+  echo
+  echo "## Example: finetune_gpt2 --device cuda"
+  if [ -n "$example_log" ]; then
+    echo '```'
+    tail -6 "$example_log"
+    echo '```'
+  else
+    echo "not run: less than 60 s left"
+  fi
+  echo
+  echo "## Steps (name, exit, seconds; 124 = timed out, 125 = skipped)"
+  awk '{ printf "%s %s %ss; ", $1, $2, $3 } END { print "" }' "$logs/steps" 2>/dev/null
+  echo
+  echo "Total wall time: $(($(date +%s) - t_start)) s (budget $budget s). Full logs: gpu-check.log."
+} >"$summary"
+{
+  cat "$summary"
+  echo
+  echo "# Full logs, in order"
+  cat "$logs"/[0-9][0-9]-*.log
+} >"$live_log"
+[ "$(stat -c %s "$live_log")" -le 15728640 ] || truncate -s 15M "$live_log"
+rm -rf "$logs"
+echo
+echo "=================================================================================="
+cat "$summary"
 exit $status
