@@ -58,6 +58,7 @@
 
 #![warn(missing_docs)]
 
+mod call;
 mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -75,10 +76,11 @@ mod op;
 mod primitive;
 pub mod reference;
 
+pub use call::{CrossEntropyOutput, Reduction};
 pub use cpu::instruction_set;
 pub use linear::LinearCrossEntropy;
 #[doc(hidden)]
 pub use linear::{linear_products, recomputed_backwards, LinearProducts};
-pub use loss::{compute_cross_entropy, ChunkedCrossEntropy, CrossEntropyOutput, Reduction};
+pub use loss::{compute_cross_entropy, ChunkedCrossEntropy};
 #[doc(hidden)]
 pub use op::{cpu_logits_grad, cpu_row_stats};

@@ -1,0 +1,191 @@
+//! The linear loss's pass over its rows, a chunk of logits at a time: the
+//! statistics alone, or with the gradients of a scalar loss formed in the
+//! forward pass; and the backward, which scales those or recomputes.
+
+use super::products::{input_gradients, GradientSums, LogitsBuffer, Projection};
+use super::rows::RowSelection;
+use super::Wanted;
+use crate::config::{compute_dtype, OpConfig, UnitFactors, STATS, UPSTREAM};
+use crate::op::{self, NodeBackward, RowWeights};
+use candle::{DType, Result, Tensor};
+use std::sync::Mutex;
+
+/// The automatic chunk never has fewer rows than this: thinner chunks make
+/// the thin matmuls dominate (31-row chunks at N = 2048, H = 768, V = 50257
+/// took 4x longer than 1024-row ones, when each chunk also allocated a `[V,
+/// H]` product), and the gemm crate's `G · W` (inner dimension V) still runs
+/// at 243-259 GFLOP/s on 512 rows against 282-300 on 1024 (`cargo bench
+/// --bench gemm_routes`, BENCHMARKS.md).
+pub(super) const MIN_AUTO_CHUNK: usize = 1024;
+
+/// `(start, len)` of each chunk of `chunk_len` rows.
+pub(super) fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(chunk_len).map(move |start| (start, chunk_len.min(rows - start)))
+}
+
+/// Per-row statistics `[N, 4]` (see `op.rs`) of the logits of `rows` (`[N,
+/// H]`, detached), one chunk of rows at a time, nothing recorded.
+pub(super) fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
+    let (mut stats, mut buffer) = (Vec::new(), LogitsBuffer::default());
+    for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
+        let logits = projection.chunk_logits(&rows.narrow(0, start, len)?, &mut buffer)?;
+        stats.push(op::row_stats(&logits, &labels.narrow(0, start, len)?, cfg)?);
+    }
+    if stats.is_empty() {
+        let dtype = compute_dtype(rows.dtype());
+        return Tensor::zeros((0, STATS), dtype, rows.device());
+    }
+    Tensor::cat(&stats, 0)
+}
+
+/// Gradients computed in the forward pass for an upstream gradient of 1 (see
+/// [`GradientSums::finish`]), and the per-row factors `[N, 3] = (g_ce, g_lse,
+/// g_sum)` they were computed with.
+pub(super) struct Precomputed {
+    pub(super) unit_factors: Tensor,
+    pub(super) gradients: Vec<Option<Tensor>>,
+    /// What `gradients` are multiplied by: a power of two that brings the
+    /// factors they were formed with to order 1 (see [`boost_of`]).
+    pub(super) boost: f64,
+}
+
+/// A power of two that brings a scalar loss's unit factors (`1 / n` for a
+/// mean over `n` tokens) to order 1. The gradients formed in the forward pass
+/// are formed with the factors times it, and divided by it (exactly) once
+/// the upstream gradient is known: per-token gradients of size `p / n` would
+/// otherwise underflow f16 before a loss scale of, say, 2^16 reached them.
+/// Other dtypes (`dtype` is the logits') have f32's exponent range and no
+/// boost: backward then skips the pass that would divide it out again.
+pub(super) fn boost_of(unit: &UnitFactors, dtype: DType) -> f64 {
+    let largest = unit.ce.abs().max(unit.lse.abs());
+    if dtype == DType::F16 && largest > 0.0 && largest.is_finite() {
+        2f64.powi(-largest.log2().round() as i32)
+    } else {
+        1.0
+    }
+}
+
+/// One pass over the chunks of the linear loss's forward: its detached `[N,
+/// H]` rows, the output layer, the checked `[N]` labels and the settings.
+pub(super) struct ChunkPass<'a> {
+    pub(super) rows: &'a Tensor,
+    pub(super) projection: &'a Projection,
+    pub(super) labels: &'a Tensor,
+    pub(super) cfg: &'a OpConfig,
+}
+
+impl ChunkPass<'_> {
+    /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
+    /// a scalar loss whose upstream gradient is 1 (see the module docs), with the
+    /// rows' `weights` for a weighted loss, multiplied by the returned boost (see
+    /// [`boost_of`]).
+    pub(super) fn forward_with_gradients(
+        &self,
+        unit: UnitFactors,
+        weights: Option<&RowWeights>,
+        wanted: Wanted,
+    ) -> Result<(Tensor, Vec<Option<Tensor>>, f64)> {
+        let Self { rows, projection, labels, cfg } = *self;
+        let mut sums = GradientSums::new(rows, projection, wanted)?;
+        let boost = boost_of(&unit, rows.dtype());
+        let boosted = UnitFactors {
+            ce: unit.ce * boost,
+            lse: unit.lse * boost,
+            lse_squared: unit.lse_squared * boost,
+            logit_sum: unit.logit_sum * boost,
+        };
+        let (mut stats, mut buffer) = (Vec::new(), LogitsBuffer::default());
+        for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
+            let chunk = rows.narrow(0, start, len)?;
+            let labels = labels.narrow(0, start, len)?;
+            let logits = projection.chunk_logits(&chunk, &mut buffer)?;
+            let weights = weights.map(|w| w.narrow(start, len)).transpose()?;
+            let (chunk_stats, logits_grad) =
+                op::row_stats_and_unit_grad(&logits, &labels, cfg, boosted, weights.as_ref())?;
+            sums.add(start, &chunk, &logits_grad, projection)?;
+            stats.push(chunk_stats);
+        }
+        let stats = match stats.is_empty() {
+            true => Tensor::zeros((0, STATS), compute_dtype(rows.dtype()), rows.device())?,
+            false => Tensor::cat(&stats, 0)?,
+        };
+        Ok((stats, sums.finish(projection.bias.is_some())?, boost))
+    }
+}
+
+/// The backward of the linear loss: the gradients of `rows`, `weight` and,
+/// when it is an input, `bias`. The labels are not differentiable and travel
+/// inside it, with the gradients the forward pass computed, if it did. Those
+/// are handed over by the first backward pass (so that the graph does not keep
+/// them alive afterwards); a later backward pass over the same graph recomputes.
+pub(super) struct LinearBackward {
+    pub(super) cfg: OpConfig,
+    pub(super) wanted: Wanted,
+    /// The rows the products run on, and their labels.
+    pub(super) selection: RowSelection,
+    pub(super) labels: Tensor,
+    pub(super) precomputed: Mutex<Option<Precomputed>>,
+}
+
+impl NodeBackward for LinearBackward {
+    const NAME: &'static str = "chunked-linear-cross-entropy";
+
+    fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let precomputed = self.precomputed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(pre) = precomputed {
+            if let Some(scale) = upstream_scale(&factors.narrow(1, 0, UPSTREAM)?, &pre.unit_factors)? {
+                return input_gradients(pre.gradients, inputs, scale / pre.boost);
+            }
+            RECOMPUTED_BACKWARDS.with(|n| n.set(n.get() + 1));
+        }
+        self.recompute(inputs, factors)
+    }
+}
+
+impl LinearBackward {
+    /// Recomputes each chunk's logits and turns them into the gradients.
+    pub(super) fn recompute(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let rows = self.selection.gather(&inputs[0].detach())?;
+        let factors = self.selection.gather(factors)?;
+        let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
+        let (mut sums, mut buffer) = (GradientSums::new(&rows, &projection, self.wanted)?, LogitsBuffer::default());
+        for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
+            let chunk = rows.narrow(0, start, len)?;
+            let logits = projection.chunk_logits(&chunk, &mut buffer)?;
+            let labels = self.labels.narrow(0, start, len)?;
+            let logits_grad = op::logits_grad(&logits, &labels, &factors.narrow(0, start, len)?, &self.cfg)?;
+            sums.add(start, &chunk, &logits_grad, &projection)?;
+        }
+        let gradients = self.selection.scatter_hidden_grad(sums.finish(projection.bias.is_some())?)?;
+        input_gradients(gradients, inputs, 1.0)
+    }
+}
+
+thread_local! {
+    /// Backward passes of this thread that could not use the gradients computed
+    /// in forward (a test hook: see [`recomputed_backwards`]).
+    static RECOMPUTED_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many linear-loss backward passes on this thread recomputed their
+/// logits although the forward pass had computed the gradients. Not part of
+/// the stable API: the tests use it to check that the fast path is taken.
+#[doc(hidden)]
+pub fn recomputed_backwards() -> usize {
+    RECOMPUTED_BACKWARDS.with(std::cell::Cell::get)
+}
+
+/// The scalar `u` with `received = u * unit` element-wise (to 1e-5 relative),
+/// if there is one: then the gradients computed in forward, scaled by `u`, are
+/// exact. Both are `[N, 3]` (a few KB); they are compared on the host, with one
+/// transfer.
+pub(super) fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
+    let both = Tensor::cat(&[received, unit], 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let pairs: Vec<(f64, f64)> = both.chunks_exact(6).flat_map(|r| (0..3).map(move |i| (r[i], r[i + 3]))).collect();
+    let norm: f64 = pairs.iter().map(|(_, f)| f * f).sum();
+    // With a zero `unit` (nothing valid, `num_label_tokens = 0`, no rows) the
+    // precomputed gradients are zeros, right only if nothing was received.
+    let scale = if norm == 0.0 { 0.0 } else { pairs.iter().map(|(a, f)| a * f).sum::<f64>() / norm };
+    let proportional = pairs.iter().all(|(a, f)| (a - scale * f).abs() <= 1e-5 * a.abs());
+    Ok(proportional.then_some(scale))
+}

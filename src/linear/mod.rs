@@ -1,0 +1,368 @@
+//! Fused linear cross-entropy: the loss of `hidden @ weight^T (+ bias)` with
+//! `chunk_len` rows of logits alive at a time. Any `[N, V]` logits tensor, even
+//! computed chunk by chunk, would cost candle's backprop two more full-size
+//! buffers (it adds every gradient into fresh zeros); here the gradient never
+//! leaves the node as logits.
+//!
+//! For a scalar loss (`Mean`, `Sum`) the gradients are computed in the forward
+//! pass, as Liger-Kernel does: the upstream gradient of each row's statistics
+//! is known up to the one scalar that will reach the loss (see
+//! `ChunkedCrossEntropy::unit_factors`), so each chunk's logits are turned into
+//! their gradient in place right after their statistics, and folded into the
+//! gradients of `hidden` (`G · W`) and `weight` (`Gᵀ · H`, accumulated in f32
+//! in place) and `bias`. Backward then only scales them, after checking that
+//! the gradient it received has that expected form; if it has not (the
+//! per-token outputs were used too), or for `Reduction::None`, backward
+//! recomputes each chunk's logits instead. Either way three matmuls per chunk
+//! in all would be the minimum; the fast path does exactly three, the
+//! recomputing one four.
+
+mod chunks;
+mod products;
+mod rows;
+
+pub use chunks::recomputed_backwards;
+pub use products::{linear_products, LinearProducts};
+
+use crate::call::{
+    checked_labels, checked_logits, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings, TokenCall,
+};
+use crate::config::{Engine, OpConfig};
+use crate::op::{self, StatsNode};
+use crate::primitive;
+use candle::{bail, Result, Tensor};
+use chunks::{ChunkPass, LinearBackward, Precomputed, MIN_AUTO_CHUNK};
+use products::Projection;
+use rows::RowSelection;
+use std::sync::Mutex;
+
+/// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them
+/// whole: a chunk of rows of logits exists at a time, and the gradients go
+/// straight to `hidden`, `weight` and `bias` (a weight shared with the token
+/// embedding gets the sum of both gradients, as candle sums gradients of one
+/// variable). For a `Mean` or `Sum` loss the gradients are computed in the
+/// forward pass and backward only scales them; otherwise (or when the per-token
+/// outputs are differentiated as well) backward recomputes each chunk's logits. Peak extra memory is
+/// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
+/// (and `bias`), instead of several `[N, V]` buffers. Rows whose label is
+/// `ignore_index` (or masked) are left out of the matrix products altogether:
+/// masking a third of the tokens saves a third of the work.
+///
+/// Same configuration and semantics as [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)
+/// (`ignore_index`, mask, [`Reduction`], `num_label_tokens`, label smoothing,
+/// z-loss, soft-cap, class weights and per-token loss weights, the outputs of
+/// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
+/// nothing is valid, the errors), except that `chunk_len` defaults to
+/// automatic: about `N * H / V` rows, so that a chunk of logits is about the
+/// size of the hidden states, but at least 1024 rows, counted among the valid
+/// rows (the chunks hold valid rows only). Labels are checked on the
+/// host before any chunk runs.
+///
+/// On a device the kernels do not cover (Metal, or CUDA without this crate's
+/// `cuda` feature; see [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)) the logits are materialised
+/// whole by candle's matmul and the loss is candle's primitive ops
+/// differentiated by candle's autograd: the same results, without the memory
+/// savings.
+///
+/// ```
+/// use candle::{DType, Device, Tensor, Var};
+/// use candle_chunked_ce::LinearCrossEntropy;
+/// # fn main() -> candle::Result<()> {
+/// let hidden = Var::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu)?; // [B, S, H]
+/// let weight = Var::randn(0f32, 0.1, (100, 16), &Device::Cpu)?;  // [V, H]
+/// let labels = Tensor::zeros((2, 5), DType::U32, &Device::Cpu)?;
+/// let loss = LinearCrossEntropy::default().forward(&hidden, &weight, &labels, None)?;
+/// let grads = loss.backward()?;
+/// assert!(grads.get(&hidden).is_some() && grads.get(&weight).is_some());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearCrossEntropy {
+    settings: Settings,
+    chunk_len: Option<usize>,
+}
+
+impl Default for LinearCrossEntropy {
+    fn default() -> Self {
+        Self { settings: Settings::new(32, true, -100), chunk_len: None }
+    }
+}
+
+impl LinearCrossEntropy {
+    /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`,
+    /// at least 1024.
+    pub fn chunk_len(mut self, chunk_len: Option<usize>) -> Self {
+        self.chunk_len = chunk_len;
+        self
+    }
+
+    /// Fused kernels on each chunk (`true`, the default) or candle's primitive ops.
+    pub fn compile(mut self, compile: bool) -> Self {
+        self.settings.compile = compile;
+        self
+    }
+
+    /// As [`ChunkedCrossEntropy::force_autograd`](crate::ChunkedCrossEntropy::force_autograd): the path of a device the
+    /// kernels do not cover, on any device. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn force_autograd(mut self, force_autograd: bool) -> Self {
+        self.settings.force_autograd = force_autograd;
+        self
+    }
+
+    /// The label value that marks a token to ignore (default -100).
+    pub fn ignore_index(mut self, ignore_index: i64) -> Self {
+        self.settings.ignore_index = ignore_index;
+        self
+    }
+
+    /// How per-token losses are combined (default [`Reduction::Mean`]).
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.settings.reduction = reduction;
+        self
+    }
+
+    /// Label smoothing `ε` in `[0, 1]`, as [`ChunkedCrossEntropy::label_smoothing`](crate::ChunkedCrossEntropy::label_smoothing).
+    pub fn label_smoothing(mut self, label_smoothing: f64) -> Self {
+        self.settings.label_smoothing = label_smoothing;
+        self
+    }
+
+    /// The z-loss coefficient, as [`ChunkedCrossEntropy::z_loss`](crate::ChunkedCrossEntropy::z_loss).
+    pub fn z_loss(mut self, z_loss: f64) -> Self {
+        self.settings.z_loss = z_loss;
+        self
+    }
+
+    /// The logit soft-cap, as [`ChunkedCrossEntropy::logit_softcap`](crate::ChunkedCrossEntropy::logit_softcap).
+    pub fn logit_softcap(mut self, logit_softcap: Option<f64>) -> Self {
+        self.settings.logit_softcap = logit_softcap;
+        self
+    }
+
+    /// `[V]` class weights, as [`ChunkedCrossEntropy::class_weights`](crate::ChunkedCrossEntropy::class_weights) (on
+    /// `hidden`'s device).
+    pub fn class_weights(mut self, class_weights: Option<Tensor>) -> Self {
+        self.settings.class_weights = class_weights.map(ClassWeights);
+        self
+    }
+
+    /// The loss of `hidden @ weight^T` against `labels` (for a bias and the
+    /// other outputs, see [`forward_with_outputs`](Self::forward_with_outputs)).
+    ///
+    /// - `hidden`: `[N, H]` or `[B, S, H]`, f32, f64, bf16 or f16.
+    /// - `weight`: `[V, H]` (an `lm_head`, or the tied token embedding), same
+    ///   dtype and device.
+    /// - `labels`, `mask` and the result: as in [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward).
+    ///
+    /// # Errors
+    /// Those of [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward), and `weight` not `[V, H]`
+    /// with `hidden`'s `H`, dtype and device.
+    pub fn forward(&self, hidden: &Tensor, weight: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with_num_label_tokens(hidden, weight, labels, mask, None)
+    }
+
+    /// [`forward`](Self::forward) with the global valid-token count, as in
+    /// [`ChunkedCrossEntropy::forward_with_num_label_tokens`](crate::ChunkedCrossEntropy::forward_with_num_label_tokens).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward), and `num_label_tokens` given with a
+    /// reduction other than [`Reduction::Mean`].
+    pub fn forward_with_num_label_tokens(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Tensor> {
+        let call = self.node(hidden, weight, None, labels, mask, None, num_label_tokens)?;
+        self.settings.loss(&call, num_label_tokens)
+    }
+
+    /// [`forward`](Self::forward) with per-token `loss_weights`, as
+    /// [`ChunkedCrossEntropy::forward_weighted`](crate::ChunkedCrossEntropy::forward_weighted).
+    ///
+    /// # Errors
+    /// Those of [`forward`](Self::forward) and of
+    /// [`ChunkedCrossEntropy::forward_weighted`](crate::ChunkedCrossEntropy::forward_weighted).
+    pub fn forward_weighted(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: &Tensor,
+    ) -> Result<Tensor> {
+        let call = self.node(hidden, weight, None, labels, mask, Some(loss_weights), None)?;
+        self.settings.loss(&call, None)
+    }
+
+    /// The loss of `hidden @ weight^T + bias` and every other output of the
+    /// call, as [`ChunkedCrossEntropy::forward_with_outputs`](crate::ChunkedCrossEntropy::forward_with_outputs).
+    ///
+    /// - `bias`: optional `[V]`, the weight's dtype and device; it receives a
+    ///   gradient (summed over rows in f32).
+    /// - `loss_weights`: optional per-token weights, as in
+    ///   [`ChunkedCrossEntropy::forward_weighted`](crate::ChunkedCrossEntropy::forward_weighted).
+    /// - the other arguments: as in [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens).
+    ///
+    /// # Errors
+    /// Those of [`forward_with_num_label_tokens`](Self::forward_with_num_label_tokens)
+    /// and of [`ChunkedCrossEntropy::forward_weighted`](crate::ChunkedCrossEntropy::forward_weighted), and a bias that is not
+    /// `[V]` with the weight's dtype and device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_outputs(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<CrossEntropyOutput> {
+        let call = self.node(hidden, weight, bias, labels, mask, loss_weights, num_label_tokens)?;
+        self.settings.outputs(&call, num_label_tokens)
+    }
+
+    /// Validates the inputs, runs the chunks, and attaches the loss's graph
+    /// node (its `[N, 4]` statistics). With `Engine::Autograd`, the statistics
+    /// of the whole logits, recorded op by op, with no node.
+    #[allow(clippy::too_many_arguments)]
+    fn node(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<LossCall> {
+        let labels_shape = labels.shape().clone();
+        let ignore_index = self.settings.ignore_index;
+        self.settings.check_num_label_tokens(num_label_tokens)?;
+        if self.chunk_len == Some(0) {
+            bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
+        }
+        let hidden = checked_logits(hidden)?;
+        let vocab = checked_projection(&hidden, weight, bias)?;
+        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
+        let width = hidden.dim(candle::D::Minus1)?;
+        let rows = hidden.reshape(((), width))?;
+        if labels.dim(0)? == 0 {
+            // Validated like a call with tokens; then nothing to compute.
+            self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
+            self.settings.op_config(hidden.device())?;
+            let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
+            if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
+                return Ok(call);
+            }
+        }
+        // The forward call's one intended device->host read (a sync on CUDA): the labels,
+        // once, to check them before any chunk runs and to count the valid ones, which the
+        // precomputed gradients' scale needs on the host. Everything after it only queues
+        // work on the device (scalar operands are host->device copies, and `Tensor::full`
+        // is a fill kernel): `labels_checked` below tells the fused CUDA forward not to
+        // read its bad-label flag back after every chunk.
+        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        let valid = row_labels.iter().flatten().count();
+        let chunk_len = match self.chunk_len {
+            Some(c) => c,
+            None => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
+        };
+        let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
+        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.settings.op_config(hidden.device())? };
+        if cfg.engine == Engine::Autograd {
+            let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
+            let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
+            return Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }));
+        }
+        // Each chunk's logits are a temporary: its gradient always overwrites it.
+        let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
+        let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
+        let wanted = Wanted::of(&rows, weight, bias);
+        let row_weights = weights.row_weights()?;
+        let denominator = match row_weights {
+            None => valid as f64,
+            // A weighted mean's denominator: one more device->host read.
+            Some(_) => weights.host_denominator(&labels, ignore_index)?,
+        };
+        let unit = self.settings.unit_factors(vocab, &weights, denominator, num_label_tokens).filter(|_| wanted.any());
+        let selection = RowSelection::of(&row_labels, hidden.device())?;
+        let (kept_rows, kept_labels) = (selection.gather(&rows.detach())?, selection.gather(&labels)?);
+        let (stats, precomputed) = match unit {
+            Some(unit) => {
+                let kept_weights = row_weights.as_ref().map(|w| w.map(|c| selection.gather(c))).transpose()?;
+                let pass = ChunkPass { rows: &kept_rows, projection: &projection, labels: &kept_labels, cfg: &cfg };
+                let (stats, gradients, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), wanted)?;
+                let (stats, gradients) = (selection.scatter(&stats)?, selection.scatter_hidden_grad(gradients)?);
+                // Over all rows: an ignored row receives them too (its gradient is 0 regardless).
+                let unit_factors = op::unit_factors(&stats, unit, row_weights.as_ref())?;
+                (stats, Some(Precomputed { unit_factors, gradients, boost }))
+            }
+            None => (selection.scatter(&chunks::row_stats(&kept_rows, &projection, &kept_labels, &cfg)?)?, None),
+        };
+        let precomputed = Mutex::new(precomputed);
+        let backward = LinearBackward { cfg, labels: kept_labels, selection, wanted, precomputed };
+        let node = StatsNode { stats, backward };
+        let node = match bias {
+            None => rows.apply_op2(weight, node)?,
+            Some(bias) => rows.apply_op3(weight, bias, node)?,
+        };
+        Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
+    }
+}
+
+/// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against
+/// `hidden`'s dtype and device, and returns `V`.
+fn checked_projection(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<usize> {
+    let width = hidden.dim(candle::D::Minus1)?;
+    let vocab = match weight.dims() {
+        [v, h] if *h == width => *v,
+        _ => bail!(
+            "linear cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
+            weight.shape(),
+            hidden.shape()
+        ),
+    };
+    for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
+        let Some(t) = t else { continue };
+        if t.dtype() != hidden.dtype() || !t.device().same_device(hidden.device()) {
+            bail!(
+                "linear cross-entropy: {name} ({:?}) and hidden ({:?}) must share dtype and device",
+                t.dtype(),
+                hidden.dtype()
+            )
+        }
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [vocab] {
+            bail!("linear cross-entropy: bias {:?} must be [{vocab}] for weight {:?}", bias.shape(), weight.shape())
+        }
+    }
+    Ok(vocab)
+}
+
+/// Which of the node's inputs want a gradient, from candle's `track_op`: a
+/// variable, or computed from one. Evaluation wants none, a frozen (or LoRA)
+/// head no weight or bias gradient; the products and `[V, H]` accumulator of
+/// an input that wants none are never computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wanted {
+    rows: bool,
+    weight: bool,
+    bias: bool,
+}
+
+impl Wanted {
+    fn of(rows: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Self {
+        Self { rows: rows.track_op(), weight: weight.track_op(), bias: bias.is_some_and(Tensor::track_op) }
+    }
+
+    fn any(self) -> bool {
+        self.rows || self.weight || self.bias
+    }
+}

@@ -1,0 +1,347 @@
+//! The linear loss's three matrix products and their sums: a chunk's logits
+//! (`rows · Wᵀ`), the hidden states' gradient (`G · W`) and the weight's
+//! (`Gᵀ · H`, accumulated in f32), on the CPU (`gemm.rs`) or by cuBLAS
+//! (`cuda_gemm.rs`), behind one interface; and the counters the tests read.
+
+use super::Wanted;
+use crate::config::compute_dtype;
+use crate::gemm;
+use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
+
+/// Matrix products of the linear loss run on this thread, by kind (a test
+/// hook: see [`linear_products`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinearProducts {
+    /// `rows · Wᵀ`: a chunk's logits.
+    pub logits: usize,
+    /// The rows of all those logits products together (ignored rows are
+    /// not multiplied).
+    pub logits_rows: usize,
+    /// `G · W`: a chunk's hidden-state gradient.
+    pub hidden_grad: usize,
+    /// `Gᵀ · H`: a chunk's weight gradient.
+    pub weight_grad: usize,
+}
+
+thread_local! {
+    static PRODUCTS: std::cell::Cell<LinearProducts> = const {
+        std::cell::Cell::new(LinearProducts { logits: 0, logits_rows: 0, hidden_grad: 0, weight_grad: 0 })
+    };
+}
+
+pub(super) fn count_product(kind: fn(&mut LinearProducts) -> &mut usize) {
+    count(kind, 1)
+}
+
+pub(super) fn count(kind: fn(&mut LinearProducts) -> &mut usize, n: usize) {
+    PRODUCTS.with(|cell| {
+        let mut counts = cell.get();
+        *kind(&mut counts) += n;
+        cell.set(counts);
+    });
+}
+
+/// The matrix products the linear loss has run on this thread so far. Not
+/// part of the stable API: the tests use it to check that gradients no input
+/// wants are not computed.
+#[doc(hidden)]
+pub fn linear_products() -> LinearProducts {
+    PRODUCTS.with(std::cell::Cell::get)
+}
+
+/// The output layer, detached: `weight` `[V, H]` and an optional `bias` `[V]`.
+pub(super) struct Projection {
+    pub(super) weight: Tensor,
+    pub(super) bias: Option<Tensor>,
+}
+
+impl Projection {
+    /// The logits of `rows` (`[n, H]`): `[n, V]`, by candle's ops (recorded
+    /// for autograd when the inputs track).
+    pub(super) fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        count_product(|c| &mut c.logits);
+        count(|c| &mut c.logits_rows, rows.elem_count() / rows.dim(candle::D::Minus1)?.max(1));
+        self.add_bias(rows.matmul(&self.weight.t()?)?)
+    }
+
+    /// The logits of a chunk of rows (`[n, H]`): `[n, V]`, on the CPU (f32,
+    /// f64) written into `buffer`, which the chunks of one pass share (a
+    /// fresh `[n, V]` per chunk would fault its pages in again: ~1.4 µs per
+    /// 4 KiB here, 70 ms per 1024 x 50257 f32 chunk). The chunk's logits are
+    /// dead before the next chunk's are written: each becomes its gradient in
+    /// place and is folded into the sums. Nothing is recorded.
+    pub(super) fn chunk_logits(&self, rows: &Tensor, buffer: &mut LogitsBuffer) -> Result<Tensor> {
+        let (len, vocab) = (rows.dim(0)?, self.weight.dim(0)?);
+        if !gemm::ops::takes(&[rows, &self.weight]) {
+            return self.logits(rows);
+        }
+        let shared = match &buffer.0 {
+            Some(shared) if shared.dim(0)? >= len => shared.clone(),
+            _ => buffer.0.insert(faulted_zeros((len, vocab), rows.dtype(), rows.device())?).clone(),
+        };
+        let logits = shared.narrow(0, 0, len)?;
+        count_product(|c| &mut c.logits);
+        count(|c| &mut c.logits_rows, len);
+        gemm::ops::matmul_into(&logits, rows, &self.weight, true)?;
+        self.add_bias(logits)
+    }
+
+    pub(super) fn add_bias(&self, logits: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            None => Ok(logits),
+            Some(bias) => logits.broadcast_add(bias),
+        }
+    }
+}
+
+/// The `[chunk, V]` logits buffer of one pass over the chunks (see
+/// [`Projection::chunk_logits`]); allocated by the first chunk, the largest.
+#[derive(Default)]
+pub(super) struct LogitsBuffer(Option<Tensor>);
+
+/// The gradients of the rows, the weight and the bias that are [`Wanted`],
+/// summed chunk by chunk: each chunk's rows get `G · W` (in their dtype), the
+/// weight `Gᵀ · H` and the bias the column sums of `G` (both accumulated in
+/// f32, f64 for f64).
+pub(super) struct GradientSums {
+    pub(super) rows: Option<Tensor>,
+    pub(super) weight: Option<ProductSum>,
+    pub(super) bias: Option<Sum>,
+    /// The accumulator dtype, `V` and device, for a bias that received nothing.
+    pub(super) acc: DType,
+    pub(super) vocab: usize,
+    pub(super) device: Device,
+}
+
+impl GradientSums {
+    pub(super) fn new(rows: &Tensor, projection: &Projection, wanted: Wanted) -> Result<Self> {
+        let weight = &projection.weight;
+        Ok(Self {
+            rows: wanted.rows.then(|| faulted_zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
+            weight: wanted.weight.then(|| ProductSum::new(weight)).transpose()?,
+            bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
+            acc: compute_dtype(weight.dtype()),
+            vocab: weight.dim(0)?,
+            device: weight.device().clone(),
+        })
+    }
+
+    /// Adds the chunk of rows starting at `start`, whose logits' gradient is `logits_grad`.
+    pub(super) fn add(
+        &mut self,
+        start: usize,
+        chunk: &Tensor,
+        logits_grad: &Tensor,
+        projection: &Projection,
+    ) -> Result<()> {
+        if let Some(rows) = &self.rows {
+            count_product(|c| &mut c.hidden_grad);
+            // Straight into the chunk's rows of the gradient on the CPU.
+            let chunk_rows = rows.narrow(0, start, chunk.dim(0)?)?;
+            if !gemm::ops::matmul_into(&chunk_rows, logits_grad, &projection.weight, false)? {
+                rows.slice_set(&logits_grad.matmul(&projection.weight)?, 0, start)?;
+            }
+        }
+        if let Some(weight) = &mut self.weight {
+            count_product(|c| &mut c.weight_grad);
+            weight.add(logits_grad, chunk)?;
+        }
+        if let Some(bias) = &mut self.bias {
+            bias.add(logits_grad.to_dtype(self.acc)?.sum(0)?)?;
+        }
+        Ok(())
+    }
+
+    /// `[rows, weight, bias]` gradients (`None` where not wanted; bias only
+    /// when there is one), the weight's and bias's still in the accumulator dtype.
+    pub(super) fn finish(self, has_bias: bool) -> Result<Vec<Option<Tensor>>> {
+        let mut gradients = vec![self.rows, self.weight.map(ProductSum::into_gradient).transpose()?];
+        if has_bias {
+            gradients.push(match self.bias {
+                Some(Sum(Some(sum))) => Some(sum),
+                Some(Sum(None)) => Some(Tensor::zeros(self.vocab, self.acc, &self.device)?),
+                None => None,
+            });
+        }
+        Ok(gradients)
+    }
+}
+
+/// The node's gradients from summed ones: scaled by the upstream `scale`
+/// (skipped when it is 1) in f32 (f64 for f64), where a loss scale such as
+/// 2^16 is representable (candle's f16 `affine` rounds it to f16's infinity),
+/// and rounded once to each input's dtype. The f32 accumulators (the weight's
+/// `[V, H]`, the bias's) are ours alone: they are scaled in place, so that
+/// the end of backward holds the accumulator and the rounded gradient, not a
+/// scaled copy as well.
+pub(super) fn input_gradients(
+    gradients: Vec<Option<Tensor>>,
+    inputs: &[&Tensor],
+    scale: f64,
+) -> Result<Vec<Option<Tensor>>> {
+    gradients
+        .into_iter()
+        .zip(inputs)
+        .map(|(g, input)| {
+            let Some(g) = g else { return Ok(None) };
+            let compute = compute_dtype(g.dtype());
+            let g = match scale {
+                1.0 => g,
+                _ if g.dtype() == compute => {
+                    g.inplace_op1(&ScaleInPlace(scale))?;
+                    g
+                }
+                _ => g.to_dtype(compute)?.affine(scale, 0.0)?,
+            };
+            Ok(Some(g.to_dtype(input.dtype())?))
+        })
+        .collect()
+}
+
+/// Zeros whose pages are already mapped: on the CPU the buffer is advised to
+/// transparent huge pages (see `cpu::advise_huge_pages`) and one thread
+/// writes one element of each 4 KiB page. A fresh buffer's first write faults
+/// its pages in; when that write is the gemm crate's product, the faults land
+/// inside it and cost far more than a plain pass: one 1024-row chunk's
+/// weight-gradient product took 871 ms into a fresh `[768, 50257]` f32
+/// accumulator, 259 ms into a touched one, 320 ms with this one-thread touch
+/// included (`cargo bench --bench ce_table -- --probes`).
+pub(super) fn faulted_zeros(shape: impl Into<candle::Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let zeros = Tensor::zeros(shape, dtype, device)?;
+    if device.is_cpu() {
+        zeros.inplace_op1(&FaultIn)?;
+    }
+    Ok(zeros)
+}
+
+/// See [`faulted_zeros`].
+pub(super) struct FaultIn;
+
+impl candle::InplaceOp1 for FaultIn {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-fault-in"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> Result<()> {
+        fn touch<T: Copy>(values: &mut [T]) {
+            crate::cpu::advise_huge_pages(values);
+            let per_page = (4096 / std::mem::size_of::<T>()).max(1);
+            if let Some(&zero) = values.first() {
+                values.iter_mut().step_by(per_page).for_each(|x| *x = zero);
+            }
+        }
+        match storage {
+            CpuStorage::F32(v) => touch(v),
+            CpuStorage::F64(v) => touch(v),
+            CpuStorage::BF16(v) => touch(v),
+            CpuStorage::F16(v) => touch(v),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// `x *= scale` in place, for the gradients' f32 (f64) accumulators.
+pub(super) struct ScaleInPlace(f64);
+
+impl candle::InplaceOp1 for ScaleInPlace {
+    fn name(&self) -> &'static str {
+        "chunked-linear-cross-entropy-scale"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        use candle::backend::BackendStorage;
+        use rayon::prelude::*;
+        // Contiguous, or its transpose (the CPU's weight gradient): either way
+        // the elements fill one range of the storage.
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(range) => range,
+            None if layout.is_fortran_contiguous() => {
+                (layout.start_offset(), layout.start_offset() + layout.shape().elem_count())
+            }
+            None => bail!("linear cross-entropy: the scaled gradient must be dense"),
+        };
+        match storage {
+            CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
+            CpuStorage::F64(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0),
+            other => bail!("linear cross-entropy: only f32/f64 gradients are scaled in place, got {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
+        crate::cuda_gemm::scale_in_place(storage, layout, self.0)
+    }
+}
+
+/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64)
+/// in place, with no `[V, H]` product per chunk. On the CPU it is held
+/// transposed, `[H, V]` += `Hᵀ · G` by `gemm::ops::AddTransposedProduct` (on
+/// f32/f64 copies of the chunk's operands): the gemm crate runs that
+/// orientation at torch's speed and the other at three quarters of it
+/// (BENCHMARKS.md), and the gradient handed out is the transposed view (candle's
+/// backprop copies it into its own sum anyway). On CUDA (f32, bf16, f16) one
+/// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
+/// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
+/// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
+pub(super) struct ProductSum {
+    pub(super) acc: Tensor,
+    /// `acc` is `[H, V]`, the gradient transposed (the CPU).
+    pub(super) transposed: bool,
+}
+
+impl ProductSum {
+    pub(super) fn new(weight: &Tensor) -> Result<Self> {
+        let dtype = compute_dtype(weight.dtype());
+        let transposed = weight.device().is_cpu();
+        let (vocab, width) = weight.dims2()?;
+        let shape = if transposed { (width, vocab) } else { (vocab, width) };
+        Ok(Self { acc: faulted_zeros(shape, dtype, weight.device())?, transposed })
+    }
+
+    pub(super) fn dtype(&self) -> DType {
+        self.acc.dtype()
+    }
+
+    /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`, of the weight's dtype).
+    pub(super) fn add(&mut self, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.acc.device().is_cuda() && self.dtype() == DType::F32 {
+            // The chunk's gradient and rows are contiguous already (no copy).
+            return crate::cuda_gemm::add_transposed_product(&self.acc, &lhs.contiguous()?, &rhs.contiguous()?);
+        }
+        let (lhs, rhs) = (lhs.to_dtype(self.dtype())?.contiguous()?, rhs.to_dtype(self.dtype())?.contiguous()?);
+        if self.transposed {
+            // `[H, V] += rhsᵀ · lhs`.
+            self.acc.inplace_op3(&rhs, &lhs, &gemm::ops::AddTransposedProduct)
+        } else {
+            self.acc = (&self.acc + lhs.t()?.matmul(&rhs)?)?;
+            Ok(())
+        }
+    }
+
+    /// The summed gradient, `[V, H]` (a transposed view on the CPU).
+    pub(super) fn into_gradient(self) -> Result<Tensor> {
+        if self.transposed {
+            self.acc.t()
+        } else {
+            Ok(self.acc)
+        }
+    }
+}
+
+/// A gradient summed over chunks in the accumulator dtype; the first chunk's
+/// term starts the sum (no zero-filled buffer).
+#[derive(Default)]
+pub(super) struct Sum(Option<Tensor>);
+
+impl Sum {
+    pub(super) fn add(&mut self, term: Tensor) -> Result<()> {
+        self.0 = Some(match self.0.take() {
+            None => term,
+            Some(sum) => (sum + term)?,
+        });
+        Ok(())
+    }
+}
