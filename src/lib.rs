@@ -78,9 +78,9 @@ pub mod reference;
 
 pub use call::{CrossEntropyOutput, Reduction};
 pub use cpu::instruction_set;
-pub use linear::LinearCrossEntropy;
 #[doc(hidden)]
 pub use linear::{linear_products, recomputed_backwards, LinearProducts};
+pub use linear::{LinearCrossEntropy, LinearGradAccumulator, LinearGrads, MicroBatchGrads};
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy};
 #[doc(hidden)]
 pub use op::{cpu_logits_grad, cpu_row_stats};

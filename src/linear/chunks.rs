@@ -78,15 +78,14 @@ impl ChunkPass<'_> {
     /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
     /// a scalar loss whose upstream gradient is 1 (see the module docs), with the
     /// rows' `weights` for a weighted loss, multiplied by the returned boost (see
-    /// [`boost_of`]).
+    /// [`boost_of`]), added into `sums` (fresh, or a caller's accumulator).
     pub(super) fn forward_with_gradients(
         &self,
         unit: UnitFactors,
         weights: Option<&RowWeights>,
-        wanted: Wanted,
-    ) -> Result<(Tensor, Vec<Option<Tensor>>, f64)> {
+        mut sums: GradientSums,
+    ) -> Result<(Tensor, GradientSums, f64)> {
         let Self { rows, projection, labels, cfg } = *self;
-        let mut sums = GradientSums::new(rows, projection, wanted)?;
         let boost = boost_of(&unit, rows.dtype());
         let boosted = UnitFactors {
             ce: unit.ce * boost,
@@ -109,7 +108,7 @@ impl ChunkPass<'_> {
             true => Tensor::zeros((0, STATS), compute_dtype(rows.dtype()), rows.device())?,
             false => Tensor::cat(&stats, 0)?,
         };
-        Ok((stats, sums.finish(projection.bias.is_some())?, boost))
+        Ok((stats, sums, boost))
     }
 }
 

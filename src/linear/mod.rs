@@ -18,21 +18,24 @@
 //! recomputing one four.
 
 mod chunks;
+mod direct;
 mod products;
 mod rows;
 
 pub use chunks::recomputed_backwards;
+pub use direct::{LinearGradAccumulator, LinearGrads, MicroBatchGrads};
 pub use products::{linear_products, LinearProducts};
 
 use crate::call::{
-    checked_labels, checked_logits, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings, TokenCall,
+    checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
+    TokenCall,
 };
 use crate::config::{Engine, OpConfig};
-use crate::op::{self, StatsNode};
+use crate::op::{self, RowWeights, StatsNode};
 use crate::primitive;
 use candle::{bail, Result, Tensor};
 use chunks::{ChunkPass, LinearBackward, Precomputed, MIN_AUTO_CHUNK};
-use products::Projection;
+use products::{GradientSums, Projection};
 use rows::RowSelection;
 use std::sync::Mutex;
 
@@ -241,63 +244,23 @@ impl LinearCrossEntropy {
         loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<LossCall> {
-        let labels_shape = labels.shape().clone();
-        let ignore_index = self.settings.ignore_index;
-        self.settings.check_num_label_tokens(num_label_tokens)?;
-        if self.chunk_len == Some(0) {
-            bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
-        }
-        let hidden = checked_logits(hidden)?;
-        let vocab = checked_projection(&hidden, weight, bias)?;
-        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
-        let width = hidden.dim(candle::D::Minus1)?;
-        let rows = hidden.reshape(((), width))?;
-        if labels.dim(0)? == 0 {
-            // Validated like a call with tokens; then nothing to compute.
-            self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
-            self.settings.op_config(hidden.device())?;
-            let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
-            if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
-                return Ok(call);
-            }
-        }
-        // The forward call's one intended device->host read (a sync on CUDA): the labels,
-        // once, to check them before any chunk runs and to count the valid ones, which the
-        // precomputed gradients' scale needs on the host. Everything after it only queues
-        // work on the device (scalar operands are host->device copies, and `Tensor::full`
-        // is a fill kernel): `labels_checked` below tells the fused CUDA forward not to
-        // read its bad-label flag back after every chunk.
-        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
-        let valid = row_labels.iter().flatten().count();
-        let chunk_len = match self.chunk_len {
-            Some(c) => c,
-            None => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
+        let call = match self.plan(hidden, weight, bias, labels, mask, loss_weights, num_label_tokens)? {
+            Plan::Empty(call) => return Ok(call),
+            Plan::Recorded(call) => return Ok(LossCall::Tokens(call)),
+            Plan::Chunks(call) => call,
         };
-        let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
-        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.settings.op_config(hidden.device())? };
-        if cfg.engine == Engine::Autograd {
-            let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
-            let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
-            return Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }));
-        }
-        // Each chunk's logits are a temporary: its gradient always overwrites it.
-        let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
-        let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
+        let ChunkedCall { rows, labels, labels_shape, vocab, weights, cfg, row_weights, denominator, selection } = call;
         let wanted = Wanted::of(&rows, weight, bias);
-        let row_weights = weights.row_weights()?;
-        let denominator = match row_weights {
-            None => valid as f64,
-            // A weighted mean's denominator: one more device->host read.
-            Some(_) => weights.host_denominator(&labels, ignore_index)?,
-        };
         let unit = self.settings.unit_factors(vocab, &weights, denominator, num_label_tokens).filter(|_| wanted.any());
-        let selection = RowSelection::of(&row_labels, hidden.device())?;
+        let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
         let (kept_rows, kept_labels) = (selection.gather(&rows.detach())?, selection.gather(&labels)?);
         let (stats, precomputed) = match unit {
             Some(unit) => {
                 let kept_weights = row_weights.as_ref().map(|w| w.map(|c| selection.gather(c))).transpose()?;
                 let pass = ChunkPass { rows: &kept_rows, projection: &projection, labels: &kept_labels, cfg: &cfg };
-                let (stats, gradients, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), wanted)?;
+                let sums = GradientSums::new(&kept_rows, &projection, wanted)?;
+                let (stats, sums, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), sums)?;
+                let gradients = sums.finish(projection.bias.is_some())?;
                 let (stats, gradients) = (selection.scatter(&stats)?, selection.scatter_hidden_grad(gradients)?);
                 // Over all rows: an ignored row receives them too (its gradient is 0 regardless).
                 let unit_factors = op::unit_factors(&stats, unit, row_weights.as_ref())?;
@@ -314,6 +277,101 @@ impl LinearCrossEntropy {
         };
         Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
     }
+
+    /// Validates the inputs and settles what the call computes (see [`Plan`]).
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        labels: &Tensor,
+        mask: Option<&Tensor>,
+        loss_weights: Option<&Tensor>,
+        num_label_tokens: Option<usize>,
+    ) -> Result<Plan> {
+        let labels_shape = labels.shape().clone();
+        let ignore_index = self.settings.ignore_index;
+        self.settings.check_num_label_tokens(num_label_tokens)?;
+        if self.chunk_len == Some(0) {
+            bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
+        }
+        let hidden = checked_logits(hidden)?;
+        let vocab = checked_projection(&hidden, weight, bias)?;
+        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
+        let width = hidden.dim(candle::D::Minus1)?;
+        let rows = hidden.reshape(((), width))?;
+        let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
+        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.settings.op_config(hidden.device())? };
+        let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
+        if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
+            return Ok(Plan::Empty(call));
+        }
+        if cfg.engine == Engine::Autograd {
+            let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
+            let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
+            return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
+        }
+        // The call's one intended device->host read (a sync on CUDA): the labels, once, to
+        // check them before any chunk runs and to count the valid ones, which the precomputed
+        // gradients' scale needs on the host. Everything after it only queues work on the
+        // device (scalar operands are host->device copies, and `Tensor::full` is a fill
+        // kernel): `labels_checked` below tells the fused CUDA forward not to read its
+        // bad-label flag back after every chunk.
+        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        let valid = row_labels.iter().flatten().count();
+        let chunk_len = match self.chunk_len {
+            Some(c) => c,
+            None => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
+        };
+        // Each chunk's logits are a temporary: its gradient always overwrites it.
+        let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
+        let row_weights = weights.row_weights()?;
+        let denominator = match row_weights {
+            None => valid as f64,
+            // A weighted mean's denominator: one more device->host read.
+            Some(_) => weights.host_denominator(&labels, ignore_index)?,
+        };
+        let selection = RowSelection::of(&row_labels, hidden.device())?;
+        Ok(Plan::Chunks(ChunkedCall {
+            rows,
+            labels,
+            labels_shape,
+            vocab,
+            weights,
+            cfg,
+            row_weights,
+            denominator,
+            selection,
+        }))
+    }
+}
+
+/// What a linear-loss call computes, once its inputs are validated.
+enum Plan {
+    /// No token: nothing (see `EmptyCall`).
+    Empty(LossCall),
+    /// A device the kernels do not cover: the whole logits, recorded op by op
+    /// for candle's autograd.
+    Recorded(TokenCall),
+    /// The chunk pass over the valid rows.
+    Chunks(ChunkedCall),
+}
+
+/// A call for the chunk pass: its `[N, H]` rows (as given: the node attaches
+/// to them), the checked `[N]` labels and their shape, `V`, the weights, the
+/// engines' settings (`chunk_len` settled), the rows' weights and a `Mean`'s
+/// denominator on the host, and the valid rows the products run on.
+struct ChunkedCall {
+    rows: Tensor,
+    labels: Tensor,
+    labels_shape: candle::Shape,
+    vocab: usize,
+    weights: CallWeights,
+    cfg: OpConfig,
+    row_weights: Option<RowWeights>,
+    denominator: f64,
+    selection: RowSelection,
 }
 
 /// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against

@@ -152,6 +152,26 @@ impl GradientSums {
         Ok(())
     }
 
+    /// Sums that add the weight's and bias's gradients into a caller's
+    /// accumulator (`weight`, and `bias` when the projection has one) and
+    /// start the rows' gradient afresh.
+    pub(super) fn into_accumulator(rows: &Tensor, (weight, bias): (ProductSum, Option<Tensor>)) -> Result<Self> {
+        let (vocab, device) = (weight.vocab()?, weight.acc.device().clone());
+        Ok(Self {
+            rows: Some(faulted_zeros(rows.shape(), rows.dtype(), rows.device())?),
+            acc: weight.dtype(),
+            weight: Some(weight),
+            bias: bias.map(|b| Sum(Some(b))),
+            vocab,
+            device,
+        })
+    }
+
+    /// The rows' gradient, the weight's sum and the bias's, as they are.
+    pub(super) fn into_parts(self) -> (Option<Tensor>, Option<ProductSum>, Option<Tensor>) {
+        (self.rows, self.weight, self.bias.and_then(|b| b.0))
+    }
+
     /// `[rows, weight, bias]` gradients (`None` where not wanted; bias only
     /// when there is one), the weight's and bias's still in the accumulator dtype.
     pub(super) fn finish(self, has_bias: bool) -> Result<Vec<Option<Tensor>>> {
@@ -285,6 +305,7 @@ impl candle::InplaceOp1 for ScaleInPlace {
 /// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
 /// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
 /// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
+#[derive(Debug)]
 pub(super) struct ProductSum {
     pub(super) acc: Tensor,
     /// `acc` is `[H, V]`, the gradient transposed (the CPU).
@@ -323,11 +344,38 @@ impl ProductSum {
 
     /// The summed gradient, `[V, H]` (a transposed view on the CPU).
     pub(super) fn into_gradient(self) -> Result<Tensor> {
+        self.gradient()
+    }
+
+    /// The summed gradient, `[V, H]`, as a view of the sum (transposed on the CPU).
+    pub(super) fn gradient(&self) -> Result<Tensor> {
         if self.transposed {
             self.acc.t()
         } else {
-            Ok(self.acc)
+            Ok(self.acc.clone())
         }
+    }
+
+    /// `V`.
+    fn vocab(&self) -> Result<usize> {
+        self.acc.dim(if self.transposed { 1 } else { 0 })
+    }
+
+    /// Sets the sum to zero in place.
+    pub(super) fn zero(&self) -> Result<()> {
+        self.acc.zero_set()
+    }
+
+    /// Multiplies the sum by `factor` in place.
+    pub(super) fn scale(&self, factor: f64) -> Result<()> {
+        self.acc.inplace_op1(&ScaleInPlace(factor))
+    }
+
+    /// Adds a dense `[V, H]` gradient (any float dtype).
+    pub(super) fn add_dense(&mut self, gradient: &Tensor) -> Result<()> {
+        let gradient = if self.transposed { gradient.t()? } else { gradient.clone() };
+        self.acc = (&self.acc + gradient.to_dtype(self.dtype())?)?;
+        Ok(())
     }
 }
 
