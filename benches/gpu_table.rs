@@ -14,7 +14,7 @@
 
 use candle::cuda_backend::cudarc::driver::sys;
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, LinearGradAccumulator};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
@@ -75,23 +75,6 @@ impl Pool {
     fn peak(&self) -> u64 {
         self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
     }
-
-    /// Keeps freed memory in the pool instead of handing it back to the driver at
-    /// each synchronisation (the release threshold, 0 by default, raised to
-    /// `u64::MAX`): the lead that every fresh buffer maps memory anew.
-    fn retain_freed(&self) {
-        let Some(pool) = self.0 else { return };
-        let mut threshold = u64::MAX;
-        // SAFETY: RELEASE_THRESHOLD is a u64 (cuuint64_t) attribute of a live pool.
-        let rc = unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-        };
-        println!("memory pool: release threshold raised to u64::MAX ({rc:?}): freed memory stays in the pool");
-    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -144,15 +127,22 @@ struct Timing {
 /// `loss().backward()` between device synchronisations: its time, and the
 /// memory pool's peak above what was in use before it.
 fn timed_with_peak(device: &Device, pool: &Pool, loss: impl FnOnce() -> candle::Result<Tensor>) -> (Duration, u64) {
+    timed_call_with_peak(device, pool, || loss().unwrap().backward().unwrap())
+}
+
+/// `call()` between device synchronisations: its time, and the memory
+/// pool's peak above what was in use before it (what it returns is dropped
+/// after both are read).
+fn timed_call_with_peak<T>(device: &Device, pool: &Pool, call: impl FnOnce() -> T) -> (Duration, u64) {
     device.synchronize().unwrap();
     let base = pool.used();
     pool.reset_peak();
     let start = Instant::now();
-    let grads = loss().unwrap().backward().unwrap();
+    let out = call();
     device.synchronize().unwrap();
     let elapsed = start.elapsed();
     let peak = pool.peak().saturating_sub(base);
-    drop(grads);
+    drop(out);
     (elapsed, peak)
 }
 
@@ -181,7 +171,9 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 
 /// `LinearCrossEntropy` forward+backward into hidden and weight (bf16), median
 /// time and peak device memory above the inputs, with the weight gradient's
-/// size that the memory target is stated against.
+/// size that the memory target is stated against: through candle's autograd
+/// (automatic and 2048-row chunks), `loss_and_grads` (the gradients handed
+/// over), and `accumulate_grads` into an f32 accumulator made beforehand.
 fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
     let dtype = DType::BF16;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), device).unwrap().to_dtype(dtype).unwrap();
@@ -194,15 +186,29 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
     );
     println!("| implementation | fwd+bwd ms | peak extra GiB |");
     println!("|---|---:|---:|");
-    for (name, chunk_len) in
-        [("ours LinearCrossEntropy (automatic chunks)", None), ("ours, 2048-row chunks", Some(2048))]
-    {
+    let mut acc = LinearGradAccumulator::new(&weight, None).unwrap();
+    let paths = [
+        ("ours LinearCrossEntropy (automatic chunks)", None, Path::Autograd),
+        ("ours, 2048-row chunks", Some(2048), Path::Autograd),
+        ("ours loss_and_grads (automatic chunks)", None, Path::LossAndGrads),
+        ("ours accumulate_grads (f32 accumulator kept)", None, Path::Accumulate),
+    ];
+    for (name, chunk_len, path) in paths {
         let ce = LinearCrossEntropy::default().chunk_len(chunk_len);
         let cell = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let (mut times, mut peak) = (Vec::new(), 0);
             for i in 0..WARMUP + reps {
                 let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
-                let (t, p) = timed_with_peak(device, pool, || ce.forward(x.as_tensor(), w.as_tensor(), &labels, None));
+                let (t, p) = timed_call_with_peak(device, pool, || match path {
+                    Path::Autograd => {
+                        let grads = ce.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap().backward();
+                        Box::new(grads.unwrap()) as Box<dyn std::any::Any>
+                    }
+                    Path::LossAndGrads => Box::new(ce.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
+                    Path::Accumulate => {
+                        Box::new(ce.accumulate_grads(&hidden, &weight, None, &labels, None, None, &mut acc).unwrap())
+                    }
+                });
                 peak = p;
                 if i >= WARMUP {
                     times.push(t);
@@ -217,6 +223,14 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
     }
 }
 
+/// How [`linear_table`] takes the gradients.
+#[derive(Clone, Copy)]
+enum Path {
+    Autograd,
+    LossAndGrads,
+    Accumulate,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps = args.iter().position(|a| a == "--reps").map_or(20, |i| args[i + 1].parse().unwrap());
@@ -226,6 +240,10 @@ fn main() {
             .find(|a| a.matches('x').count() == 2)
             .map_or(vec![8192, 4096, 128256], |s| s.split('x').map(|d| d.parse().unwrap()).collect());
         let device = Device::new_cuda(0).expect("a CUDA device");
+        if args.iter().any(|a| a == "--retain-freed") {
+            candle_chunked_ce::retain_freed_memory(&device).expect("the pool's release threshold");
+            println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
+        }
         linear_table(dims[0], dims[1], dims[2], reps.min(10), &Pool::new(), &device);
         return;
     }
@@ -237,7 +255,8 @@ fn main() {
     let device = Device::new_cuda(0).expect("a CUDA device");
     let pool = Pool::new();
     if args.iter().any(|a| a == "--retain-freed") {
-        pool.retain_freed();
+        candle_chunked_ce::retain_freed_memory(&device).expect("the pool's release threshold");
+        println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
     }
     let bandwidth = copy_bandwidth(&device);
     println!(

@@ -72,6 +72,7 @@ pub mod kernel_abi;
 mod labels;
 mod linear;
 mod loss;
+mod memory;
 mod op;
 mod primitive;
 pub mod reference;
@@ -82,5 +83,6 @@ pub use cpu::instruction_set;
 pub use linear::{linear_products, recomputed_backwards, LinearProducts};
 pub use linear::{LinearCrossEntropy, LinearGradAccumulator, LinearGrads, MicroBatchGrads};
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy};
+pub use memory::retain_freed_memory;
 #[doc(hidden)]
 pub use op::{cpu_logits_grad, cpu_row_stats};
