@@ -15,7 +15,12 @@
 //! `-- --steps [runs] [chunk,chunk,..] [--ignore-every=K]` times training steps
 //! of the linear loss alone at 4096 x 768 x 50257 f32 (forward and
 //! `backward()`), the chunk lengths interleaved step by step (0: automatic;
-//! default 0 and 5 steps; no label ignored unless `--ignore-every`).
+//! default 0 and 5 steps; no label ignored unless `--ignore-every`);
+//! `-- --linear --direct [NxHxV] [runs]` times a training step of the linear
+//! loss through candle's autograd against `loss_and_grads` and
+//! `accumulate_grads`, with time, the allocator's peak and the RSS rise
+//! (`scripts/torch_linear_ce_bench.py --device cpu` gives PyTorch's, RSS
+//! included).
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
@@ -24,7 +29,7 @@
 mod routes;
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, LinearGradAccumulator};
 use rayon::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -483,6 +488,59 @@ fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: u
     }
 }
 
+/// A training step of the linear loss, three ways, on the same inputs (every
+/// `ignore_every`-th label ignored): through candle's autograd (`forward` on
+/// variables, then `backward()`, which adds each returned gradient into fresh
+/// zeros), `loss_and_grads` (the gradients handed over, nothing recorded),
+/// and `accumulate_grads` into an accumulator made beforehand (as a loop over
+/// micro-batches keeps it). Median ms (min-max) over `runs`, the allocator's
+/// peak above what was live before the call, and the rise of the process's
+/// peak RSS during it (a fresh buffer counts only once touched).
+fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) {
+    let (hidden, weight, labels) = linear_inputs(n, h, v, ignore_every);
+    let linear = LinearCrossEntropy::default();
+    let grad_mb = (v * h * 4) as f64 / 1e6;
+    println!(
+        "linear cross-entropy training step, N={n} H={h} V={v} f32, {} labels ignored, {} threads; the weight gradient is {grad_mb:.0} MB",
+        ignored_share(ignore_every),
+        rayon::current_num_threads()
+    );
+    println!("{:<44} {:>9} {:>13} {:>10} {:>9}", "path", "ms", "min-max", "peak MB", "RSS+ MB");
+    let mut acc = LinearGradAccumulator::new(&weight, None).unwrap();
+    for path in ["autograd: forward + backward()", "loss_and_grads", "accumulate_grads (accumulator kept)"] {
+        let (mut times, mut peak, mut rss) = (Vec::new(), 0, 0);
+        for _ in 0..runs {
+            let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
+            let rss_base = reset_rss_peak();
+            let (t, p) = with_peak(|| {
+                let start = Instant::now();
+                match path {
+                    "loss_and_grads" => drop(linear.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
+                    "accumulate_grads (accumulator kept)" => {
+                        drop(linear.accumulate_grads(&hidden, &weight, None, &labels, None, None, &mut acc).unwrap())
+                    }
+                    _ => {
+                        let loss = linear.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap();
+                        let grads = loss.backward().unwrap();
+                        assert!(grads.get(w.as_tensor()).is_some());
+                    }
+                }
+                start.elapsed()
+            });
+            rss = rss_kib("VmHWM:").saturating_sub(rss_base) * 1024;
+            times.push(t);
+            peak = p;
+        }
+        let spread = format!("{:.0}-{:.0}", ms(*times.iter().min().unwrap()), ms(*times.iter().max().unwrap()));
+        println!(
+            "{path:<44} {:>9.0} {spread:>13} {:>10.0} {:>9.0}",
+            ms(median(times)),
+            peak as f64 / 1e6,
+            rss as f64 / 1e6
+        );
+    }
+}
+
 /// Resets the process's peak resident set size (Linux `clear_refs`) and
 /// returns the current one, in KiB (0 where unsupported).
 fn reset_rss_peak() -> usize {
@@ -540,6 +598,10 @@ fn main() {
             None => (4096, 768, 50257),
         };
         let runs = args.get(1).map_or(3, |r| r.parse().unwrap());
+        if std::env::args().any(|a| a == "--direct") {
+            direct_table(n, h, v, runs, ignore_every.unwrap_or(10));
+            return;
+        }
         if !std::env::args().any(|a| a == "--modes") {
             linear_table(n, h, v, runs);
         }

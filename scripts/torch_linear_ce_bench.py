@@ -5,8 +5,9 @@ On the same device and inputs as our `gpu_table --linear`, forward+backward into
   eager    F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
   compile  the same function under torch.compile
   liger    LigerFusedLinearCrossEntropyLoss (only if `liger_kernel` imports)
-with the median time and the allocator's peak above the inputs (CUDA only), and the size of the weight
-gradient, which our target adds 1 GiB to.
+with the median time and the peak above the inputs (CUDA: the allocator's; CPU: the rise of the
+process's peak RSS during one step, as `cargo bench --bench ce_table -- --linear --direct` reads
+ours), and the size of the weight gradient, which our target adds 1 GiB to.
 
 With --modes, instead: each way a linear loss is called in practice, timed as one call (forward,
 and backward when anything wants a gradient), as `cargo bench --bench ce_table -- --linear` times ours:
@@ -73,6 +74,29 @@ def modes_table(hidden, weight, labels, device, reps, warmup):
         print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
+def rss_kib(field):
+    """A KiB field of /proc/self/status (0 where unreadable)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_rise(step):
+    """GiB by which one call of step() raises the process's peak RSS (Linux: clear_refs resets it)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = rss_kib("VmRSS:")
+    step()
+    return (rss_kib("VmHWM:") - base) / 2**20
+
+
 def implementations():
     impls = {"eager": matmul_ce, "compile": torch.compile(matmul_ce, dynamic=False)}
     try:
@@ -124,6 +148,10 @@ def main():
         try:
             ms = timed(step, device, args.reps, args.warmup)
             peak = "-"
+            if device.type == "cpu":
+                hidden.grad = weight.grad = None
+                rise = rss_rise(step)
+                peak = "-" if rise is None else f"{rise:.2f} (RSS)"
             if device.type == "cuda":
                 hidden.grad = weight.grad = None
                 sync(device)
