@@ -54,7 +54,7 @@ fn kernels_used(logits: DType, labels: DType) -> BTreeSet<String> {
     // loss.rs, call_weights: class weights (of the logits' dtype here) summed in f64 on the
     // host, gathered at the targets (ignored ones at class 0), per-token loss weights.
     add(&[format!("cast_{t}_f64"), "fast_sum_f64".into(), "fast_sum_small_f64".into(), format!("cast_{t}_{c}")]);
-    add(&["where_u8_i64".into(), format!("gather_i64_{c}")]);
+    add(&["where_u8_i64".into(), "bmaximum_i64".into(), "bminimum_i64".into(), format!("gather_i64_{c}")]);
     // loss.rs, token_terms and reduce: the per-token loss composed from the statistics
     // (smoothing, z-loss, weights), summed, scaled.
     add(&[format!("affine_{c}"), format!("bsub_{c}"), format!("badd_{c}"), format!("usqr_{c}")]);

@@ -217,6 +217,30 @@ fn num_label_tokens_without_mean(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A bad label is reported as one with class weights too: their per-token
+/// gather must not meet it first (candle's CUDA gather does not check its
+/// indices), on both losses and every engine.
+fn bad_label_with_class_weights(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(24);
+    let logits = common::logits(&mut rng, &[4, 5], 3.0, DType::F32, device)?;
+    let labels = Tensor::new(&[1i64, -100, 7, -3], device)?;
+    let class = Tensor::new(&[1f32, 2.0, 0.5, 1.0, 3.0], device)?;
+    for ce in engines() {
+        for smoothing in [0.0, 0.1] {
+            let ce = ce.clone().class_weights(Some(class.clone())).label_smoothing(smoothing);
+            let what = format!("{ce:?}");
+            expect_err(ce.forward(&logits, &labels, None), &["label 7", "row 2"], &what);
+        }
+    }
+    let hidden = common::logits(&mut rng, &[4, 3], 1.0, DType::F32, device)?;
+    let weight = common::logits(&mut rng, &[5, 3], 1.0, DType::F32, device)?;
+    for linear in [LinearCrossEntropy::default(), LinearCrossEntropy::default().force_autograd(true)] {
+        let linear = linear.class_weights(Some(class.clone()));
+        expect_err(linear.forward(&hidden, &weight, &labels, None), &["label 7", "row 2"], &format!("{linear:?}"));
+    }
+    Ok(())
+}
+
 /// `V = 0` with tokens present has no class to predict; with no tokens it is
 /// an empty (zero) loss.
 fn empty_vocabulary(device: &Device) -> anyhow::Result<()> {
@@ -358,6 +382,7 @@ device_tests!(
     inplace_grad_without_compile,
     num_label_tokens_without_mean,
     empty_vocabulary,
+    bad_label_with_class_weights,
     compute_cross_entropy_bad_target,
     labels_unchanged_after_error,
 );

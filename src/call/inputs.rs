@@ -41,7 +41,9 @@ impl Settings {
             let total: f64 = class.to_dtype(DType::F64)?.sum_all()?.to_scalar()?;
             weights.mean_class = total / vocab as f64;
             let valid = labels.ne(self.ignore_index as f64)?;
-            let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
+            // Gathered at class 0 for ignored tokens; clamped into [0, V) for a bad label, which
+            // the forward reports (candle's CUDA gather does not check its indices).
+            let safe = valid.where_cond(labels, &labels.zeros_like()?)?.clamp(0i64, vocab as i64 - 1)?;
             let class = class.to_dtype(dtype)?;
             weights.target_class = Some((class.gather(&safe, 0)? * valid.to_dtype(dtype)?)?);
             weights.sum_weights = Some(class).filter(|_| self.label_smoothing > 0.0);

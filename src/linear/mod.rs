@@ -307,18 +307,19 @@ impl LinearCrossEntropy {
         if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
             return Ok(Plan::Empty(call));
         }
+        // The call's one intended device->host read (a sync on CUDA): the labels, once, to
+        // check them before any product runs (candle's `gather` on the recorded path does not
+        // check its indices on every device) and to count the valid ones, which the
+        // precomputed gradients' scale needs on the host. Everything after it only queues
+        // work on the device (scalar operands are host->device copies, and `Tensor::full` is
+        // a fill kernel): `labels_checked` below tells the fused CUDA forward not to read its
+        // bad-label flag back after every chunk.
+        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
         if cfg.engine == Engine::Autograd {
             let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
             let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
             return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
-        // The call's one intended device->host read (a sync on CUDA): the labels, once, to
-        // check them before any chunk runs and to count the valid ones, which the precomputed
-        // gradients' scale needs on the host. Everything after it only queues work on the
-        // device (scalar operands are host->device copies, and `Tensor::full` is a fill
-        // kernel): `labels_checked` below tells the fused CUDA forward not to read its
-        // bad-label flag back after every chunk.
-        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
         let valid = row_labels.iter().flatten().count();
         let chunk_len = match self.chunk_len {
             Some(c) => c,
