@@ -164,6 +164,13 @@ done
 example_log=""
 run_step finetune_gpt2 60 "$bin/finetune_gpt2" --device cuda --steps 40 --eval-every 20
 example_log=$step_log
+# GPT-2 124M at batch 8 x 512, f32: PyTorch + transformers, then ours on the very model it saves.
+gpt2_dir=$(mktemp -d)
+run_step torch_gpt2 90 "$py" scripts/torch_gpt2_train_bench.py --save "$gpt2_dir" --batch 8 --seq 512 --steps 10
+torch_gpt2_log=$step_log
+run_step finetune_gpt2-124m 120 "$bin/finetune_gpt2" --device cuda --weights "$gpt2_dir" --batch 8 --seq 512 \
+  --accum 1 --steps 12 --eval-every 1000
+gpt2_log=$step_log
 
 # --- f. benchmarks: ours and PyTorch's on the same card -------------------------------------
 bench_steps=()
@@ -172,8 +179,9 @@ bench_steps+=("$step_log")
 # The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool.
 run_step gpu_table-retain-freed 45 "$bin/gpu_table" 8192x128256 --retain-freed
 bench_steps+=("$step_log")
-# torch.compile compiles each shape afresh: four shapes ran past 120 s on an H200 (2026-12-04).
-run_step torch_ce 120 "$py" scripts/torch_ce_bench.py --shapes 8192x32000,8192x128256 --dtypes bf16,f32
+# torch.compile compiles each shape afresh: four shapes ran past 120 s on an H200 (2026-12-04); two took
+# about 110 s. The headline shape alone.
+run_step torch_ce 120 "$py" scripts/torch_ce_bench.py --shapes 8192x128256 --dtypes bf16,f32
 bench_steps+=("$step_log")
 run_step gpu_table-linear 60 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5
 bench_steps+=("$step_log")
@@ -209,11 +217,17 @@ summary=$out_dir/summary.md
   echo "## Example: finetune_gpt2 --device cuda"
   if [ -n "$example_log" ]; then
     echo '```'
-    tail -6 "$example_log"
+    grep -vE '^sample:' "$example_log" | tail -4
     echo '```'
   else
     echo "not run"
   fi
+  echo
+  echo "## GPT-2 124M, batch 8 x 512, f32: PyTorch + transformers, then ours"
+  echo '```'
+  grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
+  grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
+  echo '```'
   echo
   echo "## Steps (name, exit, seconds; 124 = timed out, 125 = skipped)"
   awk '{ printf "%s %s %ss; ", $1, $2, $3 } END { print "" }' "$logs/steps" 2>/dev/null

@@ -64,9 +64,12 @@ fn defaults() -> Result<(), clap::Error> {
     assert_eq!(args.loss, LossKind::Linear);
     assert_eq!((args.steps, args.batch, args.accum, args.seq), (150, 8, 2, 64));
     assert_eq!(args.device, DeviceKind::Cpu);
-    assert!(args.weights.is_none() && args.heads.is_none() && args.lr.is_none() && !args.keep_activations);
+    // No --keep-activations: the device decides (true on CUDA, false on the CPU).
+    assert!(args.weights.is_none() && args.heads.is_none() && args.lr.is_none() && args.keep_activations.is_none());
     let args = parse(&["--loss", "chunked", "--keep-activations", "--heads", "12"])?;
-    assert_eq!((args.loss, args.keep_activations, args.heads), (LossKind::Chunked, true, Some(12)));
+    assert_eq!((args.loss, args.keep_activations, args.heads), (LossKind::Chunked, Some(true), Some(12)));
+    let args = parse(&["--keep-activations", "false", "--device", "cuda"])?;
+    assert_eq!((args.keep_activations, args.device), (Some(false), DeviceKind::Cuda));
     Ok(())
 }
 

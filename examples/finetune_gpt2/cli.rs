@@ -35,10 +35,10 @@ pub struct Args {
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub accum: usize,
     /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
-    /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens, but 6.5 GB peak instead of 3.1
-    /// GB
-    #[arg(long)]
-    pub keep_activations: bool,
+    /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens on the CPU, but 6.5 GB peak
+    /// instead of 3.1 GB [default: true on CUDA, where memory allows it, false on the CPU]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub keep_activations: Option<bool>,
     /// Tokens per sequence (at most the model's context)
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub seq: usize,

@@ -271,18 +271,23 @@ impl Gpt2 {
         self.head(&self.final_norm(&x)?)
     }
 
-    /// `loss_of(&self.hidden(tokens)?)` and the gradients of the parameters
-    /// (detached), with activation checkpointing: the forward pass keeps each
-    /// block's input only, and the backward pass recomputes one block at a
-    /// time from it, so that one block's activations are alive at a time
-    /// instead of the whole model's. The gradients are those of
-    /// `loss.backward()` on the whole graph, bit for bit: each block's
-    /// backward runs the same operations in the same order, started from the
-    /// gradient of its output through `sum(output * gradient)`.
+    /// The loss that `loss_of(&self.hidden(tokens)?)` gives and the gradients
+    /// of the parameters (detached), with activation checkpointing: the
+    /// forward pass keeps each block's input only, and the backward pass
+    /// recomputes one block at a time from it, so that one block's
+    /// activations are alive at a time instead of the whole model's. The
+    /// gradients are those of `loss.backward()` on the whole graph, bit for
+    /// bit: each block's backward runs the same operations in the same order,
+    /// started from the gradient of its output through `sum(output *
+    /// gradient)`. A loss that forms its gradients itself ([`TopLoss::Direct`])
+    /// hands over the final hidden states' gradient, which starts the
+    /// backward the same way; the parameters it reads get theirs from it.
+    /// `lap` is called as each [`Phase`] ends (to time them).
     pub fn loss_and_gradients(
         &self,
         tokens: &Tensor,
-        loss_of: impl Fn(&Tensor) -> Result<Tensor>,
+        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<(Tensor, GradStore)> {
         let mut kept = GradStore::default();
         let mut keep = |grads: &mut GradStore| {
@@ -305,9 +310,11 @@ impl Gpt2 {
         }
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let loss = loss_of(&self.final_norm(top.as_tensor())?)?;
-        let mut grads = loss.backward()?;
-        let loss = loss.detach();
+        let hidden = self.final_norm(top.as_tensor())?;
+        lap(Phase::Forward)?;
+        let loss = loss_of(&hidden)?;
+        lap(Phase::Loss)?;
+        let (loss, mut grads) = loss.backward(&hidden)?;
         keep(&mut grads);
         let mut grad = output_gradient(&mut grads, &top)?;
         drop(grads);
@@ -326,8 +333,43 @@ impl Gpt2 {
         };
         let ids = tokens.flatten_all()?.contiguous()?;
         kept.insert(wte, wte_grad.index_add(&ids, &grad.reshape((b * t, self.config.width))?, 0)?);
+        lap(Phase::Backward)?;
         Ok((loss, kept))
     }
+}
+
+/// What a loss hands the model's top for the backward pass.
+pub enum TopLoss {
+    /// A loss to differentiate through candle's graph.
+    Graph(Tensor),
+    /// The loss and the gradient of the final hidden states, formed by the
+    /// loss itself (`LinearCrossEntropy::accumulate_grads`, which adds the
+    /// output layer's gradient into its own accumulator).
+    Direct { loss: Tensor, hidden_grad: Tensor },
+}
+
+impl TopLoss {
+    /// The loss (detached), and the gradients of what `hidden` (the final
+    /// hidden states the loss read) depends on: candle's backward from the
+    /// loss, or from `sum(hidden * hidden_grad)`, whose gradient with respect
+    /// to `hidden` is `hidden_grad` exactly.
+    pub fn backward(self, hidden: &Tensor) -> Result<(Tensor, GradStore)> {
+        match self {
+            TopLoss::Graph(loss) => Ok((loss.detach(), loss.backward()?)),
+            TopLoss::Direct { loss, hidden_grad } => Ok((loss, (hidden * hidden_grad)?.sum_all()?.backward()?)),
+        }
+    }
+}
+
+/// The phases of a training step, as [`Gpt2::loss_and_gradients`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The blocks and the final norm, forward.
+    Forward,
+    /// The loss (and, for a loss that forms them itself, its gradients).
+    Loss,
+    /// Everything else of the backward pass.
+    Backward,
 }
 
 /// The gradient of a block's input `var`, detached.

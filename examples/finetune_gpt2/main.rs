@@ -26,7 +26,7 @@ use gpt2::{Config, Gpt2};
 use rng::Rng;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use train::Dataset;
 
 /// Text this repository contains: the default training data.
@@ -255,6 +255,11 @@ fn run(args: Args) -> Result<()> {
             anyhow::anyhow!("--device cuda needs --features cuda and a GPU ({})", checkpoint::message(&e))
         })?,
     };
+    // On a GPU: keep freed memory in CUDA's pool (every step's buffers are the same, and mapping them
+    // afresh each step cost 2.9x end to end in the loss's own benchmark), and keep every block's
+    // activations, which a GPU's memory holds, rather than recompute them.
+    candle_chunked_ce::retain_freed_memory(&device)?;
+    let keep_activations = args.keep_activations.unwrap_or(device.is_cuda());
     let bpe = tiktoken_rs::r50k_base()?;
     let data = load_data(args.data.as_ref(), &bpe)?;
     if data.len() < 2 {
@@ -298,13 +303,16 @@ fn run(args: Args) -> Result<()> {
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} | {msg} | ETA {eta}")?);
     let started = Instant::now();
+    let mut split = Split::default();
     let mut trained_tokens = 0usize;
     let mut first_loss = None;
     for step in 0..args.steps {
         let batches: Vec<train::Batch> = (0..args.accum)
             .map(|_| train_data.batch(&mut rng, args.batch, args.seq, &device))
             .collect::<candle::Result<_>>()?;
-        let (loss, mut grads) = train::step_gradients_with(&model, &batches, args.loss, args.keep_activations)?;
+        split.start(&device)?;
+        let mut lap = |phase| split.lap(&device, phase);
+        let (loss, mut grads) = train::step_gradients_timed(&model, &batches, args.loss, keep_activations, &mut lap)?;
         if step == 0 {
             let missing = train::missing_gradients(&model, &grads);
             if !missing.is_empty() {
@@ -315,6 +323,7 @@ fn run(args: Args) -> Result<()> {
         train::clip_grad_norm(&model, &mut grads, args.clip)?;
         opt.step(&grads, train::learning_rate(step, args.steps, args.warmup, lr))?;
         drop(grads); // not held through validation
+        split.optimizer(&device)?;
         trained_tokens += batches.len() * args.batch * args.seq;
         train_curve.push((step + 1, loss));
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
@@ -343,6 +352,7 @@ fn run(args: Args) -> Result<()> {
         seconds,
         peak_rss().map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
     );
+    println!("{}", split.summary(args.steps, keep_activations, args.accum * args.batch * args.seq));
     for prompt in ["The loss", "fn forward", "cross-entropy"] {
         println!("sample: {:?}", sample(&model, &bpe, prompt, 24, &mut rng)?);
     }
@@ -355,4 +365,78 @@ fn run(args: Args) -> Result<()> {
         println!("plotted {}", path.display());
     }
     Ok(())
+}
+
+/// Where the training steps' time goes, phase by phase, each read between
+/// device synchronisations (which the timing adds: on a GPU the phases no
+/// longer overlap the host's work of the next).
+#[derive(Default)]
+struct Split {
+    forward: Duration,
+    loss: Duration,
+    backward: Duration,
+    optimizer: Duration,
+    last: Option<Instant>,
+    /// Each step's four phases together.
+    steps: Vec<Duration>,
+    started: Option<Instant>,
+}
+
+impl Split {
+    /// A step starts (its batches are made).
+    fn start(&mut self, device: &Device) -> candle::Result<()> {
+        device.synchronize()?;
+        self.last = Some(Instant::now());
+        self.started = self.last;
+        Ok(())
+    }
+
+    /// A phase of the model and the loss ends.
+    fn lap(&mut self, device: &Device, phase: gpt2::Phase) -> candle::Result<()> {
+        let elapsed = self.elapsed(device)?;
+        *match phase {
+            gpt2::Phase::Forward => &mut self.forward,
+            gpt2::Phase::Loss => &mut self.loss,
+            gpt2::Phase::Backward => &mut self.backward,
+        } += elapsed;
+        Ok(())
+    }
+
+    /// The clipping and the optimizer's step end.
+    fn optimizer(&mut self, device: &Device) -> candle::Result<()> {
+        let elapsed = self.elapsed(device)?;
+        self.optimizer += elapsed;
+        if let (Some(started), Some(last)) = (self.started, self.last) {
+            self.steps.push(last - started);
+        }
+        Ok(())
+    }
+
+    fn elapsed(&mut self, device: &Device) -> candle::Result<Duration> {
+        device.synchronize()?;
+        let now = Instant::now();
+        let elapsed = self.last.map_or(Duration::ZERO, |last| now - last);
+        self.last = Some(now);
+        Ok(elapsed)
+    }
+
+    /// One line: the mean milliseconds of each phase per step, and the
+    /// training steps' own tokens/s after the first step (which warms up;
+    /// validation and batch making left out), `tokens` a step.
+    fn summary(&self, steps: usize, keep_activations: bool, tokens: usize) -> String {
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
+        let backward = if keep_activations { "backward" } else { "backward (recomputing each block)" };
+        let later: Duration = self.steps.iter().skip(1).sum();
+        let steady = match self.steps.len() {
+            0 | 1 => "-".to_string(),
+            n => format!("{:.0}", (tokens * (n - 1)) as f64 / later.as_secs_f64()),
+        };
+        format!(
+            "step split (mean ms per step): forward {:.1}, loss {:.1}, {backward} {:.1}, optimizer {:.1}; training steps after the first: {steady} tokens/s",
+            per_step(self.forward),
+            per_step(self.loss),
+            per_step(self.backward),
+            per_step(self.optimizer)
+        )
+    }
 }

@@ -1,11 +1,11 @@
 //! Data, batches, the loss (ours or candle-nn's), gradient accumulation with
 //! the global token count, clipping and the learning-rate schedule.
 
-use crate::gpt2::Gpt2;
+use crate::gpt2::{Gpt2, Phase, TopLoss};
 use crate::rng::Rng;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor};
-use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy};
+use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, LinearGradAccumulator};
 
 /// Which cross-entropy the training uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,7 +116,8 @@ impl Batch {
 }
 
 /// This batch's share of a loss whose sum is divided by `num_label_tokens`,
-/// the valid tokens of all micro-batches of the step.
+/// the valid tokens of all micro-batches of the step, through candle's graph.
+#[allow(dead_code)] // the tests' whole-graph reference; training takes the linear loss's gradients directly
 pub fn batch_loss(model: &Gpt2, batch: &Batch, kind: LossKind, num_label_tokens: usize) -> Result<Tensor> {
     hidden_loss(model, &model.hidden(&batch.inputs)?, batch, kind, num_label_tokens)
 }
@@ -158,9 +159,12 @@ fn candle_nn_loss(logits: &Tensor, batch: &Batch, num_label_tokens: usize) -> Re
 
 /// The loss and gradients of one optimizer step over `batches`
 /// (micro-batches): their sum equals those of one batch holding them all.
-/// Each micro-batch's gradients are those of [`batch_loss`]'s backward, bit
-/// for bit, computed with activation checkpointing
-/// ([`Gpt2::loss_and_gradients`]).
+/// Each micro-batch's gradients are those of [`batch_loss`]'s backward,
+/// computed with activation checkpointing ([`Gpt2::loss_and_gradients`]):
+/// bit for bit, but for the linear loss's output layer, whose gradient the
+/// loss forms itself and sums over the micro-batches, in f32
+/// (`LinearCrossEntropy::accumulate_grads`): the same gradient summed in
+/// another order than candle's.
 #[allow(dead_code)] // the tests' entry point; the example passes its --keep-activations
 pub fn step_gradients(model: &Gpt2, batches: &[Batch], kind: LossKind) -> Result<(f32, GradStore)> {
     step_gradients_with(model, batches, kind, false)
@@ -180,17 +184,53 @@ pub fn step_gradients_with(
     kind: LossKind,
     keep_activations: bool,
 ) -> Result<(f32, GradStore)> {
+    step_gradients_timed(model, batches, kind, keep_activations, &mut |_| Ok(()))
+}
+
+/// [`step_gradients_with`], calling `lap` as each phase of each micro-batch ends.
+pub fn step_gradients_timed(
+    model: &Gpt2,
+    batches: &[Batch],
+    kind: LossKind,
+    keep_activations: bool,
+    lap: &mut dyn FnMut(Phase) -> Result<()>,
+) -> Result<(f32, GradStore)> {
     let num_label_tokens = batches.iter().map(Batch::valid_tokens).sum::<Result<usize>>()?;
     let mut total = 0f32;
     let mut sum = GradStore::default();
+    // The linear loss takes its gradients directly: the output layer's accumulate
+    // here, in f32, with no [V, C] zeros + add in candle's backward.
+    let mut lm_head =
+        (kind == LossKind::Linear).then(|| LinearGradAccumulator::new(model.lm_head(), None)).transpose()?;
     for batch in batches {
+        let mut top_loss = |hidden: &Tensor| -> Result<TopLoss> {
+            match lm_head.as_mut() {
+                Some(acc) => {
+                    let (labels, mask, n) = (&batch.labels, Some(&batch.mask), Some(num_label_tokens));
+                    let step = LinearCrossEntropy::default().accumulate_grads(
+                        hidden,
+                        model.lm_head(),
+                        None,
+                        labels,
+                        mask,
+                        n,
+                        acc,
+                    )?;
+                    Ok(TopLoss::Direct { loss: step.loss, hidden_grad: step.hidden_grad })
+                }
+                None => Ok(TopLoss::Graph(hidden_loss(model, hidden, batch, kind, num_label_tokens)?)),
+            }
+        };
         let (loss, mut grads) = if keep_activations {
-            let loss = batch_loss(model, batch, kind, num_label_tokens)?;
-            let grads = loss.backward()?;
-            (loss, grads)
+            let hidden = model.hidden(&batch.inputs)?;
+            lap(Phase::Forward)?;
+            let loss = top_loss(&hidden)?;
+            lap(Phase::Loss)?;
+            let backward = loss.backward(&hidden)?;
+            lap(Phase::Backward)?;
+            backward
         } else {
-            model
-                .loss_and_gradients(&batch.inputs, |hidden| hidden_loss(model, hidden, batch, kind, num_label_tokens))?
+            model.loss_and_gradients(&batch.inputs, top_loss, lap)?
         };
         total += loss.to_scalar::<f32>()?;
         for (_, var) in model.named_vars() {
@@ -203,6 +243,16 @@ pub fn step_gradients_with(
                 sum.insert(var.as_tensor(), merged);
             }
         }
+    }
+    if let Some(acc) = lm_head {
+        let head = model.lm_head();
+        // Contiguous for the in-place AdamW (the CPU's sum is held transposed).
+        let g = acc.weight_grad()?.to_dtype(head.dtype())?.contiguous()?;
+        let merged = match sum.remove(head) {
+            Some(other) => (other + g)?,
+            None => g,
+        };
+        sum.insert(head, merged);
     }
     Ok((total, sum))
 }
