@@ -7,8 +7,8 @@ use candle::{DType, Device, Result, Tensor, Var};
 use candle_chunked_ce::{reference::cross_entropy_slow, ChunkedCrossEntropy, Reduction};
 
 /// Runs each listed `fn name(device: &Device) -> anyhow::Result<()>` as a test on
-/// the CPU, and on CUDA when the feature is on (skipping with a message when no
-/// GPU is present).
+/// the CPU, and on CUDA when the feature is on (skipping with a `SKIP` line, see
+/// [`skip`], when no GPU is present).
 #[macro_export]
 macro_rules! device_tests {
     ($($name:ident),* $(,)?) => {$(
@@ -30,7 +30,7 @@ macro_rules! device_tests {
     )*};
 }
 
-/// The first CUDA device, or `None` after printing why `what` is skipped.
+/// The first CUDA device, or `None` after reporting why `what` is skipped.
 /// With `CHUNKED_CE_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) a missing
 /// device fails the test instead, so that a broken GPU setup cannot pass as skips.
 #[cfg(feature = "cuda")]
@@ -40,11 +40,24 @@ pub fn cuda_or_skip(what: &str) -> Option<Device> {
         Err(e) => {
             let reason = e.to_string();
             let reason = reason.lines().next().unwrap_or_default();
-            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "{what}: no CUDA device ({reason})");
-            eprintln!("SKIP {what}: no CUDA device ({reason})");
+            skip(what, &format!("no CUDA device ({reason})"), "CHUNKED_CE_REQUIRE_CUDA");
             None
         }
     }
+}
+
+/// Reports that test `what` is skipped, and why, as one line `SKIP what:
+/// reason` on the process's stderr; fails it instead when the environment
+/// variable `require` is set. The line is written to stderr itself, not with
+/// `eprintln!`: libtest captures the macro's output and shows it only for a
+/// failing test, so a skip would pass as a plain `ok`. Written directly, it
+/// stands in `cargo test`'s output beside the test's `ok` (checked by
+/// `a_skip_shows_in_the_test_output` in `tests/kernels_on_cpu.rs`).
+pub fn skip(what: &str, reason: &str, require: &str) {
+    assert!(std::env::var_os(require).is_none(), "{what}: {reason} ({require} is set: it must run)");
+    use std::io::Write;
+    // Nothing to do if stderr is closed: the skip still returns.
+    let _ = writeln!(std::io::stderr(), "SKIP {what}: {reason}");
 }
 
 #[path = "../../examples/finetune_gpt2/rng.rs"]
