@@ -4,10 +4,9 @@
 //! `[N]` contiguous i64 labels with masked rows already set to `ignore_index`.
 
 use crate::call::{
-    checked_labels, checked_logits, valid_count, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
-    TokenCall,
+    checked_labels, checked_logits, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings, TokenCall,
 };
-use crate::config::{backward_factors, Engine, OpConfig};
+use crate::config::{Engine, OpConfig};
 use crate::op::{self, LogitsBackward, StatsNode};
 use crate::primitive;
 use candle::{Result, Tensor};
@@ -167,9 +166,9 @@ impl ChunkedCrossEntropy {
 
     /// Runs the loss as on a device the kernels do not cover (see the type's
     /// docs), whatever the device: the tests hold that path against the
-    /// engines on the CPU, where it would otherwise never run. Not part of the
-    /// stable API.
-    #[doc(hidden)]
+    /// engines on the CPU, where it would otherwise never run. A test hook
+    /// (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn force_autograd(mut self, force_autograd: bool) -> Self {
         self.settings.force_autograd = force_autograd;
         self
@@ -303,8 +302,8 @@ impl ChunkedCrossEntropy {
     /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:
     /// the forward op's row statistics `[N, 4]`, then the backward op's
     /// gradient (upstream gradient 1), each timed between device
-    /// synchronisations. Not part of the stable API.
-    #[doc(hidden)]
+    /// synchronisations. A benchmarks' hook (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn bench_ops(
         &self,
         logits: &Tensor,
@@ -318,10 +317,10 @@ impl ChunkedCrossEntropy {
         let stats = op::row_stats(&logits, &labels, &cfg)?;
         device.synchronize()?;
         let forward = start.elapsed();
-        let count = valid_count(&labels, self.settings.ignore_index, stats.dtype())?;
+        let count = crate::call::valid_count(&labels, self.settings.ignore_index, stats.dtype())?;
         let g_ce = count.recip()?.broadcast_as((labels.dim(0)?, 1))?;
         let zeros = g_ce.zeros_like()?;
-        let factors = backward_factors(&Tensor::cat(&[&g_ce, &zeros, &zeros], 1)?, &stats)?;
+        let factors = crate::config::backward_factors(&Tensor::cat(&[&g_ce, &zeros, &zeros], 1)?, &stats)?;
         device.synchronize()?;
         let start = std::time::Instant::now();
         let grad = op::logits_grad(&logits, &labels, &factors, &cfg)?;

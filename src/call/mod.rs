@@ -13,7 +13,9 @@
 mod inputs;
 mod outputs;
 
-pub(crate) use inputs::{checked_labels, checked_logits, valid_count, CallWeights};
+#[cfg(feature = "testing")]
+pub(crate) use inputs::valid_count;
+pub(crate) use inputs::{checked_labels, checked_logits, CallWeights};
 pub use outputs::CrossEntropyOutput;
 
 use crate::config::{compute_dtype, Engine, OpConfig, RowTerms};

@@ -169,7 +169,7 @@ thread_local! {
 /// How many linear-loss backward passes on this thread recomputed their
 /// logits although the forward pass had computed the gradients. Not part of
 /// the stable API: the tests use it to check that the fast path is taken.
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub fn recomputed_backwards() -> usize {
     RECOMPUTED_BACKWARDS.with(std::cell::Cell::get)
 }

@@ -22,8 +22,10 @@ mod direct;
 mod products;
 mod rows;
 
+#[cfg(feature = "testing")]
 pub use chunks::recomputed_backwards;
 pub use direct::{LinearGradAccumulator, LinearGrads, MicroBatchGrads};
+#[cfg(feature = "testing")]
 pub use products::{linear_products, LinearProducts};
 
 use crate::call::{
@@ -107,8 +109,8 @@ impl LinearCrossEntropy {
     }
 
     /// As [`ChunkedCrossEntropy::force_autograd`](crate::ChunkedCrossEntropy::force_autograd): the path of a device the
-    /// kernels do not cover, on any device. Not part of the stable API.
-    #[doc(hidden)]
+    /// kernels do not cover, on any device. A test hook (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn force_autograd(mut self, force_autograd: bool) -> Self {
         self.settings.force_autograd = force_autograd;
         self

@@ -44,7 +44,7 @@ pub(super) fn count(kind: fn(&mut LinearProducts) -> &mut usize, n: usize) {
 /// The matrix products the linear loss has run on this thread so far. Not
 /// part of the stable API: the tests use it to check that gradients no input
 /// wants are not computed.
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub fn linear_products() -> LinearProducts {
     PRODUCTS.with(std::cell::Cell::get)
 }
