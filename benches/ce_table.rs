@@ -507,7 +507,12 @@ fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) 
     );
     println!("{:<44} {:>9} {:>13} {:>10} {:>9}", "path", "ms", "min-max", "peak MB", "RSS+ MB");
     let mut acc = LinearGradAccumulator::new(&weight, None).unwrap();
-    for path in ["autograd: forward + backward()", "loss_and_grads", "accumulate_grads (accumulator kept)"] {
+    let paths = [
+        (Direct::Autograd, "autograd: forward + backward()"),
+        (Direct::LossAndGrads, "loss_and_grads"),
+        (Direct::Accumulate, "accumulate_grads (accumulator kept)"),
+    ];
+    for (path, name) in paths {
         let (mut times, mut peak, mut rss) = (Vec::new(), 0, 0);
         for _ in 0..runs {
             let (x, w) = (Var::from_tensor(&hidden).unwrap(), Var::from_tensor(&weight).unwrap());
@@ -515,11 +520,11 @@ fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) 
             let (t, p) = with_peak(|| {
                 let start = Instant::now();
                 match path {
-                    "loss_and_grads" => drop(linear.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
-                    "accumulate_grads (accumulator kept)" => {
+                    Direct::LossAndGrads => drop(linear.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
+                    Direct::Accumulate => {
                         drop(linear.accumulate_grads(&hidden, &weight, None, &labels, None, None, &mut acc).unwrap())
                     }
-                    _ => {
+                    Direct::Autograd => {
                         let loss = linear.forward(x.as_tensor(), w.as_tensor(), &labels, None).unwrap();
                         let grads = loss.backward().unwrap();
                         assert!(grads.get(w.as_tensor()).is_some());
@@ -533,12 +538,20 @@ fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) 
         }
         let spread = format!("{:.0}-{:.0}", ms(*times.iter().min().unwrap()), ms(*times.iter().max().unwrap()));
         println!(
-            "{path:<44} {:>9.0} {spread:>13} {:>10.0} {:>9.0}",
+            "{name:<44} {:>9.0} {spread:>13} {:>10.0} {:>9.0}",
             ms(median(times)),
             peak as f64 / 1e6,
             rss as f64 / 1e6
         );
     }
+}
+
+/// How [`direct_table`] takes the linear loss's gradients.
+#[derive(Clone, Copy)]
+enum Direct {
+    Autograd,
+    LossAndGrads,
+    Accumulate,
 }
 
 /// Resets the process's peak resident set size (Linux `clear_refs`) and

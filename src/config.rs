@@ -63,6 +63,9 @@ pub(crate) struct OpConfig {
     pub labels_checked: bool,
 }
 
+/// The label dtypes the losses take (converted to i64 by `labels.rs`).
+pub const LABEL_DTYPES: [DType; 5] = [DType::U8, DType::U32, DType::I16, DType::I32, DType::I64];
+
 /// One validated label per row; `None` marks an ignored row.
 pub(crate) type RowLabel = Option<usize>;
 

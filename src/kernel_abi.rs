@@ -57,10 +57,6 @@ pub const ENTRIES: [&str; 33] = [
     "ce_labels_i64",
 ];
 
-/// The label dtypes the loss takes, each converted to i64 by its
-/// `ce_labels_{dtype}` entry (see [`labels`]).
-pub const LABEL_DTYPES: [DType; 5] = [DType::U8, DType::U32, DType::I16, DType::I32, DType::I64];
-
 /// A buffer a kernel reads or writes, bound to device memory by the launcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operand {
@@ -420,7 +416,7 @@ pub fn backward(
 const LABEL_THREADS: u32 = 256;
 
 /// The conversion of the caller's labels ([`Operand::CallerLabels`], of
-/// `dtype`, one of [`LABEL_DTYPES`]) into [`Operand::Labels`] (`[N]` i64,
+/// `dtype`, a label dtype) into [`Operand::Labels`] (`[N]` i64,
 /// contiguous), with the tokens whose [`Operand::Mask`] element is 0 set to
 /// `ignore_index`. `None` when there are no labels.
 pub fn labels(geometry: &LabelGeometry, dtype: DType, ignore_index: i64) -> Result<Option<KernelLaunch>> {
@@ -529,6 +525,7 @@ fn find_entry(name: &str) -> Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LABEL_DTYPES;
 
     fn options() -> KernelOptions {
         KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None }

@@ -5,6 +5,7 @@
 //! CUDA. Not candle's casts and comparisons: candle's CUDA kernels have no
 //! cast from i16 or i32, and none that compares them.
 
+use crate::kernel_abi::MaskElements;
 use crate::op::kernels_cover;
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -12,9 +13,15 @@ use candle::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shap
 /// `labels` as `[N]` contiguous i64, with the tokens whose `mask` element
 /// (the labels' shape, on their device) is 0 set to `ignore_index`. The
 /// caller's tensors are not modified. The labels' dtype, shape and device are
-/// the caller's to check; a mask's dtype is checked here (a packed format
-/// with no zero is refused).
+/// the caller's to check; a mask's dtype (the rule is
+/// [`MaskElements::of`]'s, on every device) and device are checked here.
 pub(crate) fn row_labels(labels: &Tensor, mask: Option<&Tensor>, ignore_index: i64) -> Result<Tensor> {
+    if let Some(mask) = mask {
+        MaskElements::of(mask.dtype())?;
+        if !mask.device().same_device(labels.device()) {
+            bail!("chunked cross-entropy: the mask is on {:?} but the labels on {:?}", mask.device(), labels.device())
+        }
+    }
     if labels.elem_count() == 0 {
         return Tensor::zeros(0, DType::I64, labels.device());
     }
@@ -23,16 +30,7 @@ pub(crate) fn row_labels(labels: &Tensor, mask: Option<&Tensor>, ignore_index: i
         None if labels.dtype() == DType::I64 && labels.is_contiguous() => labels.flatten_all(),
         _ if !kernels_cover(labels.device().location()) => candle_ops(labels, mask, ignore_index),
         None => labels.apply_op1_no_bwd(&op),
-        Some(mask) => {
-            if !mask.device().same_device(labels.device()) {
-                bail!(
-                    "chunked cross-entropy: the mask is on {:?} but the labels on {:?}",
-                    mask.device(),
-                    labels.device()
-                )
-            }
-            labels.apply_op2_no_bwd(mask, &op)
-        }
+        Some(mask) => labels.apply_op2_no_bwd(mask, &op),
     }
 }
 
@@ -109,7 +107,7 @@ fn widened(labels: &CpuStorage, layout: &Layout) -> Result<Vec<i64>> {
 }
 
 /// Whether each mask element, in its layout's order, is not 0 (as `mask !=
-/// 0`: -0.0 is 0, NaN is not).
+/// 0`: -0.0 is 0, NaN is not), for the dtypes [`MaskElements::of`] takes.
 fn kept(mask: &CpuStorage, layout: &Layout) -> Result<Vec<bool>> {
     fn read<T: Copy>(values: &[T], layout: &Layout, nonzero: impl Fn(T) -> bool) -> Vec<bool> {
         offsets(layout).into_iter().map(|i| nonzero(values[i])).collect()
@@ -125,10 +123,7 @@ fn kept(mask: &CpuStorage, layout: &Layout) -> Result<Vec<bool>> {
         CpuStorage::F32(v) => read(v, layout, |x| x != 0.0),
         CpuStorage::F64(v) => read(v, layout, |x| x != 0.0),
         CpuStorage::F8E4M3(v) => read(v, layout, |x| x.to_f32() != 0.0),
-        other => bail!(
-            "chunked cross-entropy: a mask of {:?} is not supported (an integer or a float dtype of 8 to 64 bits)",
-            other.dtype()
-        ),
+        other => bail!("chunked cross-entropy: no CPU reading of a {:?} mask", other.dtype()),
     })
 }
 

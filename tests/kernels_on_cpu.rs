@@ -22,7 +22,7 @@ mod common;
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::kernel_abi::{
     self, KernelArg, KernelLaunch, KernelOptions, LabelGeometry, LaunchShape, MaskElements, Operand, RowGeometry,
-    UnitFactors, ENTRIES, LABEL_DTYPES,
+    UnitFactors, ENTRIES,
 };
 use common::Rng;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -953,7 +953,7 @@ fn labels_of_every_dtype_and_mask() -> Result<()> {
         Tensor::from_vec(keep.iter().map(|&k| k as f32).collect::<Vec<_>>(), (b, s + 2), &Device::Cpu)?,
         Tensor::from_vec(keep.clone(), (b, s + 2), &Device::Cpu)?,
     ];
-    for dtype in LABEL_DTYPES {
+    for dtype in common::LABEL_DTYPES {
         let wide = common::labels_as(&values, &[b, s + 1], dtype, &Device::Cpu)?;
         for (labels, layout) in [(wide.narrow(1, 1, s)?, "strided"), (wide.narrow(1, 1, s)?.copy()?, "contiguous")] {
             let flat: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;

@@ -20,7 +20,7 @@ const ALLOWED: [(&str, &[&str]); 22] = [
     ("src/cuda.rs", &["config", "kernel_abi"]),
     ("src/op.rs", &["config", "cpu", "cuda", "kernel_abi", "primitive"]),
     ("src/empty.rs", &[]),
-    ("src/labels.rs", &["cuda", "op"]),
+    ("src/labels.rs", &["cuda", "kernel_abi", "op"]),
     ("src/call/mod.rs", &["config", "empty", "op"]),
     ("src/call/inputs.rs", &["config", "labels", "op"]),
     ("src/call/outputs.rs", &["config"]),

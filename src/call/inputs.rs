@@ -2,7 +2,7 @@
 //! class and per-token loss weights), and its weights in the loss's dtype.
 
 use super::{ClassWeights, Settings};
-use crate::config::compute_dtype;
+use crate::config::{compute_dtype, LABEL_DTYPES};
 use crate::op::RowWeights;
 use candle::{bail, DType, Result, Shape, Tensor};
 
@@ -170,7 +170,7 @@ pub(crate) fn checked_labels(
             logits.shape()
         )
     }
-    if !matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64) {
+    if !LABEL_DTYPES.contains(&labels.dtype()) {
         bail!(
             "chunked cross-entropy: labels must be an integer dtype (u8, u32, i16, i32, i64), got {:?}",
             labels.dtype()

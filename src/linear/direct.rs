@@ -34,6 +34,9 @@ pub struct LinearGrads {
     pub bias_grad: Option<Tensor>,
 }
 
+/// A weight's gradient and, with a bias, the bias's.
+type WeightGrads = (Tensor, Option<Tensor>);
+
 /// What one [`LinearCrossEntropy::accumulate_grads`] call returns; the
 /// weight's (and bias's) gradients went into the accumulator.
 #[derive(Debug, Clone)]
@@ -185,8 +188,9 @@ impl LinearCrossEntropy {
         labels: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<LinearGrads> {
-        let (loss, hidden_grad, sums) = self.direct(hidden, weight, bias, labels, mask, None, None)?;
-        let Some((weight_grad, bias_grad)) = sums else {
+        let (MicroBatchGrads { loss, hidden_grad }, weights) =
+            self.direct(hidden, weight, bias, labels, mask, None, None)?;
+        let Some((weight_grad, bias_grad)) = weights else {
             bail!("linear cross-entropy: the weight's gradient was not formed")
         };
         Ok(LinearGrads { loss, hidden_grad, weight_grad, bias_grad })
@@ -220,13 +224,12 @@ impl LinearCrossEntropy {
         acc: &mut LinearGradAccumulator,
     ) -> Result<MicroBatchGrads> {
         acc.check(weight, bias)?;
-        let (loss, hidden_grad, _) = self.direct(hidden, weight, bias, labels, mask, num_label_tokens, Some(acc))?;
-        Ok(MicroBatchGrads { loss, hidden_grad })
+        Ok(self.direct(hidden, weight, bias, labels, mask, num_label_tokens, Some(acc))?.0)
     }
 
-    /// The loss, the hidden states' gradient and (without `acc`) the weight's
-    /// and bias's, or (with `acc`) those added into it.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    /// The loss and the hidden states' gradient, and (without `acc`) the
+    /// weight's and bias's, or (with `acc`) `None`: those went into it.
+    #[allow(clippy::too_many_arguments)]
     fn direct(
         &self,
         hidden: &Tensor,
@@ -236,7 +239,7 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
         acc: Option<&mut LinearGradAccumulator>,
-    ) -> Result<(Tensor, Tensor, Option<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(MicroBatchGrads, Option<WeightGrads>)> {
         if self.settings.reduction == Reduction::None {
             bail!("linear cross-entropy: direct gradients need a scalar loss (Reduction::Mean or Sum), not None")
         }
@@ -287,30 +290,29 @@ impl LinearCrossEntropy {
         let stats = selection.scatter(&stats)?;
         let call = LossCall::Tokens(TokenCall { node: stats, labels, labels_shape, vocab, weights });
         let loss = self.settings.loss(&call, num_label_tokens)?;
-        Ok((loss, hidden_grad.reshape(hidden.shape())?, sums))
+        Ok((MicroBatchGrads { loss, hidden_grad: hidden_grad.reshape(hidden.shape())? }, sums))
     }
 
     /// No tokens: a zero loss and zero gradients (the accumulator unchanged).
-    #[allow(clippy::type_complexity)]
     fn no_tokens(
         &self,
         hidden: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
         acc: Option<&mut LinearGradAccumulator>,
-    ) -> Result<(Tensor, Tensor, Option<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(MicroBatchGrads, Option<WeightGrads>)> {
         let loss = Tensor::zeros((), compute_dtype(hidden.dtype()), hidden.device())?;
         let sums = match acc {
             Some(_) => None,
             None => Some((weight.zeros_like()?, bias.map(Tensor::zeros_like).transpose()?)),
         };
-        Ok((loss, hidden.zeros_like()?, sums))
+        Ok((MicroBatchGrads { loss, hidden_grad: hidden.zeros_like()? }, sums))
     }
 
     /// On a device the kernels do not cover: the loss recorded op by op and
     /// differentiated by candle's autograd, on copies of the inputs, whose
     /// graph is dropped once the gradients are read.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn recorded(
         &self,
         hidden: &Tensor,
@@ -320,7 +322,7 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         num_label_tokens: Option<usize>,
         acc: Option<&mut LinearGradAccumulator>,
-    ) -> Result<(Tensor, Tensor, Option<(Tensor, Option<Tensor>)>)> {
+    ) -> Result<(MicroBatchGrads, Option<WeightGrads>)> {
         let (h, w) = (Var::from_tensor(hidden)?, Var::from_tensor(weight)?);
         let b = bias.map(Var::from_tensor).transpose()?;
         let out = self.forward_with_outputs(
@@ -340,11 +342,12 @@ impl LinearCrossEntropy {
         let (hidden_grad, weight_grad) = (grad(&h)?, grad(&w)?);
         let bias_grad = b.as_ref().map(grad).transpose()?;
         let loss = out.loss.detach();
+        let grads = MicroBatchGrads { loss, hidden_grad };
         match acc {
-            None => Ok((loss, hidden_grad, Some((weight_grad, bias_grad)))),
+            None => Ok((grads, Some((weight_grad, bias_grad)))),
             Some(acc) => {
                 acc.add_dense(&weight_grad, bias_grad.as_ref())?;
-                Ok((loss, hidden_grad, None))
+                Ok((grads, None))
             }
         }
     }
