@@ -47,14 +47,21 @@
 //!   gradient accumulation, and [`CrossEntropyOutput`] for the per-token losses,
 //!   log-sum-exp and token accuracy.
 //! - [`LinearCrossEntropy`]: the loss of `hidden @ weight^T (+ bias)` without
-//!   ever materialising the `[N, V]` logits.
+//!   ever materialising the `[N, V]` logits; for training loops that drive
+//!   their own backward, its gradients directly
+//!   ([`LinearCrossEntropy::loss_and_grads`], [`LinearGrads`]; across
+//!   micro-batches [`LinearCrossEntropy::accumulate_grads`] into a
+//!   [`LinearGradAccumulator`]).
+//! - [`retain_freed_memory`]: on CUDA, keeps what candle frees in the device's
+//!   memory pool, so that each step's buffers are not mapped afresh.
 //! - [`compute_cross_entropy`]: the sum of per-row losses (NeMo's function).
 //! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
 //!   autograd, the reference the tests hold the fast path against.
 //!
 //! Features: `gemm-avx512` (default) gives the `gemm` crate, and so candle's CPU
 //! matmul and [`LinearCrossEntropy`]'s products, its AVX-512 kernels, chosen at
-//! run time; `cuda` builds candle with CUDA and our CUDA kernels.
+//! run time; `cuda` builds candle with CUDA and our CUDA kernels; `testing`
+//! exposes the tests' and benchmarks' hooks (not an API: the tests enable it).
 
 #![warn(missing_docs)]
 
