@@ -120,14 +120,15 @@ pub struct LaunchShape {
 impl LaunchShape {
     /// The shape the launcher uses for rows of `vocab` elements of `dtype`:
     /// a warp per row while each lane has at most 8 sixteen-byte packs, else a
-    /// block per row with at least 4 packs per thread, 64 to
-    /// [`max_threads`] threads.
+    /// block per row with at least 8 packs per thread (two of the kernels'
+    /// batches of loads), 64 to [`MAX_ROW_BLOCK`] threads.
     pub fn for_vocab(dtype: DType, vocab: usize) -> Self {
         let packs = vocab.div_ceil(16 / dtype.size_in_bytes().max(1));
         if packs <= 32 * 8 {
             return Self { threads: 256, rows_per_block: 8, max_blocks: MAX_BLOCKS };
         }
-        let threads = (packs / 4).next_power_of_two().clamp(64, max_threads(dtype) as usize) as u32;
+        let largest = MAX_ROW_BLOCK.min(max_threads(dtype)) as usize;
+        let threads = (packs / 8).next_power_of_two().clamp(64, largest) as u32;
         Self { threads, rows_per_block: 1, max_blocks: MAX_BLOCKS }
     }
 
@@ -148,6 +149,13 @@ impl LaunchShape {
         Ok(())
     }
 }
+
+/// The largest block that shares one row. At 64 registers a thread (the
+/// entries' `__launch_bounds__`) an SM holds 1024 threads: two such blocks,
+/// so that one streams its row while the other merges its partials and
+/// starts the next (one block of 1024 leaves the SM's loads idle through
+/// every merge).
+pub const MAX_ROW_BLOCK: u32 = 512;
 
 /// The largest block each dtype's entries are compiled for (`__launch_bounds__`
 /// in the `.cu`): f64's double-precision maths would spill at 1024 threads.
@@ -536,7 +544,7 @@ mod tests {
         let small = LaunchShape::for_vocab(DType::BF16, 2048);
         assert_eq!((small.threads, small.rows_per_block), (256, 8));
         let large = LaunchShape::for_vocab(DType::BF16, 128_256);
-        assert_eq!((large.threads, large.rows_per_block), (1024, 1));
+        assert_eq!((large.threads, large.rows_per_block), (512, 1));
         assert_eq!(LaunchShape::for_vocab(DType::F64, 128_256).threads, 512);
         assert_eq!(LaunchShape::for_vocab(DType::F32, 257 * 4).threads, 64);
     }
