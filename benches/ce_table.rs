@@ -16,9 +16,10 @@
 //! of the linear loss alone at 4096 x 768 x 50257 f32 (forward and
 //! `backward()`), the chunk lengths interleaved step by step (0: automatic;
 //! default 0 and 5 steps; no label ignored unless `--ignore-every`);
-//! `-- --linear --direct [NxHxV] [runs]` times a training step of the linear
-//! loss through candle's autograd against `loss_and_grads` and
-//! `accumulate_grads`, with time, the allocator's peak and the RSS rise
+//! `-- --linear --direct [NxHxV] [runs] [--bf16]` times a training step of
+//! the linear loss (f32, or bf16) through candle's autograd against
+//! `loss_and_grads`, `accumulate_grads` and `loss_and_grads` with
+//! `low_memory`, with time, the allocator's peak and the RSS rise
 //! (`scripts/torch_linear_ce_bench.py --device cpu` gives PyTorch's, RSS
 //! included).
 //! Peak extra memory is counted by a global allocator: bytes live above those
@@ -496,12 +497,14 @@ fn linear_modes_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: u
 /// micro-batches keeps it). Median ms (min-max) over `runs`, the allocator's
 /// peak above what was live before the call, and the rise of the process's
 /// peak RSS during it (a fresh buffer counts only once touched).
-fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) {
+fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize, dtype: DType) {
     let (hidden, weight, labels) = linear_inputs(n, h, v, ignore_every);
+    let (hidden, weight) = (hidden.to_dtype(dtype).unwrap(), weight.to_dtype(dtype).unwrap());
     let linear = LinearCrossEntropy::default();
-    let grad_mb = (v * h * 4) as f64 / 1e6;
+    let lean = linear.clone().low_memory(true);
+    let grad_mb = (v * h * dtype.size_in_bytes()) as f64 / 1e6;
     println!(
-        "linear cross-entropy training step, N={n} H={h} V={v} f32, {} labels ignored, {} threads; the weight gradient is {grad_mb:.0} MB",
+        "linear cross-entropy training step, N={n} H={h} V={v} {dtype:?}, {} labels ignored, {} threads; the weight gradient is {grad_mb:.0} MB",
         ignored_share(ignore_every),
         rayon::current_num_threads()
     );
@@ -511,6 +514,7 @@ fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) 
         (Direct::Autograd, "autograd: forward + backward()"),
         (Direct::LossAndGrads, "loss_and_grads"),
         (Direct::Accumulate, "accumulate_grads (accumulator kept)"),
+        (Direct::LowMemory, "loss_and_grads, low_memory"),
     ];
     for (path, name) in paths {
         let (mut times, mut peak, mut rss) = (Vec::new(), 0, 0);
@@ -521,6 +525,7 @@ fn direct_table(n: usize, h: usize, v: usize, runs: usize, ignore_every: usize) 
                 let start = Instant::now();
                 match path {
                     Direct::LossAndGrads => drop(linear.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
+                    Direct::LowMemory => drop(lean.loss_and_grads(&hidden, &weight, None, &labels, None).unwrap()),
                     Direct::Accumulate => {
                         drop(linear.accumulate_grads(&hidden, &weight, None, &labels, None, None, &mut acc).unwrap())
                     }
@@ -552,6 +557,7 @@ enum Direct {
     Autograd,
     LossAndGrads,
     Accumulate,
+    LowMemory,
 }
 
 /// Resets the process's peak resident set size (Linux `clear_refs`) and
@@ -612,7 +618,8 @@ fn main() {
         };
         let runs = args.get(1).map_or(3, |r| r.parse().unwrap());
         if std::env::args().any(|a| a == "--direct") {
-            direct_table(n, h, v, runs, ignore_every.unwrap_or(10));
+            let dtype = if std::env::args().any(|a| a == "--bf16") { DType::BF16 } else { DType::F32 };
+            direct_table(n, h, v, runs, ignore_every.unwrap_or(10), dtype);
             return;
         }
         if !std::env::args().any(|a| a == "--modes") {

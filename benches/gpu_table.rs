@@ -173,7 +173,9 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 /// time and peak device memory above the inputs, with the weight gradient's
 /// size that the memory target is stated against: through candle's autograd
 /// (automatic and 2048-row chunks), `loss_and_grads` (the gradients handed
-/// over), and `accumulate_grads` into an f32 accumulator made beforehand.
+/// over), and `accumulate_grads` into an f32 accumulator made beforehand;
+/// then autograd and `loss_and_grads` with `low_memory` (the weight's gradient
+/// summed in bf16, smaller chunks), against Liger's peak.
 fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
     let dtype = DType::BF16;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), device).unwrap().to_dtype(dtype).unwrap();
@@ -188,13 +190,15 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
     println!("|---|---:|---:|");
     let mut acc = LinearGradAccumulator::new(&weight, None).unwrap();
     let paths = [
-        ("ours LinearCrossEntropy (automatic chunks)", None, Path::Autograd),
-        ("ours, 2048-row chunks", Some(2048), Path::Autograd),
-        ("ours loss_and_grads (automatic chunks)", None, Path::LossAndGrads),
-        ("ours accumulate_grads (f32 accumulator kept)", None, Path::Accumulate),
+        ("ours LinearCrossEntropy (automatic chunks)", None, false, Path::Autograd),
+        ("ours, 2048-row chunks", Some(2048), false, Path::Autograd),
+        ("ours loss_and_grads (automatic chunks)", None, false, Path::LossAndGrads),
+        ("ours accumulate_grads (f32 accumulator kept)", None, false, Path::Accumulate),
+        ("ours LinearCrossEntropy, low_memory", None, true, Path::Autograd),
+        ("ours loss_and_grads, low_memory", None, true, Path::LossAndGrads),
     ];
-    for (name, chunk_len, path) in paths {
-        let ce = LinearCrossEntropy::default().chunk_len(chunk_len);
+    for (name, chunk_len, low_memory, path) in paths {
+        let ce = LinearCrossEntropy::default().chunk_len(chunk_len).low_memory(low_memory);
         let cell = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let (mut times, mut peak) = (Vec::new(), 0);
             for i in 0..WARMUP + reps {

@@ -1,10 +1,12 @@
 //! `acc += lhsᵀ · rhs` on CUDA in one cuBLAS call (feature `cuda`): the
 //! linear loss's weight gradient `dW += Gᵀ · H`, accumulated chunk by chunk
-//! into its f32 `[V, H]` accumulator in place, straight from the chunk's
+//! into its `[V, H]` accumulator in place (f32, or, for a `low_memory` loss,
+//! the gradient itself in the operands' dtype), straight from the chunk's
 //! bf16/f16/f32 operands. No operand is converted to f32 and no `[V, H]`
 //! product or sum is allocated: `cublasGemmEx` reads the half-precision
 //! operands, multiplies and accumulates in f32 (`CUBLAS_COMPUTE_32F`) and adds
-//! into the f32 output with `beta = 1`.
+//! into the output with `beta = 1` (for a 16-bit output, `acc + product` is
+//! formed in f32 and rounded once per element).
 //!
 //! It runs through the cuBLAS handle that candle's `CudaDevice` holds, which is
 //! bound to the device's stream, so it is ordered with candle's own kernels
@@ -20,10 +22,11 @@ use std::ffi::{c_int, c_void};
 
 const WHAT: &str = "linear cross-entropy (cuda): acc += lhsᵀ · rhs";
 
-/// `acc += lhsᵀ · rhs` in place, on CUDA: `acc` `[m, n]` f32, `lhs` `[k, m]`
-/// and `rhs` `[k, n]` of one dtype among f32, bf16 and f16, all three
-/// contiguous (any start offset) on one CUDA device. Products and sums are in
-/// f32 (no TF32, whatever candle's reduced-precision switches say).
+/// `acc += lhsᵀ · rhs` in place, on CUDA: `acc` `[m, n]` f32 or of the
+/// operands' dtype, `lhs` `[k, m]` and `rhs` `[k, n]` of one dtype among f32,
+/// bf16 and f16, all three contiguous (any start offset) on one CUDA device.
+/// Products and sums are in f32 (no TF32, whatever candle's reduced-precision
+/// switches say); a 16-bit `acc` is rounded once per element and call.
 ///
 /// # Errors
 /// Shapes that do not match, other dtypes, non-contiguous operands, operands
@@ -42,15 +45,15 @@ pub(crate) fn add_transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -
             rhs.shape()
         ),
     }
-    if acc.dtype() != DType::F32 {
-        bail!("{WHAT}: acc must be f32, got {:?}", acc.dtype())
-    }
     if lhs.dtype() != rhs.dtype() || !matches!(lhs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         bail!(
             "{WHAT}: lhs and rhs must share one dtype among f32, bf16 and f16, got {:?} and {:?}",
             lhs.dtype(),
             rhs.dtype()
         )
+    }
+    if acc.dtype() != DType::F32 && acc.dtype() != lhs.dtype() {
+        bail!("{WHAT}: acc must be f32 or the operands' {:?}, got {:?}", lhs.dtype(), acc.dtype())
     }
     for (name, t) in [("acc", acc), ("lhs", lhs), ("rhs", rhs)] {
         if !t.is_contiguous() {
@@ -103,17 +106,18 @@ impl candle::InplaceOp3 for CublasAddTransposedProduct {
         rhs_layout: &Layout,
     ) -> Result<()> {
         let operands = Operands::new(acc_layout, lhs_layout, rhs_layout)?;
+        use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
         match (acc.dtype(), lhs.dtype(), rhs.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => {
-                operands.gemm::<f32>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_32F)
-            }
+            (DType::F32, DType::F32, DType::F32) => operands.gemm::<f32, f32>(acc, lhs, rhs, CUDA_R_32F, CUDA_R_32F),
             (DType::F32, DType::BF16, DType::BF16) => {
-                operands.gemm::<bf16>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_16BF)
+                operands.gemm::<bf16, f32>(acc, lhs, rhs, CUDA_R_16BF, CUDA_R_32F)
             }
-            (DType::F32, DType::F16, DType::F16) => {
-                operands.gemm::<f16>(acc, lhs, rhs, sys::cudaDataType_t::CUDA_R_16F)
+            (DType::F32, DType::F16, DType::F16) => operands.gemm::<f16, f32>(acc, lhs, rhs, CUDA_R_16F, CUDA_R_32F),
+            (DType::BF16, DType::BF16, DType::BF16) => {
+                operands.gemm::<bf16, bf16>(acc, lhs, rhs, CUDA_R_16BF, CUDA_R_16BF)
             }
-            (a, l, r) => bail!("{WHAT}: acc must be f32 and lhs, rhs one of f32, bf16, f16; got {a:?}, {l:?}, {r:?}"),
+            (DType::F16, DType::F16, DType::F16) => operands.gemm::<f16, f16>(acc, lhs, rhs, CUDA_R_16F, CUDA_R_16F),
+            (a, l, r) => bail!("{WHAT}: lhs, rhs one of f32, bf16, f16 and acc f32 or theirs; got {a:?}, {l:?}, {r:?}"),
         }
     }
 }
@@ -161,12 +165,13 @@ impl Operands {
     /// `acc += lhsᵀ · rhs` is `accᵀ += rhsᵀ · lhs`, i.e. in cuBLAS's terms
     /// `C = 1 · op(A) · op(B) + 1 · C` with `(M, N, K) = (n, m, k)`,
     /// `A = rhs` (`N`), `B = lhs` (`T`), `C = acc`.
-    fn gemm<T: CudaDType>(
+    fn gemm<T: CudaDType, C: CudaDType>(
         &self,
         acc: &mut CudaStorage,
         lhs: &CudaStorage,
         rhs: &CudaStorage,
         data_type: sys::cudaDataType_t,
+        acc_type: sys::cudaDataType_t,
     ) -> Result<()> {
         let Self { m, n, k, .. } = *self;
         // Nothing to add (k = 0), or nothing to write: no call (cuBLAS also
@@ -186,7 +191,7 @@ impl Operands {
         let blas = device.cublas_handle();
         let lhs = lhs.as_cuda_slice::<T>()?.slice(self.lhs.0..self.lhs.1);
         let rhs = rhs.as_cuda_slice::<T>()?.slice(self.rhs.0..self.rhs.1);
-        let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(self.acc.0..self.acc.1);
+        let mut acc = acc.as_cuda_slice_mut::<C>()?.slice_mut(self.acc.0..self.acc.1);
         // The guards make the stream wait for pending writes (reads, for acc)
         // by other streams, and record our use when dropped after the call.
         let (lhs, _lhs_guard) = lhs.device_ptr(&stream);
@@ -201,10 +206,11 @@ impl Operands {
         // kernel, by the stream ordering of candle's stream-ordered frees) and
         // exactly as large as the cuBLAS arguments say: `rhs` holds k × n
         // elements of `data_type` (n × k column-major, lda = n), `lhs` k × m (m
-        // × k column-major, ldb = m), `acc` m × n f32 (n × m column-major, ldc
-        // = n); `Operands::new` checked those shapes against the contiguous
-        // ranges sliced above, `T` is the dtype `data_type` names (matched in
-        // `cuda_fwd`), and `acc` is borrowed mutably, so no operand aliases it.
+        // × k column-major, ldb = m), `acc` m × n of `acc_type` (n × m
+        // column-major, ldc = n); `Operands::new` checked those shapes against
+        // the contiguous ranges sliced above, `T` and `C` are the dtypes
+        // `data_type` and `acc_type` name (matched in `cuda_fwd`), and `acc` is
+        // borrowed mutably, so no operand aliases it.
         unsafe {
             gemm_ex(
                 *blas.handle(),
@@ -222,7 +228,7 @@ impl Operands {
                 m,
                 std::ptr::from_ref(&beta).cast::<c_void>(),
                 acc as *mut c_void,
-                sys::cudaDataType_t::CUDA_R_32F,
+                acc_type,
                 n,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -295,7 +301,7 @@ mod tests {
         assert!(error(&acc.flatten_all()?, &lhs, &rhs).contains("acc must be [m, n]"));
         assert!(error(&acc, &rhs, &lhs).contains("lhs must be [k, 3] and rhs [k, 5]"));
         assert!(error(&acc, &lhs.narrow(0, 0, 3)?, &rhs).contains("with one k"));
-        assert!(error(&acc.to_dtype(DType::BF16)?, &lhs, &rhs).contains("acc must be f32"));
+        assert!(error(&acc.to_dtype(DType::F16)?, &lhs, &rhs).contains("acc must be f32 or the operands' BF16"));
         assert!(error(&acc, &lhs, &rhs.to_dtype(DType::F16)?).contains("share one dtype"));
         let f64s = (lhs.to_dtype(DType::F64)?, rhs.to_dtype(DType::F64)?);
         assert!(error(&acc, &f64s.0, &f64s.1).contains("among f32, bf16 and f16"));
@@ -319,7 +325,9 @@ mod tests {
             }
         };
         let (m, n, k) = (1003, 72, 37);
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-5), (DType::F16, 1e-5)] {
+        let cases = [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::F16, DType::F32)];
+        let rounded = [(DType::BF16, DType::BF16), (DType::F16, DType::F16)];
+        for (dtype, acc_dtype) in cases.into_iter().chain(rounded) {
             // Values exact in every dtype (small multiples of 1/8), so the
             // products are exact in f32 and only the summation order differs.
             let exact = |len: usize, salt: usize| -> Result<Tensor> {
@@ -334,21 +342,25 @@ mod tests {
                 (on_device(&exact((k + 2) * m, 1)?, dtype)?, on_device(&exact((k + 1) * n, 2)?, dtype)?);
             let lhs = lhs_full.reshape((k + 2, m))?.narrow(0, 2, k)?;
             let rhs = rhs_full.reshape((k + 1, n))?.narrow(0, 1, k)?;
-            let acc_full = on_device(&acc_host, DType::F32)?;
+            let acc_full = on_device(&acc_host, acc_dtype)?;
             let acc = acc_full.narrow(0, 2, m)?;
             add_transposed_product(&acc, &lhs, &rhs)?;
             add_transposed_product(&acc, &lhs, &rhs)?;
             let f64 = |t: &Tensor| t.to_dtype(DType::F64);
             let product = f64(&lhs_host)?.t()?.matmul(&f64(&rhs_host)?)?;
-            let want = (f64(&acc_host.narrow(0, 2, m)?)? + (product * 2.0)?)?;
+            // Each call's sum is exact in f32 (multiples of 1/64 below 2^8),
+            // so a 16-bit acc holds it rounded once per call, like this.
+            let once = (f64(&acc_host.narrow(0, 2, m)?)? + &product)?.to_dtype(acc_dtype)?;
+            let want = (f64(&once)? + &product)?.to_dtype(acc_dtype)?;
             let got = f64(&acc.to_device(&Device::Cpu)?)?;
-            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff <= tol, "{dtype:?}: max |diff| {diff:e}");
+            let diff = (got - f64(&want)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff <= 1e-5, "{dtype:?} into {acc_dtype:?}: max |diff| {diff:e}");
             // The rows around `acc` in its buffer are untouched.
-            let full = acc_full.to_device(&Device::Cpu)?;
+            let full = f64(&acc_full.to_device(&Device::Cpu)?)?;
+            let acc_host = f64(&acc_host.to_dtype(acc_dtype)?)?;
             for (start, len) in [(0, 2), (m + 2, 1)] {
                 let diff = (full.narrow(0, start, len)? - acc_host.narrow(0, start, len)?)?.abs()?.max_all()?;
-                assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{dtype:?}: rows {start}..{} written", start + len);
+                assert_eq!(diff.to_scalar::<f64>()?, 0.0, "{dtype:?}: rows {start}..{} written", start + len);
             }
         }
         Ok(())

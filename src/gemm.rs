@@ -45,6 +45,73 @@ pub(crate) fn add_matmul_tn<T: Scalar>(c: &mut [T], a: &[T], b: &[T], (m, n, k):
     product(Product { m, n, k, a_transposed: true, b_transposed: false, accumulate: true }, c, a, b)
 }
 
+/// A 16-bit float that a sum in f32 is rounded to: the weight gradient of a
+/// `low_memory` linear loss, summed in the weight's dtype.
+pub(crate) trait Rounded: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    fn round_from(x: f32) -> Self;
+}
+
+impl Rounded for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn round_from(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl Rounded for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn round_from(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+/// `C = round(C + Aᵀ · B)` in place, `C` `[m, n]` of a 16-bit float, `a`
+/// `[k, m]` and `b` `[k, n]` f32: the product and the sum in f32, each
+/// element rounded once, as cuBLAS does with a 16-bit `C` and `beta = 1`
+/// (`cuda_gemm.rs`). Runs a band of `C`'s rows at a time through an f32
+/// buffer of about 16 MiB, so that no `[m, n]` f32 product exists. Panics on
+/// slices of the wrong length.
+pub(crate) fn add_matmul_tn_rounded<C: Rounded>(c: &mut [C], a: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) {
+    use rayon::prelude::*;
+    assert!(
+        c.len() == m * n && a.len() == k * m && b.len() == k * n,
+        "gemm: slices of {}, {} and {} elements for [{m}, {n}] += [{k}, {m}]ᵀ x [{k}, {n}]",
+        c.len(),
+        a.len(),
+        b.len(),
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let band = ((4 << 20) / n).clamp(1, m);
+    let (mut a_band, mut product_band) = (vec![0f32; k * band], vec![0f32; band * n]);
+    for start in (0..m).step_by(band) {
+        let rows = band.min(m - start);
+        // A's columns [start, start + rows), contiguous: `[k, rows]`.
+        let a_band = &mut a_band[..k * rows];
+        a_band
+            .par_chunks_mut(rows)
+            .zip(a.par_chunks(m))
+            .for_each(|(dst, src)| dst.copy_from_slice(&src[start..start + rows]));
+        let product_band = &mut product_band[..rows * n];
+        add_matmul_tn_into(product_band, a_band, b, (rows, n, k));
+        c[start * n..(start + rows) * n]
+            .par_iter_mut()
+            .zip(product_band.par_iter())
+            .for_each(|(c, &p)| *c = C::round_from(c.to_f32() + p));
+    }
+}
+
+/// `C = Aᵀ · B` (overwritten): `c` `[m, n]`, `a` `[k, m]`, `b` `[k, n]`.
+fn add_matmul_tn_into<T: Scalar>(c: &mut [T], a: &[T], b: &[T], (m, n, k): (usize, usize, usize)) {
+    product(Product { m, n, k, a_transposed: true, b_transposed: false, accumulate: false }, c, a, b)
+}
+
 /// One row-major product `C (+)= op(A) · op(B)`, `C` `[m, n]`: `A` is stored
 /// `[m, k]`, or `[k, m]` if `a_transposed`; `B` is stored `[k, n]`, or
 /// `[n, k]` if `b_transposed`. `accumulate` adds to `C`, else `C` is overwritten.
@@ -288,8 +355,11 @@ pub(crate) mod ops {
     }
 
     /// `acc += lhsᵀ · rhs` in place (`acc` `[m, n]`, `lhs` `[k, m]`, `rhs`
-    /// `[k, n]`, all f32 or all f64, contiguous): a chunk's weight gradient
-    /// added to the f32 accumulator with no `[V, H]` product in between.
+    /// `[k, n]`, contiguous; all f32 or all f64, or a bf16/f16 `acc` with
+    /// f32 operands, each element rounded once, see
+    /// [`add_matmul_tn_rounded`](super::add_matmul_tn_rounded)): a chunk's
+    /// weight gradient added to the accumulator with no `[V, H]` product in
+    /// between.
     pub(crate) struct AddTransposedProduct;
 
     impl InplaceOp3 for AddTransposedProduct {
@@ -329,7 +399,16 @@ pub(crate) mod ops {
                 (CpuStorage::F64(acc), CpuStorage::F64(lhs), CpuStorage::F64(rhs)) => {
                     super::add_matmul_tn(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
                 }
-                _ => bail!("{}: the operands must all be f32 or all f64", self.name()),
+                (CpuStorage::BF16(acc), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) => {
+                    super::add_matmul_tn_rounded(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+                }
+                (CpuStorage::F16(acc), CpuStorage::F32(lhs), CpuStorage::F32(rhs)) => {
+                    super::add_matmul_tn_rounded(&mut acc[a.0..a.1], &lhs[l.0..l.1], &rhs[r.0..r.1], (m, n, k))
+                }
+                _ => bail!(
+                    "{}: the operands must all be f32 or all f64, or a bf16/f16 acc with f32 operands",
+                    self.name()
+                ),
             }
             Ok(())
         }
@@ -446,6 +525,34 @@ mod tests {
         add_matmul_tn(&mut dw_t, &x[20 * h..], &g[20 * v..], (h, v, rows - 20));
         let p = Product { m: h, n: v, k: rows, a_transposed: true, b_transposed: false, accumulate: false };
         assert!(close(&dw_t, &naive(p, &x, &g)), "dWᵀ = Σ Xᵀ · G over chunks");
+    }
+
+    /// Each element of a 16-bit `C` is rounded once per call, from the f32
+    /// sum of its value before the call and the product: two calls, each
+    /// against the triple loop (in f64) added to what `C` held and rounded,
+    /// with bands of `C`'s rows smaller than `m` (n = 200_000 makes a band
+    /// 20 rows). The values are multiples of 1/8 in [-1, 1], so every f32
+    /// product and sum is exact and the result must be too.
+    #[test]
+    fn rounded_accumulation_rounds_once_per_call() {
+        use half::bf16;
+        let eighths = |len: usize, seed: u64| -> Vec<f32> {
+            values::<f64>(len, seed).into_iter().map(|x| ((x * 8.0).round() / 8.0) as f32).collect()
+        };
+        for (m, n, k) in [(37, 23, 19), (29, 200_000, 3), (5, 1, 0)] {
+            let mut c: Vec<bf16> = eighths(m * n, 11).into_iter().map(bf16::from_f32).collect();
+            for seed in [7, 9] {
+                let (a, b) = (eighths(k * m, seed), eighths(k * n, seed + 1));
+                let p = Product { m, n, k, a_transposed: true, b_transposed: false, accumulate: false };
+                let before = c.clone();
+                let product = naive(p, &a, &b);
+                add_matmul_tn_rounded(&mut c, &a, &b, (m, n, k));
+                for (i, &got) in c.iter().enumerate() {
+                    let want = bf16::from_f64(before[i].to_f64() + product[i]);
+                    assert_eq!(got, want, "({m}, {n}, {k}) call {seed}: c[{i}]");
+                }
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,10 @@ use std::sync::Mutex;
 /// --bench gemm_routes`, BENCHMARKS.md).
 pub(super) const MIN_AUTO_CHUNK: usize = 1024;
 
+/// A `low_memory` loss's automatic chunks are a multiple of this many rows
+/// (and at least that): whole tiles for the products.
+pub(super) const LEAN_CHUNK_ROWS: usize = 64;
+
 /// `(start, len)` of each chunk of `chunk_len` rows.
 pub(super) fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows).step_by(chunk_len).map(move |start| (start, chunk_len.min(rows - start)))
@@ -120,6 +124,8 @@ impl ChunkPass<'_> {
 pub(super) struct LinearBackward {
     pub(super) cfg: OpConfig,
     pub(super) wanted: Wanted,
+    /// The dtype the weight's gradient is summed in.
+    pub(super) weight_sum: DType,
     /// The rows the products run on, and their labels.
     pub(super) selection: RowSelection,
     pub(super) labels: Tensor,
@@ -147,7 +153,8 @@ impl LinearBackward {
         let rows = self.selection.gather(&inputs[0].detach())?;
         let factors = self.selection.gather(factors)?;
         let projection = Projection { weight: inputs[1].detach(), bias: inputs.get(2).map(|b| b.detach()) };
-        let (mut sums, mut buffer) = (GradientSums::new(&rows, &projection, self.wanted)?, LogitsBuffer::default());
+        let (mut sums, mut buffer) =
+            (GradientSums::new(&rows, &projection, self.wanted, self.weight_sum)?, LogitsBuffer::default());
         for (start, len) in chunks(rows.dim(0)?, self.cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
             let logits = projection.chunk_logits(&chunk, &mut buffer)?;

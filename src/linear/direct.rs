@@ -26,7 +26,8 @@ pub struct LinearGrads {
     pub loss: Tensor,
     /// `d loss / d hidden`: `hidden`'s shape and dtype.
     pub hidden_grad: Tensor,
-    /// `d loss / d weight`: `[V, H]` in `weight`'s dtype (for f32 and f64 it
+    /// `d loss / d weight`: `[V, H]` in `weight`'s dtype (for f32 and f64
+    /// weights, and with [`low_memory`](LinearCrossEntropy::low_memory), it
     /// may be a transposed view of the accumulator: not contiguous).
     pub weight_grad: Tensor,
     /// `d loss / d bias`: `[V]` in the bias's dtype, `Some` exactly when a bias
@@ -95,7 +96,7 @@ impl LinearGradAccumulator {
                 weight.dtype()
             ),
         };
-        let weight_sum = Some(ProductSum::new(weight)?);
+        let weight_sum = Some(ProductSum::new(weight, acc)?);
         Ok(Self { weight: weight_sum, bias, dims, dtype: weight.dtype(), device: weight.device().clone() })
     }
 
@@ -174,7 +175,8 @@ impl LinearCrossEntropy {
     /// Peak extra memory: the weight gradient's f32 accumulator (`[V, H]`)
     /// and one chunk of logits, then, for 16-bit weights, the rounded
     /// gradient beside the accumulator while it is made. No `[V, H]` zeros +
-    /// add.
+    /// add. With [`low_memory`](Self::low_memory): the weight's gradient
+    /// itself, the hidden states' and one smaller chunk of logits.
     ///
     /// # Errors
     /// Those of [`forward`](Self::forward), and a reduction other than
@@ -252,7 +254,18 @@ impl LinearCrossEntropy {
             Plan::Empty(_) => return self.no_tokens(&hidden, &weight, bias.as_ref(), acc),
             Plan::Recorded(_) => bail!("linear cross-entropy: a covered device planned a recorded call"),
         };
-        let ChunkedCall { rows, labels, labels_shape, vocab, weights, cfg, row_weights, denominator, selection } = call;
+        let ChunkedCall {
+            rows,
+            labels,
+            labels_shape,
+            vocab,
+            weights,
+            cfg,
+            row_weights,
+            denominator,
+            selection,
+            weight_sum,
+        } = call;
         let Some(unit) = self.settings.unit_factors(vocab, &weights, denominator, num_label_tokens) else {
             bail!("linear cross-entropy: direct gradients need a scalar loss")
         };
@@ -263,7 +276,7 @@ impl LinearCrossEntropy {
         let everything = Wanted { rows: true, weight: true, bias: bias.is_some() };
         let (stats, hidden_grad, sums) = match acc {
             None => {
-                let sums = GradientSums::new(&kept_rows, &projection, everything)?;
+                let sums = GradientSums::new(&kept_rows, &projection, everything, weight_sum)?;
                 let (stats, sums, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), sums)?;
                 let inputs: Vec<&Tensor> = [&hidden, &weight].into_iter().chain(bias.as_ref()).collect();
                 let gradients = selection.scatter_hidden_grad(sums.finish(bias.is_some())?)?;

@@ -32,11 +32,11 @@ use crate::call::{
     checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
     TokenCall,
 };
-use crate::config::{Engine, OpConfig};
+use crate::config::{compute_dtype, Engine, OpConfig};
 use crate::op::{self, RowWeights, StatsNode};
 use crate::primitive;
-use candle::{bail, Result, Tensor};
-use chunks::{ChunkPass, LinearBackward, Precomputed, MIN_AUTO_CHUNK};
+use candle::{bail, DType, Result, Tensor};
+use chunks::{ChunkPass, LinearBackward, Precomputed, LEAN_CHUNK_ROWS, MIN_AUTO_CHUNK};
 use products::{GradientSums, Projection};
 use rows::RowSelection;
 use std::sync::Mutex;
@@ -49,7 +49,8 @@ use std::sync::Mutex;
 /// forward pass and backward only scales them; otherwise (or when the per-token
 /// outputs are differentiated as well) backward recomputes each chunk's logits. Peak extra memory is
 /// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
-/// (and `bias`), instead of several `[N, V]` buffers. Rows whose label is
+/// (and `bias`; with [`low_memory`](Self::low_memory) the weight's gradient is
+/// summed in place in its own dtype), instead of several `[N, V]` buffers. Rows whose label is
 /// `ignore_index` (or masked) are left out of the matrix products altogether:
 /// masking a third of the tokens saves a third of the work.
 ///
@@ -59,9 +60,10 @@ use std::sync::Mutex;
 /// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
 /// nothing is valid, the errors), except that `chunk_len` defaults to
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
-/// size of the hidden states, but at least 1024 rows, counted among the valid
-/// rows (the chunks hold valid rows only). Labels are checked on the
-/// host before any chunk runs.
+/// size of the hidden states, but at least 1024 rows (unless
+/// [`low_memory`](Self::low_memory)), counted among the valid rows (the
+/// chunks hold valid rows only). Labels are checked on the host before any
+/// chunk runs.
 ///
 /// On a device the kernels do not cover (Metal, or CUDA without this crate's
 /// `cuda` feature; see [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)) the logits are materialised
@@ -86,19 +88,45 @@ use std::sync::Mutex;
 pub struct LinearCrossEntropy {
     settings: Settings,
     chunk_len: Option<usize>,
+    low_memory: bool,
 }
 
 impl Default for LinearCrossEntropy {
     fn default() -> Self {
-        Self { settings: Settings::new(32, true, -100), chunk_len: None }
+        Self { settings: Settings::new(32, true, -100), chunk_len: None, low_memory: false }
     }
 }
 
 impl LinearCrossEntropy {
     /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`,
-    /// at least 1024.
+    /// at least 1024 (without [`low_memory`](Self::low_memory)).
     pub fn chunk_len(mut self, chunk_len: Option<usize>) -> Self {
         self.chunk_len = chunk_len;
+        self
+    }
+
+    /// Trades precision and speed for memory (default `false`), as
+    /// Liger-Kernel's fused linear cross-entropy does:
+    ///
+    /// - the weight's gradient is summed over the chunks in the weight's own
+    ///   dtype, in the `[V, H]` buffer that is handed out, instead of an f32
+    ///   accumulator (twice a bf16 weight's size) that is rounded once at the
+    ///   end. Each chunk's product is formed in f32 and added with one
+    ///   rounding, so a bf16 gradient is rounded once per chunk: its relative
+    ///   error grows from bf16's 2^-9 towards about `sqrt(chunks)` times that;
+    /// - without a `chunk_len`, a chunk is about `N * H / V` valid rows,
+    ///   rounded down to a multiple of 64 (at least 64): its logits are no
+    ///   larger than the hidden states. Smaller chunks run the products less
+    ///   efficiently.
+    ///
+    /// The peak of [`loss_and_grads`](Self::loss_and_grads) is then the
+    /// weight's gradient, the hidden states' and one chunk of logits. f32 and
+    /// f64 weights are summed in their dtype either way (only the chunks
+    /// change). An f16 weight is refused: its sums could pass f16's 65504.
+    /// [`accumulate_grads`](Self::accumulate_grads) keeps adding into the
+    /// caller's f32 accumulator.
+    pub fn low_memory(mut self, low_memory: bool) -> Self {
+        self.low_memory = low_memory;
         self
     }
 
@@ -251,7 +279,18 @@ impl LinearCrossEntropy {
             Plan::Recorded(call) => return Ok(LossCall::Tokens(call)),
             Plan::Chunks(call) => call,
         };
-        let ChunkedCall { rows, labels, labels_shape, vocab, weights, cfg, row_weights, denominator, selection } = call;
+        let ChunkedCall {
+            rows,
+            labels,
+            labels_shape,
+            vocab,
+            weights,
+            cfg,
+            row_weights,
+            denominator,
+            selection,
+            weight_sum,
+        } = call;
         let wanted = Wanted::of(&rows, weight, bias);
         let unit = self.settings.unit_factors(vocab, &weights, denominator, num_label_tokens).filter(|_| wanted.any());
         let projection = Projection { weight: weight.detach(), bias: bias.map(Tensor::detach) };
@@ -260,7 +299,7 @@ impl LinearCrossEntropy {
             Some(unit) => {
                 let kept_weights = row_weights.as_ref().map(|w| w.map(|c| selection.gather(c))).transpose()?;
                 let pass = ChunkPass { rows: &kept_rows, projection: &projection, labels: &kept_labels, cfg: &cfg };
-                let sums = GradientSums::new(&kept_rows, &projection, wanted)?;
+                let sums = GradientSums::new(&kept_rows, &projection, wanted, weight_sum)?;
                 let (stats, sums, boost) = pass.forward_with_gradients(unit, kept_weights.as_ref(), sums)?;
                 let gradients = sums.finish(projection.bias.is_some())?;
                 let (stats, gradients) = (selection.scatter(&stats)?, selection.scatter_hidden_grad(gradients)?);
@@ -271,7 +310,7 @@ impl LinearCrossEntropy {
             None => (selection.scatter(&chunks::row_stats(&kept_rows, &projection, &kept_labels, &cfg)?)?, None),
         };
         let precomputed = Mutex::new(precomputed);
-        let backward = LinearBackward { cfg, labels: kept_labels, selection, wanted, precomputed };
+        let backward = LinearBackward { cfg, labels: kept_labels, selection, wanted, weight_sum, precomputed };
         let node = StatsNode { stats, backward };
         let node = match bias {
             None => rows.apply_op2(weight, node)?,
@@ -298,6 +337,12 @@ impl LinearCrossEntropy {
         if self.chunk_len == Some(0) {
             bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
         }
+        if self.low_memory && weight.dtype() == DType::F16 {
+            bail!(
+                "linear cross-entropy: low_memory sums the weight's gradient in the weight's dtype, and f16's \
+                 range (65504) cannot hold those sums safely: use bf16 or f32 weights, or low_memory(false)"
+            )
+        }
         let hidden = checked_logits(hidden)?;
         let vocab = checked_projection(&hidden, weight, bias)?;
         let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
@@ -323,10 +368,14 @@ impl LinearCrossEntropy {
             return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
         let valid = row_labels.iter().flatten().count();
-        let chunk_len = match self.chunk_len {
-            Some(c) => c,
-            None => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
+        let chunk_len = match (self.chunk_len, self.low_memory) {
+            (Some(c), _) => c,
+            (None, false) => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
+            (None, true) => (valid * width / vocab.max(1) / LEAN_CHUNK_ROWS * LEAN_CHUNK_ROWS)
+                .max(LEAN_CHUNK_ROWS)
+                .min(valid.max(1)),
         };
+        let weight_sum = if self.low_memory { weight.dtype() } else { compute_dtype(weight.dtype()) };
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
         let row_weights = weights.row_weights()?;
@@ -346,6 +395,7 @@ impl LinearCrossEntropy {
             row_weights,
             denominator,
             selection,
+            weight_sum,
         }))
     }
 }
@@ -375,6 +425,8 @@ struct ChunkedCall {
     row_weights: Option<RowWeights>,
     denominator: f64,
     selection: RowSelection,
+    /// The dtype the weight's gradient is summed in (see [`LinearCrossEntropy::low_memory`]).
+    weight_sum: DType,
 }
 
 /// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against

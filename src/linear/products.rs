@@ -1,6 +1,7 @@
 //! The linear loss's three matrix products and their sums: a chunk's logits
 //! (`rows · Wᵀ`), the hidden states' gradient (`G · W`) and the weight's
-//! (`Gᵀ · H`, accumulated in f32), on the CPU (`gemm.rs`) or by cuBLAS
+//! (`Gᵀ · H`, accumulated in f32, or in the weight's dtype for a
+//! `low_memory` loss), on the CPU (`gemm.rs`) or by cuBLAS
 //! (`cuda_gemm.rs`), behind one interface; and the counters the tests read.
 
 use super::Wanted;
@@ -114,11 +115,13 @@ pub(super) struct GradientSums {
 }
 
 impl GradientSums {
-    pub(super) fn new(rows: &Tensor, projection: &Projection, wanted: Wanted) -> Result<Self> {
+    /// Zeros for the [`Wanted`] gradients, the weight's summed in `weight_sum`
+    /// (see [`ProductSum::new`]).
+    pub(super) fn new(rows: &Tensor, projection: &Projection, wanted: Wanted, weight_sum: DType) -> Result<Self> {
         let weight = &projection.weight;
         Ok(Self {
             rows: wanted.rows.then(|| faulted_zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
-            weight: wanted.weight.then(|| ProductSum::new(weight)).transpose()?,
+            weight: wanted.weight.then(|| ProductSum::new(weight, weight_sum)).transpose()?,
             bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
             acc: compute_dtype(weight.dtype()),
             vocab: weight.dim(0)?,
@@ -295,14 +298,16 @@ impl candle::InplaceOp1 for ScaleInPlace {
     }
 }
 
-/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64)
-/// in place, with no `[V, H]` product per chunk. On the CPU it is held
+/// `Σ_chunks Gᵀ · H`, the weight gradient, accumulated in f32 (f64 for f64),
+/// or for a `low_memory` loss in the weight's dtype (each chunk's product
+/// formed in f32 and added with one rounding), in place, with no `[V, H]`
+/// product per chunk. On the CPU it is held
 /// transposed, `[H, V]` += `Hᵀ · G` by `gemm::ops::AddTransposedProduct` (on
 /// f32/f64 copies of the chunk's operands): the gemm crate runs that
 /// orientation at torch's speed and the other at three quarters of it
 /// (BENCHMARKS.md), and the gradient handed out is the transposed view (candle's
 /// backprop copies it into its own sum anyway). On CUDA (f32, bf16, f16) one
-/// cuBLAS GEMM per chunk reads the operands as they are and adds into the f32
+/// cuBLAS GEMM per chunk reads the operands as they are and adds into the
 /// `[V, H]` accumulator (`beta = 1`, see `cuda_gemm.rs`). f64 on CUDA, and
 /// other devices, take candle ops: a `[V, H]` product and a new sum per chunk.
 #[derive(Debug)]
@@ -313,8 +318,13 @@ pub(super) struct ProductSum {
 }
 
 impl ProductSum {
-    pub(super) fn new(weight: &Tensor) -> Result<Self> {
-        let dtype = compute_dtype(weight.dtype());
+    /// Zeros for the gradient of `weight`, summed in `dtype`: the compute
+    /// dtype (f32, f64 for f64), or the weight's own (a `low_memory` loss,
+    /// whose sum is the gradient handed out, rounded once per chunk).
+    pub(super) fn new(weight: &Tensor, dtype: DType) -> Result<Self> {
+        if dtype != compute_dtype(weight.dtype()) && dtype != weight.dtype() {
+            bail!("linear cross-entropy: a {:?} weight's gradient is not summed in {dtype:?}", weight.dtype())
+        }
         let transposed = weight.device().is_cpu();
         let (vocab, width) = weight.dims2()?;
         let shape = if transposed { (width, vocab) } else { (vocab, width) };
@@ -328,16 +338,19 @@ impl ProductSum {
     /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`, of the weight's dtype).
     pub(super) fn add(&mut self, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if self.acc.device().is_cuda() && self.dtype() == DType::F32 {
+        if self.acc.device().is_cuda() && matches!(lhs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
             // The chunk's gradient and rows are contiguous already (no copy).
             return crate::cuda_gemm::add_transposed_product(&self.acc, &lhs.contiguous()?, &rhs.contiguous()?);
         }
-        let (lhs, rhs) = (lhs.to_dtype(self.dtype())?.contiguous()?, rhs.to_dtype(self.dtype())?.contiguous()?);
+        // The products in the compute dtype; a 16-bit sum rounds each chunk's
+        // (`gemm::add_matmul_tn_rounded`).
+        let compute = compute_dtype(self.dtype());
+        let (lhs, rhs) = (lhs.to_dtype(compute)?.contiguous()?, rhs.to_dtype(compute)?.contiguous()?);
         if self.transposed {
             // `[H, V] += rhsᵀ · lhs`.
             self.acc.inplace_op3(&rhs, &lhs, &gemm::ops::AddTransposedProduct)
         } else {
-            self.acc = (&self.acc + lhs.t()?.matmul(&rhs)?)?;
+            self.acc = (self.acc.to_dtype(compute)? + lhs.t()?.matmul(&rhs)?)?.to_dtype(self.dtype())?;
             Ok(())
         }
     }
