@@ -5,9 +5,11 @@
 //! measured device-to-device copy bandwidth with the floors it implies.
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
 //!
-//! `gpu_table [NxV ...] [--reps R] [--retain-freed]` (the last keeps freed
-//! memory in CUDA's pool: the allocation lead of issue 21, timed against the
-//! default in the same call); `gpu_table --linear [NxHxV] [--reps R]`
+//! `gpu_table [NxV ...] [--reps R] [--retain-freed] [--row-threads T]` (
+//! `--retain-freed` keeps freed memory in CUDA's pool: the allocation lead of
+//! issue 21, timed against the default in the same call; `--row-threads`
+//! launches blocks of T threads where a block shares a row, instead of
+//! `kernel_abi::MAX_ROW_BLOCK`); `gpu_table --linear [NxHxV] [--reps R]`
 //! (default 8192x4096x128256, bf16) times `LinearCrossEntropy` instead, against
 //! issue 5's memory target (the bf16 weight gradient plus 1 GiB); PyTorch's
 //! figures for it come from `scripts/torch_linear_ce_bench.py`.
@@ -260,6 +262,11 @@ fn main() {
     if args.iter().any(|a| a == "--retain-freed") {
         candle_chunked_ce::retain_freed_memory(&device).expect("the pool's release threshold");
         println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
+    }
+    if let Some(i) = args.iter().position(|a| a == "--row-threads") {
+        let threads: u32 = args[i + 1].parse().expect("--row-threads T");
+        candle_chunked_ce::kernel_abi::set_row_block_threads(Some(threads)).expect("a block size");
+        println!("row blocks: {threads} threads (kernel_abi::set_row_block_threads)");
     }
     let bandwidth = copy_bandwidth(&device);
     println!(

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, on the lent GPU machine, from the repository root, with gpu-bin/
 # carried (built by scripts/build-gpu-bins.sh) and, optionally, .whl/ (Liger-Kernel's wheel):
-#   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 360
+#   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 480
 # In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
 # compute-sanitizer (memcheck over a few small CUDA tests, racecheck over one), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
-# in CUDA's pool) and PyTorch's cross-entropy on the same card, the linear loss against PyTorch's.
+# in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
+# same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps.
 # On an H200 (2026-12-04) the whole check took 300 s.
-# Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (330) from the start; each step
+# Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
 # Output, in $OUT (gpu-out/ when unset), at most 4 files:
@@ -19,7 +20,7 @@
 # Exit status: 1 if a test failed, crashed or timed out, or a sanitizer found errors; else 0.
 set -u
 t_start=$(date +%s)
-budget=${GPU_CHECK_BUDGET:-330}
+budget=${GPU_CHECK_BUDGET:-450}
 deadline=$((t_start + budget))
 reserve=10      # seconds kept for the summary
 MIN_STEP_S=${MIN_STEP_S:-15}
@@ -179,6 +180,11 @@ bench_steps+=("$step_log")
 # The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool.
 run_step gpu_table-retain-freed 45 "$bin/gpu_table" 8192x128256 --retain-freed
 bench_steps+=("$step_log")
+# The row-sharing block size (issue 21: the default is kernel_abi::MAX_ROW_BLOCK = 512), both sides of it.
+for threads in 256 1024; do
+  run_step "gpu_table-row-threads-$threads" 30 "$bin/gpu_table" 8192x128256 --retain-freed --reps 10 --row-threads "$threads"
+  bench_steps+=("$step_log")
+done
 # torch.compile compiles each shape afresh: four shapes ran past 120 s on an H200 (2026-12-04); two took
 # about 110 s. The headline shape alone.
 run_step torch_ce 120 "$py" scripts/torch_ce_bench.py --shapes 8192x128256 --dtypes bf16,f32
@@ -187,6 +193,21 @@ run_step gpu_table-linear 60 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5
 bench_steps+=("$step_log")
 run_step torch_linear_ce 60 "$py" scripts/torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16 --reps 5
 bench_steps+=("$step_log")
+
+# --- f2. where the main job's GPU time goes: every kernel of two GPT-2 124M steps, by ncu -----
+ncu=$(command -v ncu || true)
+for cand in "${CUDA_HOME:-/nonexistent}/bin/ncu" /usr/local/cuda/bin/ncu; do
+  [ -n "$ncu" ] || { [ -x "$cand" ] && ncu=$cand; }
+done
+ncu_log=""
+if [ -n "$ncu" ]; then
+  ncu_csv=$logs/ncu-gpt2.csv
+  run_step ncu-gpt2 120 "$ncu" --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+    --log-file "$ncu_csv" "$bin/finetune_gpt2" --device cuda --weights "$gpt2_dir" --batch 8 --seq 512 --accum 1 \
+    --steps 2 --eval-every 1000
+  run_step ncu-summary 20 "$py" scripts/ncu_summary.py "$ncu_csv" --top 40
+  ncu_log=$step_log
+fi
 
 # --- g. summary.md, then gpu-check.log = summary + every step's output ----------------------
 summary=$out_dir/summary.md
@@ -228,6 +249,9 @@ summary=$out_dir/summary.md
   grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
   grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
   echo '```'
+  echo
+  echo "## ncu: the kernels of two GPT-2 124M training steps (${ncu:-ncu not found})"
+  if [ -n "$ncu_log" ]; then grep -E '^\||^kernel time|^no ' "$ncu_log" | head -45; else echo "not run"; fi
   echo
   echo "## Steps (name, exit, seconds; 124 = timed out, 125 = skipped)"
   awk '{ printf "%s %s %ss; ", $1, $2, $3 } END { print "" }' "$logs/steps" 2>/dev/null

@@ -129,6 +129,11 @@ impl LaunchShape {
         }
         let largest = MAX_ROW_BLOCK.min(max_threads(dtype)) as usize;
         let threads = (packs / 8).next_power_of_two().clamp(64, largest) as u32;
+        #[cfg(feature = "testing")]
+        let threads = match ROW_BLOCK_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => threads,
+            chosen => chosen.min(max_threads(dtype)),
+        };
         Self { threads, rows_per_block: 1, max_blocks: MAX_BLOCKS }
     }
 
@@ -156,6 +161,28 @@ impl LaunchShape {
 /// starts the next (one block of 1024 leaves the SM's loads idle through
 /// every merge).
 pub const MAX_ROW_BLOCK: u32 = 512;
+
+/// Threads of a block that shares one row, when not 0 (see
+/// [`set_row_block_threads`]).
+#[cfg(feature = "testing")]
+static ROW_BLOCK_THREADS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Makes every block that shares one row `threads` threads (capped at the
+/// dtype's [`max_threads`]), or (`None`) restores [`LaunchShape::for_vocab`]'s
+/// choice, for the whole process: a test hook (feature `testing`), with which
+/// the GPU table times other block sizes than [`MAX_ROW_BLOCK`] in one call.
+///
+/// # Errors
+/// A count that is not a multiple of 32 between 32 and 1024.
+#[cfg(feature = "testing")]
+pub fn set_row_block_threads(threads: Option<u32>) -> Result<()> {
+    let threads = threads.unwrap_or(0);
+    if threads != 0 && (!threads.is_multiple_of(32) || threads > 1024) {
+        bail!("chunked cross-entropy: a row's block takes a multiple of 32 threads up to 1024, got {threads}")
+    }
+    ROW_BLOCK_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
 
 /// The largest block each dtype's entries are compiled for (`__launch_bounds__`
 /// in the `.cu`): f64's double-precision maths would spill at 1024 threads.
@@ -537,6 +564,18 @@ mod tests {
 
     fn options() -> KernelOptions {
         KernelOptions { ignore_index: -100, softcap: None, logit_sum: false, sum_weights: None }
+    }
+
+    /// Bad block sizes are refused and change nothing (a good one would
+    /// change every test's launches: the GPU table sets it, no test does).
+    #[cfg(feature = "testing")]
+    #[test]
+    fn bad_row_block_sizes_are_refused() {
+        for bad in [100, 2048, 16] {
+            let err = set_row_block_threads(Some(bad)).expect_err("a bad block size").to_string();
+            assert!(err.contains("multiple of 32 threads up to 1024"), "{err}");
+        }
+        assert_eq!(LaunchShape::for_vocab(DType::BF16, 128_256).threads, MAX_ROW_BLOCK);
     }
 
     #[test]
