@@ -186,9 +186,16 @@ impl Gpt2 {
         candle_nn::ops::layer_norm_slow(x, weight, bias, self.config.layer_norm_epsilon as f32)
     }
 
-    /// GPT-2's Conv1D: `x @ W + b` with `W` stored `[in, out]`.
+    /// GPT-2's Conv1D: `x @ W + b` with `W` stored `[in, out]`, for `x` `[B,
+    /// T, in]`, as one `[B * T, in] x [in, out]` product: `broadcast_matmul`
+    /// would run B products, and its backward would form the weight's
+    /// gradient as B `[in, out]` products and then sum them, instead of one
+    /// product over all B * T rows.
     fn conv1d(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
-        x.broadcast_matmul(self.p(&format!("{prefix}.weight")))?.broadcast_add(self.p(&format!("{prefix}.bias")))
+        let (b, t, width) = x.dims3()?;
+        let weight = self.p(&format!("{prefix}.weight"));
+        let y = x.reshape((b * t, width))?.matmul(weight)?.broadcast_add(self.p(&format!("{prefix}.bias")))?;
+        y.reshape((b, t, weight.dim(1)?))
     }
 
     fn attention(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
