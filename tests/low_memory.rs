@@ -6,7 +6,7 @@
 mod common;
 
 use candle::{DType, Device, Tensor, Var};
-use candle_chunked_ce::{LinearCrossEntropy, LinearGrads};
+use candle_chunked_ce::{LinearCrossEntropy, LinearGrads, Reduction};
 use common::{assert_close, Rng};
 use half::bf16;
 
@@ -18,7 +18,8 @@ fn through_autograd(
     labels: &Tensor,
 ) -> anyhow::Result<LinearGrads> {
     let (h, w) = (Var::from_tensor(hidden)?, Var::from_tensor(weight)?);
-    let loss = ce.forward(h.as_tensor(), w.as_tensor(), labels, None)?;
+    // Summed, for Reduction::None's per-token losses (whose backward recomputes the logits).
+    let loss = ce.forward(h.as_tensor(), w.as_tensor(), labels, None)?.sum_all()?;
     let grads = loss.backward()?;
     let grad = |v: &Var| grads.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
     Ok(LinearGrads { loss, hidden_grad: grad(&h)?, weight_grad: grad(&w)?, bias_grad: None })
@@ -33,24 +34,31 @@ fn values(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 /// gradient is g = -1/34 on its label 0 and +1/34 on class 1, rounded to
 /// bf16), hidden 256 in the first row and 1/4 in the other 16, one row per
 /// chunk. The weight's own dtype stalls at 256 g (each 1/4 g is under half
-/// an ulp of it); an f32 sum reaches 260 g, rounded once. Both exactly.
+/// an ulp of it); an f32 sum reaches 260 g, rounded once. Both exactly, for
+/// `Mean` and for `None` (whose backward recomputes the chunks).
 fn weight_gradient_is_summed_in_the_weight_dtype(device: &Device) -> anyhow::Result<()> {
     let mut rows = vec![0.25f32; 17];
     rows[0] = 256.0;
     let hidden = Tensor::from_vec(rows, (17, 1), device)?.to_dtype(DType::BF16)?;
     let weight = Tensor::zeros((2, 1), DType::BF16, device)?;
     let labels = Tensor::zeros(17, DType::U32, device)?;
-    let g = f64::from(bf16::from_f64(-1.0 / 34.0));
-    let stalled = [bf16::from_f64(256.0 * g), bf16::from_f64(-256.0 * g)].map(f32::from);
-    let exact = [bf16::from_f64(260.0 * g), bf16::from_f64(-260.0 * g)].map(f32::from);
-    assert_ne!(stalled, exact, "the case must tell the two sums apart");
-    for (low_memory, want) in [(true, stalled), (false, exact)] {
-        let ce = LinearCrossEntropy::default().chunk_len(Some(1)).low_memory(low_memory);
-        let direct = ce.loss_and_grads(&hidden, &weight, None, &labels, None)?;
-        let recorded = through_autograd(&ce, &hidden, &weight, &labels)?;
-        for (path, grads) in [("loss_and_grads", direct), ("autograd", recorded)] {
-            assert_eq!(grads.weight_grad.dtype(), DType::BF16, "{path}: dtype");
-            assert_eq!(values(&grads.weight_grad)?, want, "low_memory {low_memory}, {path}: weight gradient");
+    // Mean: g = -1/34; None (the per-token losses summed; backward recomputes): g = -1/2.
+    for (reduction, g) in [(Reduction::Mean, -1.0 / 34.0), (Reduction::None, -0.5)] {
+        let g = f64::from(bf16::from_f64(g));
+        let stalled = [bf16::from_f64(256.0 * g), bf16::from_f64(-256.0 * g)].map(f32::from);
+        let exact = [bf16::from_f64(260.0 * g), bf16::from_f64(-260.0 * g)].map(f32::from);
+        assert_ne!(stalled, exact, "the case must tell the two sums apart");
+        for (low_memory, want) in [(true, stalled), (false, exact)] {
+            let ce = LinearCrossEntropy::default().chunk_len(Some(1)).low_memory(low_memory).reduction(reduction);
+            let mut paths = vec![("autograd", through_autograd(&ce, &hidden, &weight, &labels)?)];
+            if reduction == Reduction::Mean {
+                paths.push(("loss_and_grads", ce.loss_and_grads(&hidden, &weight, None, &labels, None)?));
+            }
+            for (path, grads) in paths {
+                let what = format!("{reduction:?}, low_memory {low_memory}, {path}");
+                assert_eq!(grads.weight_grad.dtype(), DType::BF16, "{what}: dtype");
+                assert_eq!(values(&grads.weight_grad)?, want, "{what}: weight gradient");
+            }
         }
     }
     Ok(())
@@ -59,23 +67,29 @@ fn weight_gradient_is_summed_in_the_weight_dtype(device: &Device) -> anyhow::Res
 /// Against the default on random inputs with ignored rows, in chunks of 4:
 /// the loss and the hidden states' gradient are the same numbers; the
 /// weight's gradient is the same in f32, and in bf16 within a rounding per
-/// chunk of the default's (rounded once).
+/// chunk of the default's (rounded once). `Mean` (gradients formed in the
+/// forward pass) and `None` (a backward that recomputes the logits).
 fn only_the_weight_sum_changes(device: &Device) -> anyhow::Result<()> {
-    for dtype in [DType::F32, DType::BF16] {
+    for (dtype, reduction) in
+        [DType::F32, DType::BF16].into_iter().flat_map(|d| [(d, Reduction::Mean), (d, Reduction::None)])
+    {
         let mut rng = Rng::new(50);
         let hidden = common::logits(&mut rng, &[3, 9, 16], 1.0, dtype, device)?;
         let weight = common::logits(&mut rng, &[61, 16], 0.5, dtype, device)?;
         let labels = common::labels(&mut rng, &[3, 9], 61, 0.2, -100, device)?;
         let valid = labels.flatten_all()?.to_vec1::<i64>()?.iter().filter(|&&l| l != -100).count();
         let chunks = valid.div_ceil(4) as f64;
-        let default = LinearCrossEntropy::default().chunk_len(Some(4));
+        let default = LinearCrossEntropy::default().chunk_len(Some(4)).reduction(reduction);
         let lean = default.clone().low_memory(true);
-        let want = default.loss_and_grads(&hidden, &weight, None, &labels, None)?;
-        for (path, got) in [
-            ("loss_and_grads", lean.loss_and_grads(&hidden, &weight, None, &labels, None)?),
-            ("autograd", through_autograd(&lean, &hidden, &weight, &labels)?),
-        ] {
-            let what = format!("{dtype:?} {path}");
+        let want = through_autograd(&default, &hidden, &weight, &labels)?;
+        let mut paths = vec![("autograd", through_autograd(&lean, &hidden, &weight, &labels)?)];
+        if reduction == Reduction::Mean {
+            let direct = default.loss_and_grads(&hidden, &weight, None, &labels, None)?;
+            assert_close(&direct.weight_grad, &want.weight_grad, 0.0, 0.0, &format!("{dtype:?}: the two defaults"))?;
+            paths.push(("loss_and_grads", lean.loss_and_grads(&hidden, &weight, None, &labels, None)?));
+        }
+        for (path, got) in paths {
+            let what = format!("{dtype:?} {reduction:?} {path}");
             assert_close(&got.loss, &want.loss, 0.0, 0.0, &format!("{what}: loss"))?;
             assert_close(&got.hidden_grad, &want.hidden_grad, 0.0, 0.0, &format!("{what}: hidden"))?;
             assert_eq!(got.weight_grad.dtype(), dtype, "{what}: weight gradient dtype");
