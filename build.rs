@@ -22,11 +22,22 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let arch = target_arch(&nvcc);
-    let source = "cuda/cross_entropy.cu";
-    let ptx = out_dir.join("cross_entropy.ptx");
-    let status = Command::new(&nvcc)
-        .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), source, "-o"])
-        .arg(&ptx)
+    compile(&nvcc, &arch, "cuda/cross_entropy.cu", &out_dir.join("cross_entropy.ptx"), &[]);
+    // The finetune_gpt2 example's AdamW (an example has no build script of its
+    // own): candle's arithmetic operation by operation, so no multiply-add
+    // contraction.
+    println!("cargo::rerun-if-changed=examples/finetune_gpt2/adamw.cu");
+    let adamw = "examples/finetune_gpt2/adamw.cu";
+    compile(&nvcc, &arch, adamw, &out_dir.join("finetune_adamw.ptx"), &["-fmad=false"]);
+}
+
+/// `nvcc -ptx` of `source` into `ptx` for `arch`, with `extra` flags.
+fn compile(nvcc: &str, arch: &str, source: &str, ptx: &std::path::Path, extra: &[&str]) {
+    let status = Command::new(nvcc)
+        .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={arch}")])
+        .args(extra)
+        .args([source, "-o"])
+        .arg(ptx)
         .status()
         .unwrap_or_else(|e| panic!("could not run `{nvcc}` (put nvcc on PATH or set NVCC): {e}"));
     assert!(status.success(), "`{nvcc}` failed to compile {source}");

@@ -271,24 +271,47 @@ fn logits_without_a_graph_are_the_logits() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parameters of several shapes (one large enough to matter, one scalar-like),
-/// gradients from a seeded stream.
-fn parameters(dtype: DType, rng: &mut Rng) -> anyhow::Result<Vec<Var>> {
-    [vec![37, 19], vec![5], vec![1]]
+/// Parameters of several shapes (one larger than a CUDA launch's grid of
+/// 4096 x 256 threads covers in one sweep, one scalar-like), gradients from a
+/// seeded stream, on `device`.
+fn parameters(dtype: DType, rng: &mut Rng, device: &Device) -> anyhow::Result<Vec<Var>> {
+    [vec![37, 19], vec![5], vec![1], vec![1100, 1000]]
         .into_iter()
         .map(|shape| {
             let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.normal() as f32).collect();
-            Ok(Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)?)
+            Ok(Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)?)
         })
         .collect()
 }
 
 #[test]
 fn adamw_is_candle_nns_bit_for_bit() -> anyhow::Result<()> {
+    adamw_matches_candle_nn(&Device::Cpu)
+}
+
+/// On CUDA, f32 runs `adamw.cu`'s kernels; candle-nn runs candle's CUDA
+/// kernels, each operation rounded on its own, as ours (no contraction).
+/// Skips without a GPU (fails with `CHUNKED_CE_REQUIRE_CUDA` set).
+#[cfg(feature = "cuda")]
+#[test]
+fn adamw_is_candle_nns_bit_for_bit_on_cuda() -> anyhow::Result<()> {
+    match Device::new_cuda(0) {
+        Ok(device) => adamw_matches_candle_nn(&device),
+        Err(e) => {
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
+            eprintln!("SKIP adamw_is_candle_nns_bit_for_bit_on_cuda: no CUDA device");
+            Ok(())
+        }
+    }
+}
+
+fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
     let _shared = shared();
-    // f32: the in-place CPU update; f64: the tensor operations it falls back to.
+    // f32: the in-place update (Rust on the CPU, adamw.cu on CUDA); f64: the
+    // tensor operations it falls back to.
     for dtype in [DType::F32, DType::F64] {
-        let (ours, theirs) = (parameters(dtype, &mut Rng::new(5))?, parameters(dtype, &mut Rng::new(5))?);
+        let (ours, theirs) =
+            (parameters(dtype, &mut Rng::new(5), device)?, parameters(dtype, &mut Rng::new(5), device)?);
         let params = ParamsAdamW { lr: 3e-2, weight_decay: 0.1, ..Default::default() };
         let mut our_opt = adamw::AdamW::new(ours.clone(), params.clone())?;
         let mut their_opt = candle_nn::AdamW::new(theirs.clone(), params)?;
@@ -300,9 +323,9 @@ fn adamw_is_candle_nns_bit_for_bit() -> anyhow::Result<()> {
                 .map(|var| (0..var.elem_count()).map(|i| if i % 4 == 0 { 0.0 } else { rng.normal() as f32 }).collect())
                 .collect();
             let grads = |vars: &[Var]| -> anyhow::Result<candle::backprop::GradStore> {
-                let mut total = Tensor::zeros((), dtype, &Device::Cpu)?;
+                let mut total = Tensor::zeros((), dtype, device)?;
                 for (var, w) in vars.iter().zip(&weights) {
-                    let w = Tensor::from_vec(w.clone(), var.shape(), &Device::Cpu)?.to_dtype(dtype)?;
+                    let w = Tensor::from_vec(w.clone(), var.shape(), device)?.to_dtype(dtype)?;
                     total = (total + (var.as_tensor().sqr()? * w)?.sum_all()?)?;
                 }
                 Ok(total.backward()?)

@@ -18,6 +18,8 @@
 #![cfg(target_os = "linux")]
 
 mod common;
+#[path = "hip_cpu/library.rs"]
+mod hip_library;
 
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::kernel_abi::{
@@ -26,7 +28,7 @@ use candle_chunked_ce::kernel_abi::{
 };
 use common::Rng;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
@@ -65,67 +67,13 @@ fn kernels(test: &str) -> Option<&'static CpuKernels> {
     }
 }
 
-/// Compiles the kernels into a shared library (cached in the target dir by a
-/// hash of every input: contents, not paths, so that a clone elsewhere reuses
-/// it; HIP-CPU by its canonical path) and loads it. `Err` says why the tools
-/// are missing; a compile error in the kernels or the shim panics: it is a
-/// failure, not a skip.
+/// Compiles the kernels into a shared library (see `tests/hip_cpu/library.rs`)
+/// and loads it. `Err` says why the tools are missing; a compile error in the
+/// kernels or the shim panics: it is a failure, not a skip.
 fn build() -> std::result::Result<CpuKernels, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let hip_cpu =
-        std::env::var_os("HIP_CPU_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../shared/hip-cpu"));
-    if !hip_cpu.join("include/hip/hip_runtime.h").exists() {
-        return Err(format!("HIP-CPU not found at {} (set HIP_CPU_DIR)", hip_cpu.display()));
-    }
-    let hip_cpu = hip_cpu.canonicalize().map_err(|e| format!("HIP-CPU at {}: {e}", hip_cpu.display()))?;
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    if Command::new(&compiler).arg("--version").output().is_err() {
-        return Err(format!("no C++ compiler `{compiler}` (set CXX)"));
-    }
-    let shim = manifest.join("tests/hip_cpu");
     let kernels = manifest.join("cuda/cross_entropy.cu");
-    let source = generated_source();
-    let flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", "-include", "prelude.h"];
-    let mut inputs = vec![source.clone(), compiler.clone(), flags.join(" "), hip_cpu.display().to_string()];
-    for file in ["prelude.h", "launch.h", "cuda_bf16.h", "cuda_fp16.h"] {
-        inputs.push(std::fs::read_to_string(shim.join(file)).expect("the shim is in the repository"));
-    }
-    inputs.push(std::fs::read_to_string(&kernels).expect("cuda/cross_entropy.cu is in the repository"));
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernels_on_cpu");
-    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    let library = out_dir.join(format!("libce_{:016x}.so", fnv1a(&inputs.concat())));
-    if !library.exists() {
-        let cpp = out_dir.join(format!("launch_{}.cpp", std::process::id()));
-        std::fs::write(&cpp, &source).map_err(|e| format!("cannot write {}: {e}", cpp.display()))?;
-        let partial = library.with_extension(format!("{}.tmp", std::process::id()));
-        let output = Command::new(&compiler)
-            .args(flags)
-            .arg("-I")
-            .arg(&shim)
-            .arg("-I")
-            .arg(manifest.join("cuda"))
-            .arg("-I")
-            .arg(hip_cpu.join("include"))
-            .arg(&cpp)
-            .arg("-o")
-            .arg(&partial)
-            .args(["-ltbb", "-pthread"])
-            .output()
-            .map_err(|e| format!("cannot run `{compiler}`: {e}"))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if stderr.contains("ltbb") || stderr.contains("tbb/") || stderr.contains("execution:") {
-                let line = stderr.lines().find(|l| l.contains("tbb")).unwrap_or_default();
-                return Err(format!("TBB is missing (apt-get install libtbb-dev): {line}"));
-            }
-            panic!("compiling cuda/cross_entropy.cu for the CPU failed:\n{stderr}");
-        }
-        std::fs::rename(&partial, &library).map_err(|e| format!("cannot move the library into place: {e}"))?;
-        let _ = std::fs::remove_file(&cpp);
-    }
-    // SAFETY: the library is ours, just built from the sources above; loading it
-    // runs no initialisers beyond HIP-CPU's and the C++ runtime's.
-    let library = unsafe { libloading::Library::new(&library) }.map_err(|e| format!("cannot load the kernels: {e}"))?;
+    let library = hip_library::build("ce", &generated_source(), &[manifest.join("cuda")], &[kernels])?;
     // SAFETY: `ce_launch` has the signature of `LaunchFn` (the generated source below).
     let launch = unsafe { library.get::<LaunchFn>(b"ce_launch\0") }.map_err(|e| format!("no ce_launch: {e}"))?;
     Ok(CpuKernels { launch: *launch, _library: library })
@@ -135,24 +83,8 @@ fn build() -> std::result::Result<CpuKernels, String> {
 /// include path), and `ce_launch` dispatching on every entry that `kernel_abi`
 /// knows (a name missing from the `.cu` fails to compile).
 fn generated_source() -> String {
-    let mut source = String::from("#include \"launch.h\"\n#include \"cross_entropy.cu\"\n#include <cstring>\n\n");
-    source.push_str(
-        "extern \"C\" int ce_launch(const char* entry, unsigned blocks, unsigned threads, void** args,\n\
-         \x20                        const char* kinds, const std::size_t* sizes, int count, char* error,\n\
-         \x20                        std::size_t error_len) {\n",
-    );
-    for entry in ENTRIES {
-        source.push_str(&format!(
-            "    if (std::strcmp(entry, \"{entry}\") == 0)\n        return launch_checked({entry}, entry, blocks, \
-             threads, args, kinds, sizes, count, error, error_len);\n"
-        ));
-    }
-    source.push_str("    std::snprintf(error, error_len, \"no kernel entry %s\", entry);\n    return 1;\n}\n");
-    source
-}
-
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+    let source = String::from("#include \"launch.h\"\n#include \"cross_entropy.cu\"\n#include <cstring>\n\n");
+    source + &hip_library::launcher("ce_launch", &ENTRIES)
 }
 
 // ---------------------------------------------------------------------------

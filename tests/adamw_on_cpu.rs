@@ -1,0 +1,191 @@
+//! The `finetune_gpt2` example's AdamW kernels (`examples/finetune_gpt2/adamw.cu`),
+//! compiled for the CPU with HIP-CPU (`tests/hip_cpu/library.rs`) and launched
+//! with the arguments the example's launchers pass (`adamw.rs`, module `cuda`),
+//! against candle-nn's update written with candle's tensor operations on the
+//! CPU: bit for bit, for a parameter longer than the grid (the kernels'
+//! grid-stride loops) and of a length no block size divides.
+//!
+//! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
+//! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
+#![cfg(target_os = "linux")]
+
+#[path = "hip_cpu/library.rs"]
+mod hip_library;
+
+use candle::{Device, Tensor};
+use std::ffi::{c_char, c_void, CStr};
+use std::path::Path;
+use std::sync::OnceLock;
+
+const ENTRIES: [&str; 3] = ["adamw_first_moment", "adamw_second_moment", "adamw_update"];
+
+/// `adamw_launch` in the generated source (see `tests/hip_cpu/launch.h`).
+type LaunchFn = unsafe extern "C" fn(
+    entry: *const c_char,
+    blocks: u32,
+    threads: u32,
+    args: *mut *mut c_void,
+    kinds: *const c_char,
+    sizes: *const usize,
+    count: i32,
+    error: *mut c_char,
+    error_len: usize,
+) -> i32;
+
+/// The kernels, compiled once, or why the test skips.
+fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
+    static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), String>> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
+        let source = String::from("#include \"launch.h\"\n#include \"adamw.cu\"\n#include <cstring>\n\n")
+            + &hip_library::launcher("adamw_launch", &ENTRIES);
+        let library = hip_library::build("adamw", &source, std::slice::from_ref(&dir), &[dir.join("adamw.cu")])?;
+        // SAFETY: `adamw_launch` has the signature of `LaunchFn` (hip_library::launcher).
+        let launch =
+            unsafe { library.get::<LaunchFn>(b"adamw_launch\0") }.map_err(|e| format!("no adamw_launch: {e}"))?;
+        let launch = *launch;
+        Ok((library, launch))
+    })
+}
+
+/// One kernel argument, as the example's launcher passes it.
+enum Arg<'a> {
+    Floats(&'a mut [f32]),
+    I64(i64),
+    F32(f32),
+}
+
+/// Launches `entry` on `blocks` x `threads` with `args`, checked against the
+/// entry's parameter list by `launch_checked`.
+fn launch(launch: LaunchFn, entry: &str, blocks: u32, threads: u32, args: &mut [Arg]) {
+    // Each argument's value, in a slot whose address the argument array holds.
+    let mut slots: Vec<[u8; 8]> = Vec::new();
+    let (mut kinds, mut sizes) = (Vec::new(), Vec::new());
+    for arg in args.iter_mut() {
+        let (kind, bytes, size) = match arg {
+            Arg::Floats(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
+            Arg::I64(v) => (b'i', v.to_ne_bytes(), 8),
+            Arg::F32(v) => {
+                let mut bytes = [0u8; 8];
+                bytes[..4].copy_from_slice(&v.to_ne_bytes());
+                (b'f', bytes, 4)
+            }
+        };
+        slots.push(bytes);
+        kinds.push(kind as c_char);
+        sizes.push(size);
+    }
+    let mut pointers: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
+    let entry_c = std::ffi::CString::new(entry).unwrap();
+    let mut error = vec![0 as c_char; 512];
+    // SAFETY: every pointer in `pointers` addresses an 8-byte slot holding the
+    // argument's value (a pointer, an i64, or an f32 in its first 4 bytes), alive
+    // for the call; the float buffers behind the pointers are borrowed mutably for
+    // it; `launch_checked` refuses a list that does not match the entry's.
+    let rc = unsafe {
+        launch(
+            entry_c.as_ptr(),
+            blocks,
+            threads,
+            pointers.as_mut_ptr(),
+            kinds.as_ptr(),
+            sizes.as_ptr(),
+            args.len() as i32,
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    // SAFETY: the launcher writes a NUL-terminated message into `error` (zeroed).
+    let message = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned();
+    assert_eq!(rc, 0, "{entry}: {message}");
+}
+
+/// Deterministic values in [-1, 1) (xorshift), exactly f32.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
+    let (_library, launch_fn) = match kernels() {
+        Ok((library, launch)) => (library, *launch),
+        Err(reason) => {
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_HIP_CPU").is_none(), "HIP-CPU required: {reason}");
+            eprintln!("SKIP adamw_kernels_are_candle_nns_update_bit_for_bit: {reason}");
+            return Ok(());
+        }
+    };
+    let n = 1000;
+    let (mut theta, mut m, mut v, g) = (values(n, 1), values(n, 2), values(n, 3), values(n, 4));
+    v.iter_mut().for_each(|x| *x = x.abs());
+    g.iter().zip(&mut m).step_by(7).for_each(|(_, m)| *m = 0.0);
+    let (beta1, beta2, lr, weight_decay, eps, t) = (0.9f64, 0.999f64, 3e-2f64, 0.1f64, 1e-8f64, 3);
+    let scale_m = 1.0 / (1.0 - beta1.powi(t));
+    let scale_v = 1.0 / (1.0 - beta2.powi(t));
+    let decay = 1.0 - lr * weight_decay;
+
+    // candle-nn's AdamW step, operation by operation, on the CPU.
+    let tensor = |x: &[f32]| Tensor::new(x, &Device::Cpu);
+    let (t_theta, t_m, t_v, t_g) = (tensor(&theta)?, tensor(&m)?, tensor(&v)?, tensor(&g)?);
+    let next_m = ((&t_m * beta1)? + (&t_g * (1.0 - beta1))?)?;
+    let next_v = ((&t_v * beta2)? + (t_g.sqr()? * (1.0 - beta2))?)?;
+    let adjusted = ((&next_m * scale_m)? / ((&next_v * scale_v)?.sqrt()? + eps)?)?;
+    let next_theta = ((&t_theta * decay)? - (adjusted * lr)?)?;
+
+    // The kernels, on a grid of 3 x 64 threads: each thread visits several elements.
+    let (blocks, threads, len) = (3, 64, n as i64);
+    let f = |x: f64| x as f32;
+    launch(
+        launch_fn,
+        "adamw_first_moment",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut m),
+            Arg::Floats(&mut g.clone()),
+            Arg::I64(len),
+            Arg::F32(f(beta1)),
+            Arg::F32(f(1.0 - beta1)),
+        ],
+    );
+    launch(
+        launch_fn,
+        "adamw_second_moment",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut v),
+            Arg::Floats(&mut g.clone()),
+            Arg::I64(len),
+            Arg::F32(f(beta2)),
+            Arg::F32(f(1.0 - beta2)),
+        ],
+    );
+    let coefficients = [scale_m, scale_v, eps, decay, lr].map(|c| Arg::F32(f(c)));
+    let (mut m_read, mut v_read) = (m.clone(), v.clone());
+    let mut args = vec![Arg::Floats(&mut theta), Arg::Floats(&mut m_read), Arg::Floats(&mut v_read), Arg::I64(len)];
+    args.extend(coefficients);
+    launch(launch_fn, "adamw_update", blocks, threads, &mut args);
+
+    for (what, got, want) in [("m", &m, &next_m), ("v", &v, &next_v), ("theta", &theta, &next_theta)] {
+        let want = want.to_vec1::<f32>()?;
+        let differ: Vec<usize> = (0..n).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+        assert!(
+            differ.is_empty(),
+            "{what}: {} of {n} differ, first at {}: {} vs {}",
+            differ.len(),
+            differ[0],
+            got[differ[0]],
+            want[differ[0]]
+        );
+    }
+    Ok(())
+}
