@@ -174,8 +174,9 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 /// `LinearCrossEntropy` forward+backward into hidden and weight (bf16), median
 /// time and peak device memory above the inputs, with the weight gradient's
 /// size that the memory target is stated against: through candle's autograd
-/// (automatic and 2048-row chunks), `loss_and_grads` (the gradients handed
-/// over), and `accumulate_grads` into an f32 accumulator made beforehand;
+/// (automatic, 2048- and 4096-row chunks: fewer passes over the f32
+/// accumulator), `loss_and_grads` (automatic and 4096-row chunks; the
+/// gradients handed over), and `accumulate_grads` into an f32 accumulator made beforehand;
 /// then autograd and `loss_and_grads` with `low_memory` (the weight's gradient
 /// summed in bf16, smaller chunks), against Liger's peak.
 fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
@@ -194,7 +195,9 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
     let paths = [
         ("ours LinearCrossEntropy (automatic chunks)", None, false, Path::Autograd),
         ("ours, 2048-row chunks", Some(2048), false, Path::Autograd),
+        ("ours, 4096-row chunks", Some(4096), false, Path::Autograd),
         ("ours loss_and_grads (automatic chunks)", None, false, Path::LossAndGrads),
+        ("ours loss_and_grads, 4096-row chunks", Some(4096), false, Path::LossAndGrads),
         ("ours accumulate_grads (f32 accumulator kept)", None, false, Path::Accumulate),
         ("ours LinearCrossEntropy, low_memory", None, true, Path::Autograd),
         ("ours loss_and_grads, low_memory", None, true, Path::LossAndGrads),
