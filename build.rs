@@ -23,12 +23,15 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let arch = target_arch(&nvcc);
     compile(&nvcc, &arch, "cuda/cross_entropy.cu", &out_dir.join("cross_entropy.ptx"), &[]);
-    // The finetune_gpt2 example's AdamW (an example has no build script of its
-    // own): candle's arithmetic operation by operation, so no multiply-add
-    // contraction.
+    // The finetune_gpt2 example's kernels (an example has no build script of
+    // its own). AdamW is candle's arithmetic operation by operation, so no
+    // multiply-add contraction.
     println!("cargo::rerun-if-changed=examples/finetune_gpt2/adamw.cu");
     let adamw = "examples/finetune_gpt2/adamw.cu";
     compile(&nvcc, &arch, adamw, &out_dir.join("finetune_adamw.ptx"), &["-fmad=false"]);
+    println!("cargo::rerun-if-changed=examples/finetune_gpt2/softmax.cu");
+    let softmax = "examples/finetune_gpt2/softmax.cu";
+    compile(&nvcc, &arch, softmax, &out_dir.join("finetune_softmax.ptx"), &[]);
 }
 
 /// `nvcc -ptx` of `source` into `ptx` for `arch`, with `extra` flags.

@@ -1,9 +1,11 @@
-//! The `finetune_gpt2` example's AdamW kernels (`examples/finetune_gpt2/adamw.cu`),
-//! compiled for the CPU with HIP-CPU (`tests/hip_cpu/library.rs`) and launched
-//! with the arguments the example's launchers pass (`adamw.rs`, module `cuda`),
-//! against candle-nn's update written with candle's tensor operations on the
-//! CPU: bit for bit, for a parameter longer than the grid (the kernels'
-//! grid-stride loops) and of a length no block size divides.
+//! The `finetune_gpt2` example's kernels, compiled for the CPU with HIP-CPU
+//! (`tests/hip_cpu/library.rs`) and launched with the arguments the example's
+//! launchers pass (module `cuda` of `adamw.rs` and `softmax.rs`): AdamW's
+//! (`adamw.cu`) against candle-nn's update written with candle's tensor
+//! operations on the CPU, bit for bit, for a parameter longer than the grid
+//! (the kernels' grid-stride loops) and of a length no block size divides;
+//! the causal softmax's (`softmax.cu`) against the op's CPU engine, forward
+//! and backward, with more rows than the grid holds warps.
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
@@ -11,15 +13,18 @@
 
 #[path = "hip_cpu/library.rs"]
 mod hip_library;
+#[path = "../examples/finetune_gpt2/softmax.rs"]
+mod softmax;
 
 use candle::{Device, Tensor};
 use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 3] = ["adamw_first_moment", "adamw_second_moment", "adamw_update"];
+const ENTRIES: [&str; 5] =
+    ["adamw_first_moment", "adamw_second_moment", "adamw_update", "causal_softmax_fwd", "causal_softmax_bwd"];
 
-/// `adamw_launch` in the generated source (see `tests/hip_cpu/launch.h`).
+/// `example_launch` in the generated source (see `tests/hip_cpu/launch.h`).
 type LaunchFn = unsafe extern "C" fn(
     entry: *const c_char,
     blocks: u32,
@@ -37,12 +42,14 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
     static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), String>> = OnceLock::new();
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
-        let source = String::from("#include \"launch.h\"\n#include \"adamw.cu\"\n#include <cstring>\n\n")
-            + &hip_library::launcher("adamw_launch", &ENTRIES);
-        let library = hip_library::build("adamw", &source, std::slice::from_ref(&dir), &[dir.join("adamw.cu")])?;
-        // SAFETY: `adamw_launch` has the signature of `LaunchFn` (hip_library::launcher).
+        let source = String::from(
+            "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include <cstring>\n\n",
+        ) + &hip_library::launcher("example_launch", &ENTRIES);
+        let sources = [dir.join("adamw.cu"), dir.join("softmax.cu")];
+        let library = hip_library::build("example", &source, std::slice::from_ref(&dir), &sources)?;
+        // SAFETY: `example_launch` has the signature of `LaunchFn` (hip_library::launcher).
         let launch =
-            unsafe { library.get::<LaunchFn>(b"adamw_launch\0") }.map_err(|e| format!("no adamw_launch: {e}"))?;
+            unsafe { library.get::<LaunchFn>(b"example_launch\0") }.map_err(|e| format!("no example_launch: {e}"))?;
         let launch = *launch;
         Ok((library, launch))
     })
@@ -52,6 +59,7 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
 enum Arg<'a> {
     Floats(&'a mut [f32]),
     I64(i64),
+    I32(i32),
     F32(f32),
 }
 
@@ -65,6 +73,11 @@ fn launch(launch: LaunchFn, entry: &str, blocks: u32, threads: u32, args: &mut [
         let (kind, bytes, size) = match arg {
             Arg::Floats(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
             Arg::I64(v) => (b'i', v.to_ne_bytes(), 8),
+            Arg::I32(v) => {
+                let mut bytes = [0u8; 8];
+                bytes[..4].copy_from_slice(&v.to_ne_bytes());
+                (b'i', bytes, 4)
+            }
             Arg::F32(v) => {
                 let mut bytes = [0u8; 8];
                 bytes[..4].copy_from_slice(&v.to_ne_bytes());
@@ -79,7 +92,7 @@ fn launch(launch: LaunchFn, entry: &str, blocks: u32, threads: u32, args: &mut [
     let entry_c = std::ffi::CString::new(entry).unwrap();
     let mut error = vec![0 as c_char; 512];
     // SAFETY: every pointer in `pointers` addresses an 8-byte slot holding the
-    // argument's value (a pointer, an i64, or an f32 in its first 4 bytes), alive
+    // argument's value (a pointer, an i64, or an i32 or f32 in its first 4 bytes), alive
     // for the call; the float buffers behind the pointers are borrowed mutably for
     // it; `launch_checked` refuses a list that does not match the entry's.
     let rc = unsafe {
@@ -113,16 +126,21 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
-    let (_library, launch_fn) = match kernels() {
-        Ok((library, launch)) => (library, *launch),
+/// The launcher, or `None` after saying why `test` skips.
+fn launcher(test: &str) -> Option<LaunchFn> {
+    match kernels() {
+        Ok((_, launch)) => Some(*launch),
         Err(reason) => {
             assert!(std::env::var_os("CHUNKED_CE_REQUIRE_HIP_CPU").is_none(), "HIP-CPU required: {reason}");
-            eprintln!("SKIP adamw_kernels_are_candle_nns_update_bit_for_bit: {reason}");
-            return Ok(());
+            eprintln!("SKIP {test}: {reason}");
+            None
         }
-    };
+    }
+}
+
+#[test]
+fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("adamw_kernels_are_candle_nns_update_bit_for_bit") else { return Ok(()) };
     let n = 1000;
     let (mut theta, mut m, mut v, g) = (values(n, 1), values(n, 2), values(n, 3), values(n, 4));
     v.iter_mut().for_each(|x| *x = x.abs());
@@ -186,6 +204,70 @@ fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
             got[differ[0]],
             want[differ[0]]
         );
+    }
+    Ok(())
+}
+
+/// Both softmax kernels on 2 x 3 x 37 x 37 scores, a grid of 4 blocks of 8
+/// warps (32 rows at a time, 222 rows), against the op on the CPU: the same
+/// formula, summed in another order.
+#[test]
+fn causal_softmax_kernels_match_the_cpu_op() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("causal_softmax_kernels_match_the_cpu_op") else { return Ok(()) };
+    let (t, rows) = (37usize, 2 * 3 * 37);
+    let scale = 0.125f32;
+    let scores = values(rows * t, 5).into_iter().map(|x| 6.0 * x).collect::<Vec<f32>>();
+    let upstream = values(rows * t, 6);
+    let var = candle::Var::from_tensor(&Tensor::from_vec(scores.clone(), (2, 3, t, t), &Device::Cpu)?)?;
+    let want_probs = softmax::causal_softmax(var.as_tensor(), f64::from(scale))?;
+    let upstream_t = Tensor::from_vec(upstream.clone(), (2, 3, t, t), &Device::Cpu)?;
+    let grads = (&want_probs * &upstream_t)?.sum_all()?.backward()?;
+    let want_grad = grads.get(var.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?;
+    let want_probs = want_probs.flatten_all()?.to_vec1::<f32>()?;
+
+    let (blocks, threads) = (4, 256);
+    let mut probs = vec![f32::NAN; rows * t];
+    let (rows_arg, t_arg) = (rows as i64, t as i32);
+    let mut scores_in = scores.clone();
+    launch(
+        launch_fn,
+        "causal_softmax_fwd",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut scores_in),
+            Arg::Floats(&mut probs),
+            Arg::I64(rows_arg),
+            Arg::I32(t_arg),
+            Arg::F32(scale),
+        ],
+    );
+    let mut grad = vec![f32::NAN; rows * t];
+    let (mut probs_in, mut upstream_in) = (probs.clone(), upstream.clone());
+    launch(
+        launch_fn,
+        "causal_softmax_bwd",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut probs_in),
+            Arg::Floats(&mut upstream_in),
+            Arg::Floats(&mut grad),
+            Arg::I64(rows_arg),
+            Arg::I32(t_arg),
+            Arg::F32(scale),
+        ],
+    );
+    for (what, got, want) in [("probabilities", &probs, &want_probs), ("gradient", &grad, &want_grad)] {
+        let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * largest.max(1.0),
+                "{what}[{i}] (row {}, column {}): {g} vs {w}",
+                i / t,
+                i % t
+            );
+        }
     }
     Ok(())
 }

@@ -11,6 +11,9 @@ mod gpt2;
 #[path = "../examples/finetune_gpt2/rng.rs"]
 #[allow(dead_code)]
 mod rng;
+#[path = "../examples/finetune_gpt2/softmax.rs"]
+#[allow(dead_code)]
+mod softmax;
 #[path = "../examples/finetune_gpt2/train.rs"]
 #[allow(dead_code)]
 mod train;

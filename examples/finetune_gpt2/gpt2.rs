@@ -4,10 +4,12 @@
 //! embedding (or its own `lm_head.weight` when untied). Tensor names and shapes
 //! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
 //! `checkpoint.rs` reads and writes them with their `config.json`. Only
-//! differentiable candle ops are used (candle-nn's fused `LayerNorm` and
-//! `softmax_last_dim` record no backward).
+//! differentiable ops are used (candle-nn's fused `LayerNorm` and
+//! `softmax_last_dim` record no backward): candle's, and the attention's
+//! causal softmax with its own backward (`softmax.rs`).
 
 use crate::rng::Rng;
+use crate::softmax::causal_softmax;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
@@ -129,7 +131,6 @@ pub const LM_HEAD: &str = "lm_head.weight";
 pub struct Gpt2 {
     pub config: Config,
     params: HashMap<String, Var>,
-    causal_mask: Tensor,
 }
 
 impl Gpt2 {
@@ -154,8 +155,7 @@ impl Gpt2 {
             extra.sort();
             candle::bail!("the checkpoint holds tensors this GPT-2 does not use: {extra:?}")
         }
-        let causal_mask = causal_mask(config.context, device)?;
-        Ok(Self { config, params, causal_mask })
+        Ok(Self { config, params })
     }
 
     /// The parameters under Hugging Face's names (`transformer.` prefix, and
@@ -205,9 +205,7 @@ impl Gpt2 {
         let split =
             |i: usize| qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, heads, head_dim))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
-        let mask = self.causal_mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let weights = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+        let weights = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
         let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         self.conv1d(&y, &format!("{prefix}.c_proj"))
     }
@@ -385,11 +383,4 @@ fn output_gradient(grads: &mut GradStore, var: &Var) -> Result<Tensor> {
         Some(g) => Ok(g.detach()),
         None => var.zeros_like(),
     }
-}
-
-/// `[T, T]` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(context: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..context).flat_map(|i| (0..context).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (context, context), device)
 }

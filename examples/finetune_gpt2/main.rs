@@ -13,6 +13,7 @@ mod checkpoint;
 mod cli;
 mod gpt2;
 mod rng;
+mod softmax;
 mod train;
 
 use adamw::AdamW;
