@@ -29,9 +29,11 @@ fn main() {
     println!("cargo::rerun-if-changed=examples/finetune_gpt2/adamw.cu");
     let adamw = "examples/finetune_gpt2/adamw.cu";
     compile(&nvcc, &arch, adamw, &out_dir.join("finetune_adamw.ptx"), &["-fmad=false"]);
-    println!("cargo::rerun-if-changed=examples/finetune_gpt2/softmax.cu");
-    let softmax = "examples/finetune_gpt2/softmax.cu";
-    compile(&nvcc, &arch, softmax, &out_dir.join("finetune_softmax.ptx"), &[]);
+    for kernels in ["softmax", "layer_norm"] {
+        let source = format!("examples/finetune_gpt2/{kernels}.cu");
+        println!("cargo::rerun-if-changed={source}");
+        compile(&nvcc, &arch, &source, &out_dir.join(format!("finetune_{kernels}.ptx")), &[]);
+    }
 }
 
 /// `nvcc -ptx` of `source` into `ptx` for `arch`, with `extra` flags.

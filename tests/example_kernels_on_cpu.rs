@@ -4,8 +4,9 @@
 //! (`adamw.cu`) against candle-nn's update written with candle's tensor
 //! operations on the CPU, bit for bit, for a parameter longer than the grid
 //! (the kernels' grid-stride loops) and of a length no block size divides;
-//! the causal softmax's (`softmax.cu`) against the op's CPU engine, forward
-//! and backward, with more rows than the grid holds warps.
+//! the causal softmax's (`softmax.cu`) and the layer norm's (`layer_norm.cu`)
+//! against their ops' CPU engines, forward and backward, with more rows than
+//! the grid holds warps.
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
@@ -13,6 +14,8 @@
 
 #[path = "hip_cpu/library.rs"]
 mod hip_library;
+#[path = "../examples/finetune_gpt2/layer_norm.rs"]
+mod layer_norm;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 mod softmax;
 
@@ -21,8 +24,15 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 5] =
-    ["adamw_first_moment", "adamw_second_moment", "adamw_update", "causal_softmax_fwd", "causal_softmax_bwd"];
+const ENTRIES: [&str; 7] = [
+    "adamw_first_moment",
+    "adamw_second_moment",
+    "adamw_update",
+    "causal_softmax_fwd",
+    "causal_softmax_bwd",
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+];
 
 /// `example_launch` in the generated source (see `tests/hip_cpu/launch.h`).
 type LaunchFn = unsafe extern "C" fn(
@@ -43,9 +53,10 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
         let source = String::from(
-            "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include <cstring>\n\n",
+            "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include \"layer_norm.cu\"\n\
+             #include <cstring>\n\n",
         ) + &hip_library::launcher("example_launch", &ENTRIES);
-        let sources = [dir.join("adamw.cu"), dir.join("softmax.cu")];
+        let sources = [dir.join("adamw.cu"), dir.join("softmax.cu"), dir.join("layer_norm.cu")];
         let library = hip_library::build("example", &source, std::slice::from_ref(&dir), &sources)?;
         // SAFETY: `example_launch` has the signature of `LaunchFn` (hip_library::launcher).
         let launch =
@@ -267,6 +278,73 @@ fn causal_softmax_kernels_match_the_cpu_op() -> candle::Result<()> {
                 i / t,
                 i % t
             );
+        }
+    }
+    Ok(())
+}
+
+/// Both layer-norm kernels on 2 x 37 rows of 70 (more rows than the grid's 2 x
+/// 8 warps, a width no warp divides), against the op on the CPU: the output,
+/// then `dx` and `dy n` (whose row sums are the gain's gradient).
+#[test]
+fn layer_norm_kernels_match_the_cpu_op() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("layer_norm_kernels_match_the_cpu_op") else { return Ok(()) };
+    let (rows, width, eps) = (74usize, 70usize, 1e-5f32);
+    let x = values(rows * width, 7).into_iter().map(|v| 3.0 * v + 1.0).collect::<Vec<f32>>();
+    let (gamma, beta, dy) = (values(width, 8), values(width, 9), values(rows * width, 10));
+    let cpu = |v: &[f32], dims: &[usize]| Tensor::from_vec(v.to_vec(), dims, &Device::Cpu);
+    let xv = candle::Var::from_tensor(&cpu(&x, &[2, 37, width])?)?;
+    let gv = candle::Var::from_tensor(&cpu(&gamma, &[width])?)?;
+    let want_y = layer_norm::layer_norm(xv.as_tensor(), gv.as_tensor(), &cpu(&beta, &[width])?, f64::from(eps))?;
+    let grads = (&want_y * cpu(&dy, &[2, 37, width])?)?.sum_all()?.backward()?;
+    let want_dx = grads.get(xv.as_tensor()).expect("dx").flatten_all()?.to_vec1::<f32>()?;
+    let want_dgamma = grads.get(gv.as_tensor()).expect("dgamma").to_vec1::<f32>()?;
+    let want_y = want_y.flatten_all()?.to_vec1::<f32>()?;
+
+    let (blocks, threads) = (2, 256);
+    let (rows_arg, width_arg) = (rows as i64, width as i32);
+    let mut y = vec![f32::NAN; rows * width];
+    let (mut x_in, mut gamma_in, mut beta_in) = (x.clone(), gamma.clone(), beta.clone());
+    launch(
+        launch_fn,
+        "layer_norm_fwd",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut x_in),
+            Arg::Floats(&mut gamma_in),
+            Arg::Floats(&mut beta_in),
+            Arg::Floats(&mut y),
+            Arg::I64(rows_arg),
+            Arg::I32(width_arg),
+            Arg::F32(eps),
+        ],
+    );
+    let mut out = vec![f32::NAN; 2 * rows * width];
+    let mut dy_in = dy.clone();
+    launch(
+        launch_fn,
+        "layer_norm_bwd",
+        blocks,
+        threads,
+        &mut [
+            Arg::Floats(&mut x_in),
+            Arg::Floats(&mut gamma_in),
+            Arg::Floats(&mut dy_in),
+            Arg::Floats(&mut out),
+            Arg::I64(rows_arg),
+            Arg::I32(width_arg),
+            Arg::F32(eps),
+        ],
+    );
+    let (dx, dy_n) = out.split_at(rows * width);
+    let dgamma: Vec<f32> = (0..width).map(|j| (0..rows).map(|r| dy_n[r * width + j]).sum()).collect();
+    for (what, got, want) in
+        [("y", &y[..], &want_y[..]), ("dx", dx, &want_dx[..]), ("dgamma", &dgamma[..], &want_dgamma[..])]
+    {
+        let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 2e-5 * largest.max(1.0), "{what}[{i}]: {g} vs {w}");
         }
     }
     Ok(())

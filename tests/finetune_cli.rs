@@ -9,6 +9,9 @@ mod cli;
 #[path = "../examples/finetune_gpt2/gpt2.rs"]
 #[allow(dead_code)]
 mod gpt2;
+#[path = "../examples/finetune_gpt2/layer_norm.rs"]
+#[allow(dead_code)]
+mod layer_norm;
 #[path = "../examples/finetune_gpt2/rng.rs"]
 #[allow(dead_code)]
 mod rng;

@@ -5,9 +5,11 @@
 //! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
 //! `checkpoint.rs` reads and writes them with their `config.json`. Only
 //! differentiable ops are used (candle-nn's fused `LayerNorm` and
-//! `softmax_last_dim` record no backward): candle's, and the attention's
-//! causal softmax with its own backward (`softmax.rs`).
+//! `softmax_last_dim` record no backward): candle's, and two ops with their
+//! own backward, the layer norm (`layer_norm.rs`) and the attention's causal
+//! softmax (`softmax.rs`).
 
+use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
 use crate::softmax::causal_softmax;
 use candle::backprop::GradStore;
@@ -183,7 +185,7 @@ impl Gpt2 {
 
     fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         let (weight, bias) = (self.p(&format!("{prefix}.weight")), self.p(&format!("{prefix}.bias")));
-        candle_nn::ops::layer_norm_slow(x, weight, bias, self.config.layer_norm_epsilon as f32)
+        layer_norm(x, weight, bias, self.config.layer_norm_epsilon)
     }
 
     /// GPT-2's Conv1D: `x @ W + b` with `W` stored `[in, out]`, for `x` `[B,

@@ -12,6 +12,7 @@ mod adamw;
 mod checkpoint;
 mod cli;
 mod gpt2;
+mod layer_norm;
 mod rng;
 mod softmax;
 mod train;

@@ -1,0 +1,123 @@
+//! The `finetune_gpt2` example's ops with their own backward, against
+//! candle's primitives: the causal softmax (`softmax.rs`) against scale, add
+//! the causal mask and `candle_nn::ops::softmax`, for a `T` that is no
+//! multiple of a warp and for `T = 1`; the layer norm (`layer_norm.rs`)
+//! against `candle_nn::ops::layer_norm_slow`, for widths below, at and above a
+//! warp's multiple. Values and every input's gradient under a random upstream
+//! gradient; on the CPU, and on CUDA (their kernels) when a GPU is there
+//! (skipping without one, failing with `CHUNKED_CE_REQUIRE_CUDA` set).
+
+#[path = "../examples/finetune_gpt2/layer_norm.rs"]
+mod layer_norm;
+#[path = "../examples/finetune_gpt2/softmax.rs"]
+mod softmax;
+
+use candle::{DType, Device, Tensor, Var, D};
+
+/// The primitives' causal softmax of `[.., T, T]` scores.
+fn primitive(scores: &Tensor, scale: f64) -> candle::Result<Tensor> {
+    let t = scores.dim(D::Minus1)?;
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> candle::Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+fn matches_the_primitives(device: &Device) -> candle::Result<()> {
+    for dims in [[2usize, 3, 37, 37], [1, 1, 1, 1], [1, 2, 70, 70]] {
+        let scores = Var::from_tensor(&(Tensor::randn(0f32, 3.0, &dims, device)?))?;
+        let upstream = Tensor::randn(0f32, 1.0, &dims, device)?;
+        let scale = 0.125;
+        let ours = softmax::causal_softmax(scores.as_tensor(), scale)?;
+        let theirs = primitive(scores.as_tensor(), scale)?;
+        let what = format!("{dims:?} on {:?}", device.location());
+        assert!(max_diff(&ours, &theirs)? <= 1e-6, "{what}: probabilities differ by {}", max_diff(&ours, &theirs)?);
+        let grad = |probs: &Tensor| -> candle::Result<Tensor> {
+            let grads = (probs * &upstream)?.sum_all()?.backward()?;
+            Ok(grads.get(scores.as_tensor()).expect("a gradient for the scores").clone())
+        };
+        let (ours, theirs) = (grad(&ours)?, grad(&theirs)?);
+        let scale_of = theirs.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = max_diff(&ours, &theirs)?;
+        assert!(diff <= 1e-5 * scale_of.max(1.0), "{what}: gradients differ by {diff} (largest {scale_of})");
+        // Above the diagonal: nothing, exactly.
+        let t = dims[3];
+        let above: Vec<f32> = ours.flatten_all()?.to_vec1::<f32>()?;
+        assert!(above.iter().enumerate().all(|(k, &x)| (k % t) <= (k / t) % t || x == 0.0), "{what}: masked gradient");
+    }
+    let f64_scores = Tensor::zeros((1, 1, 4, 4), DType::F64, device)?;
+    let err = softmax::causal_softmax(&f64_scores, 1.0).expect_err("f64 scores").to_string();
+    assert!(err.contains("f32"), "{err}");
+    let err =
+        softmax::causal_softmax(&Tensor::zeros((1, 4, 5), DType::F32, device)?, 1.0).expect_err("[4, 5]").to_string();
+    assert!(err.contains("[.., T, T]"), "{err}");
+    Ok(())
+}
+
+/// `|a - b| <= tol max(|b|, 1)` over all elements.
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> candle::Result<()> {
+    let largest = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = max_diff(a, b)?;
+    assert!(diff <= tol * largest.max(1.0), "{what}: differ by {diff} (largest {largest})");
+    Ok(())
+}
+
+fn layer_norm_matches_the_primitives(device: &Device) -> candle::Result<()> {
+    for (rows, width) in [(5usize, 7usize), (3, 64), (4, 768), (1, 1)] {
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (2, rows, width), device)? + 3.0)?)?;
+        let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.5, width, device)?)?;
+        let beta = Var::from_tensor(&Tensor::randn(0f32, 0.5, width, device)?)?;
+        let upstream = Tensor::randn(0f32, 1.0, (2, rows, width), device)?;
+        let what = format!("[2, {rows}, {width}] on {:?}", device.location());
+        let run = |ours: bool| -> candle::Result<[Tensor; 4]> {
+            let y = if ours {
+                layer_norm::layer_norm(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5)?
+            } else {
+                candle_nn::ops::layer_norm_slow(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5)?
+            };
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let grad = |v: &Var| grads.get(v.as_tensor()).expect("a gradient").clone();
+            Ok([y.clone(), grad(&x), grad(&gamma), grad(&beta)])
+        };
+        let (ours, theirs) = (run(true)?, run(false)?);
+        for (name, (a, b)) in ["y", "dx", "dgamma", "dbeta"].iter().zip(ours.iter().zip(&theirs)) {
+            assert_close(&format!("{what}: {name}"), a, b, 2e-5)?;
+        }
+    }
+    let x = Tensor::zeros((2, 4), DType::F32, device)?;
+    let err =
+        layer_norm::layer_norm(&x, &Tensor::ones(3, DType::F32, device)?, &Tensor::zeros(4, DType::F32, device)?, 1e-5)
+            .expect_err("a [3] gain for width 4")
+            .to_string();
+    assert!(err.contains("must be [4]"), "{err}");
+    let err = layer_norm::layer_norm(&x.to_dtype(DType::F64)?, &x, &x, 1e-5).expect_err("f64").to_string();
+    assert!(err.contains("f32"), "{err}");
+    Ok(())
+}
+
+fn on_every_device(test: fn(&Device) -> candle::Result<()>) -> candle::Result<()> {
+    test(&Device::Cpu)?;
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(device) => test(&device)?,
+        Err(e) => {
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
+            eprintln!("SKIP the CUDA half: no CUDA device");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_softmax_matches_the_primitives() -> candle::Result<()> {
+    on_every_device(matches_the_primitives)
+}
+
+#[test]
+fn layer_norm_matches_the_primitives_on_every_device() -> candle::Result<()> {
+    on_every_device(layer_norm_matches_the_primitives)
+}
