@@ -4,14 +4,16 @@
 //! (`adamw.cu`) against candle-nn's update written with candle's tensor
 //! operations on the CPU, bit for bit, for a parameter longer than the grid
 //! (the kernels' grid-stride loops) and of a length no block size divides;
-//! the causal softmax's (`softmax.cu`) and the layer norm's (`layer_norm.cu`)
-//! against their ops' CPU engines, forward and backward, with more rows than
-//! the grid holds warps.
+//! the causal softmax's (`softmax.cu`), the layer norm's (`layer_norm.cu`)
+//! and the GELU's (`gelu.cu`) against their ops' CPU engines, forward and
+//! backward, with more rows (elements) than the grid holds warps (threads).
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
 #![cfg(target_os = "linux")]
 
+#[path = "../examples/finetune_gpt2/gelu.rs"]
+mod gelu;
 #[path = "hip_cpu/library.rs"]
 mod hip_library;
 #[path = "../examples/finetune_gpt2/layer_norm.rs"]
@@ -24,7 +26,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 7] = [
+const ENTRIES: [&str; 9] = [
     "adamw_first_moment",
     "adamw_second_moment",
     "adamw_update",
@@ -32,6 +34,8 @@ const ENTRIES: [&str; 7] = [
     "causal_softmax_bwd",
     "layer_norm_fwd",
     "layer_norm_bwd",
+    "gelu_fwd",
+    "gelu_bwd",
 ];
 
 /// `example_launch` in the generated source (see `tests/hip_cpu/launch.h`).
@@ -54,9 +58,10 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
         let source = String::from(
             "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include \"layer_norm.cu\"\n\
+             #include \"gelu.cu\"\n\
              #include <cstring>\n\n",
         ) + &hip_library::launcher("example_launch", &ENTRIES);
-        let sources = [dir.join("adamw.cu"), dir.join("softmax.cu"), dir.join("layer_norm.cu")];
+        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu"].map(|file| dir.join(file));
         let library = hip_library::build("example", &source, std::slice::from_ref(&dir), &sources)?;
         // SAFETY: `example_launch` has the signature of `LaunchFn` (hip_library::launcher).
         let launch =
@@ -345,6 +350,32 @@ fn layer_norm_kernels_match_the_cpu_op() -> candle::Result<()> {
         let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= 2e-5 * largest.max(1.0), "{what}[{i}]: {g} vs {w}");
+        }
+    }
+    Ok(())
+}
+
+/// Both GELU kernels over 1000 elements on 2 x 64 threads (the grid-stride
+/// loop), against the op on the CPU.
+#[test]
+fn gelu_kernels_match_the_cpu_op() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("gelu_kernels_match_the_cpu_op") else { return Ok(()) };
+    let n = 1000usize;
+    let x = values(n, 11).into_iter().map(|v| 5.0 * v).collect::<Vec<f32>>();
+    let dy = values(n, 12);
+    let xv = candle::Var::from_tensor(&Tensor::from_vec(x.clone(), n, &Device::Cpu)?)?;
+    let want_y = gelu::gelu(xv.as_tensor())?;
+    let grads = (&want_y * Tensor::from_vec(dy.clone(), n, &Device::Cpu)?)?.sum_all()?.backward()?;
+    let want_dx = grads.get(xv.as_tensor()).expect("dx").to_vec1::<f32>()?;
+    let want_y = want_y.to_vec1::<f32>()?;
+    let (mut x_in, mut dy_in) = (x.clone(), dy.clone());
+    let (mut y, mut dx) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+    launch(launch_fn, "gelu_fwd", 2, 64, &mut [Arg::Floats(&mut x_in), Arg::Floats(&mut y), Arg::I64(n as i64)]);
+    let mut args = [Arg::Floats(&mut x_in), Arg::Floats(&mut dy_in), Arg::Floats(&mut dx), Arg::I64(n as i64)];
+    launch(launch_fn, "gelu_bwd", 2, 64, &mut args);
+    for (what, got, want) in [("y", &y, &want_y), ("dx", &dx, &want_dx)] {
+        for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}[{i}] at x = {}: {g} vs {w}", x[i]);
         }
     }
     Ok(())

@@ -3,10 +3,14 @@
 //! the causal mask and `candle_nn::ops::softmax`, for a `T` that is no
 //! multiple of a warp and for `T = 1`; the layer norm (`layer_norm.rs`)
 //! against `candle_nn::ops::layer_norm_slow`, for widths below, at and above a
-//! warp's multiple. Values and every input's gradient under a random upstream
+//! warp's multiple; GPT-2's GELU (`gelu.rs`) against candle's `gelu` (whose
+//! backward rounds the constants to six digits). Values and every input's
+//! gradient under a random upstream
 //! gradient; on the CPU, and on CUDA (their kernels) when a GPU is there
 //! (skipping without one, failing with `CHUNKED_CE_REQUIRE_CUDA` set).
 
+#[path = "../examples/finetune_gpt2/gelu.rs"]
+mod gelu;
 #[path = "../examples/finetune_gpt2/layer_norm.rs"]
 mod layer_norm;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
@@ -110,6 +114,30 @@ fn on_every_device(test: fn(&Device) -> candle::Result<()>) -> candle::Result<()
         }
     }
     Ok(())
+}
+
+fn gelu_matches_candles(device: &Device) -> candle::Result<()> {
+    // Both tails, the bend near 0 and an odd length.
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, 1001, device)?))?;
+    let upstream = Tensor::randn(0f32, 1.0, 1001, device)?;
+    let run = |ours: bool| -> candle::Result<[Tensor; 2]> {
+        let y = if ours { gelu::gelu(x.as_tensor())? } else { x.as_tensor().gelu()? };
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        Ok([y.clone(), grads.get(x.as_tensor()).expect("a gradient").clone()])
+    };
+    let ([y, dx], [want_y, want_dx]) = (run(true)?, run(false)?);
+    let what = format!("gelu on {:?}", device.location());
+    assert_close(&format!("{what}: y"), &y, &want_y, 1e-6)?;
+    // candle's six-digit constants: about 1e-6 of the slope.
+    assert_close(&format!("{what}: dx"), &dx, &want_dx, 1e-5)?;
+    let err = gelu::gelu(&x.as_tensor().to_dtype(DType::F64)?).expect_err("f64").to_string();
+    assert!(err.contains("f32"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn gelu_matches_candles_on_every_device() -> candle::Result<()> {
+    on_every_device(gelu_matches_candles)
 }
 
 #[test]

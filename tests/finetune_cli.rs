@@ -6,6 +6,9 @@
 mod checkpoint;
 #[path = "../examples/finetune_gpt2/cli.rs"]
 mod cli;
+#[path = "../examples/finetune_gpt2/gelu.rs"]
+#[allow(dead_code)]
+mod gelu;
 #[path = "../examples/finetune_gpt2/gpt2.rs"]
 #[allow(dead_code)]
 mod gpt2;

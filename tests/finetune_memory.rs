@@ -13,6 +13,9 @@ mod adamw;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;
+#[path = "../examples/finetune_gpt2/gelu.rs"]
+#[allow(dead_code)]
+mod gelu;
 #[path = "../examples/finetune_gpt2/gpt2.rs"]
 #[allow(dead_code)]
 mod gpt2;

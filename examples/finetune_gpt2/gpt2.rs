@@ -5,10 +5,11 @@
 //! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
 //! `checkpoint.rs` reads and writes them with their `config.json`. Only
 //! differentiable ops are used (candle-nn's fused `LayerNorm` and
-//! `softmax_last_dim` record no backward): candle's, and two ops with their
-//! own backward, the layer norm (`layer_norm.rs`) and the attention's causal
-//! softmax (`softmax.rs`).
+//! `softmax_last_dim` record no backward): candle's, and three ops with their
+//! own backward, the layer norm (`layer_norm.rs`), the attention's causal
+//! softmax (`softmax.rs`) and GPT-2's GELU (`gelu.rs`).
 
+use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
 use crate::softmax::causal_softmax;
@@ -40,7 +41,7 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::GeluTanh => x.gelu(),
+            Self::GeluTanh => gelu(x),
             Self::GeluErf => x.gelu_erf(),
         }
     }

@@ -11,6 +11,7 @@
 mod adamw;
 mod checkpoint;
 mod cli;
+mod gelu;
 mod gpt2;
 mod layer_norm;
 mod rng;
