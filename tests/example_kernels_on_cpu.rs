@@ -5,13 +5,16 @@
 //! operations on the CPU, bit for bit, for a parameter longer than the grid
 //! (the kernels' grid-stride loops) and of a length no block size divides;
 //! the causal softmax's (`softmax.cu`), the layer norm's (`layer_norm.cu`)
-//! and the GELU's (`gelu.cu`) against their ops' CPU engines, forward and
+//! the GELU's (`gelu.cu`) and the Conv1D bias's (`bias.cu`) against their
+//! ops' CPU engines, forward and
 //! backward, with more rows (elements) than the grid holds warps (threads).
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
 #![cfg(target_os = "linux")]
 
+#[path = "../examples/finetune_gpt2/bias.rs"]
+mod bias;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
 mod gelu;
 #[path = "hip_cpu/library.rs"]
@@ -26,7 +29,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 9] = [
+const ENTRIES: [&str; 10] = [
     "adamw_first_moment",
     "adamw_second_moment",
     "adamw_update",
@@ -36,6 +39,7 @@ const ENTRIES: [&str; 9] = [
     "layer_norm_bwd",
     "gelu_fwd",
     "gelu_bwd",
+    "add_bias",
 ];
 
 /// `example_launch` in the generated source (see `tests/hip_cpu/launch.h`).
@@ -58,10 +62,10 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
         let source = String::from(
             "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include \"layer_norm.cu\"\n\
-             #include \"gelu.cu\"\n\
+             #include \"gelu.cu\"\n#include \"bias.cu\"\n\
              #include <cstring>\n\n",
         ) + &hip_library::launcher("example_launch", &ENTRIES);
-        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu"].map(|file| dir.join(file));
+        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu"].map(|file| dir.join(file));
         let library = hip_library::build("example", &source, std::slice::from_ref(&dir), &sources)?;
         // SAFETY: `example_launch` has the signature of `LaunchFn` (hip_library::launcher).
         let launch =
@@ -378,5 +382,30 @@ fn gelu_kernels_match_the_cpu_op() -> candle::Result<()> {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}[{i}] at x = {}: {g} vs {w}", x[i]);
         }
     }
+    Ok(())
+}
+
+/// The bias kernel over 37 rows of 70 on 2 x 64 threads, against the op on the CPU.
+#[test]
+fn add_bias_kernel_matches_the_cpu_op() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("add_bias_kernel_matches_the_cpu_op") else { return Ok(()) };
+    let (rows, width) = (37usize, 70usize);
+    let (x, b) = (values(rows * width, 13), values(width, 14));
+    let want = bias::add_bias(
+        &Tensor::from_vec(x.clone(), (rows, width), &Device::Cpu)?,
+        &Tensor::from_vec(b.clone(), width, &Device::Cpu)?,
+    )?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
+    let (mut x_in, mut b_in, mut y) = (x.clone(), b.clone(), vec![f32::NAN; rows * width]);
+    let mut args = [
+        Arg::Floats(&mut x_in),
+        Arg::Floats(&mut b_in),
+        Arg::Floats(&mut y),
+        Arg::I64((rows * width) as i64),
+        Arg::I32(width as i32),
+    ];
+    launch(launch_fn, "add_bias", 2, 64, &mut args);
+    assert_eq!(y, want, "x + b, exactly");
     Ok(())
 }

@@ -4,11 +4,14 @@
 //! multiple of a warp and for `T = 1`; the layer norm (`layer_norm.rs`)
 //! against `candle_nn::ops::layer_norm_slow`, for widths below, at and above a
 //! warp's multiple; GPT-2's GELU (`gelu.rs`) against candle's `gelu` (whose
-//! backward rounds the constants to six digits). Values and every input's
+//! backward rounds the constants to six digits); the Conv1D bias (`bias.rs`)
+//! against `broadcast_add`. Values and every input's
 //! gradient under a random upstream
 //! gradient; on the CPU, and on CUDA (their kernels) when a GPU is there
 //! (skipping without one, failing with `CHUNKED_CE_REQUIRE_CUDA` set).
 
+#[path = "../examples/finetune_gpt2/bias.rs"]
+mod bias;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
 mod gelu;
 #[path = "../examples/finetune_gpt2/layer_norm.rs"]
@@ -133,6 +136,34 @@ fn gelu_matches_candles(device: &Device) -> candle::Result<()> {
     let err = gelu::gelu(&x.as_tensor().to_dtype(DType::F64)?).expect_err("f64").to_string();
     assert!(err.contains("f32"), "{err}");
     Ok(())
+}
+
+fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 70), device)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 70, device)?)?;
+    let upstream = Tensor::randn(0f32, 1.0, (3, 5, 70), device)?;
+    let run = |ours: bool| -> candle::Result<[Tensor; 3]> {
+        let y = if ours {
+            bias::add_bias(x.as_tensor(), b.as_tensor())?
+        } else {
+            x.as_tensor().broadcast_add(b.as_tensor())?
+        };
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        let grad = |v: &Var| grads.get(v.as_tensor()).expect("a gradient").clone();
+        Ok([y.clone(), grad(&x), grad(&b)])
+    };
+    let (ours, theirs) = (run(true)?, run(false)?);
+    for (name, (a, b)) in ["y", "dx", "dbias"].iter().zip(ours.iter().zip(&theirs)) {
+        assert_close(&format!("add_bias on {:?}: {name}", device.location()), a, b, 1e-6)?;
+    }
+    let err = bias::add_bias(x.as_tensor(), &Tensor::zeros(69, DType::F32, device)?).expect_err("[69]").to_string();
+    assert!(err.contains("bias [70]"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn add_bias_matches_broadcast_add_on_every_device() -> candle::Result<()> {
+    on_every_device(add_bias_matches_broadcast_add)
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! the loss decreases, every parameter gets a gradient, and gradient
 //! accumulation over micro-batches equals one big batch.
 
+#[path = "../examples/finetune_gpt2/bias.rs"]
+#[allow(dead_code)]
+mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;

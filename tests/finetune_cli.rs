@@ -1,6 +1,9 @@
 //! The `finetune_gpt2` example's command line: `--help` prints every flag with
 //! its default, and bad flags are clap errors (the example exits with status 2).
 
+#[path = "../examples/finetune_gpt2/bias.rs"]
+#[allow(dead_code)]
+mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;

@@ -10,6 +10,9 @@
 #[path = "../examples/finetune_gpt2/adamw.rs"]
 #[allow(dead_code)]
 mod adamw;
+#[path = "../examples/finetune_gpt2/bias.rs"]
+#[allow(dead_code)]
+mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;

@@ -8,6 +8,9 @@
 //! at most 9.5e-7; the epsilon of 1e-5 instead of config.json's 1e-3 alone
 //! moves the logits by more).
 
+#[path = "../examples/finetune_gpt2/bias.rs"]
+#[allow(dead_code)]
+mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;

@@ -5,10 +5,12 @@
 //! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
 //! `checkpoint.rs` reads and writes them with their `config.json`. Only
 //! differentiable ops are used (candle-nn's fused `LayerNorm` and
-//! `softmax_last_dim` record no backward): candle's, and three ops with their
+//! `softmax_last_dim` record no backward): candle's, and four ops with their
 //! own backward, the layer norm (`layer_norm.rs`), the attention's causal
-//! softmax (`softmax.rs`) and GPT-2's GELU (`gelu.rs`).
+//! softmax (`softmax.rs`), GPT-2's GELU (`gelu.rs`) and the Conv1D bias
+//! (`bias.rs`).
 
+use crate::bias::add_bias;
 use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
@@ -193,11 +195,12 @@ impl Gpt2 {
     /// T, in]`, as one `[B * T, in] x [in, out]` product: `broadcast_matmul`
     /// would run B products, and its backward would form the weight's
     /// gradient as B `[in, out]` products and then sum them, instead of one
-    /// product over all B * T rows.
+    /// product over all B * T rows. The bias is added by `add_bias`, whose
+    /// backward sums the rows without a zero-filled `[B * T, out]` first.
     fn conv1d(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         let (b, t, width) = x.dims3()?;
         let weight = self.p(&format!("{prefix}.weight"));
-        let y = x.reshape((b * t, width))?.matmul(weight)?.broadcast_add(self.p(&format!("{prefix}.bias")))?;
+        let y = add_bias(&x.reshape((b * t, width))?.matmul(weight)?, self.p(&format!("{prefix}.bias")))?;
         y.reshape((b, t, weight.dim(1)?))
     }
 

@@ -9,6 +9,7 @@
 //! (2 for a bad flag).
 
 mod adamw;
+mod bias;
 mod checkpoint;
 mod cli;
 mod gelu;
