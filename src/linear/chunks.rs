@@ -16,11 +16,34 @@ use std::sync::Mutex;
 /// H]` product), and the gemm crate's `G · W` (inner dimension V) still runs
 /// at 243-259 GFLOP/s on 512 rows against 282-300 on 1024 (`cargo bench
 /// --bench gemm_routes`, BENCHMARKS.md).
-pub(super) const MIN_AUTO_CHUNK: usize = 1024;
+const MIN_AUTO_CHUNK: usize = 1024;
+
+/// On CUDA the automatic chunk has at least this many rows: each chunk's
+/// weight-gradient product reads and writes the whole `[V, H]` f32
+/// accumulator, and at 8192 x 4096 x 128256 bf16 on an H200 2048-row chunks
+/// took 54.4 ms where the automatic 1024-row ones took 57.7 (46.8 and 49.1 with
+/// freed memory retained; the same call, 2026-12-04, BENCHMARKS.md), at the
+/// same 3.00 GiB peak.
+const MIN_AUTO_CHUNK_CUDA: usize = 2048;
 
 /// A `low_memory` loss's automatic chunks are a multiple of this many rows
 /// (and at least that): whole tiles for the products.
-pub(super) const LEAN_CHUNK_ROWS: usize = 64;
+const LEAN_CHUNK_ROWS: usize = 64;
+
+/// The automatic chunk length for `valid` rows of width `width` against `vocab`
+/// classes: about `valid * width / vocab` rows (a chunk of logits about the size
+/// of the hidden states), at least [`MIN_AUTO_CHUNK`] ([`MIN_AUTO_CHUNK_CUDA`]
+/// on CUDA); for a `low_memory` loss that size rounded down to a multiple of
+/// [`LEAN_CHUNK_ROWS`], at least that; never more than `valid` (nor less than 1).
+pub(super) fn auto_chunk_len(valid: usize, width: usize, vocab: usize, cuda: bool, low_memory: bool) -> usize {
+    let hidden_sized = valid * width / vocab.max(1);
+    let rows = if low_memory {
+        (hidden_sized / LEAN_CHUNK_ROWS * LEAN_CHUNK_ROWS).max(LEAN_CHUNK_ROWS)
+    } else {
+        hidden_sized.max(if cuda { MIN_AUTO_CHUNK_CUDA } else { MIN_AUTO_CHUNK })
+    };
+    rows.min(valid.max(1))
+}
 
 /// `(start, len)` of each chunk of `chunk_len` rows.
 pub(super) fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -194,4 +217,27 @@ pub(super) fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<
     let scale = if norm == 0.0 { 0.0 } else { pairs.iter().map(|(a, f)| a * f).sum::<f64>() / norm };
     let proportional = pairs.iter().all(|(a, f)| (a - scale * f).abs() <= 1e-5 * a.abs());
     Ok(proportional.then_some(scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_chunk_len;
+
+    #[test]
+    fn automatic_chunks() {
+        // (valid, H, V, cuda, low_memory) -> rows
+        let cases = [
+            ((8192, 4096, 128_256, false, false), 1024),
+            ((8192, 4096, 128_256, true, false), 2048),
+            ((8192, 4096, 128_256, true, true), 256),
+            ((1000, 64, 256, false, true), 192),
+            ((1000, 64, 256, false, false), 1000),
+            ((100_000, 4096, 32_000, true, false), 12_800),
+            ((10, 16, 100, true, true), 10),
+            ((0, 16, 100, false, false), 1),
+        ];
+        for ((valid, width, vocab, cuda, low_memory), rows) in cases {
+            assert_eq!(auto_chunk_len(valid, width, vocab, cuda, low_memory), rows, "{valid} x {width} x {vocab}");
+        }
+    }
 }

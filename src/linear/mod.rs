@@ -36,7 +36,7 @@ use crate::config::{compute_dtype, Engine, OpConfig};
 use crate::op::{self, RowWeights, StatsNode};
 use crate::primitive;
 use candle::{bail, DType, Result, Tensor};
-use chunks::{ChunkPass, LinearBackward, Precomputed, LEAN_CHUNK_ROWS, MIN_AUTO_CHUNK};
+use chunks::{ChunkPass, LinearBackward, Precomputed};
 use products::{GradientSums, Projection};
 use rows::RowSelection;
 use std::sync::Mutex;
@@ -60,7 +60,7 @@ use std::sync::Mutex;
 /// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
 /// nothing is valid, the errors), except that `chunk_len` defaults to
 /// automatic: about `N * H / V` rows, so that a chunk of logits is about the
-/// size of the hidden states, but at least 1024 rows (unless
+/// size of the hidden states, but at least 1024 rows (2048 on CUDA; unless
 /// [`low_memory`](Self::low_memory)), counted among the valid rows (the
 /// chunks hold valid rows only). Labels are checked on the host before any
 /// chunk runs.
@@ -99,7 +99,7 @@ impl Default for LinearCrossEntropy {
 
 impl LinearCrossEntropy {
     /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`,
-    /// at least 1024 (without [`low_memory`](Self::low_memory)).
+    /// at least 1024, 2048 on CUDA (without [`low_memory`](Self::low_memory)).
     pub fn chunk_len(mut self, chunk_len: Option<usize>) -> Self {
         self.chunk_len = chunk_len;
         self
@@ -368,13 +368,9 @@ impl LinearCrossEntropy {
             return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
         let valid = row_labels.iter().flatten().count();
-        let chunk_len = match (self.chunk_len, self.low_memory) {
-            (Some(c), _) => c,
-            (None, false) => (valid * width / vocab.max(1)).max(MIN_AUTO_CHUNK).min(valid.max(1)),
-            (None, true) => (valid * width / vocab.max(1) / LEAN_CHUNK_ROWS * LEAN_CHUNK_ROWS)
-                .max(LEAN_CHUNK_ROWS)
-                .min(valid.max(1)),
-        };
+        let cuda = hidden.device().is_cuda();
+        let chunk_len =
+            self.chunk_len.unwrap_or_else(|| chunks::auto_chunk_len(valid, width, vocab, cuda, self.low_memory));
         let weight_sum = if self.low_memory { weight.dtype() } else { compute_dtype(weight.dtype()) };
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
