@@ -23,8 +23,12 @@ mod hip_library;
 mod layer_norm;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 mod softmax;
+#[path = "../examples/finetune_gpt2/storage.rs"]
+#[allow(dead_code)]
+mod storage;
 
 use candle::{Device, Tensor};
+use hip_library::LaunchFn;
 use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -41,19 +45,6 @@ const ENTRIES: [&str; 10] = [
     "gelu_bwd",
     "add_bias",
 ];
-
-/// `example_launch` in the generated source (see `tests/hip_cpu/launch.h`).
-type LaunchFn = unsafe extern "C" fn(
-    entry: *const c_char,
-    blocks: u32,
-    threads: u32,
-    args: *mut *mut c_void,
-    kinds: *const c_char,
-    sizes: *const usize,
-    count: i32,
-    error: *mut c_char,
-    error_len: usize,
-) -> i32;
 
 /// The kernels, compiled once, or why the test skips.
 fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {

@@ -18,6 +18,9 @@ mod gelu;
 mod layer_norm;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 mod softmax;
+#[path = "../examples/finetune_gpt2/storage.rs"]
+#[allow(dead_code)]
+mod storage;
 
 use candle::{DType, Device, Tensor, Var, D};
 

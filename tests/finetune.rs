@@ -23,6 +23,9 @@ mod rng;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 #[allow(dead_code)]
 mod softmax;
+#[path = "../examples/finetune_gpt2/storage.rs"]
+#[allow(dead_code)]
+mod storage;
 #[path = "../examples/finetune_gpt2/train.rs"]
 #[allow(dead_code)]
 mod train;

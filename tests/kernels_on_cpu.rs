@@ -27,6 +27,7 @@ use candle_chunked_ce::kernel_abi::{
     UnitFactors, ENTRIES,
 };
 use common::Rng;
+use hip_library::LaunchFn;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use std::process::Command;
@@ -35,19 +36,6 @@ use std::sync::{Mutex, OnceLock};
 // ---------------------------------------------------------------------------
 // Building and loading the kernels.
 // ---------------------------------------------------------------------------
-
-/// `ce_launch` in the generated source (see `tests/hip_cpu/launch.h`).
-type LaunchFn = unsafe extern "C" fn(
-    entry: *const c_char,
-    blocks: u32,
-    threads: u32,
-    args: *mut *mut c_void,
-    kinds: *const c_char,
-    sizes: *const usize,
-    count: i32,
-    error: *mut c_char,
-    error_len: usize,
-) -> i32;
 
 struct CpuKernels {
     launch: LaunchFn,

@@ -10,6 +10,7 @@
 //! candle-nn's tensor operations, detached, so that each temporary is freed
 //! once used.
 
+use crate::storage::{cpu_slice, cpu_slice_mut};
 use candle::backprop::GradStore;
 #[cfg(feature = "cuda")]
 use candle::CudaStorage;
@@ -126,19 +127,8 @@ fn affine(x: f32, mul: f64, add: f64) -> f32 {
     x * mul as f32 + add as f32
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle::bail!("AdamW's in-place update takes contiguous f32 tensors"),
-    }
-}
-
-fn slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle::bail!("AdamW's in-place update takes contiguous f32 tensors"),
-    }
-}
+/// The errors' name for the in-place update's slices.
+const OP: &str = "AdamW's in-place update";
 
 /// `m = m β1 + g (1 - β1)`.
 struct FirstMoment(Coefficients);
@@ -150,7 +140,7 @@ impl InplaceOp2 for FirstMoment {
 
     fn cpu_fwd(&self, m: &mut CpuStorage, m_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
         let k = self.0;
-        for (m, &g) in slice_mut(m, m_layout)?.iter_mut().zip(slice(g, g_layout)?) {
+        for (m, &g) in cpu_slice_mut(m, m_layout, OP)?.iter_mut().zip(cpu_slice(g, g_layout, OP)?) {
             *m = affine(*m, k.beta1, 0.0) + affine(g, 1.0 - k.beta1, 0.0);
         }
         Ok(())
@@ -173,7 +163,7 @@ impl InplaceOp2 for SecondMoment {
 
     fn cpu_fwd(&self, v: &mut CpuStorage, v_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
         let k = self.0;
-        for (v, &g) in slice_mut(v, v_layout)?.iter_mut().zip(slice(g, g_layout)?) {
+        for (v, &g) in cpu_slice_mut(v, v_layout, OP)?.iter_mut().zip(cpu_slice(g, g_layout, OP)?) {
             *v = affine(*v, k.beta2, 0.0) + affine(g * g, 1.0 - k.beta2, 0.0);
         }
         Ok(())
@@ -204,8 +194,8 @@ impl InplaceOp3 for Update {
         v_layout: &Layout,
     ) -> Result<()> {
         let k = self.0;
-        let (m, v) = (slice(m, m_layout)?, slice(v, v_layout)?);
-        for ((theta, &m), &v) in slice_mut(theta, theta_layout)?.iter_mut().zip(m).zip(v) {
+        let (m, v) = (cpu_slice(m, m_layout, OP)?, cpu_slice(v, v_layout, OP)?);
+        for ((theta, &m), &v) in cpu_slice_mut(theta, theta_layout, OP)?.iter_mut().zip(m).zip(v) {
             let adjusted = affine(m, k.scale_m, 0.0) / affine(affine(v, k.scale_v, 0.0).sqrt(), 1.0, k.eps);
             *theta = affine(*theta, k.decay, 0.0) - affine(adjusted, k.lr, 0.0);
         }
@@ -232,30 +222,22 @@ impl InplaceOp3 for Update {
 /// them.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::Coefficients;
+    use super::{Coefficients, OP};
+    use crate::storage::cuda::{elementwise, view, view_mut};
     use candle::backend::BackendStorage;
-    use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle::cuda_backend::cudarc::driver::PushKernelArg;
     use candle::cuda_backend::WrapErr;
     use candle::{CudaStorage, Layout, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_adamw.ptx"));
     /// candle caches modules by name per device.
     const MODULE: &str = "finetune_gpt2-adamw";
-    const THREADS: u32 = 256;
 
-    /// The element range of a contiguous layout, checked against `len` when given.
-    fn range(layout: &Layout, len: Option<usize>) -> Result<(usize, usize)> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) if len.is_none_or(|len| end - start == len) => Ok((start, end)),
-            Some(_) => candle::bail!("AdamW (cuda): the parameter, moments and gradient differ in length"),
-            None => candle::bail!("AdamW's in-place update takes contiguous f32 tensors"),
+    fn same_length(n: usize, others: &[usize]) -> Result<()> {
+        if others.iter().any(|&len| len != n) {
+            candle::bail!("AdamW (cuda): the parameter, moments and gradient differ in length")
         }
-    }
-
-    /// A grid-stride launch over `n` elements: whole blocks up to 4096.
-    fn config(n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        Ok(())
     }
 
     /// `x = affine(x, decay, 0) + affine(f(g), rate, 0)` by `entry`
@@ -267,23 +249,21 @@ mod cuda {
         decay: f64,
         rate: f64,
     ) -> Result<()> {
-        let (x_start, x_end) = range(x_layout, None)?;
-        let (g_start, g_end) = range(g_layout, Some(x_end - x_start))?;
-        let n = x_end - x_start;
+        let dev = x.device().clone();
+        let (mut x, g) = (view_mut(x, x_layout, OP)?, view(g, g_layout, OP)?);
+        let n = x.len();
+        same_length(n, &[g.len()])?;
         if n == 0 {
             return Ok(());
         }
-        let dev = x.device().clone();
         let func = dev.get_or_load_custom_func(entry, MODULE, PTX)?;
-        let g = g.as_cuda_slice::<f32>()?.slice(g_start..g_end);
-        let mut x = x.as_cuda_slice_mut::<f32>()?.slice_mut(x_start..x_end);
         let (len, decay, rate) = (n as i64, decay as f32, rate as f32);
         let mut builder = func.builder();
         builder.arg(&mut x).arg(&g).arg(&len).arg(&decay).arg(&rate);
         // SAFETY: the entry takes (float* x, const float* g, int64_t n, float, float);
         // `x` and `g` are views of exactly n f32 on this device (checked above),
         // kept alive and ordered on the stream by their guards until after the launch.
-        unsafe { builder.launch(config(n)) }.w()?;
+        unsafe { builder.launch(elementwise(n)) }.w()?;
         Ok(())
     }
 
@@ -294,17 +274,14 @@ mod cuda {
         (v, v_layout): (&CudaStorage, &Layout),
         k: Coefficients,
     ) -> Result<()> {
-        let (t_start, t_end) = range(theta_layout, None)?;
-        let n = t_end - t_start;
-        let ((m_start, m_end), (v_start, v_end)) = (range(m_layout, Some(n))?, range(v_layout, Some(n))?);
+        let dev = theta.device().clone();
+        let (mut theta, m, v) = (view_mut(theta, theta_layout, OP)?, view(m, m_layout, OP)?, view(v, v_layout, OP)?);
+        let n = theta.len();
+        same_length(n, &[m.len(), v.len()])?;
         if n == 0 {
             return Ok(());
         }
-        let dev = theta.device().clone();
         let func = dev.get_or_load_custom_func("adamw_update", MODULE, PTX)?;
-        let m = m.as_cuda_slice::<f32>()?.slice(m_start..m_end);
-        let v = v.as_cuda_slice::<f32>()?.slice(v_start..v_end);
-        let mut theta = theta.as_cuda_slice_mut::<f32>()?.slice_mut(t_start..t_end);
         let len = n as i64;
         let [scale_m, scale_v, eps, decay, lr] = [k.scale_m, k.scale_v, k.eps, k.decay, k.lr].map(|c| c as f32);
         let mut builder = func.builder();
@@ -313,7 +290,7 @@ mod cuda {
         // SAFETY: the entry takes (float* theta, const float* m, const float* v,
         // int64_t n, five floats), in this order; the three views hold exactly n f32
         // on this device (checked above) and their guards outlive the launch.
-        unsafe { builder.launch(config(n)) }.w()?;
+        unsafe { builder.launch(elementwise(n)) }.w()?;
         Ok(())
     }
 }

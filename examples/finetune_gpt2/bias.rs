@@ -5,6 +5,7 @@
 //! and the bias its row sums. On the CPU in Rust; on CUDA (feature `cuda`) by
 //! `bias.cu`, which the crate's build.rs compiles.
 
+use crate::storage::cpu_slice;
 #[cfg(feature = "cuda")]
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -22,12 +23,8 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle::bail!("add_bias: contiguous f32 operands only"),
-    }
-}
+/// The errors' name.
+const OP: &str = "add_bias";
 
 struct AddBias;
 
@@ -43,7 +40,7 @@ impl CustomOp2 for AddBias {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, b) = (contiguous(x, x_layout)?, contiguous(b, b_layout)?);
+        let (x, b) = (cpu_slice(x, x_layout, OP)?, cpu_slice(b, b_layout, OP)?);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(b.len().max(1)).zip(x.par_chunks(b.len().max(1))).for_each(|(y, x)| {
             y.iter_mut().zip(x).zip(b).for_each(|((y, &x), &b)| *y = x + b);
@@ -59,31 +56,24 @@ impl CustomOp2 for AddBias {
         b: &candle::CudaStorage,
         b_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use crate::storage::cuda::{elementwise, view};
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_bias.ptx"));
-        let (Some((x_start, x_end)), Some((b_start, b_end))) =
-            (x_layout.contiguous_offsets(), b_layout.contiguous_offsets())
-        else {
-            candle::bail!("add_bias: contiguous f32 operands only")
-        };
-        let (n, width) = (x_end - x_start, b_end - b_start);
         let dev = x.device().clone();
+        let (xv, bv) = (view(x, x_layout, OP)?, view(b, b_layout, OP)?);
+        let (n, width) = (xv.len(), bv.len());
         // SAFETY: the kernel writes every element.
         let mut y = unsafe { dev.alloc::<f32>(n)? };
         if n > 0 {
             let func = dev.get_or_load_custom_func("add_bias", "finetune_gpt2-bias", PTX)?;
-            let xv = x.as_cuda_slice::<f32>()?.slice(x_start..x_end);
-            let bv = b.as_cuda_slice::<f32>()?.slice(b_start..b_end);
             let (len, width_arg) = (n as i64, width as i32);
-            let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
-            let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let mut builder = func.builder();
             builder.arg(&xv).arg(&bv).arg(&mut y).arg(&len).arg(&width_arg);
             // SAFETY: `add_bias` takes (const float* x, const float* bias, float* y,
             // int64_t n, int width); x and y hold n f32, bias width = C (checked by
             // `add_bias`, and n is a multiple of it); the guards outlive the launch.
-            unsafe { builder.launch(config) }.w()?;
+            unsafe { builder.launch(elementwise(n)) }.w()?;
         }
         Ok((candle::CudaStorage::wrap_cuda_slice(y, dev), x_layout.shape().clone()))
     }

@@ -12,6 +12,7 @@
 //! On the CPU in Rust (on rayon's threads); on CUDA (feature `cuda`) by
 //! `gelu.cu`'s kernels, which the crate's build.rs compiles.
 
+use crate::storage::cpu_slice;
 #[cfg(feature = "cuda")]
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -36,12 +37,8 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle::bail!("gelu: contiguous f32 operands only"),
-    }
-}
+/// The errors' name.
+const OP: &str = "gelu";
 
 struct Gelu;
 
@@ -51,27 +48,26 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout)?;
+        let x = cpu_slice(storage, layout, OP)?;
         let y = x.par_iter().map(|&v| 0.5 * v * (1.0 + tanh_u(v))).collect();
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, storage: &candle::CudaStorage, layout: &Layout) -> Result<(candle::CudaStorage, Shape)> {
-        let dev = storage.device().clone();
-        let x = cuda::view(storage, layout)?;
-        // SAFETY: the kernel writes every element.
-        let mut y = unsafe { dev.alloc::<f32>(x.len())? };
-        cuda::launch(&dev, "gelu_fwd", &[&x], &mut y)?;
-        Ok((candle::CudaStorage::wrap_cuda_slice(y, dev), layout.shape().clone()))
+        launch("gelu_fwd", &[(storage, layout)], layout.shape())
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        if dy.shape() != x.shape() {
+            candle::bail!("{OP} backward: gradient {:?} for input {:?}", dy.shape(), x.shape())
+        }
         Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward)?))
     }
 }
 
-/// `dx = dy · dy/dx` from `x` and `dy`.
+/// `dx = dy · dy/dx` from `x` and `dy` (of one shape: checked by the forward
+/// op's `bwd`).
 struct GeluBackward;
 
 impl CustomOp2 for GeluBackward {
@@ -86,10 +82,7 @@ impl CustomOp2 for GeluBackward {
         dy: &CpuStorage,
         dy_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (contiguous(x, x_layout)?, contiguous(dy, dy_layout)?);
-        if x.len() != dy.len() {
-            candle::bail!("gelu backward: {} gradients for {} inputs", dy.len(), x.len())
-        }
+        let (x, dy) = (cpu_slice(x, x_layout, OP)?, cpu_slice(dy, dy_layout, OP)?);
         let dx = x
             .par_iter()
             .zip(dy.par_iter())
@@ -109,63 +102,40 @@ impl CustomOp2 for GeluBackward {
         dy: &candle::CudaStorage,
         dy_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        let (xv, dyv) = (cuda::view(x, x_layout)?, cuda::view(dy, dy_layout)?);
-        if xv.len() != dyv.len() {
-            candle::bail!("gelu backward: {} gradients for {} inputs", dyv.len(), xv.len())
-        }
-        // SAFETY: the kernel writes every element.
-        let mut dx = unsafe { dev.alloc::<f32>(xv.len())? };
-        cuda::launch(&dev, "gelu_bwd", &[&xv, &dyv], &mut dx)?;
-        Ok((candle::CudaStorage::wrap_cuda_slice(dx, dev), x_layout.shape().clone()))
+        launch("gelu_bwd", &[(x, x_layout), (dy, dy_layout)], x_layout.shape())
     }
 }
 
-/// The launcher of `gelu.cu`'s two kernels.
+/// `entry(inputs.., out, int64_t n)` of `gelu.cu` (compiled by the crate's
+/// build.rs) over the `n` elements of `shape`, into a fresh `out`: `gelu_fwd(x,
+/// y, n)` or `gelu_bwd(x, dy, dx, n)`.
 #[cfg(feature = "cuda")]
-mod cuda {
-    use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+fn launch(
+    entry: &str,
+    inputs: &[(&candle::CudaStorage, &Layout)],
+    shape: &Shape,
+) -> Result<(candle::CudaStorage, Shape)> {
+    use crate::storage::cuda::{elementwise, view};
+    use candle::cuda_backend::cudarc::driver::PushKernelArg;
     use candle::cuda_backend::WrapErr;
-    use candle::{CudaDevice, CudaStorage, Layout, Result};
-
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_gelu.ptx"));
-    /// candle caches modules by name per device.
-    const MODULE: &str = "finetune_gpt2-gelu";
-    const THREADS: u32 = 256;
-
-    /// The f32 elements of a contiguous layout.
-    pub(super) fn view<'a>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, f32>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(storage.as_cuda_slice::<f32>()?.slice(start..end)),
-            None => candle::bail!("gelu: contiguous f32 operands only"),
-        }
-    }
-
-    /// `entry(inputs.., out, n)` over `out.len()` elements, grid-stride.
-    pub(super) fn launch(
-        dev: &CudaDevice,
-        entry: &str,
-        inputs: &[&CudaView<'_, f32>],
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let n = out.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let func = dev.get_or_load_custom_func(entry, MODULE, PTX)?;
+    let dev = inputs[0].0.device().clone();
+    let views = inputs.iter().map(|(storage, layout)| view(storage, layout, OP)).collect::<Result<Vec<_>>>()?;
+    let n = shape.elem_count();
+    // SAFETY: the kernels write every element.
+    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    if n > 0 {
+        let func = dev.get_or_load_custom_func(entry, "finetune_gpt2-gelu", PTX)?;
         let len = n as i64;
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut builder = func.builder();
-        for input in inputs {
-            builder.arg(*input);
+        for input in &views {
+            builder.arg(input);
         }
-        builder.arg(out).arg(&len);
-        // SAFETY: `gelu_fwd` takes (const float* x, float* y, int64_t n) and
-        // `gelu_bwd` (const float* x, const float* dy, float* dx, int64_t n); every
-        // buffer holds n f32 on this device (the callers checked the lengths), and
-        // the guards order the launch on the stream and outlive it.
-        unsafe { builder.launch(config) }.w()?;
-        Ok(())
+        builder.arg(&mut out).arg(&len);
+        // SAFETY: the entries take their inputs as `const float*`, then `float*
+        // out` and `int64_t n`; every input holds n f32 (the callers' tensors have
+        // `shape`), and the guards order the launch on the stream and outlive it.
+        unsafe { builder.launch(elementwise(n)) }.w()?;
     }
+    Ok((candle::CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
 }

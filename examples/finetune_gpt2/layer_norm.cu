@@ -20,6 +20,18 @@ __device__ __forceinline__ float warp_total(float x) {
     return x;
 }
 
+// A row's mean and r = 1 / sqrt(variance + eps), both passes reduced across
+// the warp (n = 0 for a row past the end: every lane still shuffles).
+__device__ __forceinline__ void row_moments(const float* xr, int n, int width, float eps, int lane, float& mean,
+                                            float& r) {
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) sum += xr[j];
+    mean = warp_total(sum) / float(width);
+    float squares = 0.0f;
+    for (int j = lane; j < n; j += 32) squares += (xr[j] - mean) * (xr[j] - mean);
+    r = 1.0f / sqrtf(warp_total(squares) / float(width) + eps);
+}
+
 extern "C" __global__ void layer_norm_fwd(const float* __restrict__ x, const float* __restrict__ gamma,
                                           const float* __restrict__ beta, float* __restrict__ y, int64_t rows,
                                           int width, float eps) {
@@ -29,12 +41,8 @@ extern "C" __global__ void layer_norm_fwd(const float* __restrict__ x, const flo
         const bool valid = row < rows;
         const int n = valid ? width : 0;
         const float* xr = x + (valid ? row : 0) * width;
-        float sum = 0.0f;
-        for (int j = lane; j < n; j += 32) sum += xr[j];
-        const float mean = warp_total(sum) / float(width);
-        float squares = 0.0f;
-        for (int j = lane; j < n; j += 32) squares += (xr[j] - mean) * (xr[j] - mean);
-        const float r = 1.0f / sqrtf(warp_total(squares) / float(width) + eps);
+        float mean, r;
+        row_moments(xr, n, width, eps, lane, mean, r);
         float* yr = y + (valid ? row : 0) * width;
         for (int j = lane; j < n; j += 32) yr[j] = (xr[j] - mean) * r * gamma[j] + beta[j];
     }
@@ -52,12 +60,8 @@ extern "C" __global__ void layer_norm_bwd(const float* __restrict__ x, const flo
         const int64_t offset = (valid ? row : 0) * width;
         const float* xr = x + offset;
         const float* dyr = dy + offset;
-        float sum = 0.0f;
-        for (int j = lane; j < n; j += 32) sum += xr[j];
-        const float mean = warp_total(sum) / float(width);
-        float squares = 0.0f;
-        for (int j = lane; j < n; j += 32) squares += (xr[j] - mean) * (xr[j] - mean);
-        const float r = 1.0f / sqrtf(warp_total(squares) / float(width) + eps);
+        float mean, r;
+        row_moments(xr, n, width, eps, lane, mean, r);
         float h_sum = 0.0f, hn_sum = 0.0f;
         for (int j = lane; j < n; j += 32) {
             const float h = dyr[j] * gamma[j];

@@ -13,6 +13,7 @@
 //! On the CPU in Rust (rows on rayon's threads); on CUDA (feature `cuda`) by
 //! `layer_norm.cu`'s kernels, which the crate's build.rs compiles. Sums in f32.
 
+use crate::storage::cpu_slice;
 #[cfg(feature = "cuda")]
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -36,12 +37,8 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps: eps as f32 })
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle::bail!("layer norm: contiguous f32 operands only"),
-    }
-}
+/// The errors' name.
+const OP: &str = "layer norm";
 
 /// `(rows, C)` of a `[.., C]` layout.
 fn rows_of(layout: &Layout) -> Result<(usize, usize)> {
@@ -77,7 +74,7 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, width) = rows_of(x_layout)?;
         let (x, gamma, beta) =
-            (contiguous(x, x_layout)?, contiguous(gamma, gamma_layout)?, contiguous(beta, beta_layout)?);
+            (cpu_slice(x, x_layout, OP)?, cpu_slice(gamma, gamma_layout, OP)?, cpu_slice(beta, beta_layout, OP)?);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(width.max(1)).zip(x.par_chunks(width.max(1))).for_each(|(y, x)| {
             let (mean, r) = moments(x, self.eps);
@@ -98,14 +95,8 @@ impl CustomOp3 for LayerNorm {
         beta: &candle::CudaStorage,
         beta_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let (rows, width) = rows_of(x_layout)?;
-        let dev = x.device().clone();
-        let (x, gamma, beta) =
-            (cuda::view(x, x_layout)?, cuda::view(gamma, gamma_layout)?, cuda::view(beta, beta_layout)?);
-        // SAFETY: the kernel writes every element of every row.
-        let mut y = unsafe { dev.alloc::<f32>(rows * width)? };
-        cuda::launch(&dev, "layer_norm_fwd", [&x, &gamma, &beta], &mut y, rows, width, self.eps)?;
-        Ok((candle::CudaStorage::wrap_cuda_slice(y, dev), x_layout.shape().clone()))
+        let shape = x_layout.shape().clone();
+        launch("layer_norm_fwd", [(x, x_layout), (gamma, gamma_layout), (beta, beta_layout)], shape, self.eps)
     }
 
     fn bwd(
@@ -146,7 +137,8 @@ impl CustomOp3 for LayerNormBackward {
         dy_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, width) = rows_of(x_layout)?;
-        let (x, gamma, dy) = (contiguous(x, x_layout)?, contiguous(gamma, gamma_layout)?, contiguous(dy, dy_layout)?);
+        let (x, gamma, dy) =
+            (cpu_slice(x, x_layout, OP)?, cpu_slice(gamma, gamma_layout, OP)?, cpu_slice(dy, dy_layout, OP)?);
         let mut out = vec![0f32; 2 * x.len()];
         let (dx, dy_n) = out.split_at_mut(x.len());
         let w = width.max(1);
@@ -163,9 +155,7 @@ impl CustomOp3 for LayerNormBackward {
                 }
             },
         );
-        let mut dims = vec![2];
-        dims.extend_from_slice(x_layout.shape().dims());
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((CpuStorage::F32(out), both(x_layout)))
     }
 
     #[cfg(feature = "cuda")]
@@ -178,69 +168,39 @@ impl CustomOp3 for LayerNormBackward {
         dy: &candle::CudaStorage,
         dy_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let (rows, width) = rows_of(x_layout)?;
-        let dev = x.device().clone();
-        let (x, gamma, dy) = (cuda::view(x, x_layout)?, cuda::view(gamma, gamma_layout)?, cuda::view(dy, dy_layout)?);
-        // SAFETY: the kernel writes every element of both blocks of every row.
-        let mut out = unsafe { dev.alloc::<f32>(2 * rows * width)? };
-        cuda::launch(&dev, "layer_norm_bwd", [&x, &gamma, &dy], &mut out, rows, width, self.eps)?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(x_layout.shape().dims());
-        Ok((candle::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+        launch("layer_norm_bwd", [(x, x_layout), (gamma, gamma_layout), (dy, dy_layout)], both(x_layout), self.eps)
     }
 }
 
-/// The launcher of `layer_norm.cu`'s two kernels.
+/// `[2, ..]` of the input's shape: the backward's dx, then dy n.
+fn both(layout: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(layout.shape().dims());
+    Shape::from(dims)
+}
+
+/// `entry(x, gamma, third, out, rows, C, eps)` of `layer_norm.cu` (compiled by
+/// the crate's build.rs) into a fresh `out` of `shape`: the forward's (third:
+/// beta; out: y) or the backward's (third: dy; out: dx, then dy n).
 #[cfg(feature = "cuda")]
-mod cuda {
-    use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-    use candle::cuda_backend::WrapErr;
-    use candle::{CudaDevice, CudaStorage, Layout, Result};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_layer_norm.ptx"));
-    /// candle caches modules by name per device.
-    const MODULE: &str = "finetune_gpt2-layer-norm";
-    /// Rows per block: a warp each.
-    const ROWS_PER_BLOCK: usize = 8;
-
-    /// The f32 elements of a contiguous layout.
-    pub(super) fn view<'a>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, f32>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(storage.as_cuda_slice::<f32>()?.slice(start..end)),
-            None => candle::bail!("layer norm: contiguous f32 operands only"),
-        }
-    }
-
-    /// `entry(a, b, c, out, rows, width, eps)`: a warp per row.
-    pub(super) fn launch(
-        dev: &CudaDevice,
-        entry: &str,
-        inputs: [&CudaView<'_, f32>; 3],
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        if rows == 0 || width == 0 {
-            return Ok(());
-        }
-        let func = dev.get_or_load_custom_func(entry, MODULE, PTX)?;
-        let width_arg = i32::try_from(width).map_err(|_| candle::Error::Msg(format!("C = {width} exceeds int")))?;
-        let rows_arg = rows as i64;
-        let blocks = rows.div_ceil(ROWS_PER_BLOCK).min(1 << 16) as u32;
-        let block = 32 * ROWS_PER_BLOCK as u32;
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-        let mut builder = func.builder();
-        for input in inputs {
-            builder.arg(input);
-        }
-        builder.arg(out).arg(&rows_arg).arg(&width_arg).arg(&eps);
-        // SAFETY: both entries take (const float*, const float*, const float*, float*
-        // out, int64_t rows, int width, float eps) in this order; the first input
-        // and the per-row ones (dy) hold rows * width f32, the gain and bias width
-        // (checked by `layer_norm`), `out` what the entry writes (allocated so by the
-        // callers); the guards order the launch on the stream and outlive it.
-        unsafe { builder.launch(config) }.w()?;
-        Ok(())
-    }
+fn launch(
+    entry: &str,
+    operands: [(&candle::CudaStorage, &Layout); 3],
+    shape: Shape,
+    eps: f32,
+) -> Result<(candle::CudaStorage, Shape)> {
+    use crate::storage::cuda::{launch_rows, view};
+    const KERNELS: (&str, &str) =
+        ("finetune_gpt2-layer-norm", include_str!(concat!(env!("OUT_DIR"), "/finetune_layer_norm.ptx")));
+    let (rows, width) = rows_of(operands[0].1)?;
+    let dev = operands[0].0.device().clone();
+    let [x, gamma, third] = operands.map(|(storage, layout)| view(storage, layout, OP));
+    let (x, gamma, third) = (x?, gamma?, third?);
+    // SAFETY: the kernels write every element of `out`.
+    let mut out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+    // SAFETY: both entries take (const float* x, const float* gamma, const float*
+    // third, float* out, int64_t rows, int width, float eps); x and the third hold
+    // rows * width f32, gamma width (checked by `layer_norm`), out its shape's.
+    unsafe { launch_rows(&dev, KERNELS, entry, &[&x, &gamma, &third], &mut out, rows, width, eps)? };
+    Ok((candle::CudaStorage::wrap_cuda_slice(out, dev), shape))
 }

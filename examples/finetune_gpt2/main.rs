@@ -17,6 +17,7 @@ mod gpt2;
 mod layer_norm;
 mod rng;
 mod softmax;
+mod storage;
 mod train;
 
 use adamw::AdamW;

@@ -15,6 +15,7 @@
 //! `softmax.cu`'s kernels, which the crate's build.rs compiles (an example has
 //! no build script of its own). Sums in f32, as candle's.
 
+use crate::storage::cpu_slice;
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -37,12 +38,8 @@ fn square_rows(dtype: DType, shape: &Shape) -> Result<(usize, usize)> {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle::bail!("causal softmax: contiguous f32 operands only"),
-    }
-}
+/// The errors' name.
+const OP: &str = "causal softmax";
 
 struct CausalSoftmax {
     scale: f32,
@@ -55,7 +52,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, t) = square_rows(storage.dtype(), layout.shape())?;
-        let scores = contiguous(storage, layout)?;
+        let scores = cpu_slice(storage, layout, OP)?;
         let mut probs = vec![0f32; scores.len()];
         probs.par_chunks_mut(t.max(1)).zip(scores.par_chunks(t.max(1))).enumerate().for_each(|(row, (p, s))| {
             let seen = row % t + 1;
@@ -71,25 +68,28 @@ impl CustomOp1 for CausalSoftmax {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, storage: &candle::CudaStorage, layout: &Layout) -> Result<(candle::CudaStorage, Shape)> {
+        use crate::storage::cuda::{launch_rows, view};
         let (rows, t) = square_rows(storage.dtype(), layout.shape())?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle::bail!("causal softmax: contiguous f32 operands only")
-        };
         let dev = storage.device().clone();
-        let scores = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let scores = view(storage, layout, OP)?;
         // SAFETY: the kernel writes every element of every row.
-        let mut probs = unsafe { dev.alloc::<f32>(end - start)? };
-        cuda::launch(&dev, "causal_softmax_fwd", (&scores, None), &mut probs, rows, t, self.scale)?;
+        let mut probs = unsafe { dev.alloc::<f32>(scores.len())? };
+        // SAFETY: `causal_softmax_fwd(scores, probs, rows, t, scale)`, both rows * t f32.
+        unsafe { launch_rows(&dev, KERNELS, "causal_softmax_fwd", &[&scores], &mut probs, rows, t, self.scale)? };
         Ok((candle::CudaStorage::wrap_cuda_slice(probs, dev), layout.shape().clone()))
     }
 
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if grad.shape() != probs.shape() {
+            candle::bail!("{OP} backward: gradient {:?} for probabilities {:?}", grad.shape(), probs.shape())
+        }
         let backward = CausalSoftmaxBackward { scale: self.scale };
         Ok(Some(probs.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }
 }
 
-/// The scores' gradient from the probabilities and their gradient.
+/// The scores' gradient from the probabilities and their gradient (of one
+/// shape: checked by the forward op's `bwd`).
 struct CausalSoftmaxBackward {
     scale: f32,
 }
@@ -107,14 +107,7 @@ impl CustomOp2 for CausalSoftmaxBackward {
         g_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, t) = square_rows(p.dtype(), p_layout.shape())?;
-        if p_layout.shape() != g_layout.shape() {
-            candle::bail!(
-                "causal softmax backward: gradient {:?} for probabilities {:?}",
-                g_layout.shape(),
-                p_layout.shape()
-            )
-        }
-        let (p, g) = (contiguous(p, p_layout)?, contiguous(g, g_layout)?);
+        let (p, g) = (cpu_slice(p, p_layout, OP)?, cpu_slice(g, g_layout, OP)?);
         let mut out = vec![0f32; p.len()];
         out.par_chunks_mut(t.max(1)).zip(p.par_chunks(t.max(1)).zip(g.par_chunks(t.max(1)))).enumerate().for_each(
             |(row, (d, (p, g)))| {
@@ -136,75 +129,20 @@ impl CustomOp2 for CausalSoftmaxBackward {
         g: &candle::CudaStorage,
         g_layout: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
+        use crate::storage::cuda::{launch_rows, view};
         let (rows, t) = square_rows(p.dtype(), p_layout.shape())?;
-        let (Some((p_start, p_end)), Some((g_start, g_end))) =
-            (p_layout.contiguous_offsets(), g_layout.contiguous_offsets())
-        else {
-            candle::bail!("causal softmax backward: contiguous f32 operands only")
-        };
-        if p_layout.shape() != g_layout.shape() {
-            candle::bail!(
-                "causal softmax backward: gradient {:?} for probabilities {:?}",
-                g_layout.shape(),
-                p_layout.shape()
-            )
-        }
         let dev = p.device().clone();
-        let probs = p.as_cuda_slice::<f32>()?.slice(p_start..p_end);
-        let grad = g.as_cuda_slice::<f32>()?.slice(g_start..g_end);
+        let (probs, grad) = (view(p, p_layout, OP)?, view(g, g_layout, OP)?);
         // SAFETY: the kernel writes every element of every row.
-        let mut out = unsafe { dev.alloc::<f32>(p_end - p_start)? };
-        cuda::launch(&dev, "causal_softmax_bwd", (&probs, Some(&grad)), &mut out, rows, t, self.scale)?;
+        let mut out = unsafe { dev.alloc::<f32>(probs.len())? };
+        // SAFETY: `causal_softmax_bwd(probs, grad, out, rows, t, scale)`, all rows * t f32.
+        unsafe { launch_rows(&dev, KERNELS, "causal_softmax_bwd", &[&probs, &grad], &mut out, rows, t, self.scale)? };
         Ok((candle::CudaStorage::wrap_cuda_slice(out, dev), p_layout.shape().clone()))
     }
 }
 
-/// The launcher of `softmax.cu`'s two kernels.
+/// `softmax.cu`'s module (compiled by the crate's build.rs); candle caches
+/// modules by name per device.
 #[cfg(feature = "cuda")]
-mod cuda {
-    use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-    use candle::cuda_backend::WrapErr;
-    use candle::{CudaDevice, Result};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_softmax.ptx"));
-    /// candle caches modules by name per device.
-    const MODULE: &str = "finetune_gpt2-softmax";
-    /// Rows per block: a warp each.
-    const ROWS_PER_BLOCK: usize = 8;
-
-    /// `entry(input, [second input,] out, rows, t, scale)`: a warp per row.
-    pub(super) fn launch(
-        dev: &CudaDevice,
-        entry: &str,
-        (input, second): (&CudaView<'_, f32>, Option<&CudaView<'_, f32>>),
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        t: usize,
-        scale: f32,
-    ) -> Result<()> {
-        if rows == 0 || t == 0 {
-            return Ok(());
-        }
-        let func = dev.get_or_load_custom_func(entry, MODULE, PTX)?;
-        let (rows_arg, t_arg) =
-            (rows as i64, i32::try_from(t).map_err(|_| candle::Error::Msg(format!("T = {t} exceeds int")))?);
-        let blocks = rows.div_ceil(ROWS_PER_BLOCK).min(1 << 16) as u32;
-        let config = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut builder = func.builder();
-        builder.arg(input);
-        if let Some(second) = second {
-            builder.arg(second);
-        }
-        builder.arg(out).arg(&rows_arg).arg(&t_arg).arg(&scale);
-        // SAFETY: the entries take (const float* in, [const float* grad,] float* out,
-        // int64_t rows, int t, float scale) in this order; every buffer holds rows * t
-        // f32 on this device (the callers sliced or allocated them so), and the views'
-        // and the slice's guards order the launch on the stream and outlive it.
-        unsafe { builder.launch(config) }.w()?;
-        Ok(())
-    }
-}
+const KERNELS: (&str, &str) =
+    ("finetune_gpt2-softmax", include_str!(concat!(env!("OUT_DIR"), "/finetune_softmax.ptx")));

@@ -9,8 +9,24 @@
 //! contents, not paths, so that a clone elsewhere reuses it; HIP-CPU by its
 //! canonical path.
 
+use std::ffi::{c_char, c_void};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The `extern "C"` launcher [`launcher`] generates: entry, blocks, threads,
+/// the argument list (pointers to each value) with each argument's kind and
+/// size and their count, and a buffer for the error message; 0 on success.
+pub type LaunchFn = unsafe extern "C" fn(
+    entry: *const c_char,
+    blocks: u32,
+    threads: u32,
+    args: *mut *mut c_void,
+    kinds: *const c_char,
+    sizes: *const usize,
+    count: i32,
+    error: *mut c_char,
+    error_len: usize,
+) -> i32;
 
 /// Compiles `source` (one generated C++ file that `#include`s the kernels,
 /// found on `include_dirs`; the shim's `prelude.h` is force-included) into
