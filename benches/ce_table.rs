@@ -663,7 +663,7 @@ fn main() {
         ram as f64 / 1e9
     );
     println!(
-        "{:<12} {:<5} {:<30} {:>9} {:>9} {:>9} {:>11} {:>9} {:>13}",
+        "{:<12} {:<5} {:<36} {:>9} {:>9} {:>9} {:>11} {:>9} {:>13}",
         "N x V", "dtype", "implementation", "fwd op", "bwd op", "e2e", "candle adds", "peak", "vs candle-nn"
     );
     for (n, v) in shapes {
@@ -692,9 +692,19 @@ fn main() {
             } else {
                 println!("(candle-nn skipped at {n}x{v}: it would need about {:.0} GB)", candle_nn_need as f64 / 1e9);
             }
-            for (compile, inplace) in [(true, false), (true, true), (false, false)] {
-                let ce = ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace);
+            // (compile, inplace_grad, grad_in_forward); with grad_in_forward the fwd op column times
+            // the one op that forms the statistics and the gradient, and the bwd op is 0.
+            for (compile, inplace, in_forward) in [
+                (true, false, false),
+                (true, true, false),
+                (true, false, true),
+                (true, true, true),
+                (false, false, false),
+            ] {
+                let ce =
+                    ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace).grad_in_forward(in_forward);
                 let name = format!("ours compile={} inplace={}", compile as u8, inplace as u8);
+                let name = if in_forward { format!("{name} in_forward") } else { name };
                 rows.push(ours(if compile { runs } else { runs.min(3) }, &logits, &labels, &ce, inplace, name));
             }
             let reference = rows.iter().find(|r| r.name.starts_with("candle-nn")).map(|r| r.end_to_end);
@@ -705,7 +715,7 @@ fn main() {
                     _ => "-".into(),
                 };
                 println!(
-                    "{:<12} {:<5} {:<30} {:>9} {:>9} {:>9.1} {:>11} {:>8.2}x {:>12.1}x",
+                    "{:<12} {:<5} {:<36} {:>9} {:>9} {:>9.1} {:>11} {:>8.2}x {:>12.1}x",
                     format!("{n}x{v}"),
                     format!("{dtype:?}").to_lowercase(),
                     r.name,

@@ -1,6 +1,6 @@
 //! The GPU table (feature `cuda`, run on a lent GPU by `scripts/gpu-check.sh`):
 //! forward+backward of our loss (fused and primitive, gradient in place or
-//! not) at the shapes, with synchronised timers (warm-up, median of
+//! not, formed in the forward pass or in backward) at the shapes, with synchronised timers (warm-up, median of
 //! rotating inputs), peak device memory from the CUDA memory pool, and the
 //! measured device-to-device copy bandwidth with the floors it implies.
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
@@ -258,7 +258,8 @@ fn main() {
     let mut shapes: Vec<(usize, usize)> =
         args.iter().filter_map(|a| a.split_once('x')).map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap())).collect();
     if shapes.is_empty() {
-        shapes = vec![(8192, 32000), (8192, 128256), (16384, 128256), (8192, 262144)];
+        // The headline shape first: a run cut short still has it.
+        shapes = vec![(8192, 128256), (8192, 32000), (16384, 128256), (8192, 262144)];
     }
     let device = Device::new_cuda(0).expect("a CUDA device");
     let pool = Pool::new();
@@ -276,6 +277,7 @@ fn main() {
         "device-to-device copy bandwidth: {:.0} GB/s (read + write; {COPY_METHOD}); {reps} timed runs per cell (median)",
         bandwidth / 1e9
     );
+    println!("in_forward=1 (grad_in_forward): the fwd op column times the one op that forms the statistics and the gradient; its bwd op is 0");
     println!(
         "| N x V | dtype | ours | fwd op ms | bwd op ms | ops ms | e2e ms | candle share of e2e | peak extra / logits | 2-pass floor ms | ops / floor |"
     );
@@ -291,26 +293,31 @@ fn main() {
             // The primitive engine launches ~20 candle kernels per chunk of 32 rows: time it
             // at the smallest shape only, to keep the call short.
             let primitive = n * v <= 8192 * 32000;
-            for (compile, inplace) in [(true, false), (true, true), (false, false)] {
+            // (compile, inplace_grad, grad_in_forward)
+            for (compile, inplace, in_forward) in [
+                (true, false, false),
+                (true, true, false),
+                (true, false, true),
+                (true, true, true),
+                (false, false, false),
+            ] {
                 if !compile && !primitive {
                     continue;
                 }
-                let ce = ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace);
+                let ce =
+                    ChunkedCrossEntropy::default().compile(compile).inplace_grad(inplace).grad_in_forward(in_forward);
+                let ours =
+                    format!("compile={} inplace={} in_forward={}", compile as u8, inplace as u8, in_forward as u8);
                 let reps = if compile { reps } else { 3 };
                 // One failing cell (out of memory, say) must not cost the rest of the GPU run.
                 let cell = std::panic::catch_unwind(AssertUnwindSafe(|| measure(&ce, &inputs, &labels, reps, &pool)));
                 let Ok(t) = cell else {
-                    println!(
-                        "| {n}x{v} | {dtype:?} | compile={} inplace={} | failed (see stderr) |",
-                        compile as u8, inplace as u8
-                    );
+                    println!("| {n}x{v} | {dtype:?} | {ours} | failed (see stderr) |");
                     continue;
                 };
                 let ops = t.forward + t.backward;
                 println!(
-                    "| {n}x{v} | {dtype:?} | compile={} inplace={} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0}% | {:.2}x | {:.3} | {:.2}x |",
-                    compile as u8,
-                    inplace as u8,
+                    "| {n}x{v} | {dtype:?} | {ours} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0}% | {:.2}x | {:.3} | {:.2}x |",
                     ms(t.forward),
                     ms(t.backward),
                     ms(ops),

@@ -376,23 +376,27 @@ template <typename A> struct UnitFactors {
 // rows merge empty partials), so that warp-per-row blocks never diverge
 // across a shuffle.
 //
-// With GRAD (a scalar loss, as Liger does), the row group then reads its row
-// once more (mostly from L2) and writes the gradient of a loss whose value
-// receives 1 over it, from `unit`: two passes over the logits instead of the
-// three of a forward and a separate backward. The target's term is formed in A
-// from ce, as in the backward. Those logits are written, so their pointer is
-// writable and not __restrict__ all the way down (a read-only one would let
-// the compiler read them through the non-coherent cache while they change;
-// scripts/check-ptx.sh fails on such a load). Class weights never come with
-// GRAD: a weighted loss runs the forward, then the in-place backward.
-template <bool GRAD, typename T> using LogitsPtr = typename std::conditional<GRAD, T*, const T*>::type;
+// With a GRAD other than NO_GRAD (a scalar loss, as Liger does), the row group
+// then reads its row once more (mostly from L2) and writes the gradient of a
+// loss whose value receives 1, from `unit`: two passes over the logits instead
+// of the three of a forward and a separate backward. The target's term is
+// formed in A from ce, as in the backward. GRAD_OUT writes it to `grad`, `[rows,
+// V]` contiguous, and leaves the logits as they were; GRAD_IN_PLACE writes it
+// over the logits, whose pointer is then writable and not __restrict__ all the
+// way down (a read-only one would let the compiler read them through the
+// non-coherent cache while they change; scripts/check-ptx.sh fails on such a
+// load). Class weights never come with a gradient: a weighted loss runs the
+// forward, then the backward.
+enum GradMode { NO_GRAD, GRAD_OUT, GRAD_IN_PLACE };
+template <int GRAD, typename T>
+using LogitsPtr = typename std::conditional<GRAD == GRAD_IN_PLACE, T*, const T*>::type;
 
-template <typename T, typename A, bool CAP, bool SUM, bool WEIGHTED, bool GRAD>
+template <typename T, typename A, bool CAP, bool SUM, bool WEIGHTED, int GRAD>
 __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ labels,
                         const A* __restrict__ sum_weights, A* __restrict__ stats,
-                        unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,
-                        int64_t ignore_index, A cap, UnitFactors<A> unit, int rows_per_block, int64_t start,
-                        int64_t inner, int64_t stride_outer, int64_t stride_inner) {
+                        unsigned long long* __restrict__ first_bad_row, T* __restrict__ grad, int64_t rows,
+                        int vocab, int64_t ignore_index, A cap, UnitFactors<A> unit, int rows_per_block,
+                        int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {
     const RowGroup group(rows_per_block);
     for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
          first += int64_t(gridDim.x) * rows_per_block) {
@@ -412,7 +416,10 @@ __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ l
                 add_logits<SUM, WEIGHTED>(p, x, group.lane, y, sum_weights);
             }
             const Pack<T>* __restrict__ body = reinterpret_cast<const Pack<T>*>(row + head);
-            constexpr int U = kInFlight<T, CAP || SUM>;
+            // Out of place, f16 keeps two packs in flight: its 64 registers hold no
+            // more beside the gradient's pointer (ptxas spills with four).
+            constexpr bool HEAVY = CAP || SUM || (GRAD == GRAD_OUT && std::is_same<T, __half>::value);
+            constexpr int U = kInFlight<T, HEAVY>;
             for_each_pack<T, U>(body, packs, group.lane, group.threads, [&](const Pack<T>& pack, int k) {
                 A x[W];
 #pragma unroll
@@ -449,13 +456,19 @@ __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ l
                 if (label != ignore_index) atomicMin(first_bad_row, (unsigned long long)r);
             }
         }
-        if constexpr (GRAD) {
+        if constexpr (GRAD != NO_GRAD) {
             static_assert(!WEIGHTED, "the forward with gradient takes no class weights");
             group_broadcast(lse, ce, group.whole_block);
             if (r < rows) {
                 const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce, A(1));
-                // Each element is read before its own thread rewrites it.
-                write_row_grad<T, A, CAP, false>(row, row, vocab, y, f, cap, sum_weights, group);
+                if constexpr (GRAD == GRAD_IN_PLACE) {
+                    // Each element is read before its own thread rewrites it.
+                    write_row_grad<T, A, CAP, false>(row, row, vocab, y, f, cap, sum_weights, group);
+                } else {
+                    // 64-bit: rows * V passes 2^31 at realistic sizes.
+                    T* out = grad + r * int64_t(vocab);
+                    write_row_grad<T, A, CAP, false>(row, out, vocab, y, f, cap, sum_weights, group);
+                }
             }
         }
     }
@@ -495,7 +508,9 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
 // forward and backward entries take sum_weights, the [V] class weights in A:
 // the weighted entries read them (the forward only with want_sum, as the
 // CPU's; the gradient always), the plain ones never (the host passes
-// nullptr). The forward with gradient has no weighted entries (see forward).
+// nullptr). The forward with gradient has no weighted entries (see forward); it
+// writes the gradient over the logits (`ce_fwd_grad_*`) or to a buffer of its
+// own (`ce_fwd_grad_out_*`).
 // MAX_THREADS is the largest block an entry is compiled for (64 registers a
 // thread at 1024); f64's double-precision maths would spill there, so f64
 // blocks stop at 512 threads. src/kernel_abi.rs holds the same limits and
@@ -504,16 +519,18 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
 
 // Picks forward<T, A, CAP, SUM, WEIGHTED, GRAD> from the launch's cap and
 // want_sum (without SUM, the class weights go unread).
-template <typename T, typename A, bool WEIGHTED, bool GRAD>
+template <typename T, typename A, bool WEIGHTED, int GRAD>
 __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ labels,
                                                  const A* __restrict__ sum_weights, A* __restrict__ stats,
-                                                 unsigned long long* __restrict__ first_bad_row, int64_t rows,
-                                                 int vocab, int64_t ignore_index, A cap, int want_sum,
-                                                 UnitFactors<A> unit, int rows_per_block, int64_t start,
-                                                 int64_t inner, int64_t stride_outer, int64_t stride_inner) {
+                                                 unsigned long long* __restrict__ first_bad_row,
+                                                 T* __restrict__ grad, int64_t rows, int vocab,
+                                                 int64_t ignore_index, A cap, int want_sum, UnitFactors<A> unit,
+                                                 int rows_per_block, int64_t start, int64_t inner,
+                                                 int64_t stride_outer, int64_t stride_inner) {
 #define CE_FORWARD(CAP, SUM, W)                                                                                    \
-    forward<T, A, CAP, SUM, W, GRAD>(logits, labels, sum_weights, stats, first_bad_row, rows, vocab, ignore_index, \
-                                     cap, unit, rows_per_block, start, inner, stride_outer, stride_inner)
+    forward<T, A, CAP, SUM, W, GRAD>(logits, labels, sum_weights, stats, first_bad_row, grad, rows, vocab,         \
+                                     ignore_index, cap, unit, rows_per_block, start, inner, stride_outer,           \
+                                     stride_inner)
     if (cap > A(0) && want_sum)
         CE_FORWARD(true, true, WEIGHTED);
     else if (cap > A(0))
@@ -531,22 +548,33 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
              A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,       \
              int64_t ignore_index, A cap, int want_sum, int rows_per_block, int64_t start, int64_t inner,          \
              int64_t stride_outer, int64_t stride_inner) {                                                         \
-        dispatch_forward<T, A, WEIGHTED, false>(logits, labels, sum_weights, stats, first_bad_row, rows, vocab,   \
-                                                ignore_index, cap, want_sum, UnitFactors<A>{0, 0, 0, 0},           \
-                                                rows_per_block, start, inner, stride_outer, stride_inner);         \
+        dispatch_forward<T, A, WEIGHTED, NO_GRAD>(logits, labels, sum_weights, stats, first_bad_row, nullptr, rows, \
+                                                  vocab, ignore_index, cap, want_sum, UnitFactors<A>{0, 0, 0, 0},  \
+                                                  rows_per_block, start, inner, stride_outer, stride_inner);       \
     }
 
-// The logits are rewritten with their gradient: a writable pointer, not __restrict__ (see forward).
-#define FORWARD_WITH_GRAD(NAME, T, A, MAX_THREADS)                                                                 \
+// NAME rewrites the logits with their gradient: a writable pointer, not __restrict__ (see forward).
+// NAME_OUT writes it to `grad`, [rows, V] contiguous, and only reads the logits.
+#define FORWARD_WITH_GRAD(NAME, NAME_OUT, T, A, MAX_THREADS)                                                       \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
         NAME(T* logits, const int64_t* __restrict__ labels, A* __restrict__ stats,                                 \
              unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
              int want_sum, A unit_ce, A unit_lse, A unit_lse_squared, A unit_sum, int rows_per_block,              \
              int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {                           \
-        dispatch_forward<T, A, false, true>(logits, labels, nullptr, stats, first_bad_row, rows, vocab,            \
-                                            ignore_index, cap, want_sum,                                           \
-                                            UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum},         \
-                                            rows_per_block, start, inner, stride_outer, stride_inner);             \
+        dispatch_forward<T, A, false, GRAD_IN_PLACE>(logits, labels, nullptr, stats, first_bad_row, nullptr, rows, \
+                                                     vocab, ignore_index, cap, want_sum,                           \
+                                                     UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}, \
+                                                     rows_per_block, start, inner, stride_outer, stride_inner);    \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+        NAME_OUT(const T* __restrict__ logits, const int64_t* __restrict__ labels, T* __restrict__ grad,           \
+                 A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,   \
+                 int64_t ignore_index, A cap, int want_sum, A unit_ce, A unit_lse, A unit_lse_squared, A unit_sum, \
+                 int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer, int64_t stride_inner) {   \
+        dispatch_forward<T, A, false, GRAD_OUT>(logits, labels, nullptr, stats, first_bad_row, grad, rows, vocab,  \
+                                                ignore_index, cap, want_sum,                                       \
+                                                UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum},     \
+                                                rows_per_block, start, inner, stride_outer, stride_inner);         \
     }
 
 #define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS, WEIGHTED)                                                 \
@@ -587,10 +615,10 @@ FORWARD(ce_fwd_weighted_f32, float, float, 1024, true)
 FORWARD(ce_fwd_weighted_bf16, __nv_bfloat16, float, 1024, true)
 FORWARD(ce_fwd_weighted_f16, __half, float, 1024, true)
 FORWARD(ce_fwd_weighted_f64, double, double, 512, true)
-FORWARD_WITH_GRAD(ce_fwd_grad_f32, float, float, 1024)
-FORWARD_WITH_GRAD(ce_fwd_grad_bf16, __nv_bfloat16, float, 1024)
-FORWARD_WITH_GRAD(ce_fwd_grad_f16, __half, float, 1024)
-FORWARD_WITH_GRAD(ce_fwd_grad_f64, double, double, 512)
+FORWARD_WITH_GRAD(ce_fwd_grad_f32, ce_fwd_grad_out_f32, float, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_bf16, ce_fwd_grad_out_bf16, __nv_bfloat16, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_f16, ce_fwd_grad_out_f16, __half, float, 1024)
+FORWARD_WITH_GRAD(ce_fwd_grad_f64, ce_fwd_grad_out_f64, double, double, 512)
 BACKWARD(ce_bwd_f32, ce_bwd_inplace_f32, float, float, 1024, false)
 BACKWARD(ce_bwd_bf16, ce_bwd_inplace_bf16, __nv_bfloat16, float, 1024, false)
 BACKWARD(ce_bwd_f16, ce_bwd_inplace_f16, __half, float, 1024, false)

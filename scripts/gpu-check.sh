@@ -3,7 +3,8 @@
 # carried (built by scripts/build-gpu-bins.sh) and, optionally, .whl/ (Liger-Kernel's wheel):
 #   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 480
 # In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
-# compute-sanitizer (memcheck over a few small CUDA tests, racecheck over one), the example
+# compute-sanitizer (memcheck over a few small CUDA tests, the gradient formed in forward among
+# them; racecheck over one), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps.
@@ -11,12 +12,12 @@
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
-# Output, in $OUT (gpu-out/ when unset), at most 4 files:
+# Output, in $OUT (gpu-out/ when unset), at most 5 files:
 #   summary.md        one line per test binary, the sanitizers' verdicts, the benchmarks' table
 #                     rows, the example's last lines, the wall time (printed to stdout at the end)
 #   gpu-check.log     summary.md, then every step's full output (appended as each step ends, so
 #                     a run cut short still brings back what it did)
-#   compute-sanitizer-{memcheck,racecheck}.log   the sanitizers' own reports
+#   compute-sanitizer-{memcheck,racecheck}-BINARY.log   the sanitizers' own reports
 # Exit status: 1 if a test failed, crashed or timed out, or a sanitizer found errors; else 0.
 set -u
 t_start=$(date +%s)
@@ -26,6 +27,7 @@ reserve=10      # seconds kept for the summary
 MIN_STEP_S=${MIN_STEP_S:-15}
 TEST_CAP_S=${TEST_CAP_S:-90}
 MEMCHECK_FILTERS=${MEMCHECK_FILTERS:-literal_values::cuda odd_sizes::cuda nothing_to_learn_is_exactly_zero::cuda inplace_grad_reuses_logits::cuda}
+MEMCHECK_GRAD_FILTERS=${MEMCHECK_GRAD_FILTERS:-where_the_gradient_lives::cuda}
 RACECHECK_FILTERS=${RACECHECK_FILTERS:-literal_values::cuda}
 SANITIZER_CAP_S=${SANITIZER_CAP_S:-60}
 venv=${TORCH_VENV:-/opt/torch/.venv}
@@ -134,17 +136,19 @@ for cand in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/b
 done
 sanitizer_md=$logs/sanitizer.md
 : >"$sanitizer_md"
-for tool in memcheck racecheck; do
-  if [ "$tool" = memcheck ]; then filters=$MEMCHECK_FILTERS; else filters=$RACECHECK_FILTERS; fi
+# TOOL|BINARY|FILTERS (the filters several words); each run has its report.
+for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHECK_GRAD_FILTERS" \
+  "racecheck|parity|$RACECHECK_FILTERS"; do
+  IFS="|" read -r tool binary filters <<<"$run"
   if [ -z "$sanitizer" ]; then
     echo "- $tool: not run, compute-sanitizer not on PATH, in \$CUDA_HOME/bin, /usr/local/cuda/bin or $venv" >>"$sanitizer_md"
     continue
   fi
-  report=$out_dir/compute-sanitizer-$tool.log
+  report=$out_dir/compute-sanitizer-$tool-$binary.log
   rm -f "$report"
   # shellcheck disable=SC2086  # the filters are several words on purpose
-  run_step "$tool" "$SANITIZER_CAP_S" "$sanitizer" --tool "$tool" --error-exitcode 1 --log-file "$report" \
-    "$bin/parity" $filters --test-threads=1
+  run_step "$tool-$binary" "$SANITIZER_CAP_S" "$sanitizer" --tool "$tool" --error-exitcode 1 --log-file "$report" \
+    "$bin/$binary" $filters --test-threads=1
   verdict_line=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$report" 2>/dev/null | tail -1 | sed 's/^=* *//')
   counts=$(libtest_counts "$step_log")
   errors=$(grep -oE '\(?[0-9]+ errors?' <<<"$verdict_line" | head -1 | tr -dc 0-9)
@@ -156,7 +160,7 @@ for tool in memcheck racecheck; do
          verdict="FAILED (exit $step_rc) with no sanitizer error: see the tests' output"; fi
        status=1 ;;
   esac
-  echo "- $tool over \`parity $filters\`: $verdict; ${verdict_line:-no summary line}; tests: ${counts:-no result line}" >>"$sanitizer_md"
+  echo "- $tool over \`$binary $filters\`: $verdict; ${verdict_line:-no summary line}; tests: ${counts:-no result line}" >>"$sanitizer_md"
   # The run tool brings back files of at most 16 MiB.
   [ ! -f "$report" ] || [ "$(stat -c %s "$report")" -le 8388608 ] || truncate -s 8M "$report"
 done

@@ -170,6 +170,18 @@ pub struct UnitFactors {
     pub logit_sum: f64,
 }
 
+impl UnitFactors {
+    /// The factors of a loss whose value receives `scale` instead of 1.
+    pub(crate) fn scaled(self, scale: f64) -> Self {
+        Self {
+            ce: self.ce * scale,
+            lse: self.lse * scale,
+            lse_squared: self.lse_squared * scale,
+            logit_sum: self.logit_sum * scale,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,7 +39,8 @@ pub(crate) fn forward(
     let rows = RowGeometry::new(logits_layout)?;
     let dtype = logits.dtype();
     let launch = kernel_abi::forward(&rows, dtype, &options(cfg), LaunchShape::for_vocab(dtype, rows.vocab))?;
-    row_stats(&logits.device().clone(), Access::Read(logits, 0), dtype, &rows, launch, labels, labels_layout, cfg)
+    let dev = logits.device().clone();
+    row_stats(&dev, Access::Read(logits, 0), None, dtype, &rows, launch, labels, labels_layout, cfg)
 }
 
 /// As [`forward`], and the kernel also rewrites the logits with the gradient
@@ -56,17 +57,53 @@ pub(crate) fn forward_with_grad(
     let rows = RowGeometry::new(logits_layout)?;
     let dtype = logits.dtype();
     let shape = LaunchShape::for_vocab(dtype, rows.vocab);
-    let launch = kernel_abi::forward_with_grad(&rows, dtype, &options(cfg), unit, shape)?;
+    let launch = kernel_abi::forward_with_grad(&rows, dtype, &options(cfg), unit, true, shape)?;
     let dev = logits.device().clone();
-    row_stats(&dev, Access::Write(logits, 0), dtype, &rows, launch, labels, labels_layout, cfg)
+    row_stats(&dev, Access::Write(logits, 0), None, dtype, &rows, launch, labels, labels_layout, cfg)
+}
+
+/// As [`forward_with_grad`], with the gradient written into a fresh contiguous
+/// buffer shaped like the logits, which are only read. Returns the statistics
+/// and the gradient.
+pub(crate) fn forward_with_grad_out(
+    logits: &CudaStorage,
+    logits_layout: &Layout,
+    labels: &CudaStorage,
+    labels_layout: &Layout,
+    cfg: &OpConfig,
+    unit: &UnitFactors,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let rows = RowGeometry::new(logits_layout)?;
+    let dtype = logits.dtype();
+    let grad_shape = logits_layout.shape();
+    let dev = logits.device().clone();
+    let launch = kernel_abi::forward_with_grad(
+        &rows,
+        dtype,
+        &options(cfg),
+        unit,
+        false,
+        LaunchShape::for_vocab(dtype, rows.vocab),
+    )?;
+    let mut grad = match launch {
+        // SAFETY: the kernel writes every element of every row (zeros on ignored rows).
+        Some(_) => unsafe { dev.alloc_uninit(grad_shape, dtype)? },
+        None => dev.zeros_impl(grad_shape, dtype)?,
+    };
+    let grad_access = Some(Access::Write(&mut grad, 0));
+    let (stats, _) =
+        row_stats(&dev, Access::Read(logits, 0), grad_access, dtype, &rows, launch, labels, labels_layout, cfg)?;
+    Ok((stats, grad))
 }
 
 /// Runs a forward `launch` over `logits` (read, or rewritten by the forward
-/// with gradient) and returns the statistics; zeros without a launch.
+/// with gradient in place), writing `grad` when the launch has one, and
+/// returns the statistics; zeros without a launch.
 #[allow(clippy::too_many_arguments)]
 fn row_stats(
     dev: &CudaDevice,
     logits: Access<'_>,
+    grad: Option<Access<'_>>,
     dtype: DType,
     rows: &RowGeometry,
     launch: Option<KernelLaunch>,
@@ -92,6 +129,7 @@ fn row_stats(
         sum_weights: weights.on(dev, rows.vocab)?,
         stats: Some(Access::Write(&mut stats, 0)),
         first_bad_row: Some(Access::Flag(&mut first_bad_row)),
+        grad,
         ..Bindings::default()
     };
     run(dev, &launch, bindings)?;

@@ -21,7 +21,7 @@ pub const MAX_BLOCKS: u32 = 1 << 16;
 /// Every kernel entry of `cuda/cross_entropy.cu`: `ce_{kind}_{dtype}`, and
 /// `ce_{kind}_weighted_{dtype}` for a class-weighted logit sum (see
 /// [`KernelOptions::sum_weights`]); `ce_labels_{dtype}` for each label dtype.
-pub const ENTRIES: [&str; 33] = [
+pub const ENTRIES: [&str; 37] = [
     "ce_fwd_f32",
     "ce_fwd_bf16",
     "ce_fwd_f16",
@@ -30,6 +30,10 @@ pub const ENTRIES: [&str; 33] = [
     "ce_fwd_grad_bf16",
     "ce_fwd_grad_f16",
     "ce_fwd_grad_f64",
+    "ce_fwd_grad_out_f32",
+    "ce_fwd_grad_out_bf16",
+    "ce_fwd_grad_out_f16",
+    "ce_fwd_grad_out_f64",
     "ce_bwd_f32",
     "ce_bwd_bf16",
     "ce_bwd_f16",
@@ -400,25 +404,32 @@ pub fn forward(
     row_launch(entry, rows, dtype, shape, args)
 }
 
-/// The forward that also writes, over [`Operand::Logits`], the gradient of a
-/// scalar loss whose value receives 1: `unit` gives every valid row's factors
-/// (see [`UnitFactors`]). Two passes over the logits instead of the three of
-/// [`forward`] and [`backward`]. Without class weights only: a weighted loss
-/// runs [`forward`], then the in-place [`backward`]. `None` for an empty
-/// problem.
+/// The forward that also writes the gradient of a scalar loss whose value
+/// receives 1, over [`Operand::Logits`] (`in_place`) or into [`Operand::Grad`]:
+/// `unit` gives every valid row's factors (see [`UnitFactors`]). Two passes
+/// over the logits instead of the three of [`forward`] and [`backward`].
+/// Without class weights only: a weighted loss runs [`forward`], then
+/// [`backward`]. `None` for an empty problem.
 pub fn forward_with_grad(
     rows: &RowGeometry,
     dtype: DType,
     options: &KernelOptions,
     unit: &UnitFactors,
+    in_place: bool,
     shape: LaunchShape,
 ) -> Result<Option<KernelLaunch>> {
     use KernelArg::{Operand as Op, I32};
     if options.sum_weights.is_some() {
         bail!("chunked cross-entropy (cuda): the forward with gradient takes no class weights")
     }
-    let entry = entry("fwd_grad", false, dtype)?;
-    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels), Op(Operand::Stats), Op(Operand::FirstBadRow)];
+    let mut args = vec![Op(Operand::Logits), Op(Operand::Labels)];
+    let entry = if in_place {
+        entry("fwd_grad", false, dtype)?
+    } else {
+        args.push(Op(Operand::Grad));
+        entry("fwd_grad_out", false, dtype)?
+    };
+    args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
     args.extend([unit.ce, unit.lse, unit.lse_squared, unit.logit_sum].map(|v| accumulator(dtype, v)));
@@ -598,6 +609,12 @@ mod tests {
             let shape = LaunchShape::for_vocab(dtype, 7);
             assert!(launched(forward(&rows, dtype, &options, shape))?.starts_with("ce_fwd_"));
             assert!(launched(backward(&rows, dtype, &options, true, shape))?.starts_with("ce_bwd_inplace_"));
+            let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
+            let in_place = launched(forward_with_grad(&rows, dtype, &options, &unit, true, shape))?;
+            assert!(in_place.starts_with("ce_fwd_grad_") && !in_place.contains("out"), "{in_place}");
+            let out = forward_with_grad(&rows, dtype, &options, &unit, false, shape)?.expect("3 x 7 has a launch");
+            assert!(out.entry.starts_with("ce_fwd_grad_out_"), "{}", out.entry);
+            assert_eq!(out.args[2], KernelArg::Operand(Operand::Grad));
         }
         assert!(forward(&rows, DType::U8, &options, LaunchShape::for_vocab(DType::U8, 7)).is_err());
         let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1 };
@@ -625,7 +642,8 @@ mod tests {
                     let options = options();
                     let launches = [
                         forward(&rows, dtype, &options, shape)?,
-                        forward_with_grad(&rows, dtype, &options, &unit, shape)?,
+                        forward_with_grad(&rows, dtype, &options, &unit, true, shape)?,
+                        forward_with_grad(&rows, dtype, &options, &unit, false, shape)?,
                         backward(&rows, dtype, &options, false, shape)?,
                         backward(&rows, dtype, &options, true, shape)?,
                     ];
@@ -701,7 +719,9 @@ mod tests {
             assert_eq!((launch.entry, launch.args[2]), (entry, bound));
         }
         let unit = UnitFactors { ce: 1.0, lse: 0.0, lse_squared: 0.0, logit_sum: 0.0 };
-        assert!(forward_with_grad(&rows, DType::BF16, &options, &unit, shape).is_err());
+        for in_place in [true, false] {
+            assert!(forward_with_grad(&rows, DType::BF16, &options, &unit, in_place, shape).is_err());
+        }
         let unsummed = KernelOptions { logit_sum: false, ..options.clone() };
         let launch = forward(&rows, DType::BF16, &unsummed, shape)?.expect("3 x 7 has a launch");
         assert_eq!((launch.entry, launch.args[2]), ("ce_fwd_bf16", KernelArg::Null));

@@ -43,7 +43,8 @@
 //!
 //! - [`ChunkedCrossEntropy`]: the configurable loss (chunk length, fused or
 //!   primitive kernels, `ignore_index`, [`Reduction`], in-place gradient,
-//!   label smoothing, z-loss, logit soft-cap), with `num_label_tokens` for
+//!   gradient formed in the forward pass, label smoothing, z-loss, logit
+//!   soft-cap), with `num_label_tokens` for
 //!   gradient accumulation, and [`CrossEntropyOutput`] for the per-token losses,
 //!   log-sum-exp and token accuracy.
 //! - [`LinearCrossEntropy`]: the loss of `hidden @ weight^T (+ bias)` without
@@ -84,6 +85,7 @@ mod linear;
 mod loss;
 mod memory;
 mod op;
+mod precomputed;
 mod primitive;
 pub mod reference;
 

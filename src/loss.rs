@@ -4,12 +4,14 @@
 //! `[N]` contiguous i64 labels with masked rows already set to `ignore_index`.
 
 use crate::call::{
-    checked_labels, checked_logits, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings, TokenCall,
+    checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
+    TokenCall,
 };
 use crate::config::{Engine, OpConfig};
 use crate::op::{self, LogitsBackward, StatsNode};
+use crate::precomputed::{boost_of, PrecomputedGrad};
 use crate::primitive;
-use candle::{Result, Tensor};
+use candle::{bail, Result, Tensor};
 
 /// Chunked, fused cross-entropy over `[N, V]` or `[B, S, V]` logits, after
 /// NVIDIA NeMo AutoModel's `ChunkedCrossEntropy`, with a hand-written backward.
@@ -27,6 +29,7 @@ use candle::{Result, Tensor};
 /// | `ignore_index` | -100 | label value whose token contributes no loss and no gradient |
 /// | `reduction` | [`Reduction::Mean`] | mean over valid tokens, sum, or per-token |
 /// | `inplace_grad` | `false` | write the gradient over the logits (destroys them; needs `compile = true`) |
+/// | `grad_in_forward` | `false` | form the gradient in the forward pass (two passes over the logits instead of three; a scalar loss only) |
 /// | `label_smoothing` | 0 | PyTorch's `label_smoothing`: `(1 - ε) ce + ε (lse - mean_j x_j)` |
 /// | `z_loss` | 0 | coefficient `z` of the z-loss `z · lse²` added to each token's loss |
 /// | `logit_softcap` | `None` | Gemma 2's soft-cap: the loss sees `cap · tanh(x / cap)` |
@@ -131,6 +134,40 @@ impl ChunkedCrossEntropy {
         self
     }
 
+    /// Forms the gradient of the reduced loss in the forward pass, as Liger
+    /// does: each row is read for its statistics, then again (on CUDA mostly
+    /// from L2) to write its gradient, two passes over the logits where a
+    /// forward and a separate backward make three. Backward then only checks
+    /// its upstream gradient and, unless it is 1, scales.
+    ///
+    /// - With [`inplace_grad`](Self::inplace_grad) the gradient is written
+    ///   over the logits during forward (on CUDA in one kernel with the
+    ///   statistics): the logits must not be read after the loss's forward
+    ///   (true for logits straight out of an `lm_head` matmul, not for the
+    ///   output of an op whose backward reads its own output, such as
+    ///   candle's `tanh`). If the backward pass then reaches the loss's
+    ///   statistics other than through the reduced loss times a scalar (a
+    ///   per-token output of [`forward_with_outputs`](Self::forward_with_outputs)
+    ///   weighted per token, say), it fails with an error: the logits are gone.
+    /// - Without it, the gradient goes to a fresh buffer, held from forward
+    ///   to the first backward pass; the logits are kept, and a backward pass
+    ///   of any other form runs the backward kernels on them instead.
+    ///
+    /// The scalar upstream gradient costs a pass over the gradient when it is
+    /// not 1 (a loss scale, `1 / k` for gradient accumulation:
+    /// `num_label_tokens` needs none), and always in f16: there the gradient
+    /// is formed times the power of two nearest the mean's count (f16 would
+    /// flush `p / n` to zero before a loss scale reached it), which f16 logits
+    /// hold in place until backward divides it out. Needs a scalar loss
+    /// ([`Reduction::Mean`] or [`Reduction::Sum`]), and one device-to-host
+    /// read of the labels in forward (a synchronisation on CUDA): they are
+    /// checked and counted before any logit is overwritten. Ignored on a
+    /// device the kernels do not cover (see the type's docs).
+    pub fn grad_in_forward(mut self, grad_in_forward: bool) -> Self {
+        self.settings.grad_in_forward = grad_in_forward;
+        self
+    }
+
     /// Sets the label smoothing `ε` in `[0, 1]`, as PyTorch's
     /// `cross_entropy(label_smoothing=ε)`: each valid token's loss becomes
     /// `(1 - ε) ce + ε (lse - Σ_j x_j / V)`.
@@ -196,8 +233,9 @@ impl ChunkedCrossEntropy {
     /// that is not `ignore_index` (the message gives the row and the value);
     /// `V = 0` with tokens present; `chunk_len = 0`; `inplace_grad` with
     /// `compile = false`; `label_smoothing` outside `[0, 1]`, a negative or
-    /// non-finite `z_loss`, a soft-cap that is not positive and finite; logits
-    /// and labels on different devices.
+    /// non-finite `z_loss`, a soft-cap that is not positive and finite;
+    /// `grad_in_forward` with [`Reduction::None`]; logits and labels on
+    /// different devices.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(logits, labels, mask, None)
     }
@@ -292,17 +330,54 @@ impl ChunkedCrossEntropy {
         let node = if cfg.engine == Engine::Autograd {
             primitive::row_stats_recorded(&logits, &labels, &cfg)?
         } else {
-            let stats = op::row_stats(&logits, &labels, &cfg)?;
-            let backward = LogitsBackward { cfg, labels: labels.clone() };
+            let (stats, precomputed) = match self.settings.grad_in_forward {
+                true => self.stats_and_grad(&logits, &labels, &cfg, vocab, &weights, num_label_tokens)?,
+                false => (op::row_stats(&logits, &labels, &cfg)?, None),
+            };
+            let backward = LogitsBackward { cfg, labels: labels.clone(), precomputed };
             logits.apply_op1(StatsNode { stats, backward })?
         };
         Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
     }
 
+    /// The statistics `[N, 4]` and the gradient of the reduced loss, formed
+    /// together (`grad_in_forward`): the labels are read to the host first,
+    /// checked before any logit is overwritten and counted for a `Mean`'s
+    /// factor (one synchronisation on CUDA; a weighted mean's denominator is
+    /// one more read).
+    fn stats_and_grad(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        cfg: &OpConfig,
+        vocab: usize,
+        weights: &CallWeights,
+        num_label_tokens: Option<usize>,
+    ) -> Result<(Tensor, Option<PrecomputedGrad>)> {
+        let ignore_index = self.settings.ignore_index;
+        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        let cfg = OpConfig { labels_checked: true, ..cfg.clone() };
+        let row_weights = weights.row_weights()?;
+        let denominator = match (&row_weights, self.settings.reduction, num_label_tokens) {
+            (Some(_), Reduction::Mean, None) => weights.host_denominator(labels, ignore_index)?,
+            _ => row_labels.iter().flatten().count() as f64,
+        };
+        let Some(unit) = self.settings.unit_factors(vocab, weights, denominator, num_label_tokens) else {
+            bail!("chunked cross-entropy: grad_in_forward needs a scalar loss (Reduction::Mean or Reduction::Sum)")
+        };
+        let boost = boost_of(&unit, logits.dtype());
+        let (stats, grad) =
+            op::row_stats_and_unit_grad(logits, labels, &cfg, unit.scaled(boost), row_weights.as_ref())?;
+        let unit_factors = op::unit_factors(&stats, unit, row_weights.as_ref())?;
+        Ok((stats, Some(PrecomputedGrad::new(grad, unit_factors, boost, cfg.inplace_grad))))
+    }
+
     /// The two ops of a `Reduction::Mean` loss timed apart, for the benchmarks:
     /// the forward op's row statistics `[N, 4]`, then the backward op's
     /// gradient (upstream gradient 1), each timed between device
-    /// synchronisations. A benchmarks' hook (feature `testing`).
+    /// synchronisations; with `grad_in_forward`, the op that forms both,
+    /// timed as the forward, and a zero backward. A benchmarks' hook (feature
+    /// `testing`).
     #[cfg(feature = "testing")]
     pub fn bench_ops(
         &self,
@@ -312,6 +387,21 @@ impl ChunkedCrossEntropy {
         let cfg = self.settings.op_config(logits.device())?;
         let (logits, labels) = self.checked_inputs(logits, labels, None, &cfg)?;
         let device = logits.device();
+        if self.settings.grad_in_forward {
+            let valid = labels.to_vec1::<i64>()?.iter().filter(|&&l| l != self.settings.ignore_index).count();
+            let unit = crate::config::UnitFactors {
+                ce: 1.0 / valid.max(1) as f64,
+                lse: 0.0,
+                lse_squared: 0.0,
+                logit_sum: 0.0,
+            };
+            device.synchronize()?;
+            let start = std::time::Instant::now();
+            let cfg = OpConfig { labels_checked: true, ..cfg };
+            let (_, grad) = op::row_stats_and_unit_grad(&logits, &labels, &cfg, unit, None)?;
+            device.synchronize()?;
+            return Ok((start.elapsed(), std::time::Duration::ZERO, grad));
+        }
         device.synchronize()?;
         let start = std::time::Instant::now();
         let stats = op::row_stats(&logits, &labels, &cfg)?;

@@ -68,6 +68,7 @@
 use crate::config::RowTerms;
 use crate::config::{backward_factors, bad_label, Engine, OpConfig, RowLabel, Stat, UnitFactors, STATS};
 use crate::cpu::{self, RowLayout};
+use crate::precomputed::PrecomputedGrad;
 use crate::primitive;
 use candle::backend::BackendStorage;
 use candle::op::BackpropOp;
@@ -235,17 +236,27 @@ impl<B: NodeBackward> CustomOp3 for StatsNode<B> {
 }
 
 /// The backward of the loss over logits: the gradient of the logits (the
-/// labels travel inside it: they are not an input of the node).
+/// labels travel inside it: they are not an input of the node), from the
+/// backward kernels or, with `grad_in_forward`, formed in the forward pass.
 pub(crate) struct LogitsBackward {
     pub cfg: OpConfig,
     pub labels: Tensor,
+    pub precomputed: Option<PrecomputedGrad>,
 }
 
 impl NodeBackward for LogitsBackward {
     const NAME: &'static str = "chunked-cross-entropy";
 
     fn backward(&self, inputs: &[&Tensor], factors: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(logits_grad(inputs[0], &self.labels, factors, &self.cfg)?)])
+        let precomputed = match &self.precomputed {
+            Some(precomputed) => precomputed.logits_grad(factors)?,
+            None => None,
+        };
+        let grad = match precomputed {
+            Some(grad) => grad,
+            None => logits_grad(inputs[0], &self.labels, factors, &self.cfg)?,
+        };
+        Ok(vec![Some(grad)])
     }
 }
 
@@ -325,15 +336,15 @@ impl RowWeights {
 
 /// The statistics `[N, 4]` of `logits` and the gradient of a scalar loss whose
 /// value receives 1, from `unit` (see [`UnitFactors`]) and, for a weighted
-/// loss, the rows' `weights`, written over the logits' storage: they must be
-/// a temporary nobody else reads (the linear loss's chunk logits). Returns
-/// the statistics and the gradient (the per-row factors it was formed with
-/// are [`unit_factors`] of the statistics). Unweighted, with the fused
+/// loss, the rows' `weights`; with `cfg.inplace_grad` written over the
+/// logits' storage, which must then be a temporary nobody else reads (the
+/// linear loss's chunk logits) or a caller's that gave them up. Returns the
+/// statistics and the gradient (the per-row factors it was formed with are
+/// [`unit_factors`] of the statistics). In place, unweighted, with the fused
 /// kernels (f64 on CUDA only), one in-place op computes both: on CUDA one
 /// kernel makes two passes over the logits (the forward's read, then a read
 /// mostly from L2 and the write), on the CPU each row is rewritten right after
-/// its statistics. Otherwise the forward engine runs, then the in-place
-/// backward.
+/// its statistics. Otherwise the forward engine runs, then the backward.
 pub(crate) fn row_stats_and_unit_grad(
     logits: &Tensor,
     labels: &Tensor,
@@ -341,17 +352,18 @@ pub(crate) fn row_stats_and_unit_grad(
     unit: UnitFactors,
     weights: Option<&RowWeights>,
 ) -> Result<(Tensor, Tensor)> {
-    let cfg = OpConfig { inplace_grad: true, ..cfg.clone() };
-    let fused = cfg.engine == Engine::Fused
-        && weights.is_none()
-        && (logits.device().is_cuda() || (logits.device().is_cpu() && logits.dtype() != DType::F64));
-    if fused {
+    let cfg = cfg.clone();
+    let fused = cfg.engine == Engine::Fused && weights.is_none();
+    let (cuda, cpu) = (logits.device().is_cuda(), logits.device().is_cpu() && logits.dtype() != DType::F64);
+    if fused && cfg.inplace_grad && (cuda || cpu) {
         let op = FusedForwardWithGrad { cfg, unit, stats: Mutex::new(None) };
         logits.inplace_op2(labels, &op)?;
-        let stats = op.stats.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some(stats) = stats else { bail!("chunked cross-entropy: the forward with gradient left no statistics") };
-        let stats = Tensor::from_storage(stats, (labels.elem_count(), STATS), BackpropOp::none(), false);
-        return Ok((stats, logits.detach()));
+        return Ok((op.stats(labels)?, logits.detach()));
+    }
+    if fused && cuda {
+        let op = FusedForwardWithGrad { cfg, unit, stats: Mutex::new(None) };
+        let grad = logits.apply_op2_no_bwd(labels, &op)?;
+        return Ok((op.stats(labels)?, grad));
     }
     let stats = row_stats(logits, labels, &cfg)?;
     let factors = backward_factors(&unit_factors(&stats, unit, weights)?, &stats)?;
@@ -372,11 +384,13 @@ pub(crate) fn unit_factors(stats: &Tensor, unit: UnitFactors, weights: Option<&R
     Tensor::cat(&[g_ce, g_lse, g_sum], 1)
 }
 
-/// The fused forward that also rewrites its logits with the gradient of a
-/// scalar loss (see [`row_stats_and_unit_grad`]): an in-place op over the
-/// logits (the kernels write them), leaving the statistics `[N, 4]` in
-/// `stats`. On CUDA one kernel (`ce_fwd_grad_*`); on the CPU (f32, bf16, f16)
-/// `cpu::forward_with_grad_in_place`, row by row.
+/// The fused forward that also writes the gradient of a scalar loss (see
+/// [`row_stats_and_unit_grad`]), leaving the statistics `[N, 4]` in `stats`.
+/// As an in-place op it rewrites the logits: on CUDA one kernel
+/// (`ce_fwd_grad_*`), on the CPU (f32, bf16, f16)
+/// `cpu::forward_with_grad_in_place`, row by row. As an op with an output, the
+/// gradient, it only reads them: CUDA only (`ce_fwd_grad_out_*`; the CPU runs
+/// the forward, then the backward, which read the logits as often).
 struct FusedForwardWithGrad {
     cfg: OpConfig,
     unit: UnitFactors,
@@ -386,6 +400,37 @@ struct FusedForwardWithGrad {
 impl FusedForwardWithGrad {
     fn keep(&self, stats: Storage) {
         *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(stats);
+    }
+
+    /// The statistics the op left, as an `[N, 4]` tensor (`labels` is `[N]`).
+    fn stats(self, labels: &Tensor) -> Result<Tensor> {
+        let stats = self.stats.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(stats) = stats else { bail!("chunked cross-entropy: the forward with gradient left no statistics") };
+        Ok(Tensor::from_storage(stats, (labels.elem_count(), STATS), BackpropOp::none(), false))
+    }
+}
+
+impl CustomOp2 for FusedForwardWithGrad {
+    fn name(&self) -> &'static str {
+        "chunked-cross-entropy-fwd-grad-out"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = CustomOp2::name(self);
+        bail!("{name}: CUDA only (row_stats_and_unit_grad runs the forward, then the backward, on the CPU)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (stats, grad) = crate::cuda::forward_with_grad_out(s1, l1, s2, l2, &self.cfg, &self.unit)?;
+        self.keep(Storage::Cuda(stats));
+        Ok((grad, l1.shape().clone()))
     }
 }
 
@@ -410,7 +455,7 @@ impl InplaceOp2 for FusedForwardWithGrad {
             CpuStorage::F32(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
             CpuStorage::BF16(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
             CpuStorage::F16(v) => cpu::forward_with_grad_in_place(v, &layout, &labels, terms, w.f32()?, unit, chunk),
-            other => bail!("{}: logits must be f32, bf16 or f16, got {:?}", self.name(), other.dtype()),
+            other => bail!("{}: logits must be f32, bf16 or f16, got {:?}", InplaceOp2::name(self), other.dtype()),
         };
         self.keep(Storage::Cpu(CpuStorage::F32(stats)));
         Ok(())

@@ -267,7 +267,7 @@ impl Case {
         let labels = Tensor::new(self.labels.as_slice(), &Device::Cpu)?;
         let acc = acc(dtype);
         let run_forward = |launch: &KernelLaunch| -> Result<Forward> {
-            Forward::run(kernels, launch, &self.base, &labels, &self.options, acc)
+            Forward::run(kernels, launch, &self.base, &labels, vocab, &self.options, acc)
         };
         // A scalar loss's factors for the forward that writes the gradient: every term,
         // z-loss included.
@@ -276,22 +276,26 @@ impl Case {
         // Forward, and (without class weights, which it does not take) the forward with gradient.
         let launched = |launch: Option<KernelLaunch>| launch.unwrap_or_else(|| panic!("{name}: no launch"));
         let forward = run_forward(&launched(kernel_abi::forward(&geometry, dtype, &self.options, shape)?))?;
-        let with_grad = match self.options.sum_weights {
-            None => Some(run_forward(&launched(kernel_abi::forward_with_grad(
-                &geometry,
-                dtype,
-                &self.options,
-                &unit,
-                shape,
-            )?))?),
-            Some(_) => None,
+        let with_grad = |in_place: bool| -> Result<Option<Forward>> {
+            match self.options.sum_weights {
+                None => Ok(Some(run_forward(&launched(kernel_abi::forward_with_grad(
+                    &geometry,
+                    dtype,
+                    &self.options,
+                    &unit,
+                    in_place,
+                    shape,
+                )?))?)),
+                Some(_) => Ok(None),
+            }
         };
+        let (with_grad, with_grad_out) = (with_grad(true)?, with_grad(false)?);
         let expected_bad_row =
             self.labels.iter().position(|&l| l != self.options.ignore_index && (l < 0 || l >= vocab as i64));
         let cpu = candle_chunked_ce::cpu_row_stats(&logits, &labels, &self.options);
         if let Some(row) = expected_bad_row {
             assert_eq!(forward.bad_row, Some(row), "{name}: first bad row");
-            if let Some(with_grad) = &with_grad {
+            for with_grad in [&with_grad, &with_grad_out].into_iter().flatten() {
                 assert_eq!(with_grad.bad_row, Some(row), "{name}: first bad row (forward with gradient)");
             }
             let message = cpu.expect_err("the CPU engine refuses a bad label").to_string();
@@ -300,9 +304,9 @@ impl Case {
         }
         let cpu_stats = cpu?;
         let tolerance = Tolerance::new(&logits, &self.labels, &self.options, &cpu_stats)?;
-        let runs = [Some(&forward), with_grad.as_ref()];
-        for (run, what) in runs.into_iter().zip(["forward", "forward with gradient"]).filter_map(|(r, w)| Some((r?, w)))
-        {
+        let runs = [Some(&forward), with_grad.as_ref(), with_grad_out.as_ref()];
+        let names = ["forward", "forward with gradient", "forward with gradient out"];
+        for (run, what) in runs.into_iter().zip(names).filter_map(|(r, w)| Some((r?, w))) {
             assert_eq!(run.bad_row, None, "{name}: no bad row ({what})");
             for (column, stat) in ["ce", "lse", "logit_sum", "correct"].iter().enumerate() {
                 let (got, want) = (run.stats.narrow(1, column, 1)?, cpu_stats.narrow(1, column, 1)?);
@@ -312,12 +316,23 @@ impl Case {
         }
         let (lse, ce) = (cpu_stats.narrow(1, 1, 1)?, cpu_stats.narrow(1, 0, 1)?);
 
+        let constant = |v: f64| Tensor::full(v, (rows, 1), &Device::Cpu)?.to_dtype(acc);
+        let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
+        let unit_factors =
+            Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
+        // The forward with gradient out wrote every element of its buffer, and left the logits' storage as it was.
+        if let Some(with_grad_out) = &with_grad_out {
+            let want = candle_chunked_ce::cpu_logits_grad(&logits, &labels, &unit_factors, &self.options, false)?;
+            let bounds = tolerance.grad_bounds(&unit_factors, &want)?;
+            let got = with_grad_out.grad(logits.dims(), dtype)?.expect("the forward with gradient out has a gradient");
+            assert_within(&format!("{name}: gradient of the forward with gradient out"), &got, &want, &bounds)?;
+            let untouched = vec![0.0; self.base.elem_count()];
+            let what = format!("{name}: logits after the forward with gradient out");
+            assert_within(&what, &with_grad_out.logits(&self.base)?, &self.base, &untouched)?;
+        }
+
         // The forward with gradient rewrote the logits' storage, rows of the view only.
         if let Some(with_grad) = &with_grad {
-            let constant = |v: f64| Tensor::full(v, (rows, 1), &Device::Cpu)?.to_dtype(acc);
-            let g_lse = lse.affine(unit.lse_squared, unit.lse)?;
-            let unit_factors =
-                Tensor::cat(&[constant(unit.ce)?, g_lse, constant(unit.logit_sum)?, lse.clone(), ce.clone()], 1)?;
             let cpu_rewritten = self.base.copy()?;
             let view = (self.view)(&cpu_rewritten)?;
             candle_chunked_ce::cpu_logits_grad(&view, &labels, &unit_factors, &self.options, true)?;
@@ -394,24 +409,36 @@ impl Case {
 }
 
 /// What a forward launch leaves: the statistics, the first bad row it
-/// flagged, and the logits' storage (which the forward with gradient rewrites).
+/// flagged, the logits' storage (which the forward with gradient rewrites),
+/// and the gradient buffer of a launch that has one.
 struct Forward {
     stats: Tensor,
     bad_row: Option<usize>,
     logits: Buffer,
+    grad: Option<Buffer>,
 }
 
 impl Forward {
-    /// Runs a forward entry over a copy of `base`'s storage.
+    /// Runs a forward entry over a copy of `base`'s storage, with a
+    /// sentinel-filled `[rows, vocab]` gradient buffer when the launch takes one.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         kernels: &CpuKernels,
         launch: &KernelLaunch,
         base: &Tensor,
         labels: &Tensor,
+        vocab: usize,
         options: &KernelOptions,
         acc: DType,
     ) -> Result<Self> {
         let rows = labels.dim(0)?;
+        let mut grad = match launch.args.contains(&KernelArg::Operand(Operand::Grad)) {
+            true => Some(Buffer::filled(
+                rows * vocab,
+                &storage_bytes(&Tensor::full(777f32, 1, &Device::Cpu)?.to_dtype(base.dtype())?)?,
+            )),
+            false => None,
+        };
         let mut logits = Buffer::from_bytes(&storage_bytes(base)?);
         let mut labels = Buffer::from_bytes(&storage_bytes(labels)?);
         let mut sum_weights = sum_weights_buffer(options)?;
@@ -425,13 +452,22 @@ impl Forward {
             sum_weights: sum_weights.as_mut(),
             stats: Some(&mut stats),
             first_bad_row: Some(&mut first_bad_row),
+            grad: grad.as_mut(),
             ..Default::default()
         };
         run(kernels, launch, operands);
         let bad_row = u64::from_ne_bytes(first_bad_row.bytes(8).try_into().unwrap());
         let stats =
             Tensor::from_raw_buffer(stats.bytes(4 * rows * acc.size_in_bytes()), acc, &[rows, 4], &Device::Cpu)?;
-        Ok(Self { stats, bad_row: (bad_row != u64::MAX).then_some(bad_row as usize), logits })
+        Ok(Self { stats, bad_row: (bad_row != u64::MAX).then_some(bad_row as usize), logits, grad })
+    }
+
+    /// The contiguous gradient of `dtype` shaped `dims` that the launch wrote,
+    /// if it had a buffer for one.
+    fn grad(&self, dims: &[usize], dtype: DType) -> Result<Option<Tensor>> {
+        let Some(grad) = &self.grad else { return Ok(None) };
+        let len = dims.iter().product::<usize>() * dtype.size_in_bytes();
+        Ok(Some(Tensor::from_raw_buffer(grad.bytes(len), dtype, dims, &Device::Cpu)?))
     }
 
     /// The logits' storage after the launch, shaped like `base`.
@@ -835,8 +871,10 @@ fn empty_problems() -> Result<()> {
             for shape in shapes(dtype) {
                 let shape = shape.unwrap_or_else(|| LaunchShape::for_vocab(dtype, dims[1]));
                 assert!(kernel_abi::forward(&geometry, dtype, &options, shape)?.is_none(), "{dims:?}: forward");
-                let with_grad = kernel_abi::forward_with_grad(&geometry, dtype, &options, &unit, shape)?;
-                assert!(with_grad.is_none(), "{dims:?}: forward with gradient");
+                for in_place in [false, true] {
+                    let with_grad = kernel_abi::forward_with_grad(&geometry, dtype, &options, &unit, in_place, shape)?;
+                    assert!(with_grad.is_none(), "{dims:?}: forward with gradient");
+                }
                 for in_place in [false, true] {
                     assert!(kernel_abi::backward(&geometry, dtype, &options, in_place, shape)?.is_none(), "{dims:?}");
                 }

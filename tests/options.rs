@@ -236,7 +236,8 @@ fn check(out: &CrossEntropyOutput, grad: &Tensor, want: &Expected, rtol: f64, wh
     Ok(())
 }
 
-/// The logits path, both engines and in place, in f64 (to 1e-12) and f32.
+/// The logits path, both engines, in place, and with the gradient formed in
+/// forward (out of place and in place), in f64 (to 1e-12) and f32.
 fn logits_path_matches_pytorch(device: &Device) -> anyhow::Result<()> {
     let labels = Tensor::new(&LABELS, device)?;
     for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
@@ -246,6 +247,8 @@ fn logits_path_matches_pytorch(device: &Device) -> anyhow::Result<()> {
                 ChunkedCrossEntropy::new(2, true, -100),
                 ChunkedCrossEntropy::new(2, false, -100),
                 ChunkedCrossEntropy::new(3, true, -100).inplace_grad(true),
+                ChunkedCrossEntropy::new(2, true, -100).grad_in_forward(true),
+                ChunkedCrossEntropy::new(3, true, -100).grad_in_forward(true).inplace_grad(true),
             ];
             for ce in configs {
                 let ce = ce.label_smoothing(want.smoothing).z_loss(want.z_loss).logit_softcap(want.softcap);

@@ -265,13 +265,23 @@ impl Inputs {
 }
 
 /// The logits loss's engines: fused (chunks of 2 rows, out of place and in
-/// place), primitive, and candle's autograd.
+/// place), primitive, and candle's autograd; for a scalar loss also the
+/// gradient formed in forward, out of place and in place.
 fn engines(case: &Case, inputs: &Inputs) -> Vec<ChunkedCrossEntropy> {
     let base = ChunkedCrossEntropy::new(2, true, -100)
         .reduction(case.reduction)
         .label_smoothing(case.label_smoothing)
         .class_weights(case.class_weights.then(|| inputs.class_weights.clone()));
-    vec![base.clone(), base.clone().inplace_grad(true), base.clone().compile(false), base.force_autograd(true)]
+    let mut engines = vec![
+        base.clone(),
+        base.clone().inplace_grad(true),
+        base.clone().compile(false),
+        base.clone().force_autograd(true),
+    ];
+    if case.reduction != Reduction::None {
+        engines.extend([base.clone().grad_in_forward(true), base.grad_in_forward(true).inplace_grad(true)]);
+    }
+    engines
 }
 
 /// The loss of `case` through `ce`, and the gradient of its sum.

@@ -46,6 +46,9 @@ pub(crate) struct Settings {
     pub ignore_index: i64,
     pub reduction: Reduction,
     pub inplace_grad: bool,
+    /// The logits loss's `grad_in_forward` (the linear loss forms its gradients
+    /// in forward whenever it can, and leaves this `false`).
+    pub grad_in_forward: bool,
     pub label_smoothing: f64,
     pub z_loss: f64,
     pub logit_softcap: Option<f64>,
@@ -75,6 +78,7 @@ impl Settings {
             ignore_index,
             reduction: Reduction::Mean,
             inplace_grad: false,
+            grad_in_forward: false,
             label_smoothing: 0.0,
             z_loss: 0.0,
             logit_softcap: None,
@@ -91,6 +95,12 @@ impl Settings {
         }
         if self.inplace_grad && !self.compile {
             bail!("chunked cross-entropy: inplace_grad needs the fused kernels (compile = true)")
+        }
+        if self.grad_in_forward && self.reduction == Reduction::None {
+            bail!(
+                "chunked cross-entropy: grad_in_forward needs a scalar loss (Reduction::Mean or Reduction::Sum), \
+                 not Reduction::None, whose upstream gradient differs per token"
+            )
         }
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             bail!("chunked cross-entropy: label_smoothing must be in [0, 1], got {}", self.label_smoothing)

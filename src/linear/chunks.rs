@@ -7,6 +7,7 @@ use super::rows::RowSelection;
 use super::Wanted;
 use crate::config::{compute_dtype, OpConfig, UnitFactors, STATS, UPSTREAM};
 use crate::op::{self, NodeBackward, RowWeights};
+use crate::precomputed::{boost_of, upstream_scale};
 use candle::{DType, Result, Tensor};
 use std::sync::Mutex;
 
@@ -72,24 +73,8 @@ pub(super) struct Precomputed {
     pub(super) unit_factors: Tensor,
     pub(super) gradients: Vec<Option<Tensor>>,
     /// What `gradients` are multiplied by: a power of two that brings the
-    /// factors they were formed with to order 1 (see [`boost_of`]).
+    /// factors they were formed with to order 1 (see `precomputed::boost_of`).
     pub(super) boost: f64,
-}
-
-/// A power of two that brings a scalar loss's unit factors (`1 / n` for a
-/// mean over `n` tokens) to order 1. The gradients formed in the forward pass
-/// are formed with the factors times it, and divided by it (exactly) once
-/// the upstream gradient is known: per-token gradients of size `p / n` would
-/// otherwise underflow f16 before a loss scale of, say, 2^16 reached them.
-/// Other dtypes (`dtype` is the logits') have f32's exponent range and no
-/// boost: backward then skips the pass that would divide it out again.
-pub(super) fn boost_of(unit: &UnitFactors, dtype: DType) -> f64 {
-    let largest = unit.ce.abs().max(unit.lse.abs());
-    if dtype == DType::F16 && largest > 0.0 && largest.is_finite() {
-        2f64.powi(-largest.log2().round() as i32)
-    } else {
-        1.0
-    }
 }
 
 /// One pass over the chunks of the linear loss's forward: its detached `[N,
@@ -105,7 +90,7 @@ impl ChunkPass<'_> {
     /// The statistics `[N, 4]` and, from the same logits chunks, the gradients of
     /// a scalar loss whose upstream gradient is 1 (see the module docs), with the
     /// rows' `weights` for a weighted loss, multiplied by the returned boost (see
-    /// [`boost_of`]), added into `sums` (fresh, or a caller's accumulator).
+    /// `precomputed::boost_of`), added into `sums` (fresh, or a caller's accumulator).
     pub(super) fn forward_with_gradients(
         &self,
         unit: UnitFactors,
@@ -114,12 +99,7 @@ impl ChunkPass<'_> {
     ) -> Result<(Tensor, GradientSums, f64)> {
         let Self { rows, projection, labels, cfg } = *self;
         let boost = boost_of(&unit, rows.dtype());
-        let boosted = UnitFactors {
-            ce: unit.ce * boost,
-            lse: unit.lse * boost,
-            lse_squared: unit.lse_squared * boost,
-            logit_sum: unit.logit_sum * boost,
-        };
+        let boosted = unit.scaled(boost);
         let (mut stats, mut buffer) = (Vec::new(), LogitsBuffer::default());
         for (start, len) in chunks(rows.dim(0)?, cfg.chunk_len) {
             let chunk = rows.narrow(0, start, len)?;
@@ -202,21 +182,6 @@ thread_local! {
 #[cfg(feature = "testing")]
 pub fn recomputed_backwards() -> usize {
     RECOMPUTED_BACKWARDS.with(std::cell::Cell::get)
-}
-
-/// The scalar `u` with `received = u * unit` element-wise (to 1e-5 relative),
-/// if there is one: then the gradients computed in forward, scaled by `u`, are
-/// exact. Both are `[N, 3]` (a few KB); they are compared on the host, with one
-/// transfer.
-pub(super) fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
-    let both = Tensor::cat(&[received, unit], 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let pairs: Vec<(f64, f64)> = both.chunks_exact(6).flat_map(|r| (0..3).map(move |i| (r[i], r[i + 3]))).collect();
-    let norm: f64 = pairs.iter().map(|(_, f)| f * f).sum();
-    // With a zero `unit` (nothing valid, `num_label_tokens = 0`, no rows) the
-    // precomputed gradients are zeros, right only if nothing was received.
-    let scale = if norm == 0.0 { 0.0 } else { pairs.iter().map(|(a, f)| a * f).sum::<f64>() / norm };
-    let proportional = pairs.iter().all(|(a, f)| (a - scale * f).abs() <= 1e-5 * a.abs());
-    Ok(proportional.then_some(scale))
 }
 
 #[cfg(test)]

@@ -287,7 +287,7 @@ impl LinearCrossEntropy {
                 (stats, hidden_grad, Some((weight_grad, bias_grad)))
             }
             Some(acc) => {
-                let boost = super::chunks::boost_of(&unit, kept_rows.dtype());
+                let boost = crate::precomputed::boost_of(&unit, kept_rows.dtype());
                 acc.scale(boost)?;
                 let sums = GradientSums::into_accumulator(&kept_rows, acc.take()?)?;
                 let (stats, sums, _) = pass.forward_with_gradients(unit, kept_weights.as_ref(), sums)?;

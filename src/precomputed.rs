@@ -1,0 +1,103 @@
+//! Gradients formed in the forward pass, for a scalar loss whose value
+//! receives 1 (Liger's trade: one kernel reads each row for its statistics,
+//! then again, mostly from L2, to write its gradient): the linear loss does it
+//! per chunk, the logits loss when asked (`grad_in_forward`). Backward then
+//! receives the upstream gradients of the row statistics, checks that they
+//! are the factors the gradient was formed with times one scalar (the loss's
+//! own upstream gradient: 1 for `loss.backward()`, a loss scale, a `1 / k`
+//! for gradient accumulation), and scales.
+
+use crate::config::{compute_dtype, UnitFactors, UPSTREAM};
+use candle::{bail, DType, Result, Tensor};
+use std::sync::Mutex;
+
+/// A power of two that brings a scalar loss's unit factors (`1 / n` for a
+/// mean over `n` tokens) to order 1. The gradients formed in the forward pass
+/// are formed with the factors times it, and divided by it (exactly) once
+/// the upstream gradient is known: per-token gradients of size `p / n` would
+/// otherwise underflow f16 before a loss scale of, say, 2^16 reached them.
+/// Other dtypes (`dtype` is the logits') have f32's exponent range and no
+/// boost: backward then skips the pass that would divide it out again.
+pub(crate) fn boost_of(unit: &UnitFactors, dtype: DType) -> f64 {
+    let largest = unit.ce.abs().max(unit.lse.abs());
+    if dtype == DType::F16 && largest > 0.0 && largest.is_finite() {
+        2f64.powi(-largest.log2().round() as i32)
+    } else {
+        1.0
+    }
+}
+
+/// The scalar `u` with `received = u * unit` element-wise (to 1e-5 relative),
+/// if there is one: then the gradients computed in forward, scaled by `u`, are
+/// exact. Both are `[N, 3]` (a few KB); they are compared on the host, with one
+/// transfer.
+pub(crate) fn upstream_scale(received: &Tensor, unit: &Tensor) -> Result<Option<f64>> {
+    let both = Tensor::cat(&[received, unit], 1)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let pairs: Vec<(f64, f64)> = both.chunks_exact(6).flat_map(|r| (0..3).map(move |i| (r[i], r[i + 3]))).collect();
+    let norm: f64 = pairs.iter().map(|(_, f)| f * f).sum();
+    // With a zero `unit` (nothing valid, `num_label_tokens = 0`, no rows) the
+    // precomputed gradients are zeros, right only if nothing was received.
+    let scale = if norm == 0.0 { 0.0 } else { pairs.iter().map(|(a, f)| a * f).sum::<f64>() / norm };
+    let proportional = pairs.iter().all(|(a, f)| (a - scale * f).abs() <= 1e-5 * a.abs());
+    Ok(proportional.then_some(scale))
+}
+
+/// The logits loss's gradient formed in its forward pass (`grad_in_forward`):
+/// the `[.., V]` gradient of the loss for an upstream gradient of `boost`
+/// (over the logits themselves when `in_place`), and the per-row factors `[N,
+/// 3]` it was formed with for an upstream gradient of 1.
+pub(crate) struct PrecomputedGrad {
+    /// Taken by the first backward pass when not in place, so that the graph
+    /// stops holding the buffer; in place it is the logits' own storage.
+    grad: Mutex<Option<Tensor>>,
+    unit_factors: Tensor,
+    boost: f64,
+    in_place: bool,
+}
+
+impl PrecomputedGrad {
+    pub(crate) fn new(grad: Tensor, unit_factors: Tensor, boost: f64, in_place: bool) -> Self {
+        Self { grad: Mutex::new(Some(grad)), unit_factors, boost, in_place }
+    }
+
+    /// The logits' gradient for the statistics' upstream `factors` (`[N, 5]`,
+    /// see `op.rs`): the precomputed one scaled, when `factors` are its unit
+    /// factors times one scalar. Otherwise `None`, for the backward kernels
+    /// to form it from the logits, or, when the logits hold the gradient
+    /// already, an error naming the cause.
+    pub(crate) fn logits_grad(&self, factors: &Tensor) -> Result<Option<Tensor>> {
+        let grad = {
+            let mut kept = self.grad.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if self.in_place {
+                kept.clone()
+            } else {
+                kept.take()
+            }
+        };
+        if let Some(grad) = grad {
+            if let Some(scale) = upstream_scale(&factors.narrow(1, 0, UPSTREAM)?, &self.unit_factors)? {
+                return scaled(grad, scale / self.boost).map(Some);
+            }
+        }
+        if self.in_place {
+            bail!(
+                "chunked cross-entropy: grad_in_forward with inplace_grad wrote the reduced loss's gradient over \
+                 the logits in forward, but this backward pass reached the loss's statistics in another way (a \
+                 per-token output such as token_losses, weighted per token?), whose gradient needs the logits: \
+                 differentiate the reduced loss only (times any scalar), or turn grad_in_forward off"
+            )
+        }
+        Ok(None)
+    }
+}
+
+/// `grad * factor` in `grad`'s dtype, formed in the compute dtype (f32 for
+/// bf16 and f16: their rounding of `factor` itself would bias every element);
+/// `grad` itself for a factor of 1.
+fn scaled(grad: Tensor, factor: f64) -> Result<Tensor> {
+    if factor == 1.0 {
+        return Ok(grad);
+    }
+    let compute = compute_dtype(grad.dtype());
+    grad.to_dtype(compute)?.affine(factor, 0.0)?.to_dtype(grad.dtype())
+}
