@@ -136,7 +136,10 @@ fn hidden_loss(
             LinearCrossEntropy::default().forward_with_num_label_tokens(hidden, model.lm_head(), labels, mask, n)
         }
         LossKind::Chunked => {
-            ChunkedCrossEntropy::default().forward_with_num_label_tokens(&model.head(hidden)?, labels, mask, n)
+            // The logits are the head's fresh product, read by nothing but the loss: their
+            // gradient may be formed in the forward pass, over them.
+            let ce = ChunkedCrossEntropy::default().inplace_grad(true).grad_in_forward(true);
+            ce.forward_with_num_label_tokens(&model.head(hidden)?, labels, mask, n)
         }
         LossKind::CandleNn => candle_nn_loss(&model.head(hidden)?, batch, num_label_tokens),
     }
