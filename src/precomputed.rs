@@ -91,13 +91,40 @@ impl PrecomputedGrad {
     }
 }
 
-/// `grad * factor` in `grad`'s dtype, formed in the compute dtype (f32 for
-/// bf16 and f16: their rounding of `factor` itself would bias every element);
-/// `grad` itself for a factor of 1.
+/// `grad * factor` in `grad`'s dtype; `grad` itself for a factor of 1. A
+/// power of two (f16's boost divided out, a power-of-two loss scale) is exact
+/// in any dtype (but where the product is subnormal, rounded once) and scales
+/// in it; any other factor is formed in the compute dtype (f32 for bf16 and
+/// f16, whose rounding of `factor` itself would bias every element), at the
+/// cost of an f32 copy of the gradient.
 fn scaled(grad: Tensor, factor: f64) -> Result<Tensor> {
     if factor == 1.0 {
         return Ok(grad);
     }
     let compute = compute_dtype(grad.dtype());
+    if grad.dtype() == compute || is_power_of_two(factor) {
+        return grad.affine(factor, 0.0);
+    }
     grad.to_dtype(compute)?.affine(factor, 0.0)?.to_dtype(grad.dtype())
+}
+
+/// Whether `x` is `2^k` for an integer `k`: a positive normal f64 with no
+/// fraction bits.
+fn is_power_of_two(x: f64) -> bool {
+    x.is_normal() && x > 0.0 && x.to_bits() & ((1u64 << 52) - 1) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_power_of_two;
+
+    #[test]
+    fn powers_of_two() {
+        for k in [-60, -12, -1, 0, 1, 16, 100] {
+            assert!(is_power_of_two(2f64.powi(k)), "2^{k}");
+        }
+        for x in [3.0, 1.0 / 3.0, 0.75, -2.0, 0.0, f64::INFINITY, f64::NAN, 1.0 + f64::EPSILON] {
+            assert!(!is_power_of_two(x), "{x}");
+        }
+    }
 }
