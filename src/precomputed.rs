@@ -92,17 +92,20 @@ impl PrecomputedGrad {
 }
 
 /// `grad * factor` in `grad`'s dtype; `grad` itself for a factor of 1. A
-/// power of two (f16's boost divided out, a power-of-two loss scale) is exact
-/// in any dtype (but where the product is subnormal, rounded once) and scales
-/// in it; any other factor is formed in the compute dtype (f32 for bf16 and
-/// f16, whose rounding of `factor` itself would bias every element), at the
-/// cost of an f32 copy of the gradient.
-fn scaled(grad: Tensor, factor: f64) -> Result<Tensor> {
+/// power of two that the dtype holds as a normal number (f16's boost divided
+/// out, a power-of-two loss scale; f16 stops at 2^15, and candle's f16
+/// `affine` would make 2^16 infinite) is exact in it (but where the product
+/// is subnormal, rounded once) and scales in it; any other factor is formed
+/// in the compute dtype (f32 for bf16 and f16, whose rounding of `factor`
+/// itself would bias every element), at the cost of an f32 copy of the
+/// gradient.
+pub(crate) fn scaled(grad: Tensor, factor: f64) -> Result<Tensor> {
     if factor == 1.0 {
         return Ok(grad);
     }
     let compute = compute_dtype(grad.dtype());
-    if grad.dtype() == compute || is_power_of_two(factor) {
+    let held = grad.dtype() != DType::F16 || (2f64.powi(-14)..=2f64.powi(15)).contains(&factor);
+    if grad.dtype() == compute || (is_power_of_two(factor) && held) {
         return grad.affine(factor, 0.0);
     }
     grad.to_dtype(compute)?.affine(factor, 0.0)?.to_dtype(grad.dtype())

@@ -192,6 +192,19 @@ fn scaled_upstream(device: &Device) -> anyhow::Result<()> {
             assert!(bias.abs() < 5e-4, "{what}: the gradient is scaled by {} on the whole", 1.0 + bias);
         }
     }
+    // A factor f16 cannot hold: a sum's gradient (no boost) times a loss scale of 2^16, where
+    // f16 tops out at 65504. The plain loss forms it in f32 and overflows only where the value
+    // does (a target's gradient near -65536).
+    let logits = common::logits(&mut rng, &[8, 23], 3.0, DType::F16, device)?;
+    let labels = common::labels(&mut rng, &[8], 23, 0.1, -100, device)?;
+    let sum = ChunkedCrossEntropy::default().reduction(Reduction::Sum);
+    let (_, want_grad) = scaled_loss_and_grad(&sum, &logits, &labels, 65536.0)?;
+    for inplace in [false, true] {
+        let ce = sum.clone().grad_in_forward(true).inplace_grad(inplace);
+        let (_, grad) = scaled_loss_and_grad(&ce, &logits, &labels, 65536.0)?;
+        let what = format!("F16 sum x65536 inplace={inplace}");
+        common::assert_close_nonfinite(&grad, &want_grad, 2.0 * rtol(DType::F16), 0.0, &what)?;
+    }
     Ok(())
 }
 

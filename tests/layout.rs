@@ -29,7 +29,7 @@ const ALLOWED: [(&str, &[&str]); 23] = [
     ("src/linear/mod.rs", &["call", "config", "op", "primitive"]),
     ("src/linear/chunks.rs", &["config", "op", "precomputed"]),
     ("src/linear/direct.rs", &["call", "config", "precomputed"]),
-    ("src/linear/products.rs", &["config", "cpu", "cuda_gemm", "gemm"]),
+    ("src/linear/products.rs", &["config", "cpu", "cuda_gemm", "gemm", "precomputed"]),
     ("src/linear/rows.rs", &["config"]),
 ];
 

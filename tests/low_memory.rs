@@ -138,9 +138,39 @@ fn f16_is_refused(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A loss that receives `s` instead of 1 (a loss scale, a `1 / k`): the bf16
+/// weight gradient, summed in bf16, is scaled after the sum: by a power of two
+/// exactly; by 1/3 within one rounding of each element, and with no bias on
+/// the whole (bf16's own rounding of 1/3 in the factor, 0.333984375, would
+/// scale every element by 1.002: inside one rounding, not in the sum).
+fn scaled_upstream(device: &Device) -> anyhow::Result<()> {
+    let mut rng = Rng::new(51);
+    let hidden = common::logits(&mut rng, &[64, 32], 1.0, DType::BF16, device)?;
+    let weight = common::logits(&mut rng, &[97, 32], 0.5, DType::BF16, device)?;
+    let labels = common::labels(&mut rng, &[64], 97, 0.1, -100, device)?;
+    let ce = LinearCrossEntropy::default().chunk_len(Some(16)).low_memory(true);
+    let weight_grad = |scale: f64| -> anyhow::Result<Tensor> {
+        let (h, w) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
+        let grads = ce.forward(h.as_tensor(), w.as_tensor(), &labels, None)?.affine(scale, 0.0)?.backward()?;
+        Ok(grads.get(w.as_tensor()).ok_or_else(|| anyhow::anyhow!("no weight gradient"))?.clone())
+    };
+    let unit = weight_grad(1.0)?.to_dtype(DType::F64)?;
+    let scaled = weight_grad(4.0)?;
+    assert_eq!(scaled.dtype(), DType::BF16);
+    assert_close(&scaled, &(&unit * 4.0)?, 0.0, 0.0, "x4")?;
+    let third = weight_grad(1.0 / 3.0)?.to_dtype(DType::F64)?;
+    let want = (&unit / 3.0)?;
+    assert_close(&third, &want, 2f64.powi(-8), 0.0, "x1/3")?;
+    let positive = |t: &Tensor| t.relu()?.sum_all()?.to_scalar::<f64>();
+    let bias = positive(&third)? / positive(&want)? - 1.0;
+    assert!(bias.abs() < 5e-4, "x1/3: the weight gradient is scaled by {} on the whole", 1.0 + bias);
+    Ok(())
+}
+
 device_tests!(
     weight_gradient_is_summed_in_the_weight_dtype,
     only_the_weight_sum_changes,
     automatic_chunks_are_smaller,
     f16_is_refused,
+    scaled_upstream,
 );

@@ -7,6 +7,7 @@
 use super::Wanted;
 use crate::config::compute_dtype;
 use crate::gemm;
+use crate::precomputed::scaled;
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 
 /// Matrix products of the linear loss run on this thread, by kind (a test
@@ -196,7 +197,8 @@ impl GradientSums {
 /// and rounded once to each input's dtype. The f32 accumulators (the weight's
 /// `[V, H]`, the bias's) are ours alone: they are scaled in place, so that
 /// the end of backward holds the accumulator and the rounded gradient, not a
-/// scaled copy as well.
+/// scaled copy as well. A `low_memory` weight gradient, summed in bf16, is
+/// scaled by `precomputed::scaled` (in bf16 by a power of two, exactly).
 pub(super) fn input_gradients(
     gradients: Vec<Option<Tensor>>,
     inputs: &[&Tensor],
@@ -214,7 +216,7 @@ pub(super) fn input_gradients(
                     g.inplace_op1(&ScaleInPlace(scale))?;
                     g
                 }
-                _ => g.to_dtype(compute)?.affine(scale, 0.0)?,
+                _ => scaled(g, scale)?,
             };
             Ok(Some(g.to_dtype(input.dtype())?))
         })
