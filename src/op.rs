@@ -352,22 +352,20 @@ pub(crate) fn row_stats_and_unit_grad(
     unit: UnitFactors,
     weights: Option<&RowWeights>,
 ) -> Result<(Tensor, Tensor)> {
-    let cfg = cfg.clone();
-    let fused = cfg.engine == Engine::Fused && weights.is_none();
-    let (cuda, cpu) = (logits.device().is_cuda(), logits.device().is_cpu() && logits.dtype() != DType::F64);
-    if fused && cfg.inplace_grad && (cuda || cpu) {
-        let op = FusedForwardWithGrad { cfg, unit, stats: Mutex::new(None) };
-        logits.inplace_op2(labels, &op)?;
-        return Ok((op.stats(labels)?, logits.detach()));
-    }
-    if fused && cuda {
-        let op = FusedForwardWithGrad { cfg, unit, stats: Mutex::new(None) };
-        let grad = logits.apply_op2_no_bwd(labels, &op)?;
+    let cpu = logits.device().is_cpu() && logits.dtype() != DType::F64 && cfg.inplace_grad;
+    if cfg.engine == Engine::Fused && weights.is_none() && (logits.device().is_cuda() || cpu) {
+        let op = FusedForwardWithGrad { cfg: cfg.clone(), unit, stats: Mutex::new(None) };
+        let grad = if cfg.inplace_grad {
+            logits.inplace_op2(labels, &op)?;
+            logits.detach()
+        } else {
+            logits.apply_op2_no_bwd(labels, &op)?
+        };
         return Ok((op.stats(labels)?, grad));
     }
-    let stats = row_stats(logits, labels, &cfg)?;
+    let stats = row_stats(logits, labels, cfg)?;
     let factors = backward_factors(&unit_factors(&stats, unit, weights)?, &stats)?;
-    Ok((stats, logits_grad(logits, labels, &factors, &cfg)?))
+    Ok((stats, logits_grad(logits, labels, &factors, cfg)?))
 }
 
 /// The per-row factors `[N, 3] = (g_ce, g_lse, g_sum)` that rows with the
