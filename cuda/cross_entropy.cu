@@ -12,7 +12,7 @@
 // over the logits. Both apply the optional soft-cap cap * tanh(x / cap) to each
 // logit as they read it. The maths, and why the loss and the target term are
 // formed as they are (no cancellation when p_y -> 1), is written once in
-// src/op.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
+// src/op/mod.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
 // lists below are described once, in src/kernel_abi.rs, for both the CUDA
 // launcher and the CPU-executed tests (tests/kernels_on_cpu.rs); it describes
 // no launch for an empty problem (the driver refuses an empty grid). At the
@@ -168,7 +168,7 @@ template <bool WEIGHTED, typename A> __device__ __forceinline__ A sum_weight(con
 
 // Adds N consecutive capped logits x[0..N), the first at index j0, to `p`:
 // with SUM, x_j c_j to the logit sum (the product rounded in A, as on the CPU).
-// The target y is left out of max and sum (`rest` in op.rs must not include
+// The target y is left out of max and sum (`rest` in op/mod.rs must not include
 // its term), and splits the accuracy maxima: only its own pack looks at indices.
 template <bool SUM, bool WEIGHTED, int N, typename A>
 __device__ __forceinline__ void add_logits(RowPartial<A>& p, A (&x)[N], int j0, int label,
@@ -278,7 +278,7 @@ __device__ __forceinline__ void store_grad(T* out, int j0, const A (&g)[N], bool
     }
 }
 
-// A valid row's backward factors (see op.rs), and what the gradient of each of
+// A valid row's backward factors (see op/mod.rs), and what the gradient of each of
 // its elements needs from them; `target_weight` is the target's class weight
 // c_y in the logit sum (1 without class weights).
 template <typename A> struct RowGrad {
@@ -309,7 +309,7 @@ __device__ __forceinline__ void grad_of(const A (&x)[N], A (&g)[N], int j0, int 
     }
 }
 
-// grad of one row from its factors, as written in src/op.rs: ((g_ce + g_lse)
+// grad of one row from its factors, as written in src/op/mod.rs: ((g_ce + g_lse)
 // p_j + g_sum c_j) * cap'_j off the target, and (g_ce expm1(-ce) + g_lse
 // exp(-ce) + g_sum c_y) * cap'_y on it, formed in A (c the class weights with
 // WEIGHTED, else 1); zeros when the row has no valid label (y < 0). `out` may

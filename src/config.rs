@@ -1,5 +1,5 @@
 //! What every engine is handed: one loss call's validated settings, and the
-//! layout of the per-row values passed between the graph node (`op.rs`) and
+//! layout of the per-row values passed between the graph node (`op/mod.rs`) and
 //! the engines (`cpu/`, `cuda.rs`, `primitive.rs`, and the launch
 //! descriptions in `kernel_abi.rs`). It imports nothing of this crate, so the
 //! data flows one way: the public losses validate their settings into an
@@ -51,7 +51,7 @@ pub(crate) struct OpConfig {
     pub inplace_grad: bool,
     pub terms: RowTerms,
     /// The class weights `w` of the logit sum, `Σ_j w_j x'_j` (see the maths
-    /// in `op.rs`): `[V]`, contiguous, in the compute dtype, on the logits' device;
+    /// in `op/mod.rs`): `[V]`, contiguous, in the compute dtype, on the logits' device;
     /// only with label smoothing and class weights (it is the one kernel term
     /// that class weights reach).
     pub sum_weights: Option<Tensor>,
@@ -78,7 +78,7 @@ pub(crate) fn bad_label(row: usize, label: i64, vocab: usize, ignore_index: i64)
     .bt()
 }
 
-/// The optional terms a row's kernels compute (see `op.rs`): soft-capping of
+/// The optional terms a row's kernels compute (see `op/mod.rs`): soft-capping of
 /// the logits, and the sum of the (capped) logits that label smoothing needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct RowTerms {
@@ -95,7 +95,7 @@ impl RowTerms {
 }
 
 /// The columns of the forward statistics, `[N, STATS]` row-major, that every
-/// engine writes (see the maths in `op.rs`); `cuda/cross_entropy.cu` names
+/// engine writes (see the maths in `op/mod.rs`); `cuda/cross_entropy.cu` names
 /// the same columns in its `enum Stat` (a test below holds the two together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stat {

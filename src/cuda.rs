@@ -1,7 +1,7 @@
 //! Launchers for the fused kernels in `cuda/cross_entropy.cu` (feature
 //! `cuda`). The PTX is compiled by `build.rs`, embedded here, and loaded once
 //! per device by candle's module cache (the stand-in for `torch.compile`).
-//! What the kernels compute is written in `op.rs`; how they are launched
+//! What the kernels compute is written in `op/mod.rs`; how they are launched
 //! (entry, grid, block, arguments) in `kernel_abi.rs`, which this file only
 //! binds to device memory: each operand is bound through [`bind`], the one
 //! place that looks at a buffer's dtype, as read or as written, so that the
@@ -25,7 +25,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
 /// binary must not share one.
 const MODULE: &str = concat!("candle_chunked_ce-", env!("CARGO_PKG_VERSION"));
 
-/// Per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)` (see `op.rs`),
+/// Per-row statistics `[N, 4] = (ce, lse, logit_sum, correct)` (see `op/mod.rs`),
 /// f32 (f64 for f64 logits). Fails, naming the first bad row and its value, if
 /// a label is outside `[0, V)` and not `ignore_index` (the kernel flags the
 /// row; reading the flag is the one host sync, skipped when `cfg.labels_checked`).

@@ -208,7 +208,7 @@ pub struct KernelOptions {
     /// Whether the forward sums the row's logits (label smoothing needs it).
     pub logit_sum: bool,
     /// The class weights `c` of the logit sum, `Σ_j c_j x'_j`, which also
-    /// weigh the gradients' `g_sum` terms (see `op.rs`); `None` for `c_j = 1`.
+    /// weigh the gradients' `g_sum` terms (see `op/mod.rs`); `None` for `c_j = 1`.
     /// `[V]`, contiguous, in the accumulator type (f32; f64 for f64 logits),
     /// on the logits' device: the CUDA launcher binds it as
     /// [`Operand::SumWeights`], the CPU oracle ([`crate::cpu_row_stats`],

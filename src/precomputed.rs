@@ -61,7 +61,7 @@ impl PrecomputedGrad {
     }
 
     /// The logits' gradient for the statistics' upstream `factors` (`[N, 5]`,
-    /// see `op.rs`): the precomputed one scaled, when `factors` are its unit
+    /// see `op/mod.rs`): the precomputed one scaled, when `factors` are its unit
     /// factors times one scalar. Otherwise `None`, for the backward kernels
     /// to form it from the logits, or, when the logits hold the gradient
     /// already, an error naming the cause.

@@ -1,4 +1,4 @@
-//! The `compile = false` engine: the maths of `op.rs` (forward statistics and
+//! The `compile = false` engine: the maths of `op/mod.rs` (forward statistics and
 //! the hand-written gradient) run with candle's primitive ops on detached
 //! tensors, one chunk of `chunk_len` rows at a time, so that its f32
 //! temporaries are `[chunk_len, V]`. And the same forward statistics recorded
@@ -10,7 +10,7 @@ use crate::config::{compute_dtype, Factor, OpConfig, RowTerms, STATS};
 use candle::{DType, Tensor, D};
 
 /// The `compile = false` forward: `[N, 4] = (ce, lse, logit_sum, correct)`
-/// per row (see op.rs), zeros on ignored rows. `logits` is `[.., V]`, `labels`
+/// per row (see op/mod.rs), zeros on ignored rows. `logits` is `[.., V]`, `labels`
 /// `[N]` i64.
 pub(crate) fn row_stats_chunked(logits: &Tensor, labels: &Tensor, cfg: &OpConfig) -> candle::Result<Tensor> {
     let rows = as_rows(logits)?;
@@ -51,7 +51,7 @@ pub(crate) fn row_stats_recorded(logits: &Tensor, labels: &Tensor, cfg: &OpConfi
 
 /// The statistics `[n, 4]` of the rows `x` (`[n, V]`, `n > 0`, in the compute
 /// dtype), zeros on ignored rows. Written so that candle's autograd, where `x`
-/// is recorded, differentiates them exactly as op.rs's backward does: the
+/// is recorded, differentiates them exactly as op/mod.rs's backward does: the
 /// shift by the row's max carries no gradient (it changes no statistic), the
 /// confident branch's `ln(1 + rest / t)` differentiates to `p_j` and `-Σ_{j≠y}
 /// p_j` without cancellation, and the branch `where` does not take never sees
@@ -69,7 +69,7 @@ fn block_stats(x: &Tensor, labels: &ChunkLabels, cfg: &OpConfig) -> candle::Resu
     let exps = shifted.exp()?;
     let log_total = exps.sum_keepdim(1)?.log()?;
     let rest = exps.mul(&labels.not_target(x.dim(1)?, x.dtype())?)?.sum_keepdim(1)?;
-    // See op.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
+    // See op/mod.rs: ln(1 + rest / target_term) when the target dominates, else lse - x_y.
     let confident = rest.le(&target_term)?;
     let divisor = confident.where_cond(&target_term, &target_term.ones_like()?)?;
     let ce = confident.where_cond(&ln_1p(&(rest / divisor)?)?, &(&log_total - &target)?)?;
@@ -84,7 +84,7 @@ fn block_stats(x: &Tensor, labels: &ChunkLabels, cfg: &OpConfig) -> candle::Resu
     labels.zero_ignored(&Tensor::cat(&[ce, lse, logit_sum, correct], 1)?)
 }
 
-/// The `compile = false` backward (see op.rs) in the logits' dtype and shape,
+/// The `compile = false` backward (see op/mod.rs) in the logits' dtype and shape,
 /// zero on ignored rows. `factors` is `[N, 5] = (g_ce, g_lse, g_sum, lse,
 /// ce)`; the target's `p_y - 1` is formed as `-Σ_{j≠y} p_j`.
 pub(crate) fn grad_chunked(
@@ -107,7 +107,7 @@ pub(crate) fn grad_chunked(
         let others = probs.mul(&not_target)?;
         let rest = others.sum_keepdim(1)?;
         let target_prob = probs.gather(&labels.safe, 1)?;
-        // The logit sum's term, `g_sum c_j` (see op.rs): `[n, 1]`, or `[n, V]` with class weights.
+        // The logit sum's term, `g_sum c_j` (see op/mod.rs): `[n, 1]`, or `[n, V]` with class weights.
         let (sum_term, target_sum_term) = match &cfg.sum_weights {
             None => (g_sum.clone(), g_sum),
             Some(w) => {

@@ -59,10 +59,10 @@ fn kernels_used(logits: DType, labels: DType) -> BTreeSet<String> {
     // (smoothing, z-loss, weights), summed, scaled.
     add(&[format!("affine_{c}"), format!("bsub_{c}"), format!("badd_{c}"), format!("usqr_{c}")]);
     // Candle's backward through those: the scalar's seed, narrow's zero padding and `cat`,
-    // then (op.rs) the factors' `cat` and `contiguous`; the logits' gradient added into
+    // then (op/mod.rs) the factors' `cat` and `contiguous`; the logits' gradient added into
     // candle's zeros (`badd` in the logits' dtype).
     add(&[format!("copy2d_{c}"), format!("ucopy_{c}"), format!("badd_{t}"), format!("bmul_{c}")]);
-    // op.rs, unit_factors (the linear loss and the in-place forward with gradient):
+    // op/mod.rs, unit_factors (the linear loss and the in-place forward with gradient):
     // `Tensor::full` columns, `affine` of lse, `cat`.
     add(&[format!("const_set_{c}")]);
     // linear.rs: rows selected and scattered back by u32 index (hidden states, labels,

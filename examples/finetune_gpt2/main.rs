@@ -39,7 +39,7 @@ const REPO_TEXT: [&str; 6] = [
     include_str!("../../README.md"),
     include_str!("../../BENCHMARKS.md"),
     include_str!("../../src/loss.rs"),
-    include_str!("../../src/op.rs"),
+    include_str!("../../src/op/mod.rs"),
     include_str!("../../src/cpu/mod.rs"),
     include_str!("../../src/primitive.rs"),
 ];

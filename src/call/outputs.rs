@@ -1,5 +1,5 @@
 //! A call's outputs: the per-token terms composed from the row statistics
-//! (the formula is in `op.rs`), their reductions, and the factors that a
+//! (the formula is in `op/mod.rs`), their reductions, and the factors that a
 //! scalar loss's gradient is formed with.
 
 use super::inputs::valid_count;
@@ -49,7 +49,7 @@ impl Settings {
     }
 
     /// The per-token terms composed from the node's `[N, 4]` statistics (the
-    /// formula is in `op.rs`).
+    /// formula is in `op/mod.rs`).
     fn token_terms(&self, node: &Tensor, vocab: usize, weights: &CallWeights) -> Result<TokenTerms> {
         let column = |stat: Stat| stat.of(node)?.squeeze(1);
         let (ce, lse, logit_sum, correct) =

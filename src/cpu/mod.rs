@@ -1,7 +1,7 @@
 //! CPU kernels for the fused cross-entropy: one generic row driver, rayon over
 //! chunks of `chunk_len` rows, on top of the SIMD row primitives in `lanes`.
 //!
-//! The maths (what each row computes) is written once, in `op.rs`. Here a row is
+//! The maths (what each row computes) is written once, in `op/mod.rs`. Here a row is
 //! a contiguous slice of `V` logits; every row is reduced in f32 (f64 for f64
 //! logits) whatever the storage type, because candle's own bf16 reductions
 //! accumulate in bf16 and lose about a nat at V = 50257.
@@ -24,7 +24,7 @@ pub(crate) struct RowLayout {
 
 /// A logits element type the f32-accumulating row kernels handle.
 pub(crate) trait Logit: Copy + Send + Sync + 'static {
-    /// `(ce, lse, correct)` of one row with target class `target` (see `op.rs`).
+    /// `(ce, lse, correct)` of one row with target class `target` (see `op/mod.rs`).
     fn row_ce(row: &[Self], target: usize, scratch: &mut Vec<f32>) -> (f32, f32, bool);
     /// Writes `softmax(row) * scale + shift` into `out`.
     fn row_scaled_softmax(row: &[Self], lse: f32, scale: f32, shift: f32, out: &mut [Self], s: &mut Vec<f32>);
@@ -164,7 +164,7 @@ fn row_stats<T: Logit>(
 }
 
 /// One row's backward factors, combined: `grad_j = (p_j * scale + shift *
-/// w_j) * cap'_j` off the target, `target * cap'_y` on it (see `op.rs`; `w`
+/// w_j) * cap'_j` off the target, `target * cap'_y` on it (see `op/mod.rs`; `w`
 /// the logit sum's class weights, 1 without them).
 struct RowGrad<F> {
     scale: F,

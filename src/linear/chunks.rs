@@ -51,7 +51,7 @@ pub(super) fn chunks(rows: usize, chunk_len: usize) -> impl Iterator<Item = (usi
     (0..rows).step_by(chunk_len).map(move |start| (start, chunk_len.min(rows - start)))
 }
 
-/// Per-row statistics `[N, 4]` (see `op.rs`) of the logits of `rows` (`[N,
+/// Per-row statistics `[N, 4]` (see `op/mod.rs`) of the logits of `rows` (`[N,
 /// H]`, detached), one chunk of rows at a time, nothing recorded.
 pub(super) fn row_stats(rows: &Tensor, projection: &Projection, labels: &Tensor, cfg: &OpConfig) -> Result<Tensor> {
     let (mut stats, mut buffer) = (Vec::new(), LogitsBuffer::default());

@@ -5,7 +5,7 @@ use candle::{bail, Device, Result, Tensor};
 
 /// The rows the products run on. A row whose label is `ignore_index` adds
 /// nothing to the loss or to any gradient (its statistics and its logits'
-/// gradient are 0, see `op.rs`), so when some rows are ignored the products
+/// gradient are 0, see `op/mod.rs`), so when some rows are ignored the products
 /// run on a dense copy of the others: all three matmuls shrink by the ignored
 /// share (prompt and padding tokens, often a third of a fine-tuning batch or
 /// more), for a gather of the `[N, H]` rows and a scatter of their gradient.
