@@ -40,6 +40,13 @@
 #include <stdint.h>
 #include <type_traits>
 
+// Every entry the launcher finds by name. The CPU tests (tests/hip_cpu/)
+// define it as `static __global__` to compile the entries as several
+// translation units in parallel, each compiling only the entries it launches.
+#ifndef CE_ENTRY
+#define CE_ENTRY extern "C" __global__
+#endif
+
 // The columns of a row's `stats` and `factors`, as src/config.rs names them
 // (`Stat`, `Factor`; a test there holds the two together).
 enum Stat { STAT_CE, STAT_LSE, STAT_LOGIT_SUM, STAT_CORRECT, STATS };
@@ -543,7 +550,7 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
 }
 
 #define FORWARD(NAME, T, A, MAX_THREADS, WEIGHTED)                                                                 \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+    CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
              A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,       \
              int64_t ignore_index, A cap, int want_sum, int rows_per_block, int64_t start, int64_t inner,          \
@@ -556,7 +563,7 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
 // NAME rewrites the logits with their gradient: a writable pointer, not __restrict__ (see forward).
 // NAME_OUT writes it to `grad`, [rows, V] contiguous, and only reads the logits.
 #define FORWARD_WITH_GRAD(NAME, NAME_OUT, T, A, MAX_THREADS)                                                       \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+    CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME(T* logits, const int64_t* __restrict__ labels, A* __restrict__ stats,                                 \
              unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab, int64_t ignore_index, A cap, \
              int want_sum, A unit_ce, A unit_lse, A unit_lse_squared, A unit_sum, int rows_per_block,              \
@@ -566,7 +573,7 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
                                                      UnitFactors<A>{unit_ce, unit_lse, unit_lse_squared, unit_sum}, \
                                                      rows_per_block, start, inner, stride_outer, stride_inner);    \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+    CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME_OUT(const T* __restrict__ logits, const int64_t* __restrict__ labels, T* __restrict__ grad,           \
                  A* __restrict__ stats, unsigned long long* __restrict__ first_bad_row, int64_t rows, int vocab,   \
                  int64_t ignore_index, A cap, int want_sum, A unit_ce, A unit_lse, A unit_lse_squared, A unit_sum, \
@@ -578,7 +585,7 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
     }
 
 #define BACKWARD(NAME, NAME_IN_PLACE, T, A, MAX_THREADS, WEIGHTED)                                                 \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+    CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
              const A* __restrict__ factors, T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index,   \
              A cap, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                        \
@@ -592,7 +599,7 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
                                             cap, rows_per_block, start, inner, stride_outer, stride_inner, 0,      \
                                             rows, 0, vocab);                                                       \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                                   \
+    CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,            \
                       const A* __restrict__ factors, int64_t rows, int vocab, int64_t ignore_index, A cap,         \
                       int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                      \
@@ -669,7 +676,7 @@ __device__ void labels_to_i64(const L* __restrict__ labels, const unsigned char*
 }
 
 #define LABELS(NAME, L)                                                                                            \
-    extern "C" __global__ void NAME(const L* __restrict__ labels, const unsigned char* __restrict__ mask,         \
+    CE_ENTRY void NAME(const L* __restrict__ labels, const unsigned char* __restrict__ mask,                      \
                                     int64_t* __restrict__ out, int64_t rows, int64_t ignore_index,                 \
                                     int mask_bytes, int mask_float, int64_t start, int64_t inner,                  \
                                     int64_t stride_outer, int64_t stride_inner, int64_t mask_start,                \

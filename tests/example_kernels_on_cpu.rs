@@ -28,7 +28,7 @@ mod softmax;
 mod storage;
 
 use candle::{Device, Tensor};
-use hip_library::LaunchFn;
+use hip_library::{LaunchFn, NotBuilt};
 use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -47,21 +47,22 @@ const ENTRIES: [&str; 10] = [
 ];
 
 /// The kernels, compiled once, or why the test skips.
-fn kernels() -> &'static Result<(libloading::Library, LaunchFn), String> {
-    static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), String>> = OnceLock::new();
+fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
+    static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), NotBuilt>> = OnceLock::new();
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
-        let source = String::from(
-            "#include \"launch.h\"\n#include \"adamw.cu\"\n#include \"softmax.cu\"\n#include \"layer_norm.cu\"\n\
-             #include \"gelu.cu\"\n#include \"bias.cu\"\n\
-             #include <cstring>\n\n",
-        ) + &hip_library::launcher("example_launch", &ENTRIES);
-        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu"].map(|file| dir.join(file));
-        let library = hip_library::build("example", &source, std::slice::from_ref(&dir), &sources)?;
-        // SAFETY: `example_launch` has the signature of `LaunchFn` (hip_library::launcher).
-        let launch =
-            unsafe { library.get::<LaunchFn>(b"example_launch\0") }.map_err(|e| format!("no example_launch: {e}"))?;
-        let launch = *launch;
+        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu"];
+        let prologue: String =
+            std::iter::once("launch.h").chain(sources).map(|f| format!("#include \"{f}\"\n")).collect();
+        // One unit: the example's entries are few, small and `extern "C"`.
+        let (library, launch) = hip_library::build(&hip_library::Kernels {
+            name: "example",
+            prologue: &prologue,
+            entries: &ENTRIES,
+            parts: 1,
+            include_dirs: std::slice::from_ref(&dir),
+            hashed: &sources.map(|file| dir.join(file)),
+        })?;
         Ok((library, launch))
     })
 }
@@ -141,11 +142,12 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 fn launcher(test: &str) -> Option<LaunchFn> {
     match kernels() {
         Ok((_, launch)) => Some(*launch),
-        Err(reason) => {
+        Err(NotBuilt::ToolMissing(reason)) => {
             assert!(std::env::var_os("CHUNKED_CE_REQUIRE_HIP_CPU").is_none(), "HIP-CPU required: {reason}");
             eprintln!("SKIP {test}: {reason}");
             None
         }
+        Err(NotBuilt::Failed(message)) => panic!("{message}"),
     }
 }
 

@@ -11,12 +11,11 @@
 //! it skips (`SKIP ...`, shown by `cargo test` beside the test's `ok`); with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
 //!
-//! The kernels compile as one translation unit, once per change of the kernels
-//! or the shim (the library is cached by a hash of them): 382 s of g++ -O1 on
-//! 2 cores (2026-12-04, 33 entries); 672 s for this test with the compile,
-//! nothing else running, at ed938d9 (37 entries, the batched loads): past the
-//! 10 minutes at which the entries should compile as several translation
-//! units in parallel (issue 22; not done yet).
+//! The kernels compile as 8 translation units in parallel (each compiles only
+//! the entries it launches; see `tests/hip_cpu/library.rs`), once per change
+//! of the kernels or the shim (the library is cached by a hash of them). As
+//! one unit the compile had grown to 586 s (37 entries, 2026-12-05); as 8
+//! it takes 120 s on 2 cores with the test (issue 22).
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -29,7 +28,7 @@ use candle_chunked_ce::kernel_abi::{
     UnitFactors, ENTRIES,
 };
 use common::Rng;
-use hip_library::LaunchFn;
+use hip_library::{LaunchFn, NotBuilt};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use std::process::Command;
@@ -46,36 +45,37 @@ struct CpuKernels {
 
 /// The kernels, compiled once per test binary, or `None` after printing why
 /// `test` is skipped.
+/// A compile error in the kernels or the shim fails every test.
 fn kernels(test: &str) -> Option<&'static CpuKernels> {
-    static KERNELS: OnceLock<std::result::Result<CpuKernels, String>> = OnceLock::new();
+    static KERNELS: OnceLock<std::result::Result<CpuKernels, NotBuilt>> = OnceLock::new();
     match KERNELS.get_or_init(build) {
         Ok(kernels) => Some(kernels),
-        Err(reason) => {
+        Err(NotBuilt::ToolMissing(reason)) => {
             common::skip(test, reason, "CHUNKED_CE_REQUIRE_HIP_CPU");
             None
         }
+        Err(NotBuilt::Failed(message)) => panic!("{message}"),
     }
 }
 
-/// Compiles the kernels into a shared library (see `tests/hip_cpu/library.rs`)
-/// and loads it. `Err` says why the tools are missing; a compile error in the
-/// kernels or the shim panics: it is a failure, not a skip.
-fn build() -> std::result::Result<CpuKernels, String> {
+/// Compiles the kernels (see `tests/hip_cpu/library.rs`) and loads them.
+fn build() -> std::result::Result<CpuKernels, NotBuilt> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let kernels = manifest.join("cuda/cross_entropy.cu");
-    let library = hip_library::build("ce", &generated_source(), &[manifest.join("cuda")], &[kernels])?;
-    // SAFETY: `ce_launch` has the signature of `LaunchFn` (the generated source below).
-    let launch = unsafe { library.get::<LaunchFn>(b"ce_launch\0") }.map_err(|e| format!("no ce_launch: {e}"))?;
-    Ok(CpuKernels { launch: *launch, _library: library })
+    let (library, launch) = hip_library::build(&hip_library::Kernels {
+        name: "ce",
+        // `static` entries: each unit compiles only those its launcher names.
+        prologue: "#include \"launch.h\"\n#define CE_ENTRY static __global__\n#include \"cross_entropy.cu\"\n",
+        // Every entry `kernel_abi` knows (a name missing from the `.cu` fails to compile).
+        entries: &ENTRIES,
+        parts: TRANSLATION_UNITS,
+        include_dirs: &[manifest.join("cuda")],
+        hashed: &[manifest.join("cuda/cross_entropy.cu")],
+    })?;
+    Ok(CpuKernels { launch, _library: library })
 }
 
-/// One C++ file: the shim's launcher, the kernels unchanged (`cuda/` is on the
-/// include path), and `ce_launch` dispatching on every entry that `kernel_abi`
-/// knows (a name missing from the `.cu` fails to compile).
-fn generated_source() -> String {
-    let source = String::from("#include \"launch.h\"\n#include \"cross_entropy.cu\"\n#include <cstring>\n\n");
-    source + &hip_library::launcher("ce_launch", &ENTRIES)
-}
+/// 8 units of 4 or 5 entries: 25-32 s of g++ each, about 2 minutes on 2 cores.
+const TRANSLATION_UNITS: usize = 8;
 
 // ---------------------------------------------------------------------------
 // Host memory standing in for device memory, and one launch.
@@ -537,7 +537,7 @@ fn precision(dtype: DType) -> (f64, f64) {
 ///   (`E`: the forward with gradient uses its own `lse`), so `E |s| p_max +
 ///   |g_sum| max c`, `p_max` the row's largest `p_j`;
 /// - the target's, `(g_ce expm1(-ce) + g_lse exp(-ce) + g_sum c_y) cap'_y`
-///   (no cancellation as `p_y -> 1`; see op.rs), from a `ce` that carries `E`:
+///   (no cancellation as `p_y -> 1`; see op/mod.rs), from a `ce` that carries `E`:
 ///   `(|g_ce| + |g_lse|) E + |g_sum| c_y`.
 struct Tolerance {
     /// The logits' dtype (the gradients') and the accumulator's `eps`.

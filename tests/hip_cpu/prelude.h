@@ -8,6 +8,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+// HIP-CPU leaves __forceinline__ empty without NDEBUG: the small functions
+// that are `inline` on a GPU would be defined once in every translation unit
+// that includes the kernels (see library.rs), and collide at the link.
+#undef __forceinline__
+#define __forceinline__ inline
+
 #include <math.h>  // the float overloads of exp, log, tanh, ... in the global namespace
 
 // Register limits are a GPU matter.
