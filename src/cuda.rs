@@ -423,3 +423,22 @@ fn options(cfg: &OpConfig) -> KernelOptions {
         sum_weights: cfg.sum_weights.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::kernel_abi::ENTRIES;
+    use std::collections::BTreeSet;
+
+    /// The launcher finds each kernel by its name in the PTX: a name mangled
+    /// (an entry not `extern "C"`, see `CE_ENTRY` in the `.cu`) or missing
+    /// would fail only at its first launch on a GPU. Runs without one.
+    #[test]
+    fn the_ptx_names_every_entry_and_no_other() {
+        let in_ptx: BTreeSet<&str> = super::PTX
+            .lines()
+            .filter_map(|line| line.strip_prefix(".visible .entry "))
+            .filter_map(|rest| rest.split(['(', ' ']).next())
+            .collect();
+        assert_eq!(in_ptx, ENTRIES.into_iter().collect::<BTreeSet<_>>());
+    }
+}
