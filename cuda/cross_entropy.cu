@@ -13,7 +13,7 @@
 // logit as they read it. The maths, and why the loss and the target term are
 // formed as they are (no cancellation when p_y -> 1), is written once in
 // src/op/mod.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
-// lists below are described once, in src/kernel_abi.rs, for both the CUDA
+// lists below are described once, in src/kernel_abi/, for both the CUDA
 // launcher and the CPU-executed tests (tests/kernels_on_cpu.rs); it describes
 // no launch for an empty problem (the driver refuses an empty grid). At the
 // end, `ce_labels_*` turn the caller's labels into the i64 labels all of these
@@ -520,7 +520,7 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
 // own (`ce_fwd_grad_out_*`).
 // MAX_THREADS is the largest block an entry is compiled for (64 registers a
 // thread at 1024); f64's double-precision maths would spill there, so f64
-// blocks stop at 512 threads. src/kernel_abi.rs holds the same limits and
+// blocks stop at 512 threads. src/kernel_abi/shape.rs holds the same limits and
 // every argument list.
 // ---------------------------------------------------------------------------
 

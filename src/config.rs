@@ -1,7 +1,7 @@
 //! What every engine is handed: one loss call's validated settings, and the
 //! layout of the per-row values passed between the graph node (`op/mod.rs`) and
 //! the engines (`cpu/`, `cuda.rs`, `primitive.rs`, and the launch
-//! descriptions in `kernel_abi.rs`). It imports nothing of this crate, so the
+//! descriptions in `kernel_abi/`). It imports nothing of this crate, so the
 //! data flows one way: the public losses validate their settings into an
 //! [`OpConfig`], the node hands it to an engine, the engine to its kernels.
 

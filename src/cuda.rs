@@ -2,7 +2,7 @@
 //! `cuda`). The PTX is compiled by `build.rs`, embedded here, and loaded once
 //! per device by candle's module cache (the stand-in for `torch.compile`).
 //! What the kernels compute is written in `op/mod.rs`; how they are launched
-//! (entry, grid, block, arguments) in `kernel_abi.rs`, which this file only
+//! (entry, grid, block, arguments) in `kernel_abi/`, which this file only
 //! binds to device memory: each operand is bound through [`bind`], the one
 //! place that looks at a buffer's dtype, as read or as written, so that the
 //! launch waits for the buffer's pending work and is recorded against it.

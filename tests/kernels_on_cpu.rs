@@ -1,7 +1,7 @@
 //! The CUDA kernels of `cuda/cross_entropy.cu`, compiled unchanged for the CPU
 //! with HIP-CPU (`$HIP_CPU_DIR`, else `../shared/hip-cpu`), g++ and TBB
 //! through the include shim in `tests/hip_cpu/`, launched with the argument
-//! lists that `src/kernel_abi.rs` builds for the cudarc launcher, and held
+//! lists that `src/kernel_abi/` builds for the cudarc launcher, and held
 //! against the crate's fused CPU engine.
 //!
 //! This finds logic bugs in the kernels (shuffle offsets, barriers, atomics,

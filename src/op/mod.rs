@@ -66,8 +66,8 @@
 //!
 //! # Files
 //!
-//! This module holds what the losses call; [`node`] the graph node and its
-//! backward; [`fused`] the fused engine as candle custom ops (CPU kernels in
+//! This module holds what the losses call; `node.rs` the graph node and its
+//! backward; `fused.rs` the fused engine as candle custom ops (CPU kernels in
 //! `src/cpu/`, CUDA launchers in `src/cuda.rs`).
 
 mod fused;

@@ -1,5 +1,5 @@
 // Launches a kernel entry of cuda/cross_entropy.cu from an argument list built
-// by src/kernel_abi.rs, the way cuLaunchKernel takes one: an array of pointers
+// by src/kernel_abi/, the way cuLaunchKernel takes one: an array of pointers
 // to each argument's value. Before launching it checks the list against the
 // entry's C++ parameter list: the count, and each argument's size and kind
 // (pointer, integer or float), so that a marshalling mistake fails the test
