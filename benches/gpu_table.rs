@@ -5,7 +5,8 @@
 //! measured device-to-device copy bandwidth with the floors it implies.
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
 //!
-//! `gpu_table [NxV ...] [--reps R] [--retain-freed] [--row-threads T]` (
+//! `gpu_table [NxV ...] [--reps R] [--dtype bf16|f32] [--retain-freed]
+//! [--row-threads T]` (both dtypes unless `--dtype` names one;
 //! `--retain-freed` keeps freed memory in CUDA's pool: the allocation lead of
 //! issue 21, timed against the default in the same call; `--row-threads`
 //! launches blocks of T threads where a block shares a row, instead of
@@ -272,6 +273,12 @@ fn main() {
         candle_chunked_ce::kernel_abi::set_row_block_threads(Some(threads)).expect("a block size");
         println!("row blocks: {threads} threads (kernel_abi::set_row_block_threads)");
     }
+    let dtypes = match args.iter().position(|a| a == "--dtype").map(|i| args[i + 1].as_str()) {
+        None => vec![DType::BF16, DType::F32],
+        Some("bf16") => vec![DType::BF16],
+        Some("f32") => vec![DType::F32],
+        Some(other) => panic!("--dtype bf16 or f32, got {other}"),
+    };
     let bandwidth = copy_bandwidth(&device);
     println!(
         "device-to-device copy bandwidth: {:.0} GB/s (read + write; {COPY_METHOD}); {reps} timed runs per cell (median)",
@@ -283,7 +290,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (n, v) in shapes {
-        for dtype in [DType::BF16, DType::F32] {
+        for &dtype in &dtypes {
             let bytes = (n * v * dtype.size_in_bytes()) as f64;
             let floor = 2.0 * bytes / bandwidth;
             let inputs: Vec<Tensor> = (0..SETS)
