@@ -25,7 +25,7 @@
 //! Peak extra memory is counted by a global allocator: bytes live above those
 //! at the start of the measured call, as a multiple of the logits' size.
 
-#[path = "../src/gemm.rs"]
+#[path = "../src/gemm/mod.rs"]
 #[allow(dead_code)]
 mod routes;
 

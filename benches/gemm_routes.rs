@@ -5,11 +5,11 @@
 //! 1. logits = X · Wᵀ (`X` `[n, H]`, `W` `[V, H]`) into `[n, V]`;
 //! 2. dX = G · W (`G` `[n, V]`) into `[n, H]`;
 //! 3. dW += Gᵀ · X into `[V, H]` (in place, beta = 1), or transposed, dWᵀ
-//!    += Xᵀ · G into `[H, V]`, as `src/gemm.rs` accumulates it.
+//!    += Xᵀ · G into `[H, V]`, as `src/gemm/` accumulates it.
 //!
 //! Routes: candle's `matmul` (which allocates its output, and for product 3
 //! does not accumulate); the `gemm` crate called directly through
-//! `src/gemm.rs` (strides, no copies, `Parallelism::Rayon(threads)`; product 2,
+//! `src/gemm/` (strides, no copies, `Parallelism::Rayon(threads)`; product 2,
 //! whose inner dimension `V` is long, split along `V` into one single-threaded
 //! product per thread, and also not split) and with
 //! other `Parallelism` settings; for product 1 also with `Wᵀ` copied once to
@@ -27,7 +27,7 @@
 //! torch, and the time of a rayon pass over the `[n, V]` logits run right
 //! after each product-1 route (a BLAS's spinning threads would slow it).
 
-#[path = "../src/gemm.rs"]
+#[path = "../src/gemm/mod.rs"]
 #[allow(dead_code)]
 mod routes;
 

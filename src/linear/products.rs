@@ -1,7 +1,7 @@
 //! The linear loss's three matrix products and their sums: a chunk's logits
 //! (`rows · Wᵀ`), the hidden states' gradient (`G · W`) and the weight's
 //! (`Gᵀ · H`, accumulated in f32, or in the weight's dtype for a
-//! `low_memory` loss), on the CPU (`gemm.rs`) or by cuBLAS
+//! `low_memory` loss), on the CPU (`gemm/`) or by cuBLAS
 //! (`cuda_gemm.rs`), behind one interface; and the counters the tests read.
 
 use super::Wanted;
