@@ -329,7 +329,7 @@ fn linear_table(n: usize, h: usize, v: usize, runs: usize) {
 /// Two costs the linear loss's design works around, at GPT-2's `[V, H]` =
 /// `[50257, 768]` f32 (the weight gradient): first-touching a fresh buffer
 /// from rayon's threads at once against from one thread (`faulted_zeros` in
-/// `src/linear.rs`), and candle's backprop accumulation of a returned
+/// `src/linear/products.rs`), and candle's backprop accumulation of a returned
 /// gradient (`zeros_like` + `add`) when it is the transposed view our CPU
 /// accumulator hands out, against a contiguous one.
 fn probes_table(runs: usize) {
@@ -340,7 +340,7 @@ fn probes_table(runs: usize) {
     println!("  from {threads} threads: {:.1} ms", ms(first_touch(bytes, threads)));
     println!("  from one thread: {:.1} ms", ms(first_touch(bytes, 1)));
     // One 1024-row chunk's `dWᵀ += Xᵀ·G` into the [H, V] accumulator, as
-    // `src/linear.rs` runs it: into a fresh zeroed buffer that the product's
+    // `src/linear/products.rs` runs it: into a fresh zeroed buffer that the product's
     // threads fault in, into the same buffer again, and into a fresh buffer
     // first touched by one thread (that touch included).
     let rows = 1024;
