@@ -78,7 +78,7 @@ mod gemm;
 #[cfg(feature = "testing")]
 pub mod kernel_abi;
 #[cfg(not(feature = "testing"))]
-#[allow(dead_code)] // what only the tests read (the entry list, the label dtypes)
+#[allow(dead_code, unused_imports)] // what only the tests read (the entry list, the label dtypes, the block limits)
 mod kernel_abi;
 mod labels;
 mod linear;
