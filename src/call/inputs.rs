@@ -55,7 +55,7 @@ impl Settings {
     }
 }
 
-/// The validated weights of one call (see [`ChunkedCrossEntropy`]'s docs), in
+/// The validated weights of one call (see [`crate::ChunkedCrossEntropy`]'s docs), in
 /// the loss's dtype on the logits' device; `None` where the call has none.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CallWeights {
@@ -64,7 +64,7 @@ pub(crate) struct CallWeights {
     /// `c_y`, `[N]`: each token's target-class weight, 0 on ignored tokens.
     pub(super) target_class: Option<Tensor>,
     /// `c`, `[V]`, where the logit sum they weigh is computed (with label
-    /// smoothing): [`OpConfig::sum_weights`].
+    /// smoothing): [`crate::config::OpConfig::sum_weights`].
     pub sum_weights: Option<Tensor>,
     /// `C / V = Σ_j c_j / V`, 1 without class weights.
     pub(super) mean_class: f64,
@@ -103,7 +103,7 @@ impl CallWeights {
     }
 
     /// [`denominator`](Self::denominator) on the host, before the 1 that
-    /// replaces a zero (see [`ChunkedCrossEntropy::unit_factors`]).
+    /// replaces a zero (see [`Settings::unit_factors`]).
     pub(crate) fn host_denominator(&self, labels: &Tensor, ignore_index: i64) -> Result<f64> {
         let dtype = self.token.as_ref().or(self.target_class.as_ref()).map_or(DType::F64, Tensor::dtype);
         self.denominator(labels, ignore_index, dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()

@@ -124,7 +124,7 @@ impl Settings {
 
     /// The gradients that the statistics of a valid row receive when the
     /// reduced loss receives 1, before the row's own weights (see
-    /// [`RowWeights`]): the derivative of the composition in
+    /// [`crate::op::RowWeights`]): the derivative of the composition in
     /// [`token_terms`](Self::token_terms), `g_ce = c (1 - ε)`, `g_lse = c ε C
     /// / V + 2 c z lse`, `g_sum = -c ε / V`, with `c` the reduction's factor
     /// (`1 / denominator` for a `Mean`, see [`CallWeights::host_denominator`])

@@ -51,7 +51,7 @@ impl RowSelection {
         }
     }
 
-    /// The input gradients (hidden states first, see [`GradientSums::finish`])
+    /// The input gradients (hidden states first, see [`super::products::GradientSums::finish`])
     /// with the hidden states' put back among all rows.
     pub(super) fn scatter_hidden_grad(&self, mut gradients: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
         gradients[0] = gradients[0].take().map(|g| self.scatter(&g)).transpose()?;

@@ -47,7 +47,7 @@ impl CustomOp2 for FusedForward {
 }
 
 /// The fused forward that also writes the gradient of a scalar loss (see
-/// [`row_stats_and_unit_grad`]), leaving the statistics `[N, 4]` in `stats`.
+/// [`super::row_stats_and_unit_grad`]), leaving the statistics `[N, 4]` in `stats`.
 /// As an in-place op it rewrites the logits: on CUDA one kernel
 /// (`ce_fwd_grad_*`), on the CPU (f32, bf16, f16)
 /// `cpu::forward_with_grad_in_place`, row by row. As an op with an output, the
@@ -136,7 +136,7 @@ impl InplaceOp2 for FusedForwardWithGrad {
 }
 
 /// Fused backward into a fresh contiguous buffer shaped like the logits. Its
-/// third input is `factors`, `[N, 5]` per row (see [`logits_grad`]).
+/// third input is `factors`, `[N, 5]` per row (see [`super::logits_grad`]).
 pub(super) struct FusedBackward(pub(super) OpConfig);
 
 impl CustomOp3 for FusedBackward {

@@ -8,7 +8,7 @@ use crate::precomputed::PrecomputedGrad;
 use candle::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 /// What a loss node computes in backward from its inputs and `factors`,
-/// `[N, 5] = (g_ce, g_lse, g_sum, lse, ce)` per row (see the maths above).
+/// `[N, 5] = (g_ce, g_lse, g_sum, lse, ce)` per row (see the maths in `op/mod.rs`).
 pub(crate) trait NodeBackward: Send + Sync + 'static {
     /// The node's name in candle's graph.
     const NAME: &'static str;
