@@ -175,9 +175,10 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 /// `LinearCrossEntropy` forward+backward into hidden and weight (bf16), median
 /// time and peak device memory above the inputs, with the weight gradient's
 /// size that the memory target is stated against: through candle's autograd
-/// (automatic, 2048 rows here; 1024- and 4096-row chunks: fewer passes over
-/// the f32 accumulator against larger chunks), `loss_and_grads` (automatic and 4096-row chunks; the
-/// gradients handed over), and `accumulate_grads` into an f32 accumulator made beforehand;
+/// (automatic: one chunk summed straight into bf16 here, see
+/// `LinearCrossEntropy::chunk_len`; 2048-row chunks, automatic before, and
+/// 4096-row ones, each chunk a pass over the f32 accumulator),
+/// `loss_and_grads` (automatic and 2048-row chunks; the gradients handed over), and `accumulate_grads` into an f32 accumulator made beforehand;
 /// then autograd and `loss_and_grads` with `low_memory` (the weight's gradient
 /// summed in bf16, smaller chunks), against Liger's peak.
 fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
@@ -195,10 +196,10 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
     let mut acc = LinearGradAccumulator::new(&weight, None).unwrap();
     let paths = [
         ("ours LinearCrossEntropy (automatic chunks)", None, false, Path::Autograd),
-        ("ours, 1024-row chunks (automatic before 7afb75f)", Some(1024), false, Path::Autograd),
-        ("ours, 4096-row chunks", Some(4096), false, Path::Autograd),
+        ("ours, 2048-row chunks (automatic before, f32 accumulator)", Some(2048), false, Path::Autograd),
+        ("ours, 4096-row chunks (f32 accumulator)", Some(4096), false, Path::Autograd),
         ("ours loss_and_grads (automatic chunks)", None, false, Path::LossAndGrads),
-        ("ours loss_and_grads, 4096-row chunks", Some(4096), false, Path::LossAndGrads),
+        ("ours loss_and_grads, 2048-row chunks (automatic before)", Some(2048), false, Path::LossAndGrads),
         ("ours accumulate_grads (f32 accumulator kept)", None, false, Path::Accumulate),
         ("ours LinearCrossEntropy, low_memory", None, true, Path::Autograd),
         ("ours loss_and_grads, low_memory", None, true, Path::LossAndGrads),

@@ -77,23 +77,36 @@ fn tied_weights(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// bf16 hidden states and weight: the loss in f32, the gradients in bf16 (the
-/// weight's accumulated over chunks in f32), against the f32 computation of the
-/// same rounded values, to bf16 tolerances.
+/// bf16 hidden states and weight: the loss in f32, the gradients in bf16,
+/// against the f32 computation of the same rounded values, to bf16
+/// tolerances: the weight's gradient accumulated over 16-row chunks in f32,
+/// or, in one chunk (the automatic one here: 64 rows), summed straight into
+/// bf16 (`plan_chunks`), through autograd and `loss_and_grads`, with and
+/// without the upstream gradient scaled by 0.3 (a second rounding).
 fn bf16_inputs(device: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(32);
     let hidden = common::logits(&mut rng, &[64, 32], 1.0, DType::BF16, device)?;
     let weight = common::logits(&mut rng, &[500, 32], 0.5, DType::BF16, device)?;
     let labels = common::labels(&mut rng, &[64], 500, 0.1, -100, device)?;
-    let ce = LinearCrossEntropy::default().chunk_len(Some(16));
-    let (loss, h_grad, w_grad) = loss_and_grads(Some(&ce), &ChunkedCrossEntropy::default(), &hidden, &weight, &labels)?;
     let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-    let (want, want_h, want_w) =
-        loss_and_grads(None, &ChunkedCrossEntropy::default(), &f32s(&hidden)?, &f32s(&weight)?, &labels)?;
-    assert_eq!((loss.dtype(), h_grad.dtype(), w_grad.dtype()), (DType::F32, DType::BF16, DType::BF16));
-    assert_close(&loss, &want, 1e-2, 0.0, "bf16 loss")?;
-    assert_close(&h_grad, &want_h, 5e-2, 1e-4, "bf16 hidden grad")?;
-    assert_close(&w_grad, &want_w, 5e-2, 1e-4, "bf16 weight grad")?;
+    let full = ChunkedCrossEntropy::default();
+    let (want, want_h, want_w) = loss_and_grads(None, &full, &f32s(&hidden)?, &f32s(&weight)?, &labels)?;
+    for chunk_len in [Some(16), None] {
+        let ce = LinearCrossEntropy::default().chunk_len(chunk_len);
+        let what = format!("bf16, chunk_len {chunk_len:?}");
+        let (loss, h_grad, w_grad) = loss_and_grads(Some(&ce), &full, &hidden, &weight, &labels)?;
+        assert_eq!((loss.dtype(), h_grad.dtype(), w_grad.dtype()), (DType::F32, DType::BF16, DType::BF16));
+        assert_close(&loss, &want, 1e-2, 0.0, &format!("{what}: loss"))?;
+        assert_close(&h_grad, &want_h, 5e-2, 1e-4, &format!("{what}: hidden grad"))?;
+        assert_close(&w_grad, &want_w, 5e-2, 1e-4, &format!("{what}: weight grad"))?;
+        let direct = ce.loss_and_grads(&hidden, &weight, None, &labels, None)?;
+        assert_eq!(direct.weight_grad.dtype(), DType::BF16, "{what}: loss_and_grads' weight grad dtype");
+        assert_close(&direct.weight_grad, &want_w, 5e-2, 1e-4, &format!("{what}: loss_and_grads' weight grad"))?;
+        let (h, w) = (Var::from_tensor(&hidden)?, Var::from_tensor(&weight)?);
+        let grads = ce.forward(h.as_tensor(), w.as_tensor(), &labels, None)?.affine(0.3, 0.0)?.backward()?;
+        let scaled = grads.get(w.as_tensor()).expect("no gradient");
+        assert_close(scaled, &(&want_w * 0.3)?, 5e-2, 1e-4, &format!("{what}: weight grad of loss * 0.3"))?;
+    }
     Ok(())
 }
 

@@ -31,19 +31,85 @@ const MIN_AUTO_CHUNK_CUDA: usize = 2048;
 /// (and at least that): whole tiles for the products.
 const LEAN_CHUNK_ROWS: usize = 64;
 
-/// The automatic chunk length for `valid` rows of width `width` against `vocab`
-/// classes: about `valid * width / vocab` rows (a chunk of logits about the size
-/// of the hidden states), at least [`MIN_AUTO_CHUNK`] ([`MIN_AUTO_CHUNK_CUDA`]
-/// on CUDA); for a `low_memory` loss that size rounded down to a multiple of
-/// [`LEAN_CHUNK_ROWS`], at least that; never more than `valid` (nor less than 1).
-pub(super) fn auto_chunk_len(valid: usize, width: usize, vocab: usize, cuda: bool, low_memory: bool) -> usize {
+/// Where a call's weight gradient goes, which settles its chunks and the
+/// dtype it is summed in (see [`plan_chunks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WeightGrad {
+    /// Not wanted (a frozen or LoRA head, evaluation): no `[V, H]` sum.
+    Unwanted,
+    /// Handed out (autograd, `loss_and_grads`): summed in a fresh buffer.
+    Fresh,
+    /// Added into the caller's f32 accumulator (`accumulate_grads`).
+    Accumulated,
+}
+
+/// A call's chunk length and the dtype its weight gradient is summed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ChunkPlan {
+    pub(super) chunk_len: usize,
+    pub(super) weight_sum: DType,
+}
+
+/// The chunks of a call over `valid` rows of width `width` against `vocab`
+/// classes, for a `weight` of dtype `weight`, and the dtype its gradient is
+/// summed in.
+///
+/// The automatic chunk (`chunk_len` `None`) is about `valid * width / vocab`
+/// rows (a chunk of logits about the size of the hidden states), at least
+/// [`MIN_AUTO_CHUNK`] ([`MIN_AUTO_CHUNK_CUDA`] on CUDA); for a `low_memory`
+/// loss that size rounded down to a multiple of [`LEAN_CHUNK_ROWS`], at least
+/// that; never more than `valid` (nor less than 1).
+///
+/// A weight's gradient handed out fresh is summed over the chunks in f32 (f64
+/// for f64) and rounded to the weight's dtype at the end, except:
+/// - with `low_memory`, in the weight's dtype (rounded once per chunk);
+/// - a bf16 weight's in one chunk (all the valid rows): that one product,
+///   summed in f32, is rounded once straight into bf16 (cuBLAS's epilogue;
+///   `gemm::add_matmul_tn_rounded` on the CPU), the same gradient without the
+///   f32 `[V, H]` accumulator and the pass that rounds it (on the CPU, 1024 x
+///   768 x 50257: the same time, peak 594 -> 516 MB). f16 keeps its
+///   accumulator: its gradient is formed boosted (see
+///   `precomputed::boost_of`) and could pass f16's range before the boost is
+///   divided out.
+///
+/// On CUDA, a 16-bit weight's gradient handed out fresh costs 6 `V·H` bytes at
+/// the end of the call whatever the chunks (the f32 accumulator and the
+/// rounded gradient), and each chunk's product reads and writes the whole
+/// accumulator (2 x 4 `V·H` bytes: 4.2 GB a chunk at 8192 x 4096 x 128256). So
+/// the automatic chunks grow to what that peak already pays for:
+/// - bf16 with all rows' logits (2 `N·V` bytes) no larger than the accumulator
+///   (`valid <= 2 * width`): one chunk, summed straight into bf16 (above; peak
+///   2 `N·V` + 2 `V·H` bytes, no accumulator pass at all);
+/// - otherwise chunks of at least `width` rows (2 `chunk·V` <= 2 `V·H` bytes of
+///   logits beside the accumulator's 4).
+///
+/// On the CPU the products are bound by arithmetic, not by the accumulator's
+/// traffic, and the automatic chunks stay as they were.
+pub(super) fn plan_chunks(
+    (valid, width, vocab): (usize, usize, usize),
+    weight: DType,
+    weight_grad: WeightGrad,
+    cuda: bool,
+    low_memory: bool,
+    chunk_len: Option<usize>,
+) -> ChunkPlan {
     let hidden_sized = valid * width / vocab.max(1);
-    let rows = if low_memory {
+    let fresh = weight_grad == WeightGrad::Fresh;
+    let grow = cuda && fresh && matches!(weight, DType::BF16 | DType::F16);
+    let auto = if low_memory {
         (hidden_sized / LEAN_CHUNK_ROWS * LEAN_CHUNK_ROWS).max(LEAN_CHUNK_ROWS)
+    } else if grow && weight == DType::BF16 && valid <= 2 * width {
+        valid
+    } else if grow {
+        hidden_sized.max(MIN_AUTO_CHUNK_CUDA).max(width)
     } else {
         hidden_sized.max(if cuda { MIN_AUTO_CHUNK_CUDA } else { MIN_AUTO_CHUNK })
     };
-    rows.min(valid.max(1))
+    let chunk_len = chunk_len.unwrap_or(auto.min(valid.max(1)));
+    let one_chunk = chunk_len >= valid;
+    let weight_sum =
+        if low_memory || (fresh && weight == DType::BF16 && one_chunk) { weight } else { compute_dtype(weight) };
+    ChunkPlan { chunk_len, weight_sum }
 }
 
 /// `(start, len)` of each chunk of `chunk_len` rows.
@@ -186,23 +252,55 @@ pub fn recomputed_backwards() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::auto_chunk_len;
+    use super::{plan_chunks, ChunkPlan, WeightGrad};
+    use candle::DType::{self, BF16, F16, F32};
 
+    /// The chunk lengths and weight-gradient sums of `plan_chunks`, from the
+    /// rules its docs state (each figure worked out by hand from them).
     #[test]
-    fn automatic_chunks() {
-        // (valid, H, V, cuda, low_memory) -> rows
-        let cases = [
-            ((8192, 4096, 128_256, false, false), 1024),
-            ((8192, 4096, 128_256, true, false), 2048),
-            ((8192, 4096, 128_256, true, true), 256),
-            ((1000, 64, 256, false, true), 192),
-            ((1000, 64, 256, false, false), 1000),
-            ((100_000, 4096, 32_000, true, false), 12_800),
-            ((10, 16, 100, true, true), 10),
-            ((0, 16, 100, false, false), 1),
+    fn chunk_plans() {
+        use WeightGrad::{Accumulated, Fresh, Unwanted};
+        // ((valid, H, V), weight dtype, weight gradient, cuda, low_memory, chunk_len) -> (rows, summed in)
+        type Case = ((usize, usize, usize), DType, WeightGrad, bool, bool, Option<usize>);
+        let cases: [(Case, (usize, DType)); 23] = [
+            // The CPU: about N * H / V rows, at least 1024; f32 sums, but for
+            // one chunk of bf16.
+            (((8192, 4096, 128_256), BF16, Fresh, false, false, None), (1024, F32)),
+            (((1000, 64, 256), F32, Fresh, false, false, None), (1000, F32)),
+            (((1000, 64, 256), BF16, Fresh, false, false, None), (1000, BF16)),
+            (((1000, 64, 256), F16, Fresh, false, false, None), (1000, F32)),
+            (((1000, 64, 256), BF16, Accumulated, false, false, None), (1000, F32)),
+            (((0, 16, 100), F32, Fresh, false, false, None), (1, F32)),
+            // CUDA, bf16 handed out, N <= 2H: one chunk, summed in bf16.
+            (((8192, 4096, 128_256), BF16, Fresh, true, false, None), (8192, BF16)),
+            (((64, 32, 500), BF16, Fresh, true, false, None), (64, BF16)),
+            // ... N > 2H: chunks of at least H rows (2048 when H is smaller), f32 sums.
+            (((8193, 4096, 128_256), BF16, Fresh, true, false, None), (4096, F32)),
+            (((32_768, 768, 50_257), BF16, Fresh, true, false, None), (2048, F32)),
+            (((100_000, 4096, 32_000), BF16, Fresh, true, false, None), (12_800, F32)),
+            // f16 keeps its accumulator (the boost), with H-row chunks.
+            (((8192, 4096, 128_256), F16, Fresh, true, false, None), (4096, F32)),
+            // f32 weights: the gradient is the accumulator; chunks as before.
+            (((8192, 4096, 128_256), F32, Fresh, true, false, None), (2048, F32)),
+            // No weight gradient, or the caller's accumulator: chunks as before.
+            (((8192, 4096, 128_256), BF16, Unwanted, true, false, None), (2048, F32)),
+            (((8192, 4096, 128_256), BF16, Accumulated, true, false, None), (2048, F32)),
+            // A chunk_len that covers every row: bf16 summed straight in bf16;
+            // a smaller one keeps the f32 sum.
+            (((8192, 4096, 128_256), BF16, Fresh, true, false, Some(8192)), (8192, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, false, false, Some(10_000)), (10_000, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, true, false, Some(2048)), (2048, F32)),
+            (((100, 4, 1000), BF16, Fresh, true, false, Some(100)), (100, BF16)),
+            // low_memory: multiples of 64 rows, summed in the weight's dtype.
+            (((8192, 4096, 128_256), BF16, Fresh, true, true, None), (256, BF16)),
+            (((1000, 64, 256), F32, Fresh, false, true, None), (192, F32)),
+            (((10, 16, 100), BF16, Fresh, true, true, None), (10, BF16)),
+            (((100, 16, 100), BF16, Fresh, false, true, Some(50)), (50, BF16)),
         ];
-        for ((valid, width, vocab, cuda, low_memory), rows) in cases {
-            assert_eq!(auto_chunk_len(valid, width, vocab, cuda, low_memory), rows, "{valid} x {width} x {vocab}");
+        for ((dims, weight, grad, cuda, low_memory, chunk_len), (rows, sum)) in cases {
+            let plan = plan_chunks(dims, weight, grad, cuda, low_memory, chunk_len);
+            let what = format!("{dims:?} {weight:?} {grad:?} cuda={cuda} low_memory={low_memory} {chunk_len:?}");
+            assert_eq!(plan, ChunkPlan { chunk_len: rows, weight_sum: sum }, "{what}");
         }
     }
 }

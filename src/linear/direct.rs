@@ -11,6 +11,7 @@
 //! (and bias's) into a [`LinearGradAccumulator`] the caller keeps across
 //! micro-batches.
 
+use super::chunks::WeightGrad;
 use super::products::{GradientSums, ProductSum, Projection};
 use super::{ChunkPass, ChunkedCall, LinearCrossEntropy, Plan, Wanted};
 use crate::call::{LossCall, Reduction, TokenCall};
@@ -26,9 +27,10 @@ pub struct LinearGrads {
     pub loss: Tensor,
     /// `d loss / d hidden`: `hidden`'s shape and dtype.
     pub hidden_grad: Tensor,
-    /// `d loss / d weight`: `[V, H]` in `weight`'s dtype (for f32 and f64
-    /// weights, and with [`low_memory`](LinearCrossEntropy::low_memory), it
-    /// may be a transposed view of the accumulator: not contiguous).
+    /// `d loss / d weight`: `[V, H]` in `weight`'s dtype (on the CPU, for
+    /// f32 and f64 weights, a bf16 weight in one chunk and with
+    /// [`low_memory`](LinearCrossEntropy::low_memory), a transposed view of
+    /// the sum: not contiguous).
     pub weight_grad: Tensor,
     /// `d loss / d bias`: `[V]` in the bias's dtype, `Some` exactly when a bias
     /// is given.
@@ -174,7 +176,9 @@ impl LinearCrossEntropy {
     ///
     /// Peak extra memory: the weight gradient's f32 accumulator (`[V, H]`)
     /// and one chunk of logits, then, for 16-bit weights, the rounded
-    /// gradient beside the accumulator while it is made. No `[V, H]` zeros +
+    /// gradient beside the accumulator while it is made; for a bf16 weight
+    /// whose rows fit one chunk (see [`chunk_len`](Self::chunk_len)), that
+    /// chunk of logits and the gradient itself. No `[V, H]` zeros +
     /// add. With [`low_memory`](Self::low_memory): the weight's gradient
     /// itself, the hidden states' and one smaller chunk of logits.
     ///
@@ -249,11 +253,13 @@ impl LinearCrossEntropy {
         if self.settings.op_config(hidden.device())?.engine == Engine::Autograd {
             return self.recorded(&hidden, &weight, bias.as_ref(), labels, mask, num_label_tokens, acc);
         }
-        let call = match self.plan(&hidden, &weight, bias.as_ref(), labels, mask, None, num_label_tokens)? {
-            Plan::Chunks(call) => call,
-            Plan::Empty(_) => return self.no_tokens(&hidden, &weight, bias.as_ref(), acc),
-            Plan::Recorded(_) => bail!("linear cross-entropy: a covered device planned a recorded call"),
-        };
+        let weight_grad = if acc.is_some() { WeightGrad::Accumulated } else { WeightGrad::Fresh };
+        let call =
+            match self.plan(&hidden, &weight, bias.as_ref(), labels, mask, None, num_label_tokens, weight_grad)? {
+                Plan::Chunks(call) => call,
+                Plan::Empty(_) => return self.no_tokens(&hidden, &weight, bias.as_ref(), acc),
+                Plan::Recorded(_) => bail!("linear cross-entropy: a covered device planned a recorded call"),
+            };
         let ChunkedCall {
             rows,
             labels,

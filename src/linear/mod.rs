@@ -10,7 +10,8 @@
 //! `ChunkedCrossEntropy::unit_factors`), so each chunk's logits are turned into
 //! their gradient in place right after their statistics, and folded into the
 //! gradients of `hidden` (`G · W`) and `weight` (`Gᵀ · H`, accumulated in f32
-//! in place) and `bias`. Backward then only scales them, after checking that
+//! in place, or for a bf16 weight in one chunk summed straight in bf16: see
+//! `chunks::plan_chunks`) and `bias`. Backward then only scales them, after checking that
 //! the gradient it received has that expected form; if it has not (the
 //! per-token outputs were used too), or for `Reduction::None`, backward
 //! recomputes each chunk's logits instead. Either way three matmuls per chunk
@@ -32,11 +33,11 @@ use crate::call::{
     checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
     TokenCall,
 };
-use crate::config::{compute_dtype, Engine, OpConfig};
+use crate::config::{Engine, OpConfig};
 use crate::op::{self, RowWeights, StatsNode};
 use crate::primitive;
 use candle::{bail, DType, Result, Tensor};
-use chunks::{ChunkPass, LinearBackward, Precomputed};
+use chunks::{ChunkPass, ChunkPlan, LinearBackward, Precomputed, WeightGrad};
 use products::{GradientSums, Projection};
 use rows::RowSelection;
 use std::sync::Mutex;
@@ -59,11 +60,9 @@ use std::sync::Mutex;
 /// z-loss, soft-cap, class weights and per-token loss weights, the outputs of
 /// [`forward_with_outputs`](Self::forward_with_outputs), the exact zeros when
 /// nothing is valid, the errors), except that `chunk_len` defaults to
-/// automatic: about `N * H / V` rows, so that a chunk of logits is about the
-/// size of the hidden states, but at least 1024 rows (2048 on CUDA; unless
-/// [`low_memory`](Self::low_memory)), counted among the valid rows (the
-/// chunks hold valid rows only). Labels are checked on the host before any
-/// chunk runs.
+/// automatic (see [`chunk_len`](Self::chunk_len)), counted among the valid rows
+/// (the chunks hold valid rows only). Labels are checked on the host before
+/// any chunk runs.
 ///
 /// On a device the kernels do not cover (Metal, or CUDA without this crate's
 /// `cuda` feature; see [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)) the logits are materialised
@@ -98,8 +97,27 @@ impl Default for LinearCrossEntropy {
 }
 
 impl LinearCrossEntropy {
-    /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`,
-    /// at least 1024, 2048 on CUDA (without [`low_memory`](Self::low_memory)).
+    /// Rows of logits per chunk; `None` (the default) picks about `N * H / V`
+    /// rows, so that a chunk of logits is about the size of the hidden states,
+    /// but at least 1024 (2048 on CUDA), counted among the valid rows.
+    ///
+    /// When one chunk holds all the valid rows (this length or the automatic
+    /// one) and a bf16 weight's gradient is wanted (not for
+    /// [`accumulate_grads`](Self::accumulate_grads)), that gradient is summed
+    /// straight into bf16: one product, in f32, rounded once per element, the
+    /// same gradient as through the f32 accumulator, without it and the pass
+    /// that rounds it. Through autograd an upstream gradient other than a
+    /// power of two (`loss * 0.3`, not `loss * 0.25`) then rounds it once more.
+    ///
+    /// On CUDA, when a bf16 or f16 weight's gradient is wanted, the automatic
+    /// chunks grow to what the f32 accumulator and the rounded gradient (6
+    /// bytes per weight element, the call's peak either way) already pay for,
+    /// since each chunk's product reads and writes the whole accumulator: one
+    /// chunk for bf16 with `N <= 2 * H` (all the logits no larger than the
+    /// accumulator, which is then not needed), otherwise at least `H` rows.
+    ///
+    /// With [`low_memory`](Self::low_memory) the automatic chunk is smaller
+    /// (see there).
     pub fn chunk_len(mut self, chunk_len: Option<usize>) -> Self {
         self.chunk_len = chunk_len;
         self
@@ -274,7 +292,8 @@ impl LinearCrossEntropy {
         loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
     ) -> Result<LossCall> {
-        let call = match self.plan(hidden, weight, bias, labels, mask, loss_weights, num_label_tokens)? {
+        let weight_grad = if weight.track_op() { WeightGrad::Fresh } else { WeightGrad::Unwanted };
+        let call = match self.plan(hidden, weight, bias, labels, mask, loss_weights, num_label_tokens, weight_grad)? {
             Plan::Empty(call) => return Ok(call),
             Plan::Recorded(call) => return Ok(LossCall::Tokens(call)),
             Plan::Chunks(call) => call,
@@ -319,7 +338,8 @@ impl LinearCrossEntropy {
         Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
     }
 
-    /// Validates the inputs and settles what the call computes (see [`Plan`]).
+    /// Validates the inputs and settles what the call computes (see [`Plan`]),
+    /// the weight's gradient going where `weight_grad` says.
     #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
@@ -330,6 +350,7 @@ impl LinearCrossEntropy {
         mask: Option<&Tensor>,
         loss_weights: Option<&Tensor>,
         num_label_tokens: Option<usize>,
+        weight_grad: WeightGrad,
     ) -> Result<Plan> {
         let labels_shape = labels.shape().clone();
         let ignore_index = self.settings.ignore_index;
@@ -368,10 +389,14 @@ impl LinearCrossEntropy {
             return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
         let valid = row_labels.iter().flatten().count();
-        let cuda = hidden.device().is_cuda();
-        let chunk_len =
-            self.chunk_len.unwrap_or_else(|| chunks::auto_chunk_len(valid, width, vocab, cuda, self.low_memory));
-        let weight_sum = if self.low_memory { weight.dtype() } else { compute_dtype(weight.dtype()) };
+        let ChunkPlan { chunk_len, weight_sum } = chunks::plan_chunks(
+            (valid, width, vocab),
+            weight.dtype(),
+            weight_grad,
+            hidden.device().is_cuda(),
+            self.low_memory,
+            self.chunk_len,
+        );
         // Each chunk's logits are a temporary: its gradient always overwrites it.
         let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
         let row_weights = weights.row_weights()?;
