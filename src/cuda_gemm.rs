@@ -1,12 +1,15 @@
 //! `acc += lhsᵀ · rhs` on CUDA in one cuBLAS call (feature `cuda`): the
 //! linear loss's weight gradient `dW += Gᵀ · H`, accumulated chunk by chunk
-//! into its `[V, H]` accumulator in place (f32, or, for a `low_memory` loss,
-//! the gradient itself in the operands' dtype), straight from the chunk's
-//! bf16/f16/f32 operands. No operand is converted to f32 and no `[V, H]`
-//! product or sum is allocated: `cublasGemmEx` reads the half-precision
-//! operands, multiplies and accumulates in f32 (`CUBLAS_COMPUTE_32F`) and adds
-//! into the output with `beta = 1` (for a 16-bit output, `acc + product` is
-//! formed in f32 and rounded once per element).
+//! into its `[V, H]` accumulator in place (f32, or, for a `low_memory` loss or
+//! a bf16 weight in one chunk, the gradient itself in the operands' dtype),
+//! straight from the chunk's bf16/f16/f32 operands. No operand is converted to
+//! f32 and no `[V, H]` product or sum is allocated: `cublasGemmEx` reads the
+//! half-precision operands, multiplies and accumulates in f32
+//! (`CUBLAS_COMPUTE_32F`) and adds into the output with `beta = 1` (for a
+//! 16-bit output, `acc + product` is formed in f32 and rounded once per
+//! element), or, for a sum's first chunk, writes it with `beta = 0`
+//! ([`write_transposed_product`]): the sum needs no zeros beforehand, and its
+//! first product does not read them.
 //!
 //! It runs through the cuBLAS handle that candle's `CudaDevice` holds, which is
 //! bound to the device's stream, so it is ordered with candle's own kernels
@@ -33,6 +36,20 @@ const WHAT: &str = "linear cross-entropy (cuda): acc += lhsᵀ · rhs";
 /// not on the same CUDA device, dimensions beyond cuBLAS's `int`, and
 /// cuBLAS's own errors.
 pub(crate) fn add_transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+    transposed_product(acc, lhs, rhs, CublasTransposedProduct { add: true })
+}
+
+/// `acc = lhsᵀ · rhs` in place, on CUDA: as [`add_transposed_product`], but
+/// `acc`'s elements are overwritten, never read (cuBLAS with `beta = 0` does
+/// not read C), so `acc` may be uninitialised (`Tensor::empty`).
+///
+/// # Errors
+/// Those of [`add_transposed_product`].
+pub(crate) fn write_transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
+    transposed_product(acc, lhs, rhs, CublasTransposedProduct { add: false })
+}
+
+fn transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor, op: CublasTransposedProduct) -> Result<()> {
     let (m, n) = match acc.dims() {
         [m, n] => (*m, *n),
         _ => bail!("{WHAT}: acc must be [m, n], got {:?}", acc.shape()),
@@ -72,14 +89,21 @@ pub(crate) fn add_transposed_product(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -
             )
         }
     }
-    acc.inplace_op3(lhs, rhs, &CublasAddTransposedProduct)
+    if !op.add && lhs.dim(0)? == 0 {
+        // An empty product overwrites with zeros.
+        return acc.zero_set();
+    }
+    acc.inplace_op3(lhs, rhs, &op)
 }
 
-/// The in-place op behind [`add_transposed_product`], for its access to the
-/// storages (candle locks them, and refuses an operand that aliases `acc`).
-struct CublasAddTransposedProduct;
+/// The in-place op behind [`add_transposed_product`] (`add`) and
+/// [`write_transposed_product`], for its access to the storages (candle locks
+/// them, and refuses an operand that aliases `acc`).
+struct CublasTransposedProduct {
+    add: bool,
+}
 
-impl candle::InplaceOp3 for CublasAddTransposedProduct {
+impl candle::InplaceOp3 for CublasTransposedProduct {
     fn name(&self) -> &'static str {
         "chunked-linear-cross-entropy-weight-grad-cublas"
     }
@@ -105,7 +129,8 @@ impl candle::InplaceOp3 for CublasAddTransposedProduct {
         rhs: &CudaStorage,
         rhs_layout: &Layout,
     ) -> Result<()> {
-        let operands = Operands::new(acc_layout, lhs_layout, rhs_layout)?;
+        let operands =
+            Operands { beta: if self.add { 1.0 } else { 0.0 }, ..Operands::new(acc_layout, lhs_layout, rhs_layout)? };
         use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
         match (acc.dtype(), lhs.dtype(), rhs.dtype()) {
             (DType::F32, DType::F32, DType::F32) => operands.gemm::<f32, f32>(acc, lhs, rhs, CUDA_R_32F, CUDA_R_32F),
@@ -123,7 +148,8 @@ impl candle::InplaceOp3 for CublasAddTransposedProduct {
 }
 
 /// The element ranges of the three contiguous operands and the product's
-/// `(m, n, k)`, checked against each other.
+/// `(m, n, k)`, checked against each other, and `beta`: 1 adds the product
+/// into `acc`, 0 overwrites it.
 struct Operands {
     acc: (usize, usize),
     lhs: (usize, usize),
@@ -131,6 +157,7 @@ struct Operands {
     m: usize,
     n: usize,
     k: usize,
+    beta: f32,
 }
 
 impl Operands {
@@ -146,7 +173,7 @@ impl Operands {
         if (lm, rk, rn) != (m, k, n) {
             bail!("{WHAT}: acc {:?}, lhs {:?} and rhs {:?} do not match", acc.shape(), lhs.shape(), rhs.shape())
         }
-        Ok(Self { acc: acc_range, lhs: lhs_range, rhs: rhs_range, m, n, k })
+        Ok(Self { acc: acc_range, lhs: lhs_range, rhs: rhs_range, m, n, k, beta: 1.0 })
     }
 
     /// One `cublasGemmEx` on the device's stream, through its cuBLAS handle.
@@ -163,7 +190,7 @@ impl Operands {
     ///   `ldb = m`, taken transposed (`transb = T`) to give `lhs` (`k × m`).
     ///
     /// `acc += lhsᵀ · rhs` is `accᵀ += rhsᵀ · lhs`, i.e. in cuBLAS's terms
-    /// `C = 1 · op(A) · op(B) + 1 · C` with `(M, N, K) = (n, m, k)`,
+    /// `C = 1 · op(A) · op(B) + beta · C` with `(M, N, K) = (n, m, k)`,
     /// `A = rhs` (`N`), `B = lhs` (`T`), `C = acc`.
     fn gemm<T: CudaDType, C: CudaDType>(
         &self,
@@ -173,9 +200,10 @@ impl Operands {
         data_type: sys::cudaDataType_t,
         acc_type: sys::cudaDataType_t,
     ) -> Result<()> {
-        let Self { m, n, k, .. } = *self;
-        // Nothing to add (k = 0), or nothing to write: no call (cuBLAS also
-        // wants every leading dimension at least 1).
+        let Self { m, n, k, beta, .. } = *self;
+        // Nothing to add (k = 0; `transposed_product` zeroes an overwritten
+        // `acc` itself), or nothing to write: no call (cuBLAS also wants every
+        // leading dimension at least 1).
         if m == 0 || n == 0 || k == 0 {
             return Ok(());
         }
@@ -197,7 +225,7 @@ impl Operands {
         let (lhs, _lhs_guard) = lhs.device_ptr(&stream);
         let (rhs, _rhs_guard) = rhs.device_ptr(&stream);
         let (acc, _acc_guard) = acc.device_ptr_mut(&stream);
-        let (alpha, beta) = (1f32, 1f32);
+        let alpha = 1f32;
         // SAFETY: `blas` is candle's live handle for this device, bound to
         // `stream`, in its default host pointer mode (candle never changes it),
         // so cuBLAS reads `alpha` and `beta` (f32, as CUBLAS_COMPUTE_32F wants)
@@ -210,7 +238,8 @@ impl Operands {
         // column-major, ldc = n); `Operands::new` checked those shapes against
         // the contiguous ranges sliced above, `T` and `C` are the dtypes
         // `data_type` and `acc_type` name (matched in `cuda_fwd`), and `acc` is
-        // borrowed mutably, so no operand aliases it.
+        // borrowed mutably, so no operand aliases it. With `beta = 0` cuBLAS
+        // does not read `acc`, which may then be uninitialised.
         unsafe {
             gemm_ex(
                 *blas.handle(),
@@ -279,7 +308,7 @@ pub(crate) fn scale_in_place(storage: &mut CudaStorage, layout: &Layout, alpha: 
 
 #[cfg(test)]
 mod tests {
-    use super::add_transposed_product;
+    use super::{add_transposed_product, write_transposed_product};
     use candle::{DType, Device, Result, Tensor};
 
     fn error(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> String {
@@ -312,7 +341,8 @@ mod tests {
 
     /// `acc += lhsᵀ · rhs` against an f64 product on the host, for operands
     /// at non-zero offsets in larger buffers, an `acc` that starts non-zero,
-    /// and dimensions that are not multiples of 8. Needs a GPU; skips without one
+    /// and dimensions that are not multiples of 8; `acc = lhsᵀ · rhs` over NaNs,
+    /// and over anything with an empty product. Needs a GPU; skips without one
     /// (fails with `CHUNKED_CE_REQUIRE_CUDA` set).
     #[test]
     fn matches_host_product() -> Result<()> {
@@ -362,6 +392,30 @@ mod tests {
                 let diff = (full.narrow(0, start, len)? - acc_host.narrow(0, start, len)?)?.abs()?.max_all()?;
                 assert_eq!(diff.to_scalar::<f64>()?, 0.0, "{dtype:?}: rows {start}..{} written", start + len);
             }
+            // Written over NaNs (what an uninitialised sum may hold: beta = 0
+            // must not read them), then added to: the product rounded once, then
+            // twice the product, as above from zeros.
+            let nans = Tensor::full(f32::NAN, (m + 3, n), &Device::Cpu)?.to_dtype(acc_dtype)?.to_device(&device)?;
+            let acc = nans.narrow(0, 1, m)?;
+            write_transposed_product(&acc, &lhs, &rhs)?;
+            let once = product.to_dtype(acc_dtype)?;
+            let got = f64(&acc.to_device(&Device::Cpu)?)?;
+            let diff = (&got - f64(&once)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff <= 1e-5, "{dtype:?} written into {acc_dtype:?} NaNs: max |diff| {diff:e}");
+            add_transposed_product(&acc, &lhs, &rhs)?;
+            let want = (f64(&once)? + &product)?.to_dtype(acc_dtype)?;
+            let got = f64(&acc.to_device(&Device::Cpu)?)?;
+            let diff = (got - f64(&want)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff <= 1e-5, "{dtype:?} written then added into {acc_dtype:?}: max |diff| {diff:e}");
+            let outside = nans.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            for row in [0, m + 1, m + 2] {
+                let values = outside.get(row)?.to_vec1::<f32>()?;
+                assert!(values.iter().all(|v| v.is_nan()), "{dtype:?}: row {row} around acc written");
+            }
+            // An empty product (k = 0) overwrites with zeros.
+            write_transposed_product(&acc, &lhs.narrow(0, 0, 0)?, &rhs.narrow(0, 0, 0)?)?;
+            let zeros = acc.to_dtype(DType::F64)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_eq!(zeros, 0.0, "{dtype:?}: the empty product's zeros");
         }
         Ok(())
     }

@@ -116,13 +116,14 @@ pub(super) struct GradientSums {
 }
 
 impl GradientSums {
-    /// Zeros for the [`Wanted`] gradients, the weight's summed in `weight_sum`
-    /// (see [`ProductSum::new`]).
+    /// Sums for the [`Wanted`] gradients: zeros, but the weight's, summed in
+    /// `weight_sum`, which a CUDA call leaves unwritten until its first
+    /// product (see [`ProductSum::fresh`]).
     pub(super) fn new(rows: &Tensor, projection: &Projection, wanted: Wanted, weight_sum: DType) -> Result<Self> {
         let weight = &projection.weight;
         Ok(Self {
             rows: wanted.rows.then(|| faulted_zeros(rows.shape(), rows.dtype(), rows.device())).transpose()?,
-            weight: wanted.weight.then(|| ProductSum::new(weight, weight_sum)).transpose()?,
+            weight: wanted.weight.then(|| ProductSum::fresh(weight, weight_sum)).transpose()?,
             bias: (wanted.bias && projection.bias.is_some()).then(Sum::default),
             acc: compute_dtype(weight.dtype()),
             vocab: weight.dim(0)?,
@@ -317,6 +318,12 @@ pub(super) struct ProductSum {
     pub(super) acc: Tensor,
     /// `acc` is `[H, V]`, the gradient transposed (the CPU).
     pub(super) transposed: bool,
+    /// `acc` holds nothing yet and is uninitialised: a call's fresh sum on
+    /// CUDA ([`ProductSum::fresh`]), whose first product overwrites it
+    /// (cuBLAS with `beta = 0`: no zeros written, none read). Only
+    /// [`add`](Self::add) and [`into_gradient`](Self::into_gradient) take such
+    /// a sum; the other readers refuse it.
+    unwritten: bool,
 }
 
 impl ProductSum {
@@ -324,13 +331,45 @@ impl ProductSum {
     /// dtype (f32, f64 for f64), or the weight's own (a `low_memory` loss,
     /// whose sum is the gradient handed out, rounded once per chunk).
     pub(super) fn new(weight: &Tensor, dtype: DType) -> Result<Self> {
+        let (shape, transposed) = Self::shape(weight, dtype)?;
+        Ok(Self { acc: faulted_zeros(shape, dtype, weight.device())?, transposed, unwritten: false })
+    }
+
+    /// A sum for one call's chunks, as [`new`](Self::new) but, on CUDA where
+    /// cuBLAS forms the products (f32, bf16, f16 weights), uninitialised:
+    /// the first chunk's product is written over it, the 2 or 4 `V·H` bytes of
+    /// zeros neither written nor read.
+    pub(super) fn fresh(weight: &Tensor, dtype: DType) -> Result<Self> {
+        let cublas = weight.device().is_cuda() && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        if !cfg!(feature = "cuda") || !cublas {
+            return Self::new(weight, dtype);
+        }
+        let (shape, transposed) = Self::shape(weight, dtype)?;
+        // SAFETY: nothing reads `acc` before a product has written every
+        // element: `add` overwrites it with the first chunk's product (cuBLAS
+        // with `beta = 0` reads no element of it), `into_gradient` zeroes it if
+        // no chunk ran, and every other reader refuses an unwritten sum.
+        let acc = unsafe { Tensor::empty(shape, dtype, weight.device())? };
+        Ok(Self { acc, transposed, unwritten: true })
+    }
+
+    /// The sum's shape (`[V, H]`, or `[H, V]` on the CPU) and whether that is
+    /// transposed, after checking `dtype` against `weight`'s.
+    fn shape(weight: &Tensor, dtype: DType) -> Result<((usize, usize), bool)> {
         if dtype != compute_dtype(weight.dtype()) && dtype != weight.dtype() {
             bail!("linear cross-entropy: a {:?} weight's gradient is not summed in {dtype:?}", weight.dtype())
         }
         let transposed = weight.device().is_cpu();
         let (vocab, width) = weight.dims2()?;
-        let shape = if transposed { (width, vocab) } else { (vocab, width) };
-        Ok(Self { acc: faulted_zeros(shape, dtype, weight.device())?, transposed })
+        Ok((if transposed { (width, vocab) } else { (vocab, width) }, transposed))
+    }
+
+    /// Fails on a sum no product has written yet (see `unwritten`).
+    fn written(&self) -> Result<&Self> {
+        if self.unwritten {
+            bail!("linear cross-entropy: a weight-gradient sum was read before any product was added")
+        }
+        Ok(self)
     }
 
     pub(super) fn dtype(&self) -> DType {
@@ -342,8 +381,14 @@ impl ProductSum {
         #[cfg(feature = "cuda")]
         if self.acc.device().is_cuda() && matches!(lhs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
             // The chunk's gradient and rows are contiguous already (no copy).
-            return crate::cuda_gemm::add_transposed_product(&self.acc, &lhs.contiguous()?, &rhs.contiguous()?);
+            let (lhs, rhs) = (lhs.contiguous()?, rhs.contiguous()?);
+            let first = std::mem::replace(&mut self.unwritten, false);
+            return match first {
+                true => crate::cuda_gemm::write_transposed_product(&self.acc, &lhs, &rhs),
+                false => crate::cuda_gemm::add_transposed_product(&self.acc, &lhs, &rhs),
+            };
         }
+        self.written()?;
         // The products in the compute dtype; a 16-bit sum rounds each chunk's
         // (`gemm::add_matmul_tn_rounded`).
         let compute = compute_dtype(self.dtype());
@@ -357,14 +402,18 @@ impl ProductSum {
         }
     }
 
-    /// The summed gradient, `[V, H]` (a transposed view on the CPU).
-    pub(super) fn into_gradient(self) -> Result<Tensor> {
+    /// The summed gradient, `[V, H]` (a transposed view on the CPU); zeros
+    /// if no product was added.
+    pub(super) fn into_gradient(mut self) -> Result<Tensor> {
+        if std::mem::replace(&mut self.unwritten, false) {
+            self.acc.zero_set()?;
+        }
         self.gradient()
     }
 
     /// The summed gradient, `[V, H]`, as a view of the sum (transposed on the CPU).
     pub(super) fn gradient(&self) -> Result<Tensor> {
-        if self.transposed {
+        if self.written()?.transposed {
             self.acc.t()
         } else {
             Ok(self.acc.clone())
@@ -383,11 +432,12 @@ impl ProductSum {
 
     /// Multiplies the sum by `factor` in place.
     pub(super) fn scale(&self, factor: f64) -> Result<()> {
-        self.acc.inplace_op1(&ScaleInPlace(factor))
+        self.written()?.acc.inplace_op1(&ScaleInPlace(factor))
     }
 
     /// Adds a dense `[V, H]` gradient (any float dtype).
     pub(super) fn add_dense(&mut self, gradient: &Tensor) -> Result<()> {
+        self.written()?;
         let gradient = if self.transposed { gradient.t()? } else { gradient.clone() };
         self.acc = (&self.acc + gradient.to_dtype(self.dtype())?)?;
         Ok(())
