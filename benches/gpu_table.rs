@@ -10,8 +10,9 @@
 //! `--retain-freed` keeps freed memory in CUDA's pool: the allocation lead of
 //! issue 21, timed against the default in the same call; `--row-threads`
 //! launches blocks of T threads where a block shares a row, instead of
-//! `kernel_abi::MAX_ROW_BLOCK`); `gpu_table --linear [NxHxV] [--reps R]`
-//! (default 8192x4096x128256, bf16) times `LinearCrossEntropy` instead, against
+//! `kernel_abi::MAX_ROW_BLOCK`); `gpu_table --linear [NxHxV] [--reps R]
+//! [--only TEXT]` (default 8192x4096x128256, bf16; `--only`: the rows whose
+//! name contains TEXT) times `LinearCrossEntropy` instead, against
 //! issue 5's memory target (the bf16 weight gradient plus 1 GiB); PyTorch's
 //! figures for it come from `scripts/torch_linear_ce_bench.py`.
 
@@ -181,7 +182,7 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 /// `loss_and_grads` (automatic and 2048-row chunks; the gradients handed over), and `accumulate_grads` into an f32 accumulator made beforehand;
 /// then autograd and `loss_and_grads` with `low_memory` (the weight's gradient
 /// summed in bf16, smaller chunks), against Liger's peak.
-fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: &Device) {
+fn linear_table(n: usize, h: usize, v: usize, reps: usize, only: Option<&str>, pool: &Pool, device: &Device) {
     let dtype = DType::BF16;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), device).unwrap().to_dtype(dtype).unwrap();
     let weight = Tensor::randn(0f32, 0.02, (v, h), device).unwrap().to_dtype(dtype).unwrap();
@@ -205,6 +206,9 @@ fn linear_table(n: usize, h: usize, v: usize, reps: usize, pool: &Pool, device: 
         ("ours loss_and_grads, low_memory", None, true, Path::LossAndGrads),
     ];
     for (name, chunk_len, low_memory, path) in paths {
+        if only.is_some_and(|only| !name.contains(only)) {
+            continue;
+        }
         let ce = LinearCrossEntropy::default().chunk_len(chunk_len).low_memory(low_memory);
         let cell = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let (mut times, mut peak) = (Vec::new(), 0);
@@ -254,7 +258,8 @@ fn main() {
             candle_chunked_ce::retain_freed_memory(&device).expect("the pool's release threshold");
             println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
         }
-        linear_table(dims[0], dims[1], dims[2], reps.min(10), &Pool::new(), &device);
+        let only = args.iter().position(|a| a == "--only").map(|i| args[i + 1].as_str());
+        linear_table(dims[0], dims[1], dims[2], reps.min(10), only, &Pool::new(), &device);
         return;
     }
     let mut shapes: Vec<(usize, usize)> =

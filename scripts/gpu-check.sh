@@ -8,7 +8,7 @@
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
-# and its DRAM bytes of the f32 backward entries.
+# and over the linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
 # On an H200 (2026-12-04) the whole check took 300 s.
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
@@ -214,6 +214,18 @@ if [ -n "$ncu" ]; then
   ncu_log=$step_log
 fi
 
+# --- f2b. where the linear loss's time goes (issue 21 item 3): every kernel of loss_and_grads at
+# 8192 x 4096 x 128256 bf16 (the automatic plan: one chunk), warm-up calls included, by ncu.
+ncu_linear_log=""
+if [ -n "$ncu" ]; then
+  ncu_linear_csv=$logs/ncu-linear.csv
+  run_step ncu-linear 60 "$ncu" --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+    --log-file "$ncu_linear_csv" "$bin/gpu_table" --linear 8192x4096x128256 --retain-freed --reps 1 \
+    --only "loss_and_grads (automatic"
+  run_step ncu-linear-summary 20 "$py" scripts/ncu_summary.py "$ncu_linear_csv" --top 20
+  ncu_linear_log=$step_log
+fi
+
 # --- f3. the f32 out-of-place backward: 7-8 ms where in place takes 2.5 and bf16 out of place 1.3,
 # freed memory retained (issue 21, not understood). DRAM bytes and time of one launch of each f32
 # backward entry at 8192 x 128256 (4.2 GB each way): reads beyond the logits would be the writes'
@@ -271,6 +283,9 @@ summary=$out_dir/summary.md
   echo
   echo "## ncu: the kernels of two GPT-2 124M training steps (${ncu:-ncu not found})"
   if [ -n "$ncu_log" ]; then grep -E '^\||^kernel time|^no ' "$ncu_log" | head -45; else echo "not run"; fi
+  echo
+  echo "## ncu: the kernels of loss_and_grads at 8192 x 4096 x 128256 bf16, 4 calls (${ncu:-ncu not found})"
+  if [ -n "$ncu_linear_log" ]; then grep -E '^\||^kernel time|^no ' "$ncu_linear_log" | head -25; else echo "not run"; fi
   echo
   echo "## ncu: the f32 backward entries at 8192 x 128256, one launch each (metric, bytes or ns)"
   for log in "${ncu_bwd_logs[@]}"; do
