@@ -4,7 +4,7 @@
 #   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 480
 # In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
 # compute-sanitizer (memcheck over a few small CUDA tests, the gradient formed in forward among
-# them; racecheck over one), the example
+# them; racecheck over one; initcheck over the linear loss's cuBLAS sums), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
@@ -13,12 +13,12 @@
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
-# Output, in $OUT (gpu-out/ when unset), at most 5 files:
+# Output, in $OUT (gpu-out/ when unset), at most 6 files:
 #   summary.md        one line per test binary, the sanitizers' verdicts, the benchmarks' table
 #                     rows, the example's last lines, the wall time (printed to stdout at the end)
 #   gpu-check.log     summary.md, then every step's full output (appended as each step ends, so
 #                     a run cut short still brings back what it did)
-#   compute-sanitizer-{memcheck,racecheck}-BINARY.log   the sanitizers' own reports
+#   compute-sanitizer-{memcheck,racecheck,initcheck}-BINARY.log   the sanitizers' own reports
 # Exit status: 1 if a test failed, crashed or timed out, or a sanitizer found errors; else 0.
 set -u
 t_start=$(date +%s)
@@ -30,6 +30,9 @@ TEST_CAP_S=${TEST_CAP_S:-90}
 MEMCHECK_FILTERS=${MEMCHECK_FILTERS:-literal_values::cuda odd_sizes::cuda nothing_to_learn_is_exactly_zero::cuda inplace_grad_reuses_logits::cuda}
 MEMCHECK_GRAD_FILTERS=${MEMCHECK_GRAD_FILTERS:-where_the_gradient_lives::cuda}
 RACECHECK_FILTERS=${RACECHECK_FILTERS:-literal_values::cuda}
+# The linear loss's weight-gradient sum starts uninitialised on CUDA (cuBLAS writes the first
+# chunk's product over it, beta = 0): initcheck says whether anything reads it before.
+INITCHECK_FILTERS=${INITCHECK_FILTERS:-odd_sizes}
 SANITIZER_CAP_S=${SANITIZER_CAP_S:-60}
 venv=${TORCH_VENV:-/opt/torch/.venv}
 py=$venv/bin/python
@@ -139,7 +142,7 @@ sanitizer_md=$logs/sanitizer.md
 : >"$sanitizer_md"
 # TOOL|BINARY|FILTERS (the filters several words); each run has its report.
 for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHECK_GRAD_FILTERS" \
-  "racecheck|parity|$RACECHECK_FILTERS"; do
+  "racecheck|parity|$RACECHECK_FILTERS" "initcheck|cuda_gemm|$INITCHECK_FILTERS"; do
   IFS="|" read -r tool binary filters <<<"$run"
   if [ -z "$sanitizer" ]; then
     echo "- $tool: not run, compute-sanitizer not on PATH, in \$CUDA_HOME/bin, /usr/local/cuda/bin or $venv" >>"$sanitizer_md"

@@ -104,7 +104,7 @@ fn only_the_weight_sum_changes(device: &Device) -> anyhow::Result<()> {
 }
 
 /// Without a `chunk_len`, a chunk holds about `N * H / V` valid rows rounded
-/// down to a multiple of 64 (the default's chunks are at least 1024 rows):
+/// down to a multiple of 64 (the default's are at least 1024 rows, 2048 on CUDA):
 /// 1000 rows, H = 64, V = 256 make chunks of 192 rows, 6 of them.
 fn automatic_chunks_are_smaller(device: &Device) -> anyhow::Result<()> {
     let mut rng = Rng::new(51);

@@ -105,7 +105,7 @@ pub(super) fn plan_chunks(
     } else {
         hidden_sized.max(if cuda { MIN_AUTO_CHUNK_CUDA } else { MIN_AUTO_CHUNK })
     };
-    let chunk_len = chunk_len.unwrap_or(auto.min(valid.max(1)));
+    let chunk_len = chunk_len.unwrap_or(auto.min(valid).max(1));
     let one_chunk = chunk_len >= valid;
     let weight_sum =
         if low_memory || (fresh && weight == DType::BF16 && one_chunk) { weight } else { compute_dtype(weight) };
@@ -262,7 +262,7 @@ mod tests {
         use WeightGrad::{Accumulated, Fresh, Unwanted};
         // ((valid, H, V), weight dtype, weight gradient, cuda, low_memory, chunk_len) -> (rows, summed in)
         type Case = ((usize, usize, usize), DType, WeightGrad, bool, bool, Option<usize>);
-        let cases: [(Case, (usize, DType)); 23] = [
+        let cases: [(Case, (usize, DType)); 26] = [
             // The CPU: about N * H / V rows, at least 1024; f32 sums, but for
             // one chunk of bf16.
             (((8192, 4096, 128_256), BF16, Fresh, false, false, None), (1024, F32)),
@@ -271,6 +271,10 @@ mod tests {
             (((1000, 64, 256), F16, Fresh, false, false, None), (1000, F32)),
             (((1000, 64, 256), BF16, Accumulated, false, false, None), (1000, F32)),
             (((0, 16, 100), F32, Fresh, false, false, None), (1, F32)),
+            // No valid row on CUDA: still one row (a chunk of 0 would never end).
+            (((0, 16, 100), BF16, Fresh, true, false, None), (1, BF16)),
+            (((0, 16, 100), F16, Fresh, true, false, None), (1, F32)),
+            (((0, 16, 100), BF16, Fresh, true, true, None), (1, BF16)),
             // CUDA, bf16 handed out, N <= 2H: one chunk, summed in bf16.
             (((8192, 4096, 128_256), BF16, Fresh, true, false, None), (8192, BF16)),
             (((64, 32, 500), BF16, Fresh, true, false, None), (64, BF16)),
