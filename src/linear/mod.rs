@@ -20,6 +20,7 @@
 
 mod chunks;
 mod direct;
+mod plan;
 mod products;
 mod rows;
 
@@ -29,17 +30,12 @@ pub use direct::{LinearGradAccumulator, LinearGrads, MicroBatchGrads};
 #[cfg(feature = "testing")]
 pub use products::{linear_products, LinearProducts};
 
-use crate::call::{
-    checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
-    TokenCall,
-};
-use crate::config::{Engine, OpConfig};
-use crate::op::{self, RowWeights, StatsNode};
-use crate::primitive;
-use candle::{bail, DType, Result, Tensor};
-use chunks::{ChunkPass, ChunkPlan, LinearBackward, Precomputed, WeightGrad};
+use crate::call::{ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings, TokenCall};
+use crate::op::{self, StatsNode};
+use candle::{Result, Tensor};
+use chunks::{ChunkPass, LinearBackward, Precomputed, WeightGrad};
+use plan::{ChunkedCall, Plan};
 use products::{GradientSums, Projection};
-use rows::RowSelection;
 use std::sync::Mutex;
 
 /// Cross-entropy of the logits `hidden @ weight^T (+ bias)`, never holding them
@@ -337,147 +333,6 @@ impl LinearCrossEntropy {
         };
         Ok(LossCall::Tokens(TokenCall { node, labels, labels_shape, vocab, weights }))
     }
-
-    /// Validates the inputs and settles what the call computes (see [`Plan`]),
-    /// the weight's gradient going where `weight_grad` says.
-    #[allow(clippy::too_many_arguments)]
-    fn plan(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        labels: &Tensor,
-        mask: Option<&Tensor>,
-        loss_weights: Option<&Tensor>,
-        num_label_tokens: Option<usize>,
-        weight_grad: WeightGrad,
-    ) -> Result<Plan> {
-        let labels_shape = labels.shape().clone();
-        let ignore_index = self.settings.ignore_index;
-        self.settings.check_num_label_tokens(num_label_tokens)?;
-        if self.chunk_len == Some(0) {
-            bail!("linear cross-entropy: chunk_len must be at least 1, got 0")
-        }
-        if self.low_memory && weight.dtype() == DType::F16 {
-            bail!(
-                "linear cross-entropy: low_memory sums the weight's gradient in the weight's dtype, and f16's \
-                 range (65504) cannot hold those sums safely: use bf16 or f32 weights, or low_memory(false)"
-            )
-        }
-        let hidden = checked_logits(hidden)?;
-        let vocab = checked_projection(&hidden, weight, bias)?;
-        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
-        let width = hidden.dim(candle::D::Minus1)?;
-        let rows = hidden.reshape(((), width))?;
-        let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
-        let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.settings.op_config(hidden.device())? };
-        let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
-        if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
-            return Ok(Plan::Empty(call));
-        }
-        // The call's one intended device->host read (a sync on CUDA): the labels, once, to
-        // check them before any product runs (candle's `gather` on the recorded path does not
-        // check its indices on every device) and to count the valid ones, which the
-        // precomputed gradients' scale needs on the host. Everything after it only queues
-        // work on the device (scalar operands are host->device copies, and `Tensor::full` is
-        // a fill kernel): `labels_checked` below tells the fused CUDA forward not to read its
-        // bad-label flag back after every chunk.
-        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
-        if cfg.engine == Engine::Autograd {
-            let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
-            let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
-            return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
-        }
-        let valid = row_labels.iter().flatten().count();
-        let ChunkPlan { chunk_len, weight_sum } = chunks::plan_chunks(
-            (valid, width, vocab),
-            weight.dtype(),
-            weight_grad,
-            hidden.device().is_cuda(),
-            self.low_memory,
-            self.chunk_len,
-        );
-        // Each chunk's logits are a temporary: its gradient always overwrites it.
-        let cfg = OpConfig { chunk_len, inplace_grad: true, labels_checked: true, ..cfg };
-        let row_weights = weights.row_weights()?;
-        let denominator = match row_weights {
-            None => valid as f64,
-            // A weighted mean's denominator: one more device->host read.
-            Some(_) => weights.host_denominator(&labels, ignore_index)?,
-        };
-        let selection = RowSelection::of(&row_labels, hidden.device())?;
-        Ok(Plan::Chunks(ChunkedCall {
-            rows,
-            labels,
-            labels_shape,
-            vocab,
-            weights,
-            cfg,
-            row_weights,
-            denominator,
-            selection,
-            weight_sum,
-        }))
-    }
-}
-
-/// What a linear-loss call computes, once its inputs are validated.
-enum Plan {
-    /// No token: nothing (see `EmptyCall`).
-    Empty(LossCall),
-    /// A device the kernels do not cover: the whole logits, recorded op by op
-    /// for candle's autograd.
-    Recorded(TokenCall),
-    /// The chunk pass over the valid rows.
-    Chunks(ChunkedCall),
-}
-
-/// A call for the chunk pass: its `[N, H]` rows (as given: the node attaches
-/// to them), the checked `[N]` labels and their shape, `V`, the weights, the
-/// engines' settings (`chunk_len` settled), the rows' weights and a `Mean`'s
-/// denominator on the host, and the valid rows the products run on.
-struct ChunkedCall {
-    rows: Tensor,
-    labels: Tensor,
-    labels_shape: candle::Shape,
-    vocab: usize,
-    weights: CallWeights,
-    cfg: OpConfig,
-    row_weights: Option<RowWeights>,
-    denominator: f64,
-    selection: RowSelection,
-    /// The dtype the weight's gradient is summed in (see [`LinearCrossEntropy::low_memory`]).
-    weight_sum: DType,
-}
-
-/// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against
-/// `hidden`'s dtype and device, and returns `V`.
-fn checked_projection(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<usize> {
-    let width = hidden.dim(candle::D::Minus1)?;
-    let vocab = match weight.dims() {
-        [v, h] if *h == width => *v,
-        _ => bail!(
-            "linear cross-entropy: weight {:?} must be [V, {width}] for hidden {:?}",
-            weight.shape(),
-            hidden.shape()
-        ),
-    };
-    for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
-        let Some(t) = t else { continue };
-        if t.dtype() != hidden.dtype() || !t.device().same_device(hidden.device()) {
-            bail!(
-                "linear cross-entropy: {name} ({:?}) and hidden ({:?}) must share dtype and device",
-                t.dtype(),
-                hidden.dtype()
-            )
-        }
-    }
-    if let Some(bias) = bias {
-        if bias.dims() != [vocab] {
-            bail!("linear cross-entropy: bias {:?} must be [{vocab}] for weight {:?}", bias.shape(), weight.shape())
-        }
-    }
-    Ok(vocab)
 }
 
 /// Which of the node's inputs want a gradient, from candle's `track_op`: a
