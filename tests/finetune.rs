@@ -1,6 +1,7 @@
 //! The `finetune_gpt2` example's model and training step, on a tiny GPT-2:
 //! the loss decreases, every parameter gets a gradient, and gradient
-//! accumulation over micro-batches equals one big batch.
+//! accumulation over micro-batches equals one big batch; its step split puts
+//! each phase's time where it belongs.
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 #[allow(dead_code)]
@@ -23,6 +24,9 @@ mod rng;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 #[allow(dead_code)]
 mod softmax;
+#[path = "../examples/finetune_gpt2/split.rs"]
+#[allow(dead_code)]
+mod split;
 #[path = "../examples/finetune_gpt2/storage.rs"]
 #[allow(dead_code)]
 mod storage;
@@ -295,5 +299,45 @@ fn jsonl_records_end_with_end_of_text() -> anyhow::Result<()> {
     assert_eq!(message, "t.jsonl line 3: no string \"prompt\"");
     let message = checkpoint::message(&Dataset::from_jsonl("{", "t.jsonl", bytes, 0).expect_err("not JSON"));
     assert!(message.starts_with("t.jsonl line 1: not JSON"), "{message}");
+    Ok(())
+}
+
+/// The step split (`split.rs`) on the CPU's clock: each phase's time goes to
+/// that phase, whatever the order its marks come in, and every step counts.
+/// Phases that sleep a known time (lower bounds only: a busy machine can make
+/// a sleep longer, never shorter).
+#[test]
+fn step_split_attributes_each_phase() -> anyhow::Result<()> {
+    use gpt2::Phase;
+    use std::time::Duration;
+    let device = Device::Cpu;
+    let mut split = split::Split::default();
+    let sleep = |ms: u64| std::thread::sleep(Duration::from_millis(ms));
+    for _ in 0..3 {
+        split.start(&device)?;
+        sleep(40);
+        split.lap(&device, Phase::Forward)?;
+        sleep(5);
+        split.lap(&device, Phase::Loss)?;
+        sleep(20);
+        split.lap(&device, Phase::Backward)?;
+        sleep(10);
+        split.optimizer(&device)?;
+        sleep(60); // between steps: no phase's
+    }
+    let ([forward, loss, backward, optimizer], steps) = split.totals(&device)?;
+    assert_eq!(steps, 3);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (forward, loss, backward, optimizer) = (ms(forward), ms(loss), ms(backward), ms(optimizer));
+    assert!(
+        forward >= 120.0 && loss >= 15.0 && backward >= 60.0 && optimizer >= 30.0,
+        "{forward} {loss} {backward} {optimizer}"
+    );
+    // The time between steps went nowhere: the four phases are the steps' own
+    // time (the 225 ms they slept and what the 12 sleeps overran, well under
+    // the 180 ms slept between steps).
+    assert!(forward + loss + backward + optimizer < 225.0 + 180.0, "{forward} {loss} {backward} {optimizer}");
+    let line = split.summary(&device, true, 100)?;
+    assert!(line.starts_with("step split (mean ms per step): forward "), "{line}");
     Ok(())
 }

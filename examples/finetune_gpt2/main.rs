@@ -17,6 +17,7 @@ mod gpt2;
 mod layer_norm;
 mod rng;
 mod softmax;
+mod split;
 mod storage;
 mod train;
 
@@ -29,9 +30,10 @@ use clap::Parser;
 use cli::{Args, DeviceKind};
 use gpt2::{Config, Gpt2};
 use rng::Rng;
+use split::Split;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use train::Dataset;
 
 /// Text this repository contains: the default training data.
@@ -357,7 +359,7 @@ fn run(args: Args) -> Result<()> {
         seconds,
         peak_rss().map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
     );
-    println!("{}", split.summary(args.steps, keep_activations, args.accum * args.batch * args.seq));
+    println!("{}", split.summary(&device, keep_activations, args.accum * args.batch * args.seq)?);
     for prompt in ["The loss", "fn forward", "cross-entropy"] {
         println!("sample: {:?}", sample(&model, &bpe, prompt, 24, &mut rng)?);
     }
@@ -370,78 +372,4 @@ fn run(args: Args) -> Result<()> {
         println!("plotted {}", path.display());
     }
     Ok(())
-}
-
-/// Where the training steps' time goes, phase by phase, each read between
-/// device synchronisations (which the timing adds: on a GPU the phases no
-/// longer overlap the host's work of the next).
-#[derive(Default)]
-struct Split {
-    forward: Duration,
-    loss: Duration,
-    backward: Duration,
-    optimizer: Duration,
-    last: Option<Instant>,
-    /// Each step's four phases together.
-    steps: Vec<Duration>,
-    started: Option<Instant>,
-}
-
-impl Split {
-    /// A step starts (its batches are made).
-    fn start(&mut self, device: &Device) -> candle::Result<()> {
-        device.synchronize()?;
-        self.last = Some(Instant::now());
-        self.started = self.last;
-        Ok(())
-    }
-
-    /// A phase of the model and the loss ends.
-    fn lap(&mut self, device: &Device, phase: gpt2::Phase) -> candle::Result<()> {
-        let elapsed = self.elapsed(device)?;
-        *match phase {
-            gpt2::Phase::Forward => &mut self.forward,
-            gpt2::Phase::Loss => &mut self.loss,
-            gpt2::Phase::Backward => &mut self.backward,
-        } += elapsed;
-        Ok(())
-    }
-
-    /// The clipping and the optimizer's step end.
-    fn optimizer(&mut self, device: &Device) -> candle::Result<()> {
-        let elapsed = self.elapsed(device)?;
-        self.optimizer += elapsed;
-        if let (Some(started), Some(last)) = (self.started, self.last) {
-            self.steps.push(last - started);
-        }
-        Ok(())
-    }
-
-    fn elapsed(&mut self, device: &Device) -> candle::Result<Duration> {
-        device.synchronize()?;
-        let now = Instant::now();
-        let elapsed = self.last.map_or(Duration::ZERO, |last| now - last);
-        self.last = Some(now);
-        Ok(elapsed)
-    }
-
-    /// One line: the mean milliseconds of each phase per step, and the
-    /// training steps' own tokens/s after the first step (which warms up;
-    /// validation and batch making left out), `tokens` a step.
-    fn summary(&self, steps: usize, keep_activations: bool, tokens: usize) -> String {
-        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
-        let backward = if keep_activations { "backward" } else { "backward (recomputing each block)" };
-        let later: Duration = self.steps.iter().skip(1).sum();
-        let steady = match self.steps.len() {
-            0 | 1 => "-".to_string(),
-            n => format!("{:.0}", (tokens * (n - 1)) as f64 / later.as_secs_f64()),
-        };
-        format!(
-            "step split (mean ms per step): forward {:.1}, loss {:.1}, {backward} {:.1}, optimizer {:.1}; training steps after the first: {steady} tokens/s",
-            per_step(self.forward),
-            per_step(self.loss),
-            per_step(self.backward),
-            per_step(self.optimizer)
-        )
-    }
 }
