@@ -89,9 +89,9 @@ fn accumulation_equals_one_big_batch() -> anyhow::Result<()> {
     let model = tiny_model(5)?;
     let mut rng = Rng::new(6);
     let (a, b) = (data().batch(&mut rng, 2, 12, &Device::Cpu)?, data().batch(&mut rng, 3, 12, &Device::Cpu)?);
-    assert_ne!(a.valid_tokens()? * 3, b.valid_tokens()? * 2, "the micro-batches should differ in valid tokens");
+    assert_ne!(a.valid_tokens() * 3, b.valid_tokens() * 2, "the micro-batches should differ in valid tokens");
     let cat = |f: fn(&Batch) -> &Tensor| Tensor::cat(&[f(&a), f(&b)], 0);
-    let big = Batch { inputs: cat(|x| &x.inputs)?, labels: cat(|x| &x.labels)?, mask: cat(|x| &x.mask)? };
+    let big = Batch::new(cat(|x| &x.inputs)?, cat(|x| &x.labels)?, cat(|x| &x.mask)?)?;
     let (loss_accum, grads_accum) = train::step_gradients(&model, &[a, b], LossKind::Chunked)?;
     let (loss_big, grads_big) = train::step_gradients(&model, &[big], LossKind::Chunked)?;
     assert!((loss_accum - loss_big).abs() <= 1e-5 * loss_big, "loss {loss_accum} vs {loss_big}");
@@ -339,5 +339,38 @@ fn step_split_attributes_each_phase() -> anyhow::Result<()> {
     assert!(forward + loss + backward + optimizer < 225.0 + 180.0, "{forward} {loss} {backward} {optimizer}");
     let line = split.summary(&device, true, 100)?;
     assert!(line.starts_with("step split (mean ms per step): forward "), "{line}");
+    Ok(())
+}
+
+/// Clipping on the device: every gradient times `max_norm / norm` (rounded
+/// once in f64, then to f32) when the global norm passes `max_norm`, and left
+/// exactly as it was when it does not; the norm returned is the gradients'
+/// L2 norm (here against one summed in f64 on the host).
+#[test]
+fn clip_grad_norm_scales_by_max_norm_over_norm() -> anyhow::Result<()> {
+    let model = tiny_model(11)?;
+    let batch = data().batch(&mut Rng::new(12), 4, 12, &Device::Cpu)?;
+    let (_, grads) = train::step_gradients(&model, &[batch], LossKind::Linear)?;
+    let host = |g: &Tensor| -> anyhow::Result<Vec<f32>> { Ok(g.flatten_all()?.to_vec1::<f32>()?) };
+    let mut squares = 0f64;
+    for (_, var) in model.named_vars() {
+        squares +=
+            host(grads.get(var.as_tensor()).expect("a gradient"))?.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>();
+    }
+    let want_norm = squares.sqrt();
+    for (max_norm, clips) in [(want_norm / 3.0, true), (want_norm * 2.0, false)] {
+        let mut clipped = candle::backprop::GradStore::default();
+        for (_, var) in model.named_vars() {
+            clipped.insert(var.as_tensor(), grads.get(var.as_tensor()).expect("a gradient").clone());
+        }
+        let norm = train::clip_grad_norm(&model, &mut clipped, max_norm)?.to_scalar::<f64>()?;
+        assert!((norm - want_norm).abs() <= 1e-6 * want_norm, "norm {norm} vs {want_norm}");
+        let factor = if clips { (max_norm / norm) as f32 } else { 1.0 };
+        for (name, var) in model.named_vars() {
+            let (before, after) = (grads.get(var.as_tensor()).unwrap(), clipped.get(var.as_tensor()).unwrap());
+            let want: Vec<f32> = host(before)?.iter().map(|&x| x * factor).collect();
+            assert_eq!(host(after)?, want, "{name}, max_norm {max_norm}: clipped gradient");
+        }
+    }
     Ok(())
 }

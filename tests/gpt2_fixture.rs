@@ -63,11 +63,11 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> candle::Result<f64> {
 }
 
 fn batch(expected: &HashMap<String, Tensor>) -> candle::Result<Batch> {
-    Ok(Batch {
-        inputs: expected["inputs"].to_dtype(DType::U32)?,
-        labels: expected["labels"].to_dtype(DType::U32)?,
-        mask: expected["mask"].clone(),
-    })
+    Batch::new(
+        expected["inputs"].to_dtype(DType::U32)?,
+        expected["labels"].to_dtype(DType::U32)?,
+        expected["mask"].clone(),
+    )
 }
 
 #[test]

@@ -319,18 +319,21 @@ fn run(args: Args) -> Result<()> {
             .collect::<candle::Result<_>>()?;
         split.start(&device)?;
         let mut lap = |phase| split.lap(&device, phase);
-        let (loss, mut grads) = train::step_gradients_timed(&model, &batches, args.loss, keep_activations, &mut lap)?;
+        let (step_loss, mut grads) =
+            train::step_gradients_timed(&model, &batches, args.loss, keep_activations, &mut lap)?;
         if step == 0 {
             let missing = train::missing_gradients(&model, &grads);
             if !missing.is_empty() {
                 bail!("these parameters received no gradient: {missing:?}")
             }
-            first_loss = Some(loss);
         }
         train::clip_grad_norm(&model, &mut grads, args.clip)?;
         opt.step(&grads, train::learning_rate(step, args.steps, args.warmup, lr))?;
         drop(grads); // not held through validation
         split.optimizer(&device)?;
+        // The step's one read from the device, once all of it is queued.
+        let loss = step_loss.to_scalar::<f32>()?;
+        first_loss.get_or_insert(loss);
         trained_tokens += batches.len() * args.batch * args.seq;
         train_curve.push((step + 1, loss));
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {

@@ -92,10 +92,14 @@ impl Dataset {
                 mask.push(if y < tokens.len() { keep[y] } else { 0 });
             }
         }
+        // Counted here, on the host: a count read back from the device would wait for
+        // everything queued before it (the previous step's optimizer, on a GPU).
+        let valid = mask.iter().filter(|&&keep| keep != 0).count();
         Ok(Batch {
             inputs: Tensor::from_vec(inputs, (batch, seq), device)?,
             labels: Tensor::from_vec(labels, (batch, seq), device)?,
             mask: Tensor::from_vec(mask, (batch, seq), device)?,
+            valid,
         })
     }
 }
@@ -106,12 +110,22 @@ pub struct Batch {
     pub inputs: Tensor,
     pub labels: Tensor,
     pub mask: Tensor,
+    /// The mask's non-zero elements.
+    valid: usize,
 }
 
 impl Batch {
+    /// A batch of these tensors; counts the mask's valid tokens (a read from
+    /// its device).
+    #[allow(dead_code)] // the tests' constructor; the example's batches come from `Dataset::batch`
+    pub fn new(inputs: Tensor, labels: Tensor, mask: Tensor) -> Result<Self> {
+        let valid = mask.ne(&mask.zeros_like()?)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        Ok(Self { inputs, labels, mask, valid })
+    }
+
     /// Tokens that count in the loss.
-    pub fn valid_tokens(&self) -> Result<usize> {
-        Ok(self.mask.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize)
+    pub fn valid_tokens(&self) -> usize {
+        self.valid
     }
 }
 
@@ -187,19 +201,23 @@ pub fn step_gradients_with(
     kind: LossKind,
     keep_activations: bool,
 ) -> Result<(f32, GradStore)> {
-    step_gradients_timed(model, batches, kind, keep_activations, &mut |_| Ok(()))
+    let (loss, grads) = step_gradients_timed(model, batches, kind, keep_activations, &mut |_| Ok(()))?;
+    Ok((loss.to_scalar::<f32>()?, grads))
 }
 
-/// [`step_gradients_with`], calling `lap` as each phase of each micro-batch ends.
+/// [`step_gradients_with`], calling `lap` as each phase of each micro-batch
+/// ends, with the loss left on the device (an f32 scalar): nothing here reads
+/// from the device (on a GPU a read waits for everything queued before it,
+/// and the host stops queueing ahead), but the linear loss's check of its labels.
 pub fn step_gradients_timed(
     model: &Gpt2,
     batches: &[Batch],
     kind: LossKind,
     keep_activations: bool,
     lap: &mut dyn FnMut(Phase) -> Result<()>,
-) -> Result<(f32, GradStore)> {
-    let num_label_tokens = batches.iter().map(Batch::valid_tokens).sum::<Result<usize>>()?;
-    let mut total = 0f32;
+) -> Result<(Tensor, GradStore)> {
+    let num_label_tokens = batches.iter().map(Batch::valid_tokens).sum::<usize>();
+    let mut total: Option<Tensor> = None;
     let mut sum = GradStore::default();
     // The linear loss takes its gradients directly: the output layer's accumulate
     // here, in f32, with no [V, C] zeros + add in candle's backward.
@@ -235,7 +253,11 @@ pub fn step_gradients_timed(
         } else {
             model.loss_and_gradients(&batch.inputs, top_loss, lap)?
         };
-        total += loss.to_scalar::<f32>()?;
+        let loss = loss.detach();
+        total = Some(match total {
+            None => loss,
+            Some(total) => (total + loss)?,
+        });
         for (_, var) in model.named_vars() {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 let g = g.detach();
@@ -257,6 +279,10 @@ pub fn step_gradients_timed(
         };
         sum.insert(head, merged);
     }
+    let total = match total {
+        Some(total) => total,
+        None => Tensor::zeros((), DType::F32, model.lm_head().device())?,
+    };
     Ok((total, sum))
 }
 
@@ -270,11 +296,12 @@ pub fn missing_gradients(model: &Gpt2, grads: &GradStore) -> Vec<String> {
         .collect()
 }
 
-/// Scales the gradients so that their global L2 norm is at most `max_norm`;
-/// returns the norm before clipping.
-pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-    // Summed on the device, in f64, in the parameters' order, and read once:
-    // a read per parameter would wait for the device 148 times (GPT-2).
+/// Scales the gradients so that their global L2 norm is at most `max_norm`
+/// (by `min(1, max_norm / norm)`, as PyTorch's `clip_grad_norm_`), all on
+/// the device: on a GPU nothing waits for it. Returns the norm before
+/// clipping, an f64 scalar on the device.
+pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<Tensor> {
+    // Summed in f64, in the parameters' order.
     let mut squares: Option<Tensor> = None;
     for (_, var) in model.named_vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
@@ -285,13 +312,16 @@ pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Res
             });
         }
     }
-    let norm = squares.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt();
-    if norm > max_norm {
-        for (_, var) in model.named_vars() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let clipped = (g * (max_norm / norm))?;
-                grads.insert(var.as_tensor(), clipped);
-            }
+    let Some(squares) = squares else { return Tensor::zeros((), DType::F64, model.lm_head().device()) };
+    let norm = squares.sqrt()?;
+    // max_norm / max(norm, max_norm): exactly 1 unless clipping, then
+    // max_norm / norm rounded once in f64, and to each gradient's dtype.
+    let ceiling = Tensor::full(max_norm, (), norm.device())?;
+    let factor = (&ceiling / norm.maximum(&ceiling)?)?;
+    for (_, var) in model.named_vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
+            grads.insert(var.as_tensor(), clipped);
         }
     }
     Ok(norm)
