@@ -267,10 +267,11 @@ impl Operands {
     }
 }
 
-/// `x *= alpha` in place on CUDA (`cublasSscal`/`cublasDscal` on the device's
-/// stream): scales the linear loss's f32 (f64) weight-gradient accumulator by
-/// the upstream gradient without a second `[V, H]` buffer. `x` must be a
-/// contiguous f32 or f64 range of `storage` (`layout`).
+/// `x *= alpha` in place on CUDA (`cublasSscal`/`cublasDscal`, or for bf16
+/// and f16 `cublasScalEx` in f32, each element rounded once, on the device's
+/// stream): scales the linear loss's gradient sums by the upstream gradient
+/// without a second `[V, H]` buffer. `x` must be a contiguous f32, f64, bf16
+/// or f16 range of `storage` (`layout`).
 ///
 /// # Errors
 /// Another dtype, a non-contiguous layout, and cuBLAS's own errors.
@@ -302,8 +303,46 @@ pub(crate) fn scale_in_place(storage: &mut CudaStorage, layout: &Layout, alpha: 
             // SAFETY: as for f32 above, with `len` f64.
             unsafe { sys::cublasDscal_v2_64(*blas.handle(), len, &alpha, x as *mut f64, 1) }.result().w()
         }
-        other => bail!("linear cross-entropy (cuda): only f32/f64 gradients are scaled in place, got {other:?}"),
+        DType::BF16 => scale_16bit::<bf16>(storage, (start, end), alpha, sys::cudaDataType_t::CUDA_R_16BF),
+        DType::F16 => scale_16bit::<f16>(storage, (start, end), alpha, sys::cudaDataType_t::CUDA_R_16F),
+        other => bail!("linear cross-entropy (cuda): only float gradients are scaled in place, got {other:?}"),
     }
+}
+
+/// `x *= alpha` over `storage`'s elements `range` of the 16-bit type `T`
+/// (`x_type`), by `cublasScalEx` in f32, each element rounded once.
+fn scale_16bit<T: CudaDType>(
+    storage: &mut CudaStorage,
+    (start, end): (usize, usize),
+    alpha: f64,
+    x_type: sys::cudaDataType_t,
+) -> Result<()> {
+    let device = storage.device().clone();
+    let stream = device.cuda_stream();
+    let blas = device.cublas_handle();
+    let mut x = storage.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+    let (x, _guard) = x.device_ptr_mut(&stream);
+    let alpha = alpha as f32;
+    // SAFETY: `blas` is candle's live handle for this device, bound to `stream`,
+    // in host pointer mode (cuBLAS reads `alpha`, an f32 as the f32 execution
+    // type wants, before returning); `x` points at `end - start` elements of
+    // `T`, the type `x_type` names (the callers match the storage's dtype), of
+    // this device's memory, borrowed mutably for the call (the guard orders it
+    // on `stream`).
+    unsafe {
+        sys::cublasScalEx_64(
+            *blas.handle(),
+            (end - start) as i64,
+            std::ptr::from_ref(&alpha).cast::<c_void>(),
+            sys::cudaDataType_t::CUDA_R_32F,
+            x as *mut c_void,
+            x_type,
+            1,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+    }
+    .result()
+    .w()
 }
 
 #[cfg(test)]

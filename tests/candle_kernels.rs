@@ -84,8 +84,9 @@ fn kernels_used(logits: DType, labels: DType) -> BTreeSet<String> {
         format!("cast_{c}_f64"),
     ]);
     // precomputed.rs, scaled: a 16-bit gradient scaled by a power of two in its own dtype
-    // (low_memory's sum, a bf16 weight's one-chunk sum, grad_in_forward's gradient);
-    // linear/products.rs, ProductSum::into_gradient: an unwritten bf16/f16 sum zeroed.
+    // (grad_in_forward's gradient);
+    // linear/products.rs, ProductSum::into_gradient: an unwritten bf16 sum (one chunk, or
+    // low_memory) zeroed.
     add(&[format!("affine_{t}"), format!("const_set_{t}")]);
     // primitive.rs (compile = false, and the autograd path): widen, max, shift, gather the
     // target, exponentials, logs, the confident branch's comparisons and `where`s, the

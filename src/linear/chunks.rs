@@ -43,6 +43,20 @@ pub(super) enum WeightGrad {
     Accumulated,
 }
 
+/// The device a call's chunks run on, as their plan sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ChunkDevice {
+    /// The CPU (or any device but CUDA).
+    Cpu,
+    /// CUDA, where a chunk's logits are its only `[chunk, V]` buffer: the
+    /// fused kernels, no bias.
+    CudaLean,
+    /// CUDA with more `[chunk, V]` temporaries a chunk: candle's primitive ops
+    /// (`compile(false)`), or a bias (its add, and its gradient's column sums
+    /// formed in f32).
+    Cuda,
+}
+
 /// A call's chunk length and the dtype its weight gradient is summed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ChunkPlan {
@@ -75,13 +89,16 @@ pub(super) struct ChunkPlan {
 /// On CUDA, a 16-bit weight's gradient handed out fresh costs 6 `V·H` bytes at
 /// the end of the call whatever the chunks (the f32 accumulator and the
 /// rounded gradient), and each chunk's product reads and writes the whole
-/// accumulator (2 x 4 `V·H` bytes: 4.2 GB a chunk at 8192 x 4096 x 128256). So
-/// the automatic chunks grow to what that peak already pays for:
+/// accumulator (2 x 4 `V·H` bytes: 4.2 GB a chunk at 8192 x 4096 x 128256).
+/// Where a chunk's logits are its only `[chunk, V]` buffer
+/// ([`ChunkDevice::CudaLean`]), the automatic chunks grow to what that peak
+/// already pays for:
 /// - bf16 with all rows' logits (2 `N·V` bytes) no larger than the accumulator
 ///   (`valid <= 2 * width`): one chunk, summed straight into bf16 (above; peak
 ///   2 `N·V` + 2 `V·H` bytes, no accumulator pass at all);
-/// - otherwise chunks of at least `width` rows (2 `chunk·V` <= 2 `V·H` bytes of
-///   logits beside the accumulator's 4).
+/// - otherwise `width` rows where that is more than the automatic chunk would
+///   be: their logits (2 `width·V` bytes) beside the accumulator's 4 `V·H`
+///   stay within that peak.
 ///
 /// On the CPU the products are bound by arithmetic, not by the accumulator's
 /// traffic, and the automatic chunks stay as they were.
@@ -89,13 +106,14 @@ pub(super) fn plan_chunks(
     (valid, width, vocab): (usize, usize, usize),
     weight: DType,
     weight_grad: WeightGrad,
-    cuda: bool,
+    device: ChunkDevice,
     low_memory: bool,
     chunk_len: Option<usize>,
 ) -> ChunkPlan {
     let hidden_sized = valid * width / vocab.max(1);
     let fresh = weight_grad == WeightGrad::Fresh;
-    let grow = cuda && fresh && matches!(weight, DType::BF16 | DType::F16);
+    let cuda = device != ChunkDevice::Cpu;
+    let grow = device == ChunkDevice::CudaLean && fresh && matches!(weight, DType::BF16 | DType::F16);
     let auto = if low_memory {
         (hidden_sized / LEAN_CHUNK_ROWS * LEAN_CHUNK_ROWS).max(LEAN_CHUNK_ROWS)
     } else if grow && weight == DType::BF16 && valid <= 2 * width {
@@ -252,58 +270,63 @@ pub fn recomputed_backwards() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{plan_chunks, ChunkPlan, WeightGrad};
+    use super::{plan_chunks, ChunkDevice, ChunkPlan, WeightGrad};
     use candle::DType::{self, BF16, F16, F32};
 
     /// The chunk lengths and weight-gradient sums of `plan_chunks`, from the
     /// rules its docs state (each figure worked out by hand from them).
     #[test]
     fn chunk_plans() {
+        use ChunkDevice::{Cpu, Cuda, CudaLean};
         use WeightGrad::{Accumulated, Fresh, Unwanted};
-        // ((valid, H, V), weight dtype, weight gradient, cuda, low_memory, chunk_len) -> (rows, summed in)
-        type Case = ((usize, usize, usize), DType, WeightGrad, bool, bool, Option<usize>);
-        let cases: [(Case, (usize, DType)); 26] = [
+        // ((valid, H, V), weight dtype, weight gradient, device, low_memory, chunk_len) -> (rows, summed in)
+        type Case = ((usize, usize, usize), DType, WeightGrad, ChunkDevice, bool, Option<usize>);
+        let cases: [(Case, (usize, DType)); 29] = [
             // The CPU: about N * H / V rows, at least 1024; f32 sums, but for
             // one chunk of bf16.
-            (((8192, 4096, 128_256), BF16, Fresh, false, false, None), (1024, F32)),
-            (((1000, 64, 256), F32, Fresh, false, false, None), (1000, F32)),
-            (((1000, 64, 256), BF16, Fresh, false, false, None), (1000, BF16)),
-            (((1000, 64, 256), F16, Fresh, false, false, None), (1000, F32)),
-            (((1000, 64, 256), BF16, Accumulated, false, false, None), (1000, F32)),
-            (((0, 16, 100), F32, Fresh, false, false, None), (1, F32)),
+            (((8192, 4096, 128_256), BF16, Fresh, Cpu, false, None), (1024, F32)),
+            (((1000, 64, 256), F32, Fresh, Cpu, false, None), (1000, F32)),
+            (((1000, 64, 256), BF16, Fresh, Cpu, false, None), (1000, BF16)),
+            (((1000, 64, 256), F16, Fresh, Cpu, false, None), (1000, F32)),
+            (((1000, 64, 256), BF16, Accumulated, Cpu, false, None), (1000, F32)),
+            (((0, 16, 100), F32, Fresh, Cpu, false, None), (1, F32)),
             // No valid row on CUDA: still one row (a chunk of 0 would never end).
-            (((0, 16, 100), BF16, Fresh, true, false, None), (1, BF16)),
-            (((0, 16, 100), F16, Fresh, true, false, None), (1, F32)),
-            (((0, 16, 100), BF16, Fresh, true, true, None), (1, BF16)),
+            (((0, 16, 100), BF16, Fresh, CudaLean, false, None), (1, BF16)),
+            (((0, 16, 100), F16, Fresh, CudaLean, false, None), (1, F32)),
+            (((0, 16, 100), BF16, Fresh, CudaLean, true, None), (1, BF16)),
             // CUDA, bf16 handed out, N <= 2H: one chunk, summed in bf16.
-            (((8192, 4096, 128_256), BF16, Fresh, true, false, None), (8192, BF16)),
-            (((64, 32, 500), BF16, Fresh, true, false, None), (64, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, CudaLean, false, None), (8192, BF16)),
+            (((64, 32, 500), BF16, Fresh, CudaLean, false, None), (64, BF16)),
             // ... N > 2H: chunks of at least H rows (2048 when H is smaller), f32 sums.
-            (((8193, 4096, 128_256), BF16, Fresh, true, false, None), (4096, F32)),
-            (((32_768, 768, 50_257), BF16, Fresh, true, false, None), (2048, F32)),
-            (((100_000, 4096, 32_000), BF16, Fresh, true, false, None), (12_800, F32)),
+            (((8193, 4096, 128_256), BF16, Fresh, CudaLean, false, None), (4096, F32)),
+            (((32_768, 768, 50_257), BF16, Fresh, CudaLean, false, None), (2048, F32)),
+            (((100_000, 4096, 32_000), BF16, Fresh, CudaLean, false, None), (12_800, F32)),
             // f16 keeps its accumulator (the boost), with H-row chunks.
-            (((8192, 4096, 128_256), F16, Fresh, true, false, None), (4096, F32)),
+            (((8192, 4096, 128_256), F16, Fresh, CudaLean, false, None), (4096, F32)),
             // f32 weights: the gradient is the accumulator; chunks as before.
-            (((8192, 4096, 128_256), F32, Fresh, true, false, None), (2048, F32)),
+            (((8192, 4096, 128_256), F32, Fresh, CudaLean, false, None), (2048, F32)),
             // No weight gradient, or the caller's accumulator: chunks as before.
-            (((8192, 4096, 128_256), BF16, Unwanted, true, false, None), (2048, F32)),
-            (((8192, 4096, 128_256), BF16, Accumulated, true, false, None), (2048, F32)),
+            (((8192, 4096, 128_256), BF16, Unwanted, CudaLean, false, None), (2048, F32)),
+            (((8192, 4096, 128_256), BF16, Accumulated, CudaLean, false, None), (2048, F32)),
             // A chunk_len that covers every row: bf16 summed straight in bf16;
             // a smaller one keeps the f32 sum.
-            (((8192, 4096, 128_256), BF16, Fresh, true, false, Some(8192)), (8192, BF16)),
-            (((8192, 4096, 128_256), BF16, Fresh, false, false, Some(10_000)), (10_000, BF16)),
-            (((8192, 4096, 128_256), BF16, Fresh, true, false, Some(2048)), (2048, F32)),
-            (((100, 4, 1000), BF16, Fresh, true, false, Some(100)), (100, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, CudaLean, false, Some(8192)), (8192, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, Cpu, false, Some(10_000)), (10_000, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, CudaLean, false, Some(2048)), (2048, F32)),
+            (((100, 4, 1000), BF16, Fresh, CudaLean, false, Some(100)), (100, BF16)),
+            // CUDA with more [chunk, V] temporaries (primitive ops, a bias): chunks as before.
+            (((8192, 4096, 128_256), BF16, Fresh, Cuda, false, None), (2048, F32)),
+            (((8192, 4096, 128_256), F16, Fresh, Cuda, false, None), (2048, F32)),
+            (((64, 32, 500), BF16, Fresh, Cuda, false, None), (64, BF16)),
             // low_memory: multiples of 64 rows, summed in the weight's dtype.
-            (((8192, 4096, 128_256), BF16, Fresh, true, true, None), (256, BF16)),
-            (((1000, 64, 256), F32, Fresh, false, true, None), (192, F32)),
-            (((10, 16, 100), BF16, Fresh, true, true, None), (10, BF16)),
-            (((100, 16, 100), BF16, Fresh, false, true, Some(50)), (50, BF16)),
+            (((8192, 4096, 128_256), BF16, Fresh, CudaLean, true, None), (256, BF16)),
+            (((1000, 64, 256), F32, Fresh, Cpu, true, None), (192, F32)),
+            (((10, 16, 100), BF16, Fresh, CudaLean, true, None), (10, BF16)),
+            (((100, 16, 100), BF16, Fresh, Cpu, true, Some(50)), (50, BF16)),
         ];
-        for ((dims, weight, grad, cuda, low_memory, chunk_len), (rows, sum)) in cases {
-            let plan = plan_chunks(dims, weight, grad, cuda, low_memory, chunk_len);
-            let what = format!("{dims:?} {weight:?} {grad:?} cuda={cuda} low_memory={low_memory} {chunk_len:?}");
+        for ((dims, weight, grad, device, low_memory, chunk_len), (rows, sum)) in cases {
+            let plan = plan_chunks(dims, weight, grad, device, low_memory, chunk_len);
+            let what = format!("{dims:?} {weight:?} {grad:?} {device:?} low_memory={low_memory} {chunk_len:?}");
             assert_eq!(plan, ChunkPlan { chunk_len: rows, weight_sum: sum }, "{what}");
         }
     }

@@ -105,12 +105,14 @@ impl LinearCrossEntropy {
     /// that rounds it. Through autograd an upstream gradient other than a
     /// power of two (`loss * 0.3`, not `loss * 0.25`) then rounds it once more.
     ///
-    /// On CUDA, when a bf16 or f16 weight's gradient is wanted, the automatic
-    /// chunks grow to what the f32 accumulator and the rounded gradient (6
-    /// bytes per weight element, the call's peak either way) already pay for,
-    /// since each chunk's product reads and writes the whole accumulator: one
-    /// chunk for bf16 with `N <= 2 * H` (all the logits no larger than the
-    /// accumulator, which is then not needed), otherwise at least `H` rows.
+    /// On CUDA, when a bf16 or f16 weight's gradient is wanted (with the fused
+    /// kernels and no bias: a chunk's logits are then its only `[chunk, V]`
+    /// buffer), the automatic chunks grow to what the f32 accumulator and the
+    /// rounded gradient (6 bytes per weight element, the call's peak either
+    /// way) already pay for, since each chunk's product reads and writes the
+    /// whole accumulator: one chunk for bf16 with `N <= 2 * H` (all the logits
+    /// no larger than the accumulator, which is then not needed), otherwise at
+    /// least `H` rows.
     ///
     /// With [`low_memory`](Self::low_memory) the automatic chunk is smaller
     /// (see there).

@@ -4,7 +4,7 @@
 //! kernels do not cover), or the chunk pass over the valid rows, its chunks
 //! and the dtype the weight's gradient is summed in (`chunks::plan_chunks`).
 
-use super::chunks::{self, ChunkPlan, WeightGrad};
+use super::chunks::{self, ChunkDevice, ChunkPlan, WeightGrad};
 use super::products::Projection;
 use super::rows::RowSelection;
 use super::LinearCrossEntropy;
@@ -66,11 +66,16 @@ impl LinearCrossEntropy {
             return Ok(Plan::Recorded(TokenCall { node, labels, labels_shape, vocab, weights }));
         }
         let valid = row_labels.iter().flatten().count();
+        let device = match (hidden.device().is_cuda(), cfg.engine == Engine::Fused && bias.is_none()) {
+            (false, _) => ChunkDevice::Cpu,
+            (true, true) => ChunkDevice::CudaLean,
+            (true, false) => ChunkDevice::Cuda,
+        };
         let ChunkPlan { chunk_len, weight_sum } = chunks::plan_chunks(
             (valid, width, vocab),
             weight.dtype(),
             weight_grad,
-            hidden.device().is_cuda(),
+            device,
             self.low_memory,
             self.chunk_len,
         );

@@ -7,7 +7,6 @@
 use super::Wanted;
 use crate::config::compute_dtype;
 use crate::gemm;
-use crate::precomputed::scaled;
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 
 /// Matrix products of the linear loss run on this thread, by kind (a test
@@ -193,13 +192,16 @@ impl GradientSums {
 }
 
 /// The node's gradients from summed ones: scaled by the upstream `scale`
-/// (skipped when it is 1) in f32 (f64 for f64), where a loss scale such as
-/// 2^16 is representable (candle's f16 `affine` rounds it to f16's infinity),
-/// and rounded once to each input's dtype. The f32 accumulators (the weight's
-/// `[V, H]`, the bias's) are ours alone: they are scaled in place, so that
-/// the end of backward holds the accumulator and the rounded gradient, not a
-/// scaled copy as well. A `low_memory` weight gradient, summed in bf16, is
-/// scaled by `precomputed::scaled` (in bf16 by a power of two, exactly).
+/// (skipped when it is 1) in place, each element in f32 (f64 for f64) and
+/// rounded once to the sum's dtype, where a loss scale such as 2^16 is
+/// representable (candle's f16 `affine` rounds it to f16's infinity), then
+/// rounded to each input's dtype. The sums are ours alone (the f32
+/// accumulators, the rows' gradient, a bf16 sum straight from the products):
+/// scaled in place, the end of backward holds each sum and its rounded
+/// gradient, not a scaled copy as well (for a bf16 `[V, H]` sum and a factor
+/// such as 1/3, an f32 copy and its product would hold 8 more bytes an
+/// element). A 16-bit sum scaled by anything but a power of two is rounded a
+/// second time.
 pub(super) fn input_gradients(
     gradients: Vec<Option<Tensor>>,
     inputs: &[&Tensor],
@@ -210,15 +212,9 @@ pub(super) fn input_gradients(
         .zip(inputs)
         .map(|(g, input)| {
             let Some(g) = g else { return Ok(None) };
-            let compute = compute_dtype(g.dtype());
-            let g = match scale {
-                1.0 => g,
-                _ if g.dtype() == compute => {
-                    g.inplace_op1(&ScaleInPlace(scale))?;
-                    g
-                }
-                _ => scaled(g, scale)?,
-            };
+            if scale != 1.0 {
+                g.inplace_op1(&ScaleInPlace(scale))?;
+            }
             Ok(Some(g.to_dtype(input.dtype())?))
         })
         .collect()
@@ -267,7 +263,8 @@ impl candle::InplaceOp1 for FaultIn {
     }
 }
 
-/// `x *= scale` in place, for the gradients' f32 (f64) accumulators.
+/// `x *= scale` in place, for the gradients' sums: in f32 (f64 for f64),
+/// 16-bit ones rounded once.
 pub(super) struct ScaleInPlace(f64);
 
 impl candle::InplaceOp1 for ScaleInPlace {
@@ -277,6 +274,7 @@ impl candle::InplaceOp1 for ScaleInPlace {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
         use candle::backend::BackendStorage;
+        use half::{bf16, f16};
         use rayon::prelude::*;
         // Contiguous, or its transpose (the CPU's weight gradient): either way
         // the elements fill one range of the storage.
@@ -290,7 +288,14 @@ impl candle::InplaceOp1 for ScaleInPlace {
         match storage {
             CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
             CpuStorage::F64(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0),
-            other => bail!("linear cross-entropy: only f32/f64 gradients are scaled in place, got {:?}", other.dtype()),
+            // In f32 and rounded once, as cuBLAS's scal with an f32 execution type.
+            CpuStorage::BF16(v) => {
+                v[start..end].par_iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() * self.0 as f32))
+            }
+            CpuStorage::F16(v) => {
+                v[start..end].par_iter_mut().for_each(|x| *x = f16::from_f32(x.to_f32() * self.0 as f32))
+            }
+            other => bail!("linear cross-entropy: only float gradients are scaled in place, got {:?}", other.dtype()),
         }
         Ok(())
     }
