@@ -258,7 +258,7 @@ fn main() {
             candle_chunked_ce::retain_freed_memory(&device).expect("the pool's release threshold");
             println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
         }
-        let only = args.iter().position(|a| a == "--only").map(|i| args[i + 1].as_str());
+        let only = args.iter().position(|a| a == "--only").map(|i| args.get(i + 1).expect("--only TEXT").as_str());
         linear_table(dims[0], dims[1], dims[2], reps.min(10), only, &Pool::new(), &device);
         return;
     }

@@ -95,6 +95,11 @@ fn bad_flags_are_errors() {
     assert_eq!(kind(&["--steps", "0"]), Some(ErrorKind::ValueValidation));
     assert_eq!(kind(&["--steps", "ten"]), Some(ErrorKind::ValueValidation));
     assert_eq!(kind(&["--loss", "mse"]), Some(ErrorKind::InvalidValue));
+    // Clipping needs a largest norm above 0 (inf: none).
+    for clip in ["--clip=0", "--clip=-1", "--clip=NaN"] {
+        assert_eq!(kind(&[clip]), Some(ErrorKind::ValueValidation), "{clip}");
+    }
+    assert_eq!(parse(&["--clip", "inf"]).map(|a| a.clip).ok(), Some(f64::INFINITY));
     // A fresh model's shape contradicts a checkpoint's.
     assert_eq!(kind(&["--weights", "model.safetensors", "--layers", "3"]), Some(ErrorKind::ArgumentConflict));
 }

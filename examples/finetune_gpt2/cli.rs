@@ -51,8 +51,8 @@ pub struct Args {
     /// Linear warm-up steps, then cosine decay to 10% of --lr
     #[arg(long, default_value_t = 15)]
     pub warmup: usize,
-    /// Gradient clipping: largest global L2 norm
-    #[arg(long, default_value_t = 1.0)]
+    /// Gradient clipping: largest global L2 norm (inf: no clipping)
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     pub clip: f64,
     /// Validate every N steps
     #[arg(long, default_value_t = 25, value_parser = at_least_one)]
@@ -85,6 +85,13 @@ fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err("must be a whole number of at least 1".into()),
+    }
+}
+
+fn positive(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(x) if x > 0.0 => Ok(x),
+        _ => Err("must be a number above 0 (inf: no clipping)".into()),
     }
 }
 

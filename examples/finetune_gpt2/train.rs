@@ -297,10 +297,17 @@ pub fn missing_gradients(model: &Gpt2, grads: &GradStore) -> Vec<String> {
 }
 
 /// Scales the gradients so that their global L2 norm is at most `max_norm`
-/// (by `min(1, max_norm / norm)`, as PyTorch's `clip_grad_norm_`), all on
-/// the device: on a GPU nothing waits for it. Returns the norm before
-/// clipping, an f64 scalar on the device.
+/// (by `max_norm / norm` when the norm is larger, as PyTorch's
+/// `clip_grad_norm_`), all on the device: on a GPU nothing waits for it. An
+/// infinite `max_norm` clips nothing. Returns the norm before clipping, an f64
+/// scalar on the device.
+///
+/// # Errors
+/// A `max_norm` that is not positive (or is NaN).
 pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<Tensor> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        candle::bail!("gradient clipping: the largest norm must be positive (inf: no clipping), got {max_norm}")
+    }
     // Summed in f64, in the parameters' order.
     let mut squares: Option<Tensor> = None;
     for (_, var) in model.named_vars() {
@@ -314,10 +321,14 @@ pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Res
     }
     let Some(squares) = squares else { return Tensor::zeros((), DType::F64, model.lm_head().device()) };
     let norm = squares.sqrt()?;
-    // max_norm / max(norm, max_norm): exactly 1 unless clipping, then
-    // max_norm / norm rounded once in f64, and to each gradient's dtype.
-    let ceiling = Tensor::full(max_norm, (), norm.device())?;
-    let factor = (&ceiling / norm.maximum(&ceiling)?)?;
+    if max_norm.is_infinite() {
+        return Ok(norm);
+    }
+    // max_norm / norm (rounded once in f64, then to each gradient's dtype) where
+    // the norm is larger, else exactly 1: a NaN norm (a NaN or infinite gradient)
+    // clips nothing, on every device.
+    let clips = norm.gt(max_norm)?;
+    let factor = clips.where_cond(&(max_norm / &norm)?, &norm.ones_like()?)?;
     for (_, var) in model.named_vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
             let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
