@@ -46,8 +46,9 @@ use std::sync::Mutex;
 /// forward pass and backward only scales them; otherwise (or when the per-token
 /// outputs are differentiated as well) backward recomputes each chunk's logits. Peak extra memory is
 /// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
-/// (and `bias`; with [`low_memory`](Self::low_memory) the weight's gradient is
-/// summed in place in its own dtype), instead of several `[N, V]` buffers. Rows whose label is
+/// (and `bias`; with [`low_memory`](Self::low_memory), or for a bf16 weight
+/// whose rows fit one chunk, the weight's gradient is summed in place in its
+/// own dtype), instead of several `[N, V]` buffers. Rows whose label is
 /// `ignore_index` (or masked) are left out of the matrix products altogether:
 /// masking a third of the tokens saves a third of the work.
 ///
