@@ -269,8 +269,9 @@ impl Operands {
 
 /// `x *= alpha` in place on CUDA (`cublasSscal`/`cublasDscal`, or for bf16
 /// and f16 `cublasScalEx` in f32, each element rounded once, on the device's
-/// stream): scales the linear loss's gradient sums by the upstream gradient
-/// without a second `[V, H]` buffer. `x` must be a contiguous f32, f64, bf16
+/// stream): scales a gradient only its caller holds (the linear loss's sums,
+/// a logits gradient formed in the forward pass) by the upstream gradient,
+/// without a second gradient-sized buffer (`precomputed::ScaleInPlace`). `x` must be a contiguous f32, f64, bf16
 /// or f16 range of `storage` (`layout`).
 ///
 /// # Errors

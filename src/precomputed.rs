@@ -8,7 +8,7 @@
 //! for gradient accumulation), and scales.
 
 use crate::config::{compute_dtype, UnitFactors, UPSTREAM};
-use candle::{bail, DType, Result, Tensor};
+use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
 use std::sync::Mutex;
 
 /// A power of two that brings a scalar loss's unit factors (`1 / n` for a
@@ -76,7 +76,17 @@ impl PrecomputedGrad {
         };
         if let Some(grad) = grad {
             if let Some(scale) = upstream_scale(&factors.narrow(1, 0, UPSTREAM)?, &self.unit_factors)? {
-                return scaled(grad, scale / self.boost).map(Some);
+                let factor = scale / self.boost;
+                if self.in_place {
+                    // The logits' storage, kept for any later backward pass: a scaled copy.
+                    return scaled(grad, factor).map(Some);
+                }
+                // Taken by this backward pass alone: scaled where it is (for a bf16
+                // gradient and a factor such as 1/3, no f32 copy and product beside it).
+                if factor != 1.0 {
+                    grad.inplace_op1(&ScaleInPlace(factor))?;
+                }
+                return Ok(Some(grad));
             }
         }
         if self.in_place {
@@ -115,6 +125,50 @@ pub(crate) fn scaled(grad: Tensor, factor: f64) -> Result<Tensor> {
 /// fraction bits.
 fn is_power_of_two(x: f64) -> bool {
     x.is_normal() && x > 0.0 && x.to_bits() & ((1u64 << 52) - 1) == 0
+}
+
+/// `x *= scale` in place, for gradients only their caller holds (the linear
+/// loss's sums, a logits gradient taken by its backward): in f32 (f64 for
+/// f64), 16-bit ones rounded once, with no second gradient-sized buffer.
+pub(crate) struct ScaleInPlace(pub(crate) f64);
+
+impl candle::InplaceOp1 for ScaleInPlace {
+    fn name(&self) -> &'static str {
+        "chunked-cross-entropy-scale-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        use candle::backend::BackendStorage;
+        use half::{bf16, f16};
+        use rayon::prelude::*;
+        // Contiguous, or its transpose (the CPU's weight gradient): either way
+        // the elements fill one range of the storage.
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(range) => range,
+            None if layout.is_fortran_contiguous() => {
+                (layout.start_offset(), layout.start_offset() + layout.shape().elem_count())
+            }
+            None => bail!("cross-entropy: the gradient scaled in place must be dense"),
+        };
+        match storage {
+            CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
+            CpuStorage::F64(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0),
+            // In f32 and rounded once, as cuBLAS's scal with an f32 execution type.
+            CpuStorage::BF16(v) => {
+                v[start..end].par_iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() * self.0 as f32))
+            }
+            CpuStorage::F16(v) => {
+                v[start..end].par_iter_mut().for_each(|x| *x = f16::from_f32(x.to_f32() * self.0 as f32))
+            }
+            other => bail!("cross-entropy: only float gradients are scaled in place, got {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
+        crate::cuda_gemm::scale_in_place(storage, layout, self.0)
+    }
 }
 
 #[cfg(test)]

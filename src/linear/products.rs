@@ -7,6 +7,7 @@
 use super::Wanted;
 use crate::config::compute_dtype;
 use crate::gemm;
+use crate::precomputed::ScaleInPlace;
 use candle::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 
 /// Matrix products of the linear loss run on this thread, by kind (a test
@@ -260,49 +261,6 @@ impl candle::InplaceOp1 for FaultIn {
             _ => {}
         }
         Ok(())
-    }
-}
-
-/// `x *= scale` in place, for the gradients' sums: in f32 (f64 for f64),
-/// 16-bit ones rounded once.
-pub(super) struct ScaleInPlace(f64);
-
-impl candle::InplaceOp1 for ScaleInPlace {
-    fn name(&self) -> &'static str {
-        "chunked-linear-cross-entropy-scale"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        use candle::backend::BackendStorage;
-        use half::{bf16, f16};
-        use rayon::prelude::*;
-        // Contiguous, or its transpose (the CPU's weight gradient): either way
-        // the elements fill one range of the storage.
-        let (start, end) = match layout.contiguous_offsets() {
-            Some(range) => range,
-            None if layout.is_fortran_contiguous() => {
-                (layout.start_offset(), layout.start_offset() + layout.shape().elem_count())
-            }
-            None => bail!("linear cross-entropy: the scaled gradient must be dense"),
-        };
-        match storage {
-            CpuStorage::F32(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0 as f32),
-            CpuStorage::F64(v) => v[start..end].par_iter_mut().for_each(|x| *x *= self.0),
-            // In f32 and rounded once, as cuBLAS's scal with an f32 execution type.
-            CpuStorage::BF16(v) => {
-                v[start..end].par_iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() * self.0 as f32))
-            }
-            CpuStorage::F16(v) => {
-                v[start..end].par_iter_mut().for_each(|x| *x = f16::from_f32(x.to_f32() * self.0 as f32))
-            }
-            other => bail!("linear cross-entropy: only float gradients are scaled in place, got {:?}", other.dtype()),
-        }
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> Result<()> {
-        crate::cuda_gemm::scale_in_place(storage, layout, self.0)
     }
 }
 
