@@ -9,7 +9,11 @@
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
 # and over the linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
-# On an H200 (2026-12-04) the whole check took 300 s.
+# On an H200 (2026-12-04) the whole check took 300 s, before the row-block tables, the in_forward
+# cells, initcheck and the ncu steps were added.
+# Parts: GPU_CHECK_PARTS=all (the default), core (everything but ncu) or profile (the environment
+# and the ncu steps alone, for a second call when the first left device time): the ncu steps come
+# last and a full call usually reaches its deadline first (the check has grown since its 300 s).
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
@@ -23,6 +27,8 @@
 set -u
 t_start=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-450}
+parts=${GPU_CHECK_PARTS:-all}
+case $parts in all | core | profile) ;; *) echo "GPU_CHECK_PARTS must be all, core or profile, got $parts" >&2; exit 2 ;; esac
 deadline=$((t_start + budget))
 reserve=10      # seconds kept for the summary
 MIN_STEP_S=${MIN_STEP_S:-15}
@@ -93,6 +99,16 @@ source scripts/gpu-env.sh "$bin" >"$env_log" 2>&1
 tee -a "$live_log" <"$env_log"
 export CHUNKED_CE_REQUIRE_CUDA=1   # a CUDA test that cannot get the GPU fails here, it does not skip
 
+# What the summary reads, for the parts that do not run.
+pip_note="not installed (GPU_CHECK_PARTS=$parts)"
+tests_md=$logs/tests.md
+sanitizer_md=$logs/sanitizer.md
+: >"$tests_md"
+: >"$sanitizer_md"
+example_log="" torch_gpt2_log="" gpt2_log="" gpt2_dir=""
+bench_steps=()
+if [ "$parts" != profile ]; then
+
 # --- b. Liger-Kernel for the peer benchmark, when its wheel is carried --------------------
 pip_note="no .whl/ carried: Liger not installed"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -106,8 +122,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 # --- c. the test binaries: the CUDA suites first, in case the budget runs out --------------
-tests_md=$logs/tests.md
-: >"$tests_md"
 ordered=()
 for name in cuda_parity cuda_gemm parity linear weights options errors gradcheck fallback candle_chunked_ce; do
   grep -qx "$name" "$bin/LIST" 2>/dev/null && ordered+=("$name")
@@ -139,8 +153,6 @@ for cand in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/b
   $(find "$venv"/lib/python3*/site-packages/nvidia -maxdepth 4 -name compute-sanitizer -type f 2>/dev/null); do
   [ -n "$sanitizer" ] || { [ -x "$cand" ] && sanitizer=$cand; }
 done
-sanitizer_md=$logs/sanitizer.md
-: >"$sanitizer_md"
 # TOOL|BINARY|FILTERS (the filters several words); each run has its report.
 for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHECK_GRAD_FILTERS" \
   "racecheck|parity|$RACECHECK_FILTERS" "initcheck|linear|$INITCHECK_FILTERS"; do
@@ -171,7 +183,6 @@ for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHE
 done
 
 # --- e. the main job on the GPU: a short fine-tuning run (seconds) ---------------------------
-example_log=""
 run_step finetune_gpt2 60 "$bin/finetune_gpt2" --device cuda --steps 40 --eval-every 20
 example_log=$step_log
 # GPT-2 124M at batch 8 x 512, f32: PyTorch + transformers, then ours on the very model it saves.
@@ -183,7 +194,6 @@ run_step finetune_gpt2-124m 120 "$bin/finetune_gpt2" --device cuda --weights "$g
 gpt2_log=$step_log
 
 # --- f. benchmarks: ours and PyTorch's on the same card -------------------------------------
-bench_steps=()
 run_step gpu_table 120 "$bin/gpu_table" "$@"
 bench_steps+=("$step_log")
 # The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool.
@@ -203,12 +213,22 @@ bench_steps+=("$step_log")
 run_step torch_linear_ce 60 "$py" scripts/torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16 --reps 5
 bench_steps+=("$step_log")
 
+fi # the core parts
+
 # --- f2. where the main job's GPU time goes: every kernel of two GPT-2 124M steps, by ncu -----
+ncu=""
+if [ "$parts" != core ]; then
 ncu=$(command -v ncu || true)
 for cand in "${CUDA_HOME:-/nonexistent}/bin/ncu" /usr/local/cuda/bin/ncu; do
   [ -n "$ncu" ] || { [ -x "$cand" ] && ncu=$cand; }
 done
 ncu_log=""
+if [ -n "$ncu" ] && [ -z "$gpt2_dir" ]; then
+  # The profile part alone: GPT-2 124M's weights, as the torch step of the core part saves them.
+  gpt2_dir=$(mktemp -d)
+  run_step torch_gpt2-save 90 "$py" scripts/torch_gpt2_train_bench.py --save "$gpt2_dir" --batch 1 --seq 16 \
+    --steps 1 --warmup 0
+fi
 if [ -n "$ncu" ]; then
   ncu_csv=$logs/ncu-gpt2.csv
   run_step ncu-gpt2 120 "$ncu" --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
@@ -245,10 +265,12 @@ if [ -n "$ncu" ]; then
   done
 fi
 
+fi # the profile parts
+
 # --- g. summary.md, then gpu-check.log = summary + every step's output ----------------------
 summary=$out_dir/summary.md
 {
-  echo "# GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - t_start)) s of a $budget s budget, exit $status"
+  echo "# GPU check ($parts): $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - t_start)) s of a $budget s budget, exit $status"
   echo
   echo "## Environment"
   echo '```'
@@ -282,8 +304,8 @@ summary=$out_dir/summary.md
   echo
   echo "## GPT-2 124M, batch 8 x 512, f32: PyTorch + transformers, then ours"
   echo '```'
-  grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
-  grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
+  [ -z "$torch_gpt2_log" ] || grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
+  [ -z "$gpt2_log" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
   echo '```'
   echo
   echo "## ncu: the kernels of two GPT-2 124M training steps (${ncu:-ncu not found})"
