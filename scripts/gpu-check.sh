@@ -216,13 +216,13 @@ bench_steps+=("$step_log")
 fi # the core parts
 
 # --- f2. where the main job's GPU time goes: every kernel of two GPT-2 124M steps, by ncu -----
-ncu=""
+ncu="" ncu_log="" ncu_linear_log=""
+ncu_bwd_logs=()
 if [ "$parts" != core ]; then
 ncu=$(command -v ncu || true)
 for cand in "${CUDA_HOME:-/nonexistent}/bin/ncu" /usr/local/cuda/bin/ncu; do
   [ -n "$ncu" ] || { [ -x "$cand" ] && ncu=$cand; }
 done
-ncu_log=""
 if [ -n "$ncu" ] && [ -z "$gpt2_dir" ]; then
   # The profile part alone: GPT-2 124M's weights, as the torch step of the core part saves them.
   gpt2_dir=$(mktemp -d)
@@ -241,7 +241,6 @@ fi
 # --- f2b. where the linear loss's time goes (issue 21 item 3): every kernel of loss_and_grads at
 # 8192 x 4096 x 128256 bf16 (the automatic plan: one chunk), 3 warm-up calls and 1 timed, by ncu;
 # the table's setup (random inputs, casts, an accumulator's zeros) is among the kernels too.
-ncu_linear_log=""
 if [ -n "$ncu" ]; then
   ncu_linear_csv=$logs/ncu-linear.csv
   run_step ncu-linear 60 "$ncu" --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
@@ -255,7 +254,6 @@ fi
 # freed memory retained (issue 21, not understood). DRAM bytes and time of one launch of each f32
 # backward entry at 8192 x 128256 (4.2 GB each way): reads beyond the logits would be the writes'
 # allocation, a time beyond the bytes something else.
-ncu_bwd_logs=()
 if [ -n "$ncu" ]; then
   for entry in ce_bwd_f32 ce_bwd_inplace_f32; do
     run_step "ncu-$entry" 40 "$ncu" --kernel-name "regex:^${entry}\$" --launch-skip 2 --launch-count 1 \

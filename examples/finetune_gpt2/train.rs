@@ -324,11 +324,13 @@ pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Res
     if max_norm.is_infinite() {
         return Ok(norm);
     }
-    // max_norm / norm (rounded once in f64, then to each gradient's dtype) where
-    // the norm is larger, else exactly 1: a NaN norm (a NaN or infinite gradient)
-    // clips nothing, on every device.
+    // max_norm / norm (one f64 division, then rounded to each gradient's dtype)
+    // where the norm is larger, else exactly 1: a NaN norm (a NaN gradient)
+    // clips nothing, on every device; an infinite one zeroes every finite
+    // gradient, as before.
     let clips = norm.gt(max_norm)?;
-    let factor = clips.where_cond(&(max_norm / &norm)?, &norm.ones_like()?)?;
+    let ceiling = Tensor::full(max_norm, (), norm.device())?;
+    let factor = clips.where_cond(&(&ceiling / &norm)?, &norm.ones_like()?)?;
     for (_, var) in model.named_vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
             let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;

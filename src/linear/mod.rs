@@ -47,8 +47,9 @@ use std::sync::Mutex;
 /// outputs are differentiated as well) backward recomputes each chunk's logits. Peak extra memory is
 /// one `[chunk, V]` logits chunk plus f32 accumulators the size of `weight`
 /// (and `bias`; with [`low_memory`](Self::low_memory), or for a bf16 weight
-/// whose rows fit one chunk, the weight's gradient is summed in place in its
-/// own dtype), instead of several `[N, V]` buffers. Rows whose label is
+/// whose gradient is handed out and whose valid rows fit one chunk, the
+/// weight's gradient is summed in place in its own dtype), instead of several
+/// `[N, V]` buffers. Rows whose label is
 /// `ignore_index` (or masked) are left out of the matrix products altogether:
 /// masking a third of the tokens saves a third of the work.
 ///
