@@ -4,8 +4,8 @@
 //! `[N]` contiguous i64 labels with masked rows already set to `ignore_index`.
 
 use crate::call::{
-    checked_labels, checked_logits, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction, Settings,
-    TokenCall,
+    checked_labels, checked_logits, CallLabels, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction,
+    Settings, TokenCall,
 };
 use crate::config::{Engine, OpConfig};
 use crate::op::{self, LogitsBackward, StatsNode};
@@ -216,10 +216,13 @@ impl ChunkedCrossEntropy {
     /// - `logits`: `[N, V]` or `[B, S, V]`, f32, f64, bf16 or f16, any strides.
     /// - `labels`: `[N]` or `[B, S]` (the logits' shape without `V`), u8, u32,
     ///   i16, i32 or i64; each in `[0, V)` or equal to `ignore_index`. Never
-    ///   modified.
+    ///   modified. On the logits' device, or on the CPU: there they are
+    ///   checked without a read from the GPU (which waits for all the work
+    ///   queued before it) and copied to it; batches built on the host can keep
+    ///   their labels and mask there.
     /// - `mask`: optional, same shape as `labels`, any integer or float dtype
-    ///   of 8 to 64 bits (not the packed F6, F4 or F8E8M0); tokens where it is
-    ///   0 are ignored.
+    ///   of 8 to 64 bits (not the packed F6, F4 or F8E8M0), on the labels'
+    ///   device; tokens where it is 0 are ignored.
     ///
     /// Returns an f32 tensor (f64 for f64 logits): a scalar for
     /// [`Reduction::Mean`] and [`Reduction::Sum`], the labels' shape for
@@ -228,14 +231,14 @@ impl ChunkedCrossEntropy {
     /// # Errors
     /// A `candle::Error` naming the problem for: logits of rank other than 2 or
     /// 3, or not a float dtype; labels not integer or not shaped like the
-    /// logits without `V`; a mask of another shape, of a packed dtype, or on
-    /// another device; a label outside `[0, V)`
+    /// logits without `V`; a mask of another shape or of a packed dtype; a
+    /// label outside `[0, V)`
     /// that is not `ignore_index` (the message gives the row and the value);
     /// `V = 0` with tokens present; `chunk_len = 0`; `inplace_grad` with
     /// `compile = false`; `label_smoothing` outside `[0, 1]`, a negative or
     /// non-finite `z_loss`, a soft-cap that is not positive and finite;
-    /// `grad_in_forward` with [`Reduction::None`]; logits and labels on
-    /// different devices.
+    /// `grad_in_forward` with [`Reduction::None`]; labels on a device other
+    /// than the logits' and the CPU, a mask on another device than the labels.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(logits, labels, mask, None)
     }
@@ -320,7 +323,8 @@ impl ChunkedCrossEntropy {
         let labels_shape = labels.shape().clone();
         let cfg = self.settings.op_config(logits.device())?;
         self.settings.check_num_label_tokens(num_label_tokens)?;
-        let (logits, labels) = self.checked_inputs(logits, labels, mask, &cfg)?;
+        let (logits, call_labels, cfg) = self.checked_inputs(logits, labels, mask, &cfg)?;
+        let labels = call_labels.tensor.clone();
         let vocab = logits.dim(candle::D::Minus1)?;
         let weights = self.settings.call_weights(&logits, vocab, &labels, &labels_shape, loss_weights)?;
         if let Some(call) = self.settings.empty_call(&[&logits], &labels, &labels_shape)? {
@@ -331,7 +335,7 @@ impl ChunkedCrossEntropy {
             primitive::row_stats_recorded(&logits, &labels, &cfg)?
         } else {
             let (stats, precomputed) = match self.settings.grad_in_forward {
-                true => self.stats_and_grad(&logits, &labels, &cfg, vocab, &weights, num_label_tokens)?,
+                true => self.stats_and_grad(&logits, &call_labels, &cfg, vocab, &weights, num_label_tokens)?,
                 false => (op::row_stats(&logits, &labels, &cfg)?, None),
             };
             let backward = LogitsBackward { cfg, labels: labels.clone(), precomputed };
@@ -341,21 +345,22 @@ impl ChunkedCrossEntropy {
     }
 
     /// The statistics `[N, 4]` and the gradient of the reduced loss, formed
-    /// together (`grad_in_forward`): the labels are read to the host first,
-    /// checked before any logit is overwritten and counted for a `Mean`'s
-    /// factor (one synchronisation on CUDA; a weighted mean's denominator is
-    /// one more read).
+    /// together (`grad_in_forward`): the labels on the host first (read back
+    /// unless the caller's were there: one synchronisation on CUDA), checked
+    /// before any logit is overwritten and counted for a `Mean`'s factor (a
+    /// weighted mean's denominator is one more read).
     fn stats_and_grad(
         &self,
         logits: &Tensor,
-        labels: &Tensor,
+        call_labels: &CallLabels,
         cfg: &OpConfig,
         vocab: usize,
         weights: &CallWeights,
         num_label_tokens: Option<usize>,
     ) -> Result<(Tensor, Option<PrecomputedGrad>)> {
         let ignore_index = self.settings.ignore_index;
-        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        let labels = &call_labels.tensor;
+        let row_labels = op::row_labels(&call_labels.host_values()?, vocab, ignore_index)?;
         let cfg = OpConfig { labels_checked: true, ..cfg.clone() };
         let row_weights = weights.row_weights()?;
         let denominator = match (&row_weights, self.settings.reduction, num_label_tokens) {
@@ -385,10 +390,11 @@ impl ChunkedCrossEntropy {
         labels: &Tensor,
     ) -> Result<(std::time::Duration, std::time::Duration, Tensor)> {
         let cfg = self.settings.op_config(logits.device())?;
-        let (logits, labels) = self.checked_inputs(logits, labels, None, &cfg)?;
+        let (logits, call_labels, cfg) = self.checked_inputs(logits, labels, None, &cfg)?;
+        let labels = call_labels.tensor.clone();
         let device = logits.device();
         if self.settings.grad_in_forward {
-            let valid = labels.to_vec1::<i64>()?.iter().filter(|&&l| l != self.settings.ignore_index).count();
+            let valid = call_labels.host_values()?.iter().filter(|&&l| l != self.settings.ignore_index).count();
             let unit = crate::config::UnitFactors {
                 ce: 1.0 / valid.max(1) as f64,
                 lse: 0.0,
@@ -419,24 +425,27 @@ impl ChunkedCrossEntropy {
     }
 
     /// Validates logits, labels and mask (see [`forward`](Self::forward)) and
-    /// returns the logits with a unit-stride vocabulary dim and the labels as
-    /// `[N]` contiguous i64 with masked tokens set to `ignore_index`.
+    /// returns the logits with a unit-stride vocabulary dim, the labels (see
+    /// [`CallLabels`]) and the `cfg` to run them with: labels checked on the
+    /// host when they are there (no device read) or when candle's ops would not
+    /// check them (`labels_checked`); the fused kernels check the others.
     fn checked_inputs(
         &self,
         logits: &Tensor,
         labels: &Tensor,
         mask: Option<&Tensor>,
         cfg: &OpConfig,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, CallLabels, OpConfig)> {
         let logits = checked_logits(logits)?;
         let vocab = logits.dim(candle::D::Minus1)?;
         let labels = checked_labels(&logits, vocab, labels, mask, self.settings.ignore_index)?;
-        if cfg.engine != Engine::Fused {
-            // The fused op checks labels inside its kernel; candle's ops (whose `gather`
-            // may not check its indices on every device) need them checked here.
-            op::row_labels(&labels.to_vec1::<i64>()?, vocab, self.settings.ignore_index)?;
+        let on_host = labels.on_host() || cfg.engine != Engine::Fused;
+        if on_host {
+            // candle's ops (whose `gather` may not check its indices on every device) need
+            // them checked here; for the fused kernels it spares reading their flag back.
+            op::row_labels(&labels.host_values()?, vocab, self.settings.ignore_index)?;
         }
-        Ok((logits, labels))
+        Ok((logits, labels, OpConfig { labels_checked: cfg.labels_checked || on_host, ..cfg.clone() }))
     }
 }
 

@@ -371,3 +371,60 @@ fn class_weights_with_label_smoothing_and_loss_weights() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Labels and mask on the CPU with the logits (or the hidden states and
+/// weight) on the GPU: the same losses and gradients as with them on the GPU,
+/// for the logits loss (also with `grad_in_forward`) and the linear loss, and
+/// the same errors: a bad label names its row, a mask on the GPU with labels on
+/// the CPU is refused. (Kept on the host, the labels need no device read.)
+#[test]
+fn labels_on_the_host() -> anyhow::Result<()> {
+    let Some(gpu) = cuda_or_skip("labels_on_the_host") else { return Ok(()) };
+    let mut rng = Rng::new(83);
+    let (rows, width, vocab) = (96, 32, 1003);
+    let logits = common::logits(&mut rng, &[rows, vocab], 6.0, DType::F32, &gpu)?;
+    let hidden = common::logits(&mut rng, &[rows, width], 1.0, DType::BF16, &gpu)?;
+    let weight = common::logits(&mut rng, &[vocab, width], 0.5, DType::BF16, &gpu)?;
+    let labels = common::labels(&mut rng, &[rows], vocab, 0.1, -100, &Device::Cpu)?;
+    let mask = common::mask(&mut rng, &[rows], 0.8, &Device::Cpu)?;
+    let on_gpu = |t: &Tensor| t.to_device(&gpu);
+    for grad_in_forward in [false, true] {
+        let ce = ChunkedCrossEntropy::default().grad_in_forward(grad_in_forward);
+        let run = |labels: &Tensor, mask: &Tensor| -> anyhow::Result<(Tensor, Tensor)> {
+            let var = Var::from_tensor(&logits)?;
+            let loss = ce.forward(&(var.as_tensor() * 1.0)?, labels, Some(mask))?;
+            let grad = loss.backward()?.get(var.as_tensor()).expect("a gradient").clone();
+            Ok((loss.to_device(&Device::Cpu)?, grad.to_device(&Device::Cpu)?))
+        };
+        let want = run(&on_gpu(&labels)?, &on_gpu(&mask)?)?;
+        let got = run(&labels, &mask)?;
+        let what = format!("logits loss, grad_in_forward {grad_in_forward}");
+        assert_close(&got.0, &want.0, 0.0, 0.0, &format!("{what}: loss"))?;
+        assert_close(&got.1, &want.1, 0.0, 0.0, &format!("{what}: gradient"))?;
+    }
+    let linear = LinearCrossEntropy::default();
+    let direct = |labels: &Tensor, mask: &Tensor| linear.loss_and_grads(&hidden, &weight, None, labels, Some(mask));
+    let (want, got) = (direct(&on_gpu(&labels)?, &on_gpu(&mask)?)?, direct(&labels, &mask)?);
+    for (name, g, w) in [("loss", &got.loss, &want.loss), ("hidden", &got.hidden_grad, &want.hidden_grad)] {
+        assert_close(&g.to_device(&Device::Cpu)?, &w.to_device(&Device::Cpu)?, 0.0, 0.0, &format!("linear {name}"))?;
+    }
+    let (g, w) = (got.weight_grad.to_device(&Device::Cpu)?, want.weight_grad.to_device(&Device::Cpu)?);
+    assert_close(&g, &w, 0.0, 0.0, "linear weight gradient")?;
+    // Errors: a label out of range names its row; a mask on another device than the labels.
+    let bad = Tensor::from_vec(
+        (0..rows as u32).map(|r| if r == 7 { vocab as u32 } else { 0 }).collect(),
+        rows,
+        &Device::Cpu,
+    )?;
+    for err in [
+        ChunkedCrossEntropy::default().forward(&logits, &bad, None).map(|_| ()),
+        linear.forward(&hidden, &weight, &bad, None).map(|_| ()),
+    ] {
+        let msg = err.expect_err("a bad label").to_string();
+        assert!(msg.contains("row 7") && msg.contains(&format!("label {vocab}")), "{msg}");
+    }
+    let err =
+        ChunkedCrossEntropy::default().forward(&logits, &labels, Some(&on_gpu(&mask)?)).expect_err("mask elsewhere");
+    assert!(err.to_string().contains("mask is on"), "{err}");
+    Ok(())
+}

@@ -151,17 +151,43 @@ pub(crate) fn checked_logits(logits: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A call's labels: `[N]` contiguous i64 on the logits' device, masked tokens
+/// set to `ignore_index`, and the same values on the host when the caller's
+/// labels (and mask) were on the CPU, so that checking and counting them needs
+/// no read from the device (on CUDA such a read waits for all the work queued
+/// before it: the model's forward pass, say).
+pub(crate) struct CallLabels {
+    pub(crate) tensor: Tensor,
+    host: Option<Vec<i64>>,
+}
+
+impl CallLabels {
+    /// Whether the values are on the host already.
+    pub(crate) fn on_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// The values on the host: the caller's, or read back from the device.
+    pub(crate) fn host_values(&self) -> Result<std::borrow::Cow<'_, [i64]>> {
+        match &self.host {
+            Some(values) => Ok(std::borrow::Cow::Borrowed(values)),
+            None => Ok(std::borrow::Cow::Owned(self.tensor.to_vec1::<i64>()?)),
+        }
+    }
+}
+
 /// Checks labels (and mask) against the logits (`[.., V]`, or the linear
 /// loss's `[.., H]` hidden states) and the vocabulary size `V`, and returns
-/// them as `[N]` contiguous i64, masked tokens set to `ignore_index`. The
-/// caller's tensors are not modified.
+/// them as [`CallLabels`]. The labels are on the logits' device or on the CPU
+/// (the mask on the labels' device); from the CPU they are converted there and
+/// copied to the logits' device. The caller's tensors are not modified.
 pub(crate) fn checked_labels(
     logits: &Tensor,
     vocab: usize,
     labels: &Tensor,
     mask: Option<&Tensor>,
     ignore_index: i64,
-) -> Result<Tensor> {
+) -> Result<CallLabels> {
     let expected = &logits.dims()[..logits.rank() - 1];
     if labels.dims() != expected {
         bail!(
@@ -176,8 +202,13 @@ pub(crate) fn checked_labels(
             labels.dtype()
         )
     }
-    if !labels.device().same_device(logits.device()) {
-        bail!("chunked cross-entropy: labels are on {:?} but logits on {:?}", labels.device(), logits.device())
+    if !labels.device().same_device(logits.device()) && !labels.device().is_cpu() {
+        bail!(
+            "chunked cross-entropy: labels are on {:?} but logits on {:?} (labels may be on the logits' device or \
+             on the CPU)",
+            labels.device(),
+            logits.device()
+        )
     }
     if let Some(mask) = mask {
         if mask.dims() != expected {
@@ -187,7 +218,17 @@ pub(crate) fn checked_labels(
     if labels.elem_count() > 0 && vocab == 0 {
         bail!("chunked cross-entropy: an empty vocabulary (V = 0) cannot predict {} tokens", labels.elem_count())
     }
-    crate::labels::row_labels(labels, mask, ignore_index)
+    let converted = crate::labels::row_labels(labels, mask, ignore_index)?;
+    if !labels.device().is_cpu() {
+        return Ok(CallLabels { tensor: converted, host: None });
+    }
+    let host = converted.to_vec1::<i64>()?;
+    let tensor = match logits.device().is_cpu() {
+        true => converted,
+        // One host-to-device copy, queued behind the device's work without waiting for it.
+        false => Tensor::from_slice(&host, host.len(), logits.device())?,
+    };
+    Ok(CallLabels { tensor, host: Some(host) })
 }
 
 /// The number of labels that are not `ignore_index`, at least 1, as a scalar

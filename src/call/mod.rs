@@ -15,7 +15,7 @@ mod outputs;
 
 #[cfg(feature = "testing")]
 pub(crate) use inputs::valid_count;
-pub(crate) use inputs::{checked_labels, checked_logits, CallWeights};
+pub(crate) use inputs::{checked_labels, checked_logits, CallLabels, CallWeights};
 pub use outputs::CrossEntropyOutput;
 
 use crate::config::{compute_dtype, Engine, OpConfig, RowTerms};

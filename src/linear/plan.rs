@@ -43,7 +43,8 @@ impl LinearCrossEntropy {
         }
         let hidden = checked_logits(hidden)?;
         let vocab = checked_projection(&hidden, weight, bias)?;
-        let labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
+        let call_labels = checked_labels(&hidden, vocab, labels, mask, ignore_index)?;
+        let labels = call_labels.tensor.clone();
         let width = hidden.dim(candle::D::Minus1)?;
         let rows = hidden.reshape(((), width))?;
         let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
@@ -52,14 +53,14 @@ impl LinearCrossEntropy {
         if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
             return Ok(Plan::Empty(call));
         }
-        // The call's one intended device->host read (a sync on CUDA): the labels, once, to
-        // check them before any product runs (candle's `gather` on the recorded path does not
-        // check its indices on every device) and to count the valid ones, which the
-        // precomputed gradients' scale needs on the host. Everything after it only queues
-        // work on the device (scalar operands are host->device copies, and `Tensor::full` is
-        // a fill kernel): `labels_checked` below tells the fused CUDA forward not to read its
-        // bad-label flag back after every chunk.
-        let row_labels = op::row_labels(&labels.to_vec1::<i64>()?, vocab, ignore_index)?;
+        // The labels on the host, to check them before any product runs (candle's `gather` on
+        // the recorded path does not check its indices on every device) and to count the valid
+        // ones, which the precomputed gradients' scale needs on the host: the caller's, when
+        // they came from the CPU, else the call's one intended device->host read (a sync on
+        // CUDA). Everything after it only queues work on the device (scalar operands are
+        // host->device copies, and `Tensor::full` is a fill kernel): `labels_checked` below
+        // tells the fused CUDA forward not to read its bad-label flag back after every chunk.
+        let row_labels = op::row_labels(&call_labels.host_values()?, vocab, ignore_index)?;
         if cfg.engine == Engine::Autograd {
             let logits = Projection { weight: weight.clone(), bias: bias.cloned() }.logits(&rows)?;
             let node = primitive::row_stats_recorded(&logits, &labels, &cfg)?;
