@@ -93,18 +93,22 @@ impl Dataset {
             }
         }
         // Counted here, on the host: a count read back from the device would wait for
-        // everything queued before it (the previous step's optimizer, on a GPU).
+        // everything queued before it (the previous step's optimizer, on a GPU). The labels
+        // and mask stay on the host too: the losses check and count them there, and copy
+        // them to the device themselves, without a read back.
         let valid = mask.iter().filter(|&&keep| keep != 0).count();
         Ok(Batch {
             inputs: Tensor::from_vec(inputs, (batch, seq), device)?,
-            labels: Tensor::from_vec(labels, (batch, seq), device)?,
-            mask: Tensor::from_vec(mask, (batch, seq), device)?,
+            labels: Tensor::from_vec(labels, (batch, seq), &Device::Cpu)?,
+            mask: Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?,
             valid,
         })
     }
 }
 
-/// Inputs and labels `[B, T]` (u32) and the labels' loss mask `[B, T]` (u8).
+/// Inputs and labels `[B, T]` (u32) and the labels' loss mask `[B, T]` (u8);
+/// from [`Dataset::batch`] the inputs on the model's device, the labels and
+/// mask on the CPU.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub inputs: Tensor,
@@ -170,7 +174,7 @@ fn candle_nn_loss(logits: &Tensor, batch: &Batch, num_label_tokens: usize) -> Re
     }
     let index = Tensor::new(rows.as_slice(), logits.device())?;
     let logits = logits.reshape(((), vocab))?.index_select(&index, 0)?;
-    let labels = batch.labels.flatten_all()?.index_select(&index, 0)?;
+    let labels = batch.labels.to_device(logits.device())?.flatten_all()?.index_select(&index, 0)?;
     candle_nn::loss::cross_entropy(&logits, &labels)? * (rows.len() as f64 / num_label_tokens as f64)
 }
 
