@@ -56,8 +56,9 @@ pub(crate) struct OpConfig {
     /// that class weights reach).
     pub sum_weights: Option<Tensor>,
     /// The labels were checked against `[0, V)` on the host already (the
-    /// linear loss reads them once per call): the fused CUDA forward then does
-    /// not read its bad-label flag back, which would synchronise per chunk.
+    /// caller's labels on the CPU, or read back: the linear loss reads them
+    /// once per call): the fused CUDA forward then does not read its bad-label
+    /// flag back, which would synchronise per chunk.
     /// Only the CUDA launcher reads it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub labels_checked: bool,

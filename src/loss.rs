@@ -159,9 +159,10 @@ impl ChunkedCrossEntropy {
     /// is formed times the power of two nearest the mean's count (f16 would
     /// flush `p / n` to zero before a loss scale reached it), which f16 logits
     /// hold in place until backward divides it out. Needs a scalar loss
-    /// ([`Reduction::Mean`] or [`Reduction::Sum`]), and one device-to-host
-    /// read of the labels in forward (a synchronisation on CUDA): they are
-    /// checked and counted before any logit is overwritten. Ignored on a
+    /// ([`Reduction::Mean`] or [`Reduction::Sum`]), and the labels on the host
+    /// in forward, checked and counted before any logit is overwritten: the
+    /// caller's, when they are on the CPU, else read back from the device (a
+    /// synchronisation on CUDA). Ignored on a
     /// device the kernels do not cover (see the type's docs).
     pub fn grad_in_forward(mut self, grad_in_forward: bool) -> Self {
         self.settings.grad_in_forward = grad_in_forward;

@@ -426,5 +426,16 @@ fn labels_on_the_host() -> anyhow::Result<()> {
     let err =
         ChunkedCrossEntropy::default().forward(&logits, &labels, Some(&on_gpu(&mask)?)).expect_err("mask elsewhere");
     assert!(err.to_string().contains("mask is on"), "{err}");
+    let err =
+        ChunkedCrossEntropy::default().forward(&logits, &on_gpu(&labels)?, Some(&mask)).expect_err("mask on the CPU");
+    assert!(err.to_string().contains("mask is on"), "{err}");
+    // [B, S] labels from the host, and no tokens at all: a loss of exactly 0.
+    let batched =
+        ChunkedCrossEntropy::default().forward(&logits.reshape((8, 12, vocab))?, &labels.reshape((8, 12))?, None)?;
+    let flat = ChunkedCrossEntropy::default().forward(&logits, &labels, None)?;
+    assert_close(&batched.to_device(&Device::Cpu)?, &flat.to_device(&Device::Cpu)?, 0.0, 0.0, "[B, S] host labels")?;
+    let none = Tensor::zeros(0, DType::I64, &Device::Cpu)?;
+    let empty = ChunkedCrossEntropy::default().forward(&logits.narrow(0, 0, 0)?, &none, None)?;
+    assert_eq!(empty.to_device(&Device::Cpu)?.to_scalar::<f32>()?, 0.0, "no tokens, host labels");
     Ok(())
 }

@@ -212,7 +212,8 @@ pub fn step_gradients_with(
 /// [`step_gradients_with`], calling `lap` as each phase of each micro-batch
 /// ends, with the loss left on the device (an f32 scalar): nothing here reads
 /// from the device (on a GPU a read waits for everything queued before it,
-/// and the host stops queueing ahead), but the linear loss's check of its labels.
+/// and the host stops queueing ahead), with the batches' labels on the host
+/// (as [`Dataset::batch`] makes them) not even the losses' checks of them.
 pub fn step_gradients_timed(
     model: &Gpt2,
     batches: &[Batch],

@@ -223,10 +223,13 @@ pub(crate) fn checked_labels(
         return Ok(CallLabels { tensor: converted, host: None });
     }
     let host = converted.to_vec1::<i64>()?;
-    let tensor = match logits.device().is_cpu() {
-        true => converted,
-        // One host-to-device copy, queued behind the device's work without waiting for it.
-        false => Tensor::from_slice(&host, host.len(), logits.device())?,
+    let tensor = match (logits.device().is_cpu(), host.len()) {
+        (true, _) => converted,
+        // Nothing to copy (the CUDA path launches and copies nothing for no tokens).
+        (false, 0) => Tensor::zeros(0, DType::I64, logits.device())?,
+        // One host-to-device copy of N i64, instead of a read back that would wait for the
+        // device's queued work.
+        (false, n) => Tensor::from_slice(&host, n, logits.device())?,
     };
     Ok(CallLabels { tensor, host: Some(host) })
 }

@@ -124,7 +124,8 @@ impl Settings {
             terms: RowTerms { softcap: self.logit_softcap, logit_sum: self.label_smoothing > 0.0 },
             // Set per call, once the class weights are checked against the logits.
             sum_weights: None,
-            // `checked_inputs` checks them on the host for every engine but the fused one.
+            // `checked_inputs` checks them on the host for every engine but the fused one,
+            // and for that one too when the caller's labels are on the host.
             labels_checked: engine != Engine::Fused,
         })
     }
