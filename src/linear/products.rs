@@ -303,8 +303,7 @@ impl ProductSum {
     /// the first chunk's product is written over it, the 2 or 4 `V·H` bytes of
     /// zeros neither written nor read.
     pub(super) fn fresh(weight: &Tensor, dtype: DType) -> Result<Self> {
-        let cublas = weight.device().is_cuda() && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16);
-        if !cfg!(feature = "cuda") || !cublas {
+        if !cublas_sums(weight.device(), weight.dtype()) {
             return Self::new(weight, dtype);
         }
         let (shape, transposed) = Self::shape(weight, dtype)?;
@@ -342,7 +341,7 @@ impl ProductSum {
     /// Adds `lhsᵀ · rhs` (`lhs` `[k, V]`, `rhs` `[k, H]`, of the weight's dtype).
     pub(super) fn add(&mut self, lhs: &Tensor, rhs: &Tensor) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if self.acc.device().is_cuda() && matches!(lhs.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        if cublas_sums(self.acc.device(), lhs.dtype()) {
             // The chunk's gradient and rows are contiguous already (no copy).
             let (lhs, rhs) = (lhs.contiguous()?, rhs.contiguous()?);
             let first = std::mem::replace(&mut self.unwritten, false);
@@ -405,6 +404,14 @@ impl ProductSum {
         self.acc = (&self.acc + gradient.to_dtype(self.dtype())?)?;
         Ok(())
     }
+}
+
+/// Whether cuBLAS forms the weight-gradient products of operands of `dtype`
+/// on `device` (CUDA with this crate's `cuda` feature; f32, bf16, f16): the
+/// one condition under which [`ProductSum::fresh`] leaves a sum unwritten and
+/// [`ProductSum::add`] writes its first product over it.
+fn cublas_sums(device: &Device, dtype: DType) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// A gradient summed over chunks in the accumulator dtype; the first chunk's
