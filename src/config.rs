@@ -96,7 +96,7 @@ impl RowTerms {
 }
 
 /// The columns of the forward statistics, `[N, STATS]` row-major, that every
-/// engine writes (see the maths in `op/mod.rs`); `cuda/cross_entropy.cu` names
+/// engine writes (see the maths in `op/mod.rs`); `cuda/cross_entropy/columns.cuh` names
 /// the same columns in its `enum Stat` (a test below holds the two together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stat {
@@ -111,7 +111,7 @@ pub(crate) const STATS: usize = 4;
 
 /// The columns of the backward factors, `[N, FACTORS]` row-major: the upstream
 /// gradients of the three differentiable statistics, then the row's `lse` and
-/// `ce` kept from forward. The `.cu`'s `enum Factor` names the same columns.
+/// `ce` kept from forward. `columns.cuh`'s `enum Factor` names the same columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Factor {
     GCe,
@@ -187,13 +187,13 @@ impl UnitFactors {
 mod tests {
     use super::*;
 
-    /// The `.cu` names the columns in the same order: its enums, read from its
-    /// source, list them as `Stat` and `Factor` do.
+    /// The kernels name the columns in the same order: their enums, read from
+    /// `cuda/cross_entropy/columns.cuh`, list them as `Stat` and `Factor` do.
     #[test]
     fn the_kernels_name_the_same_columns() {
-        let source = include_str!("../cuda/cross_entropy.cu");
+        let source = include_str!("../cuda/cross_entropy/columns.cuh");
         let enum_members = |name: &str| -> Vec<String> {
-            let start = source.find(&format!("enum {name} {{")).expect("enum in the .cu") + name.len() + 7;
+            let start = source.find(&format!("enum {name} {{")).expect("enum in columns.cuh") + name.len() + 7;
             let end = start + source[start..].find('}').expect("enum's end");
             source[start..end].split(',').map(|m| m.trim().to_string()).collect()
         };

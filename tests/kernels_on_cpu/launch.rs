@@ -6,7 +6,7 @@ use crate::hip_library::{self, LaunchFn, NotBuilt};
 use candle::{DType, Result, Tensor};
 use candle_chunked_ce::kernel_abi::{KernelArg, KernelLaunch, KernelOptions, Operand, ENTRIES};
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 /// The kernels' library, loaded, and its launcher.
@@ -41,9 +41,23 @@ pub(crate) fn build() -> std::result::Result<CpuKernels, NotBuilt> {
         entries: &ENTRIES,
         parts: TRANSLATION_UNITS,
         include_dirs: &[manifest.join("cuda")],
-        hashed: &[manifest.join("cuda/cross_entropy.cu")],
+        hashed: &kernel_sources(manifest),
     })?;
     Ok(CpuKernels { launch, _library: library })
+}
+
+/// `cuda/cross_entropy.cu` and every header of `cuda/cross_entropy/` it
+/// includes, in a fixed order: read from the folder, so that a new header
+/// cannot be left out of the cache key.
+fn kernel_sources(manifest: &Path) -> Vec<PathBuf> {
+    let headers = manifest.join("cuda/cross_entropy");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&headers)
+        .unwrap_or_else(|e| panic!("{}: {e}", headers.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .collect();
+    sources.sort();
+    sources.insert(0, manifest.join("cuda/cross_entropy.cu"));
+    sources
 }
 
 /// 8 units of 4 or 5 entries: 25-32 s of g++ each, about 2 minutes on 2 cores.
