@@ -15,6 +15,7 @@ mod cli;
 mod gelu;
 mod gpt2;
 mod layer_norm;
+mod memory_plan;
 mod rng;
 mod softmax;
 mod split;
@@ -29,6 +30,7 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use clap::Parser;
 use cli::{Args, DeviceKind};
 use gpt2::{Config, Gpt2};
+use memory_plan::MicroBatch;
 use rng::Rng;
 use split::Split;
 use std::path::PathBuf;
@@ -263,10 +265,8 @@ fn run(args: Args) -> Result<()> {
         })?,
     };
     // On a GPU: keep freed memory in CUDA's pool (every step's buffers are the same, and mapping them
-    // afresh each step cost 2.9x end to end in the loss's own benchmark), and keep every block's
-    // activations, which a GPU's memory holds, rather than recompute them.
+    // afresh each step cost 2.9x end to end in the loss's own benchmark).
     candle_chunked_ce::retain_freed_memory(&device)?;
-    let keep_activations = args.keep_activations.unwrap_or(device.is_cuda());
     let bpe = tiktoken_rs::r50k_base()?;
     let data = load_data(args.data.as_ref(), &bpe)?;
     if data.len() < 2 {
@@ -303,6 +303,21 @@ fn run(args: Args) -> Result<()> {
     let val_batches: Vec<train::Batch> =
         (0..4).map(|_| val_source.batch(&mut rng, args.batch, args.seq, &device)).collect::<candle::Result<_>>()?;
     let mut opt = Optimizers::new(&model, lr, args.weight_decay)?;
+    // With the model and the optimizer's moments in memory: does a step with every block's activations
+    // kept fit in what is left? (memory_plan.rs)
+    let keep_activations = match args.keep_activations {
+        Some(keep) => keep,
+        None => {
+            let shape = MicroBatch { batch: args.batch, seq: args.seq };
+            let elem = model.lm_head().dtype().size_in_bytes();
+            let need = memory_plan::kept_step_bytes(&model.config, shape, elem, params, args.loss);
+            let (keep, note) = memory_plan::default_keep_activations(&device, need)?;
+            if let Some(note) = note {
+                println!("note: {note}");
+            }
+            keep
+        }
+    };
 
     let (start_val, start_accuracy) = validation(&model, &val_batches)?;
     let (mut train_curve, mut val_curve) = (Vec::new(), vec![(0, start_val)]);

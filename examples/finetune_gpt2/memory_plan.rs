@@ -1,0 +1,119 @@
+//! Whether a training step keeps every block's activations for the backward
+//! pass or recomputes them one block at a time, when `--keep-activations`
+//! leaves it open: kept on a GPU whose free memory holds the step (recomputing
+//! costs a second forward pass of every block), recomputed on the CPU (kept is
+//! 2% faster there, at twice the peak). The estimate counts the tensors the
+//! model's code creates; `tests/finetune_memory.rs` holds it against the heap
+//! that the same code holds on the CPU.
+
+use crate::gpt2::Config;
+use crate::train::LossKind;
+use candle::{Device, Result};
+
+/// The shape of one micro-batch: `batch` sequences of `seq` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch {
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// `[B * T, C]` tensors the graph of one block holds once its forward pass
+/// has run (`Gpt2::block`): the first layer norm (1); the QKV product and its
+/// bias (3 + 3); q, k and v, each a reshaped copy of a strided view and then a
+/// contiguous copy of its transpose (6); the attention output and its
+/// reshaped copy (2); the output projection and its bias (2); the residual
+/// sum (1); the second layer norm (1); the MLP's product, bias and GELU
+/// (4 + 4 + 4); its projection and bias (2); the residual sum (1).
+const BLOCK_ROW_TENSORS: u64 = 34;
+/// `[B, H, T, T]` tensors a block holds: the attention scores and the causal
+/// softmax's weights.
+const BLOCK_SCORE_TENSORS: u64 = 2;
+/// `[B * T, C]` tensors outside the blocks: the token embeddings, their sum
+/// with the positions', and the final layer norm.
+const OUTER_ROW_TENSORS: u64 = 3;
+
+/// Bytes of device memory the whole graph of one micro-batch's forward pass
+/// holds until its backward pass, for a model of `elem`-byte parameters:
+/// every block's activations (see [`BLOCK_ROW_TENSORS`]) and the embeddings'.
+pub fn graph_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
+    config.layers as u64 * block_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem)
+}
+
+/// One block's share of [`graph_bytes`].
+fn block_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
+    let (b, t, h) = (shape.batch as u64, shape.seq as u64, config.heads as u64);
+    BLOCK_ROW_TENSORS * row_tensor_bytes(config, shape, elem) + BLOCK_SCORE_TENSORS * b * h * t * t * elem as u64
+}
+
+fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
+    (shape.batch * shape.seq * config.width * elem) as u64
+}
+
+/// Bytes a training step with every block's activations kept needs beyond
+/// the parameters and the optimizer's moments (already allocated), at most:
+/// - the graph ([`graph_bytes`]);
+/// - the gradients of the activations, formed while the backward pass walks
+///   the graph: two blocks' worth;
+/// - the parameters' gradients (`params` elements), their sum over
+///   micro-batches beside them, and the zero-filled sum and its result that
+///   candle's backward adds each new gradient into: three times `params`;
+/// - the loss's own buffers: the linear loss's f32 sum of the output
+///   layer's gradient (`[V, C]`) with a chunk of logits and the hidden
+///   states' gradient; the chunked loss holds the logits, their gradient,
+///   and candle's zero-filled gradient sum and its result (four
+///   `[B * T, V]`); candle-nn's, with its log-softmax's intermediates and
+///   their gradients, ten (9.2 measured on the CPU).
+pub fn kept_step_bytes(config: &Config, shape: MicroBatch, elem: usize, params: usize, loss: LossKind) -> u64 {
+    let rows = (shape.batch * shape.seq) as u64;
+    let (vocab, width, elem64) = (config.vocab as u64, config.width as u64, elem as u64);
+    let loss_bytes = match loss {
+        LossKind::Linear => 4 * vocab * width + 2 * rows * width * elem64,
+        LossKind::Chunked => 4 * rows * vocab * elem64,
+        LossKind::CandleNn => 10 * rows * vocab * elem64,
+    };
+    graph_bytes(config, shape, elem) + 2 * block_bytes(config, shape, elem) + 3 * (params * elem) as u64 + loss_bytes
+}
+
+/// The part of the free memory a step may plan to use: the rest is left to
+/// what the estimate does not count (cuBLAS's workspace, the pool's
+/// fragmentation, small tensors).
+const USABLE_FRACTION: f64 = 0.9;
+
+/// Whether `need` bytes fit in `free` bytes of device memory with room to spare.
+pub fn fits(need: u64, free: u64) -> bool {
+    need as f64 <= USABLE_FRACTION * free as f64
+}
+
+/// The default of `--keep-activations` on `device` for a step that needs
+/// `need` bytes with them kept ([`kept_step_bytes`]): on CUDA, kept when that
+/// [`fits`] the device's free memory now, with a note to print when it does
+/// not; recomputed on the CPU (and any other device).
+///
+/// # Errors
+/// The driver's, if it cannot report the device's free memory.
+pub fn default_keep_activations(device: &Device, need: u64) -> Result<(bool, Option<String>)> {
+    let Some(free) = free_device_memory(device)? else { return Ok((false, None)) };
+    if fits(need, free) {
+        return Ok((true, None));
+    }
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    let note = format!(
+        "keeping every block's activations would need about {:.1} GB and the GPU has {:.1} GB free: recomputing \
+         each block in the backward pass instead (--keep-activations overrides this)",
+        gb(need),
+        gb(free)
+    );
+    Ok((false, Some(note)))
+}
+
+/// The free memory of a CUDA `device` in bytes; `None` on other devices.
+fn free_device_memory(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle::cuda_backend::WrapErr;
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().w()?;
+        return Ok(Some(free as u64));
+    }
+    let _ = device;
+    Ok(None)
+}
