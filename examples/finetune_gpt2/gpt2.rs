@@ -16,7 +16,7 @@ use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
 use crate::softmax::causal_softmax;
 use candle::backprop::GradStore;
-use candle::{DType, Device, Result, Tensor, Var, D};
+use candle::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
 
 /// The GELU variants of Hugging Face's `activation_function` this model runs.
@@ -207,9 +207,10 @@ impl Gpt2 {
     fn attention(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (heads, head_dim) = (self.config.heads, c / self.config.heads);
-        let qkv = self.conv1d(x, &format!("{prefix}.c_attn"))?;
-        let split =
-            |i: usize| qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, heads, head_dim))?.transpose(1, 2)?.contiguous();
+        // [B, T, 3, H, D] is a view of the product; each of q, k and v is then one copy, [B, H, T, D]
+        // (reshaping the narrowed [B, T, C] first would copy it twice: its strides do not reshape).
+        let qkv = self.conv1d(x, &format!("{prefix}.c_attn"))?.reshape((b, t, 3, heads, head_dim))?;
+        let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let weights = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
         let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;

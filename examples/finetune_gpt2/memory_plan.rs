@@ -19,12 +19,12 @@ pub struct MicroBatch {
 
 /// `[B * T, C]` tensors the graph of one block holds once its forward pass
 /// has run (`Gpt2::block`): the first layer norm (1); the QKV product and its
-/// bias (3 + 3); q, k and v, each a reshaped copy of a strided view and then a
-/// contiguous copy of its transpose (6); the attention output and its
-/// reshaped copy (2); the output projection and its bias (2); the residual
-/// sum (1); the second layer norm (1); the MLP's product, bias and GELU
-/// (4 + 4 + 4); its projection and bias (2); the residual sum (1).
-const BLOCK_ROW_TENSORS: u64 = 34;
+/// bias (3 + 3); q, k and v, each a contiguous copy of a strided view (3); the
+/// attention output and its reshaped copy (2); the output projection and its
+/// bias (2); the residual sum (1); the second layer norm (1); the MLP's
+/// product, bias and GELU (4 + 4 + 4); its projection and bias (2); the
+/// residual sum (1).
+const BLOCK_ROW_TENSORS: u64 = 31;
 /// `[B, H, T, T]` tensors a block holds: the attention scores and the causal
 /// softmax's weights.
 const BLOCK_SCORE_TENSORS: u64 = 2;
