@@ -6,6 +6,9 @@
 //! accumulation over micro-batches, with activations kept or checkpointed,
 //! gives the gradients of one batch holding them all; the in-place AdamW gives
 //! candle-nn's updates, and the graph-free logits the logits.
+//!
+//! In `finetune_memory/estimate.rs`: the estimate of a step's memory that
+//! picks `--keep-activations`' default on a GPU, against the heap.
 
 #[path = "../examples/finetune_gpt2/adamw.rs"]
 #[allow(dead_code)]
@@ -16,6 +19,8 @@ mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;
+#[path = "finetune_memory/estimate.rs"]
+mod estimate;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
 #[allow(dead_code)]
 mod gelu;
@@ -360,140 +365,5 @@ fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-/// A model and micro-batch shape for the memory estimate.
-struct Estimated {
-    vocab: usize,
-    width: usize,
-    heads: usize,
-    layers: usize,
-    shape: memory_plan::MicroBatch,
-}
-
-/// The attention's `[B, H, T, T]` against the `[B * T, C]` tensors, more
-/// layers, heads, sequences and width, and a vocabulary whose logits outweigh
-/// the rest.
-const ESTIMATED: [Estimated; 6] = [
-    Estimated::of(23, 64, 2, 2, 4, 64),
-    Estimated::of(23, 64, 2, 4, 4, 64),
-    Estimated::of(23, 64, 8, 2, 4, 64),
-    Estimated::of(23, 64, 2, 2, 4, 128),
-    Estimated::of(23, 128, 4, 2, 2, 32),
-    Estimated::of(4000, 32, 2, 2, 4, 64),
-];
-
-impl Estimated {
-    const fn of(vocab: usize, width: usize, heads: usize, layers: usize, batch: usize, seq: usize) -> Self {
-        Self { vocab, width, heads, layers, shape: memory_plan::MicroBatch { batch, seq } }
-    }
-
-    /// A fresh model of this shape, on the CPU, and one micro-batch for it.
-    fn model_and_batch(&self) -> anyhow::Result<(Gpt2, Batch)> {
-        let config = Config::gpt2(self.vocab, 128, self.width, self.layers, self.heads);
-        let model = Gpt2::new(config, config.init(&mut Rng::new(10), &Device::Cpu)?, &Device::Cpu)?;
-        let batch = data().batch(&mut Rng::new(11), self.shape.batch, self.shape.seq, &Device::Cpu)?;
-        Ok((model, batch))
-    }
-
-    fn describe(&self) -> String {
-        let Self { vocab, width, heads, layers, shape } = self;
-        format!(
-            "vocabulary {vocab}, width {width}, {heads} heads, {layers} layers, batch {} x {}",
-            shape.batch, shape.seq
-        )
-    }
-}
-
-/// `--keep-activations`' default on a GPU rests on `memory_plan`'s estimate
-/// of what the whole graph holds. The same tensors are held on every device;
-/// here the heap also holds each tensor's bookkeeping (a few hundred bytes),
-/// so the measure may exceed the estimate by that, and never fall short of
-/// it. Measured (2026-12-05): 0.2-1.0% above.
-#[test]
-fn the_graphs_memory_is_as_estimated() -> anyhow::Result<()> {
-    let _alone = alone();
-    for case in &ESTIMATED {
-        let (model, batch) = case.model_and_batch()?;
-        drop(model.hidden(&batch.inputs)?);
-        let before = LIVE.load(Ordering::Relaxed);
-        let hidden = model.hidden(&batch.inputs)?;
-        let held = (LIVE.load(Ordering::Relaxed) - before) as f64;
-        let estimate = memory_plan::graph_bytes(&model.config, case.shape, 4) as f64;
-        let what = case.describe();
-        eprintln!(
-            "{what}: the graph holds {held} bytes, estimated {estimate} ({:+.2}%)",
-            100.0 * (held / estimate - 1.0)
-        );
-        assert!(
-            held >= estimate && held <= 1.02 * estimate,
-            "{what}: the graph holds {held} bytes, estimated {estimate}"
-        );
-        drop(hidden);
-    }
-    Ok(())
-}
-
-/// A whole training step with the activations kept, every loss: its peak
-/// heap stays under `memory_plan::kept_step_bytes`, the bound the default
-/// compares with the GPU's free memory, and not so far under that the GPU
-/// would recompute where it need not. Measured (2026-12-05): 1.08-1.34x the
-/// peak.
-#[test]
-fn a_kept_step_stays_under_its_estimate() -> anyhow::Result<()> {
-    let _alone = alone();
-    for case in &ESTIMATED {
-        let (model, batch) = case.model_and_batch()?;
-        let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
-        let batches = [batch];
-        for loss in [LossKind::Linear, LossKind::Chunked, LossKind::CandleNn] {
-            train::step_gradients_with(&model, &batches, loss, true)?;
-            let (step, peak) = peak_heap(|| train::step_gradients_with(&model, &batches, loss, true));
-            drop(step?);
-            let estimate = memory_plan::kept_step_bytes(&model.config, case.shape, 4, params, loss);
-            let what = format!("{loss:?}, {}", case.describe());
-            eprintln!("{what}: peak {peak} bytes, estimated {estimate} ({:.2}x)", estimate as f64 / peak as f64);
-            let (peak, estimate) = (peak as f64, estimate as f64);
-            assert!(
-                peak <= estimate && estimate <= 1.5 * peak,
-                "{what}: the step peaks at {peak} bytes, estimated {estimate}"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// `--keep-activations`' default: recomputed on the CPU whatever the
-/// estimate; on CUDA (below) kept when the step fits the free memory.
-#[test]
-fn the_cpu_recomputes_by_default() -> anyhow::Result<()> {
-    let _shared = shared();
-    for need in [0, 1 << 20, u64::MAX] {
-        assert_eq!(memory_plan::default_keep_activations(&Device::Cpu, need)?, (false, None), "{need} bytes");
-    }
-    Ok(())
-}
-
-/// On CUDA a step that needs one byte keeps its activations and one that
-/// needs more than any GPU has recomputes them, saying so. Skips without a
-/// GPU (fails with `CHUNKED_CE_REQUIRE_CUDA` set).
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_keeps_activations_where_they_fit() -> anyhow::Result<()> {
-    let _shared = shared();
-    let device = match Device::new_cuda(0) {
-        Ok(device) => device,
-        Err(e) => {
-            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
-            eprintln!("SKIP cuda_keeps_activations_where_they_fit: no CUDA device");
-            return Ok(());
-        }
-    };
-    assert_eq!(memory_plan::default_keep_activations(&device, 1)?, (true, None));
-    let (keep, note) = memory_plan::default_keep_activations(&device, 1 << 50)?;
-    assert!(!keep, "a petabyte fits?");
-    let note = note.expect("a note saying why");
-    assert!(note.contains("recomputing") && note.contains("1125899.9 GB"), "{note}");
     Ok(())
 }
