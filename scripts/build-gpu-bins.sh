@@ -10,11 +10,23 @@
 #   LIST          their names, one a line
 #   MANIFEST_DIR  the repository root that env!("CARGO_MANIFEST_DIR") baked into them
 #                 (scripts/gpu-env.sh links it to the checkout on the GPU machine)
+#   COMMIT        the commit they were built from, `+dirty` with uncommitted changes or
+#                 untracked files (scripts/gpu-env.sh prints it into the check's log)
+# A gpu-bin/ already built from the clean HEAD is kept as it is (`--force` rebuilds): it can
+# be built ahead of a lease. Unpacking it (gpu-env.sh) removes bins.tar.xz, so a gpu-bin/ that
+# a dry run of gpu-check.sh unpacked here is rebuilt.
 # Then: run tool, carry ["gpu-bin"] (and ".whl" for Liger), command
 # `bash scripts/gpu-check.sh`. CARGO_TARGET_DIR defaults to the one .ci/run uses.
 set -euo pipefail
 shopt -s inherit_errexit   # a failed cargo inside $(...) stops the script too
 cd "$(dirname "$0")/.."
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit+dirty"
+if [ "${1:-}" != --force ] && [ -f gpu-bin/bins.tar.xz ] && [[ $commit != *+dirty && $commit != unknown ]] &&
+  [ "$(cat gpu-bin/COMMIT 2>/dev/null)" = "$commit" ]; then
+  echo "build-gpu-bins: gpu-bin/ already holds the binaries of $commit (--force rebuilds)"
+  exit 0
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/candle-chunked-ce/target}"
 export CARGO_TERM_COLOR=never
 max_mib=40
@@ -59,6 +71,7 @@ done <<<"$artifacts"
 rm -rf gpu-bin && mkdir -p gpu-bin
 printf '%s\n' "${names[@]}" >gpu-bin/LIST
 printf '%s\n' "$manifest_dirs" >gpu-bin/MANIFEST_DIR
+printf '%s\n' "$commit" >gpu-bin/COMMIT
 (cd "$stage" && ls -l "${names[@]}")
 stripped=$(du -cb "$stage"/* | tail -1 | cut -f1)
 echo "build-gpu-bins: ${#names[@]} binaries, $((stripped / 1048576)) MiB stripped; compressing (xz -9e, one thread, a few minutes)"
