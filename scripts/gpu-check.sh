@@ -8,12 +8,14 @@
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
-# and over the linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
+# and over the linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries, and
+# last GPT-2 124M against PyTorch again with f32 products in TF32 on both sides.
 # On an H200 (2026-12-04) the whole check took 300 s, before the row-block tables, the in_forward
 # cells, initcheck and the ncu steps were added.
-# Parts: GPU_CHECK_PARTS=all (the default), core (everything but ncu) or profile (the environment
-# and the ncu steps alone, for a second call when the first left device time): the ncu steps come
-# last and a full call usually reaches its deadline first (the check has grown since its 300 s).
+# Parts: GPU_CHECK_PARTS=all (the default), core (everything but ncu and TF32) or profile (the
+# environment, the ncu steps and the TF32 pair alone, for a second call when the first left
+# device time): they come last and a full call usually reaches its deadline first (the check has
+# grown since its 300 s).
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
@@ -105,7 +107,7 @@ tests_md=$logs/tests.md
 sanitizer_md=$logs/sanitizer.md
 : >"$tests_md"
 : >"$sanitizer_md"
-example_log="" torch_gpt2_log="" gpt2_log="" gpt2_dir=""
+example_log="" torch_gpt2_log="" gpt2_log="" gpt2_dir="" torch_tf32_log="" tf32_log=""
 bench_steps=()
 if [ "$parts" != profile ]; then
 
@@ -223,7 +225,7 @@ ncu=$(command -v ncu || true)
 for cand in "${CUDA_HOME:-/nonexistent}/bin/ncu" /usr/local/cuda/bin/ncu; do
   [ -n "$ncu" ] || { [ -x "$cand" ] && ncu=$cand; }
 done
-if [ -n "$ncu" ] && [ -z "$gpt2_dir" ]; then
+if [ -z "$gpt2_dir" ]; then
   # The profile part alone: GPT-2 124M's weights, as the torch step of the core part saves them.
   gpt2_dir=$(mktemp -d)
   run_step torch_gpt2-save 90 "$py" scripts/torch_gpt2_train_bench.py --save "$gpt2_dir" --batch 1 --seq 16 \
@@ -262,6 +264,14 @@ if [ -n "$ncu" ]; then
     ncu_bwd_logs+=("$step_log")
   done
 fi
+
+# --- f4. the main job with f32 products in TF32 on both sides (finetune_gpt2 --tf32; PyTorch's
+# set_float32_matmul_precision("high")): the GPU-suited setting, beside the strict-f32 pair above.
+run_step torch_gpt2-tf32 90 "$py" scripts/torch_gpt2_train_bench.py --batch 8 --seq 512 --steps 10 --tf32
+torch_tf32_log=$step_log
+run_step finetune_gpt2-124m-tf32 120 "$bin/finetune_gpt2" --device cuda --weights "$gpt2_dir" --batch 8 --seq 512 \
+  --accum 1 --steps 12 --eval-every 1000 --tf32
+tf32_log=$step_log
 
 fi # the profile parts
 
@@ -304,6 +314,12 @@ summary=$out_dir/summary.md
   echo '```'
   [ -z "$torch_gpt2_log" ] || grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
   [ -z "$gpt2_log" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
+  echo '```'
+  echo
+  echo "## GPT-2 124M, batch 8 x 512, f32 products in TF32: PyTorch + transformers, then ours"
+  echo '```'
+  [ -z "$torch_tf32_log" ] || grep -E 'tokens/s|Error|error' "$torch_tf32_log" | tail -3
+  [ -z "$tf32_log" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$tf32_log" | tail -4
   echo '```'
   echo
   echo "## ncu: the kernels of two GPT-2 124M training steps (${ncu:-ncu not found})"

@@ -27,7 +27,11 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--save", help="save_pretrained the model here first")
+    ap.add_argument("--tf32", action="store_true",
+                    help="f32 matmuls in TF32 (torch.set_float32_matmul_precision('high')), as finetune_gpt2 --tf32")
     args = ap.parse_args()
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     device = torch.device(args.device)
     torch.manual_seed(0)
     config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -55,7 +59,8 @@ def main():
     per_step = sum(times) / len(times)
     peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "-"
     print(
-        f"PyTorch {torch.__version__} + transformers {transformers.__version__}: GPT-2 {params / 1e6:.0f}M f32, "
+        f"PyTorch {torch.__version__} + transformers {transformers.__version__}: GPT-2 {params / 1e6:.0f}M f32"
+        f"{' (matmuls in TF32)' if args.tf32 else ''}, "
         f"batch {args.batch} x {args.seq}, AdamW: {per_step * 1e3:.0f} ms/step, "
         f"{args.batch * args.seq / per_step:.0f} tokens/s over {len(times)} steps; peak {peak}"
     )

@@ -28,8 +28,9 @@ const WHAT: &str = "linear cross-entropy (cuda): acc += lhsᵀ · rhs";
 /// `acc += lhsᵀ · rhs` in place, on CUDA: `acc` `[m, n]` f32 or of the
 /// operands' dtype, `lhs` `[k, m]` and `rhs` `[k, n]` of one dtype among f32,
 /// bf16 and f16, all three contiguous (any start offset) on one CUDA device.
-/// Products and sums are in f32 (no TF32, whatever candle's reduced-precision
-/// switches say); a 16-bit `acc` is rounded once per element and call.
+/// Products and sums are in f32; f32 operands' products use TF32 where
+/// candle's own f32 matmuls do (see [`compute_type`]); a 16-bit `acc` is
+/// rounded once per element and call.
 ///
 /// # Errors
 /// Shapes that do not match, other dtypes, non-contiguous operands, operands
@@ -147,6 +148,21 @@ impl candle::InplaceOp3 for CublasTransposedProduct {
     }
 }
 
+/// cuBLAS's compute type for operands of `data_type`: f32 throughout
+/// (`CUBLAS_COMPUTE_32F`), but for f32 operands when candle's f32 matmuls may
+/// use TF32 (`tf32`: `candle::cuda::set_gemm_reduced_precision_f32(true)`),
+/// TF32 products as theirs (`CUBLAS_COMPUTE_32F_FAST_TF32`): the linear loss's
+/// logits and input gradient are candle matmuls, and its weight gradient
+/// follows them. 16-bit operands always accumulate in f32 (candle's 16-bit
+/// switches would allow 16-bit sums, which the loss's accuracy does not).
+fn compute_type(data_type: sys::cudaDataType_t, tf32: bool) -> sys::cublasComputeType_t {
+    if tf32 && data_type == sys::cudaDataType_t::CUDA_R_32F {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    }
+}
+
 /// The element ranges of the three contiguous operands and the product's
 /// `(m, n, k)`, checked against each other, and `beta`: 1 adds the product
 /// into `acc`, 0 overwrites it.
@@ -226,9 +242,10 @@ impl Operands {
         let (rhs, _rhs_guard) = rhs.device_ptr(&stream);
         let (acc, _acc_guard) = acc.device_ptr_mut(&stream);
         let alpha = 1f32;
+        let compute = compute_type(data_type, candle::cuda::gemm_reduced_precision_f32());
         // SAFETY: `blas` is candle's live handle for this device, bound to
         // `stream`, in its default host pointer mode (candle never changes it),
-        // so cuBLAS reads `alpha` and `beta` (f32, as CUBLAS_COMPUTE_32F wants)
+        // so cuBLAS reads `alpha` and `beta` (f32, as both compute types want)
         // before returning. The three pointers are this device's memory, kept
         // alive by the storages borrowed for this call (and, for the queued
         // kernel, by the stream ordering of candle's stream-ordered frees) and
@@ -259,7 +276,7 @@ impl Operands {
                 acc as *mut c_void,
                 acc_type,
                 n,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
@@ -348,8 +365,21 @@ fn scale_16bit<T: CudaDType>(
 
 #[cfg(test)]
 mod tests {
-    use super::{add_transposed_product, write_transposed_product};
+    use super::{add_transposed_product, compute_type, write_transposed_product};
+    use candle::cuda_backend::cudarc::cublas::sys::{cublasComputeType_t, cudaDataType_t};
     use candle::{DType, Device, Result, Tensor};
+
+    /// TF32 for f32 operands only, and only where candle's f32 matmuls use it.
+    #[test]
+    fn tf32_only_for_f32_and_only_when_allowed() {
+        use cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32};
+        for data_type in [cudaDataType_t::CUDA_R_32F, cudaDataType_t::CUDA_R_16BF, cudaDataType_t::CUDA_R_16F] {
+            assert_eq!(compute_type(data_type, false), CUBLAS_COMPUTE_32F, "{data_type:?}");
+        }
+        assert_eq!(compute_type(cudaDataType_t::CUDA_R_32F, true), CUBLAS_COMPUTE_32F_FAST_TF32);
+        assert_eq!(compute_type(cudaDataType_t::CUDA_R_16BF, true), CUBLAS_COMPUTE_32F);
+        assert_eq!(compute_type(cudaDataType_t::CUDA_R_16F, true), CUBLAS_COMPUTE_32F);
+    }
 
     fn error(acc: &Tensor, lhs: &Tensor, rhs: &Tensor) -> String {
         match add_transposed_product(acc, lhs, rhs) {

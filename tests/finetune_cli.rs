@@ -66,6 +66,7 @@ fn help_lists_every_flag_with_its_default() {
         "--save",
         "--plot",
         "--device",
+        "--tf32",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
     }
@@ -79,8 +80,10 @@ fn defaults() -> Result<(), clap::Error> {
     assert_eq!(args.loss, LossKind::Linear);
     assert_eq!((args.steps, args.batch, args.accum, args.seq), (150, 8, 2, 64));
     assert_eq!(args.device, DeviceKind::Cpu);
-    // No --keep-activations: the device decides (true on CUDA, false on the CPU).
+    // No --keep-activations: the device decides (on CUDA by its free memory, memory_plan.rs).
     assert!(args.weights.is_none() && args.heads.is_none() && args.lr.is_none() && args.keep_activations.is_none());
+    assert!(!args.tf32);
+    assert!(parse(&["--tf32", "--device", "cuda"])?.tf32);
     let args = parse(&["--loss", "chunked", "--keep-activations", "--heads", "12"])?;
     assert_eq!((args.loss, args.keep_activations, args.heads), (LossKind::Chunked, Some(true), Some(12)));
     let args = parse(&["--keep-activations", "false", "--device", "cuda"])?;

@@ -267,6 +267,13 @@ fn run(args: Args) -> Result<()> {
     // On a GPU: keep freed memory in CUDA's pool (every step's buffers are the same, and mapping them
     // afresh each step cost 2.9x end to end in the loss's own benchmark).
     candle_chunked_ce::retain_freed_memory(&device)?;
+    if args.tf32 {
+        if !device.is_cuda() {
+            bail!("--tf32 applies to CUDA's f32 matrix products: add --device cuda")
+        }
+        // candle's switch, which the loss's own cuBLAS products follow too.
+        candle::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let bpe = tiktoken_rs::r50k_base()?;
     let data = load_data(args.data.as_ref(), &bpe)?;
     if data.len() < 2 {
@@ -288,14 +295,15 @@ fn run(args: Args) -> Result<()> {
     let lr = args.lr.unwrap_or(if args.weights.is_some() { 1e-4 } else { 3e-3 });
     let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     println!(
-        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}; lr {lr:e}",
+        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}; lr {lr:e}{}",
         model.config.layers,
         model.config.width,
         model.config.heads,
         params as f64 / 1e6,
         train_data.len(),
         val_data.len(),
-        args.loss
+        args.loss,
+        if args.tf32 { "; f32 products in TF32" } else { "" }
     );
 
     let mut rng = Rng::new(args.seed);

@@ -66,7 +66,9 @@ use std::sync::Mutex;
 /// `cuda` feature; see [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)) the logits are materialised
 /// whole by candle's matmul and the loss is candle's primitive ops
 /// differentiated by candle's autograd: the same results, without the memory
-/// savings.
+/// savings. On CUDA the matrix products of f32 inputs use TF32 exactly when
+/// candle's own f32 matmuls do (`candle::cuda::set_gemm_reduced_precision_f32`);
+/// 16-bit inputs' products always accumulate in f32.
 ///
 /// ```
 /// use candle::{DType, Device, Tensor, Var};
