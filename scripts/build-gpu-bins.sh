@@ -10,23 +10,17 @@
 #   LIST          their names, one a line
 #   MANIFEST_DIR  the repository root that env!("CARGO_MANIFEST_DIR") baked into them
 #                 (scripts/gpu-env.sh links it to the checkout on the GPU machine)
-#   COMMIT        the commit they were built from, `+dirty` with uncommitted changes or
-#                 untracked files (scripts/gpu-env.sh prints it into the check's log)
-# A gpu-bin/ already built from the clean HEAD is kept as it is (`--force` rebuilds): it can
-# be built ahead of a lease. Unpacking it (gpu-env.sh) removes bins.tar.xz, so a gpu-bin/ that
-# a dry run of gpu-check.sh unpacked here is rebuilt.
+#   COMMIT        the commit they were built from (`+dirty` with uncommitted changes or
+#                 untracked files) and the PTX target, written last, once the archive is whole
+#                 and fits (scripts/gpu-env.sh prints it into the check's log)
+# A gpu-bin/ already built from the clean HEAD for the same PTX target is kept as it is
+# (`--force` rebuilds): it can be built ahead of a lease. Unpacking it (gpu-env.sh) removes
+# bins.tar.xz, so a gpu-bin/ that a dry run of gpu-check.sh unpacked here is rebuilt.
 # Then: run tool, carry ["gpu-bin"] (and ".whl" for Liger), command
 # `bash scripts/gpu-check.sh`. CARGO_TARGET_DIR defaults to the one .ci/run uses.
 set -euo pipefail
 shopt -s inherit_errexit   # a failed cargo inside $(...) stops the script too
 cd "$(dirname "$0")/.."
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit+dirty"
-if [ "${1:-}" != --force ] && [ -f gpu-bin/bins.tar.xz ] && [[ $commit != *+dirty && $commit != unknown ]] &&
-  [ "$(cat gpu-bin/COMMIT 2>/dev/null)" = "$commit" ]; then
-  echo "build-gpu-bins: gpu-bin/ already holds the binaries of $commit (--force rebuilds)"
-  exit 0
-fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/candle-chunked-ce/target}"
 export CARGO_TERM_COLOR=never
 max_mib=40
@@ -37,6 +31,15 @@ trap 'rm -rf "$env_file" "$stage"' EXIT
 bash ../shared/cuda/setup.sh "$env_file" >/dev/null
 # shellcheck disable=SC1090
 source "$env_file"
+# What the binaries are built from: the commit and the PTX target.
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit+dirty"
+stamp="$commit sm_${CUDA_COMPUTE_CAP:-auto}"
+if [ "${1:-}" != --force ] && [ -f gpu-bin/bins.tar.xz ] && [[ $commit != *+dirty && $commit != unknown ]] &&
+  [ "$(cat gpu-bin/COMMIT 2>/dev/null)" = "$stamp" ]; then
+  echo "build-gpu-bins: gpu-bin/ already holds the binaries of $stamp (--force rebuilds)"
+  exit 0
+fi
 
 # Each cargo run's JSON messages -> "path<TAB>manifest_path" of the executables wanted.
 executables() {
@@ -71,7 +74,6 @@ done <<<"$artifacts"
 rm -rf gpu-bin && mkdir -p gpu-bin
 printf '%s\n' "${names[@]}" >gpu-bin/LIST
 printf '%s\n' "$manifest_dirs" >gpu-bin/MANIFEST_DIR
-printf '%s\n' "$commit" >gpu-bin/COMMIT
 (cd "$stage" && ls -l "${names[@]}")
 stripped=$(du -cb "$stage"/* | tail -1 | cut -f1)
 echo "build-gpu-bins: ${#names[@]} binaries, $((stripped / 1048576)) MiB stripped; compressing (xz -9e, one thread, a few minutes)"
@@ -84,3 +86,5 @@ if [ "$total" -gt $((max_mib * 1048576)) ]; then
   echo "build-gpu-bins: gpu-bin/ is over $max_mib MiB: it would not fit in one run's 64 MiB carry with the checkout" >&2
   exit 1
 fi
+# Last, once the archive is whole and fits: what a later run may keep without rebuilding.
+printf '%s\n' "$stamp" >gpu-bin/COMMIT
