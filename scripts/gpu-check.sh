@@ -8,8 +8,8 @@
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
-# and over the linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries, and
-# last GPT-2 124M against PyTorch again with f32 products in TF32 on both sides.
+# (after GPT-2 124M against PyTorch again with f32 products in TF32 on both sides) and over the
+# linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
 # On an H200 (2026-12-04) the whole check took 300 s, before the row-block tables, the in_forward
 # cells, initcheck and the ncu steps were added.
 # Parts: GPU_CHECK_PARTS=all (the default), core (everything but ncu and TF32) or profile (the
@@ -217,7 +217,7 @@ bench_steps+=("$step_log")
 
 fi # the core parts
 
-# --- f2. where the main job's GPU time goes: every kernel of two GPT-2 124M steps, by ncu -----
+# --- the profile part: the TF32 pair, then ncu ---------------------------------------------
 ncu="" ncu_log="" ncu_linear_log=""
 ncu_bwd_logs=()
 if [ "$parts" != core ]; then
@@ -231,6 +231,16 @@ if [ -z "$gpt2_dir" ]; then
   run_step torch_gpt2-save 90 "$py" scripts/torch_gpt2_train_bench.py --save "$gpt2_dir" --batch 1 --seq 16 \
     --steps 1 --warmup 0
 fi
+# --- f2a. the main job with f32 products in TF32 on both sides (finetune_gpt2 --tf32; PyTorch's
+# set_float32_matmul_precision("high")): the GPU-suited setting, beside the strict-f32 pair of
+# the core part; before the ncu steps, which a call's deadline may cut.
+run_step torch_gpt2-tf32 90 "$py" scripts/torch_gpt2_train_bench.py --batch 8 --seq 512 --steps 10 --tf32
+torch_tf32_log=$step_log
+run_step finetune_gpt2-124m-tf32 120 "$bin/finetune_gpt2" --device cuda --weights "$gpt2_dir" --batch 8 --seq 512 \
+  --accum 1 --steps 12 --eval-every 1000 --tf32
+tf32_log=$step_log
+
+# --- f2. where the main job's GPU time goes: every kernel of two GPT-2 124M steps, by ncu -----
 if [ -n "$ncu" ]; then
   ncu_csv=$logs/ncu-gpt2.csv
   run_step ncu-gpt2 120 "$ncu" --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
@@ -264,14 +274,6 @@ if [ -n "$ncu" ]; then
     ncu_bwd_logs+=("$step_log")
   done
 fi
-
-# --- f4. the main job with f32 products in TF32 on both sides (finetune_gpt2 --tf32; PyTorch's
-# set_float32_matmul_precision("high")): the GPU-suited setting, beside the strict-f32 pair above.
-run_step torch_gpt2-tf32 90 "$py" scripts/torch_gpt2_train_bench.py --batch 8 --seq 512 --steps 10 --tf32
-torch_tf32_log=$step_log
-run_step finetune_gpt2-124m-tf32 120 "$bin/finetune_gpt2" --device cuda --weights "$gpt2_dir" --batch 8 --seq 512 \
-  --accum 1 --steps 12 --eval-every 1000 --tf32
-tf32_log=$step_log
 
 fi # the profile parts
 

@@ -54,7 +54,8 @@
 //!   micro-batches [`LinearCrossEntropy::accumulate_grads`] into a
 //!   [`LinearGradAccumulator`]).
 //! - [`retain_freed_memory`]: on CUDA, keeps what candle frees in the device's
-//!   memory pool, so that each step's buffers are not mapped afresh.
+//!   memory pool, so that each step's buffers are not mapped afresh;
+//!   [`available_memory`] counts that kept memory as available.
 //! - [`compute_cross_entropy`]: the sum of per-row losses (NeMo's function).
 //! - [`reference::cross_entropy_slow`]: the same loss from candle primitives and
 //!   autograd, the reference the tests hold the fast path against.
@@ -95,6 +96,6 @@ pub use cpu::instruction_set;
 pub use linear::{linear_products, recomputed_backwards, LinearProducts};
 pub use linear::{LinearCrossEntropy, LinearGradAccumulator, LinearGrads, MicroBatchGrads};
 pub use loss::{compute_cross_entropy, ChunkedCrossEntropy};
-pub use memory::retain_freed_memory;
+pub use memory::{available_memory, retain_freed_memory};
 #[cfg(feature = "testing")]
 pub use op::{cpu_logits_grad, cpu_row_stats};

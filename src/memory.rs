@@ -33,10 +33,38 @@ pub fn retain_freed_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The device memory, in bytes, that new tensors on `device` can have now:
+/// the driver's free memory plus what CUDA's default pool holds reserved but
+/// unused. The driver counts the latter as used, though candle's next
+/// allocations reuse it: after [`retain_freed_memory`], every buffer candle
+/// has freed stays there. `None` on the CPU and devices other than CUDA.
+///
+/// # Errors
+/// The driver's, if it cannot report the free memory or the pool's.
+pub fn available_memory(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda::available_memory(cuda).map(Some);
+    }
+    let _ = device;
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle::cuda_backend::cudarc::driver::sys;
-    use candle::Result;
+    use candle::cuda_backend::WrapErr;
+    use candle::{CudaDevice, Result};
+
+    /// See [`super::available_memory`].
+    pub(crate) fn available_memory(device: &CudaDevice) -> Result<u64> {
+        let (free, _total) = device.cuda_stream().context().mem_get_info().w()?;
+        let gpu_id = device.cuda_stream().context().ordinal();
+        use sys::CUmemPool_attribute::{CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_CURRENT};
+        let reserved = pool_attribute(gpu_id, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let used = pool_attribute(gpu_id, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(free as u64 + reserved.saturating_sub(used))
+    }
 
     /// Sets the release threshold of device `gpu_id`'s default memory pool.
     pub(crate) fn set_release_threshold(gpu_id: usize, bytes: u64) -> Result<()> {
@@ -58,17 +86,20 @@ pub(crate) mod cuda {
     /// tests read it back).
     #[cfg(test)]
     pub(crate) fn release_threshold(gpu_id: usize) -> Result<u64> {
+        pool_attribute(gpu_id, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD)
+    }
+
+    /// A `cuuint64_t` attribute of device `gpu_id`'s default memory pool: its
+    /// release threshold, or the bytes it has reserved or in use.
+    fn pool_attribute(gpu_id: usize, attribute: sys::CUmemPool_attribute) -> Result<u64> {
         let pool = default_pool(gpu_id)?;
         let mut value = 0u64;
-        // SAFETY: as in `set_release_threshold`, reading the attribute into `value`.
-        let rc = unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut value as *mut u64).cast(),
-            )
-        };
-        check(rc, "cuMemPoolGetAttribute(RELEASE_THRESHOLD)")?;
+        // SAFETY: the callers ask only for the attributes whose value is a
+        // cuuint64_t (RELEASE_THRESHOLD, RESERVED_MEM_CURRENT, USED_MEM_CURRENT),
+        // read into `value`, which outlives the call; `pool` is as in
+        // `set_release_threshold`.
+        let rc = unsafe { sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast()) };
+        check(rc, "cuMemPoolGetAttribute")?;
         Ok(value)
     }
 
@@ -87,19 +118,70 @@ pub(crate) mod cuda {
         if rc == sys::CUresult::CUDA_SUCCESS {
             Ok(())
         } else {
-            candle::bail!("retain_freed_memory: {what} failed: {rc:?}")
+            candle::bail!("CUDA memory pool: {what} failed: {rc:?}")
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::retain_freed_memory;
+    use super::{available_memory, retain_freed_memory};
     use candle::Device;
 
     #[test]
-    fn a_no_op_on_the_cpu() -> candle::Result<()> {
-        retain_freed_memory(&Device::Cpu)
+    fn nothing_to_do_on_the_cpu() -> candle::Result<()> {
+        retain_freed_memory(&Device::Cpu)?;
+        assert_eq!(available_memory(&Device::Cpu)?, None);
+        Ok(())
+    }
+
+    /// The CUDA tests below set the pool's threshold: one at a time.
+    #[cfg(feature = "cuda")]
+    static POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[cfg(feature = "cuda")]
+    fn cuda_device(test: &str) -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(device) => Some(device),
+            Err(e) => {
+                assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
+                eprintln!("SKIP {test}: no CUDA device");
+                None
+            }
+        }
+    }
+
+    /// A 256 MiB tensor takes its size from the available memory while it
+    /// lives; once freed into a pool that keeps it, the driver still counts it
+    /// as used, and the available memory has it back.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn available_memory_counts_what_the_pool_keeps() -> candle::Result<()> {
+        let _pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(device) = cuda_device("available_memory_counts_what_the_pool_keeps") else { return Ok(()) };
+        let Device::Cuda(cuda) = &device else { unreachable!("a CUDA device") };
+        retain_freed_memory(&device)?;
+        const MIB: u64 = 1 << 20;
+        let available = || -> candle::Result<u64> {
+            device.synchronize()?;
+            Ok(available_memory(&device)?.expect("CUDA reports its memory"))
+        };
+        let before = available()?;
+        let tensor = candle::Tensor::zeros(64 << 20, candle::DType::F32, &device)?;
+        let during = available()?;
+        assert!(during + 240 * MIB <= before, "available {before} bytes before, {during} with 256 MiB in use");
+        drop(tensor);
+        let after = available()?;
+        let (driver_free, _) = {
+            use candle::cuda_backend::WrapErr;
+            cuda.cuda_stream().context().mem_get_info().w()?
+        };
+        assert!(after + 16 * MIB >= before, "available {before} bytes before, {after} after freeing 256 MiB");
+        assert!(
+            after >= driver_free as u64 + 240 * MIB,
+            "the pool keeps nothing: {after} available, {driver_free} free"
+        );
+        Ok(())
     }
 
     /// The device's pool keeps everything freed afterwards (the threshold is
@@ -108,14 +190,8 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn raises_the_pools_release_threshold() -> candle::Result<()> {
-        let device = match Device::new_cuda(0) {
-            Ok(device) => device,
-            Err(e) => {
-                assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
-                eprintln!("SKIP raises_the_pools_release_threshold: no CUDA device");
-                return Ok(());
-            }
-        };
+        let _pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(device) = cuda_device("raises_the_pools_release_threshold") else { return Ok(()) };
         super::cuda::set_release_threshold(0, 0)?;
         assert_eq!(super::cuda::release_threshold(0)?, 0);
         retain_freed_memory(&device)?;

@@ -36,7 +36,7 @@ pub struct Args {
     pub accum: usize,
     /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
     /// same gradients, bit for bit): 2% faster for GPT-2 124M at batch 4 x 256 tokens on the CPU, but 6.5 GB peak
-    /// instead of 3.1 GB [default: true on CUDA when the step's estimated memory fits in 90% of the GPU's free
+    /// instead of 3.1 GB [default: true on CUDA when the step's estimated memory fits in 90% of the GPU's available
     /// memory (else false, with a note), false on the CPU]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub keep_activations: Option<bool>,

@@ -3,8 +3,8 @@
 //! leaves it open: kept on a GPU whose free memory holds the step (recomputing
 //! costs a second forward pass of every block), recomputed on the CPU (kept is
 //! 2% faster there, at twice the peak). The estimate counts the tensors the
-//! model's code creates; `tests/finetune_memory.rs` holds it against the heap
-//! that the same code holds on the CPU.
+//! model's code creates; `tests/finetune_memory/estimate.rs` holds it against
+//! the heap that the same code holds on the CPU.
 
 use crate::gpt2::Config;
 use crate::train::LossKind;
@@ -58,8 +58,9 @@ fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
 ///   micro-batches beside them, and the zero-filled sum and its result that
 ///   candle's backward adds each new gradient into: three times `params`;
 /// - the loss's own buffers: the linear loss's f32 sum of the output
-///   layer's gradient (`[V, C]`) with a chunk of logits and the hidden
-///   states' gradient; the chunked loss holds the logits, their gradient,
+///   layer's gradient (`[V, C]`), a chunk of logits (on CUDA at least 2048
+///   rows: counted as all of them, `[B * T, V]`) and the hidden states'
+///   gradient; the chunked loss holds the logits, their gradient,
 ///   and candle's zero-filled gradient sum and its result (four
 ///   `[B * T, V]`); candle-nn's, with its log-softmax's intermediates and
 ///   their gradients, ten (9.2 measured on the CPU).
@@ -67,7 +68,7 @@ pub fn kept_step_bytes(config: &Config, shape: MicroBatch, elem: usize, params: 
     let rows = (shape.batch * shape.seq) as u64;
     let (vocab, width, elem64) = (config.vocab as u64, config.width as u64, elem as u64);
     let loss_bytes = match loss {
-        LossKind::Linear => 4 * vocab * width + 2 * rows * width * elem64,
+        LossKind::Linear => 4 * vocab * width + rows * vocab * elem64 + 2 * rows * width * elem64,
         LossKind::Chunked => 4 * rows * vocab * elem64,
         LossKind::CandleNn => 10 * rows * vocab * elem64,
     };
@@ -86,34 +87,24 @@ pub fn fits(need: u64, free: u64) -> bool {
 
 /// The default of `--keep-activations` on `device` for a step that needs
 /// `need` bytes with them kept ([`kept_step_bytes`]): on CUDA, kept when that
-/// [`fits`] the device's free memory now, with a note to print when it does
-/// not; recomputed on the CPU (and any other device).
+/// [`fits`] the device's available memory now (`candle_chunked_ce::available_memory`),
+/// with a note to print when it does not; recomputed on the CPU (and any other
+/// device).
 ///
 /// # Errors
-/// The driver's, if it cannot report the device's free memory.
+/// The driver's, if it cannot report the device's memory.
 pub fn default_keep_activations(device: &Device, need: u64) -> Result<(bool, Option<String>)> {
-    let Some(free) = free_device_memory(device)? else { return Ok((false, None)) };
+    // The driver's free memory and what CUDA's pool keeps unused (the example retains freed memory).
+    let Some(free) = candle_chunked_ce::available_memory(device)? else { return Ok((false, None)) };
     if fits(need, free) {
         return Ok((true, None));
     }
     let gb = |bytes: u64| bytes as f64 / 1e9;
     let note = format!(
-        "keeping every block's activations would need about {:.1} GB and the GPU has {:.1} GB free: recomputing \
+        "keeping every block's activations would need about {:.1} GB and the GPU has {:.1} GB available: recomputing \
          each block in the backward pass instead (--keep-activations overrides this)",
         gb(need),
         gb(free)
     );
     Ok((false, Some(note)))
-}
-
-/// The free memory of a CUDA `device` in bytes; `None` on other devices.
-fn free_device_memory(device: &Device) -> Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        use candle::cuda_backend::WrapErr;
-        let (free, _total) = cuda.cuda_stream().context().mem_get_info().w()?;
-        return Ok(Some(free as u64));
-    }
-    let _ = device;
-    Ok(None)
 }

@@ -66,9 +66,10 @@ use std::sync::Mutex;
 /// `cuda` feature; see [`ChunkedCrossEntropy`](crate::ChunkedCrossEntropy)) the logits are materialised
 /// whole by candle's matmul and the loss is candle's primitive ops
 /// differentiated by candle's autograd: the same results, without the memory
-/// savings. On CUDA the matrix products of f32 inputs use TF32 exactly when
-/// candle's own f32 matmuls do (`candle::cuda::set_gemm_reduced_precision_f32`);
-/// 16-bit inputs' products always accumulate in f32.
+/// savings. On CUDA the logits and the hidden states' gradient are candle
+/// matmuls, with candle's precision switches (`candle::cuda::set_gemm_reduced_precision_*`);
+/// the weight gradient's own cuBLAS product follows the f32 one (TF32 products
+/// for f32 inputs) and always sums in f32.
 ///
 /// ```
 /// use candle::{DType, Device, Tensor, Var};
