@@ -33,7 +33,11 @@ bash ../shared/cuda/setup.sh "$env_file" >/dev/null
 source "$env_file"
 # What the binaries are built from: the commit and the PTX target.
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit+dirty"
+if ! changes=$(git status --porcelain 2>/dev/null); then
+  commit=unknown
+elif [ -n "$changes" ]; then
+  commit="$commit+dirty"
+fi
 stamp="$commit sm_${CUDA_COMPUTE_CAP:-auto}"
 if [ "${1:-}" != --force ] && [ -f gpu-bin/bins.tar.xz ] && [[ $commit != *+dirty && $commit != unknown ]] &&
   [ "$(cat gpu-bin/COMMIT 2>/dev/null)" = "$stamp" ]; then

@@ -153,9 +153,9 @@ impl candle::InplaceOp3 for CublasTransposedProduct {
 /// use TF32 (`tf32`: `candle::cuda::set_gemm_reduced_precision_f32(true)`),
 /// TF32 products as theirs (`CUBLAS_COMPUTE_32F_FAST_TF32`): the linear loss's
 /// logits and input gradient are candle matmuls, and its weight gradient
-/// follows them. 16-bit operands always sum in f32 here, whatever candle's
-/// 16-bit switches allow its own matmuls: this sum runs over every row of the
-/// call, where a 16-bit one would lose the small rows' terms.
+/// follows them. 16-bit operands' products always sum in f32 here, whatever
+/// candle's 16-bit switches allow its own matmuls: each sums a whole chunk of
+/// rows, where 16-bit sums would lose the small rows' terms.
 fn compute_type(data_type: sys::cudaDataType_t, tf32: bool) -> sys::cublasComputeType_t {
     if tf32 && data_type == sys::cudaDataType_t::CUDA_R_32F {
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32

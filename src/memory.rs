@@ -176,7 +176,9 @@ mod tests {
             use candle::cuda_backend::WrapErr;
             cuda.cuda_stream().context().mem_get_info().w()?
         };
-        assert!(after + 16 * MIB >= before, "available {before} bytes before, {after} after freeing 256 MiB");
+        // Slack for what other tests of this binary may take meanwhile outside the pool (a cuBLAS
+        // handle, a module of kernels) when they run in parallel.
+        assert!(after + 128 * MIB >= before, "available {before} bytes before, {after} after freeing 256 MiB");
         assert!(
             after >= driver_free as u64 + 240 * MIB,
             "the pool keeps nothing: {after} available, {driver_free} free"

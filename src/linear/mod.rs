@@ -69,7 +69,8 @@ use std::sync::Mutex;
 /// savings. On CUDA the logits and the hidden states' gradient are candle
 /// matmuls, with candle's precision switches (`candle::cuda::set_gemm_reduced_precision_*`);
 /// the weight gradient's own cuBLAS product follows the f32 one (TF32 products
-/// for f32 inputs) and always sums in f32.
+/// for f32 inputs) and sums each chunk's product in f32 (and across chunks,
+/// but with [`low_memory`](Self::low_memory)).
 ///
 /// ```
 /// use candle::{DType, Device, Tensor, Var};
