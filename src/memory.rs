@@ -20,14 +20,18 @@ use candle::{Device, Result};
 /// (other processes on the GPU cannot have it) until the process exits or
 /// the threshold is lowered again. It is a setting of the device's pool, for
 /// the whole process: every candle tensor on that device is allocated from
-/// it. A no-op on the CPU and on devices other than CUDA.
+/// it. A no-op on the CPU, on devices other than CUDA, and on a GPU without
+/// memory pools (cudarc then allocates with `cuMemAlloc`, which has no pool
+/// to keep memory in).
 ///
 /// # Errors
 /// The driver's, if it refuses to give the device's pool or to set it.
 pub fn retain_freed_memory(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if let candle::DeviceLocation::Cuda { gpu_id } = device.location() {
-        return cuda::set_release_threshold(gpu_id, u64::MAX);
+    if let Device::Cuda(cuda) = device {
+        if cuda::allocates_from_pools(cuda) {
+            return cuda::set_release_threshold(cuda.cuda_stream().context().ordinal(), u64::MAX);
+        }
     }
     let _ = device;
     Ok(())
@@ -37,7 +41,8 @@ pub fn retain_freed_memory(device: &Device) -> Result<()> {
 /// the driver's free memory plus what CUDA's default pool holds reserved but
 /// unused. The driver counts the latter as used, though candle's next
 /// allocations reuse it: after [`retain_freed_memory`], every buffer candle
-/// has freed stays there. `None` on the CPU and devices other than CUDA.
+/// has freed stays there (on a GPU without memory pools, the driver's free
+/// memory alone). `None` on the CPU and devices other than CUDA.
 ///
 /// # Errors
 /// The driver's, if it cannot report the free memory or the pool's.
@@ -56,9 +61,19 @@ pub(crate) mod cuda {
     use candle::cuda_backend::WrapErr;
     use candle::{CudaDevice, Result};
 
+    /// Whether candle's allocations on `device` come from its default memory
+    /// pool (`cuMemAllocAsync`): cudarc uses `cuMemAlloc` where the GPU does
+    /// not support memory pools.
+    pub(crate) fn allocates_from_pools(device: &CudaDevice) -> bool {
+        device.cuda_stream().context().has_async_alloc()
+    }
+
     /// See [`super::available_memory`].
     pub(crate) fn available_memory(device: &CudaDevice) -> Result<u64> {
         let (free, _total) = device.cuda_stream().context().mem_get_info().w()?;
+        if !allocates_from_pools(device) {
+            return Ok(free as u64);
+        }
         let gpu_id = device.cuda_stream().context().ordinal();
         use sys::CUmemPool_attribute::{CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_CURRENT};
         let reserved = pool_attribute(gpu_id, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
