@@ -278,6 +278,14 @@ fi
 fi # the profile parts
 
 # --- g. summary.md, then gpu-check.log = summary + every step's output ----------------------
+# gpt2_pair WHAT TORCH_LOG OURS_LOG: GPT-2 124M's tokens/s, PyTorch's then ours (either log may be "").
+gpt2_pair() {
+  echo "## GPT-2 124M, batch 8 x 512, $1: PyTorch + transformers, then ours"
+  echo '```'
+  [ -z "$2" ] || grep -E 'tokens/s|Error|error' "$2" | tail -3
+  [ -z "$3" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$3" | tail -4
+  echo '```'
+}
 summary=$out_dir/summary.md
 {
   echo "# GPU check ($parts): $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - t_start)) s of a $budget s budget, exit $status"
@@ -312,17 +320,9 @@ summary=$out_dir/summary.md
     echo "not run"
   fi
   echo
-  echo "## GPT-2 124M, batch 8 x 512, f32: PyTorch + transformers, then ours"
-  echo '```'
-  [ -z "$torch_gpt2_log" ] || grep -E 'tokens/s|Error|error' "$torch_gpt2_log" | tail -3
-  [ -z "$gpt2_log" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$gpt2_log" | tail -4
-  echo '```'
+  gpt2_pair "f32" "$torch_gpt2_log" "$gpt2_log"
   echo
-  echo "## GPT-2 124M, batch 8 x 512, f32 products in TF32: PyTorch + transformers, then ours"
-  echo '```'
-  [ -z "$torch_tf32_log" ] || grep -E 'tokens/s|Error|error' "$torch_tf32_log" | tail -3
-  [ -z "$tf32_log" ] || grep -E 'GPT-2:|loss:|step split|Error|error' "$tf32_log" | tail -4
-  echo '```'
+  gpt2_pair "f32 products in TF32" "$torch_tf32_log" "$tf32_log"
   echo
   echo "## ncu: the kernels of two GPT-2 124M training steps (${ncu:-ncu not found})"
   if [ -n "$ncu_log" ]; then grep -E '^\||^kernel time|^no ' "$ncu_log" | head -45; else echo "not run"; fi
