@@ -1,6 +1,6 @@
 //! Whether a training step keeps every block's activations for the backward
 //! pass or recomputes them one block at a time, when `--keep-activations`
-//! leaves it open: kept on a GPU whose free memory holds the step (recomputing
+//! leaves it open: kept on a GPU whose available memory holds the step (recomputing
 //! costs a second forward pass of every block), recomputed on the CPU (kept is
 //! 2% faster there, at twice the peak). The estimate counts the tensors the
 //! model's code creates; `tests/finetune_memory/estimate.rs` holds it against
@@ -75,13 +75,13 @@ pub fn kept_step_bytes(config: &Config, shape: MicroBatch, elem: usize, params: 
     graph_bytes(config, shape, elem) + 2 * block_bytes(config, shape, elem) + 3 * (params * elem) as u64 + loss_bytes
 }
 
-/// The part of the free memory a step may plan to use: the rest is left to
+/// The part of the available memory a step may plan to use: the rest is left to
 /// what the estimate does not count (cuBLAS's workspace, the pool's
 /// fragmentation, small tensors).
 const USABLE_FRACTION: f64 = 0.9;
 
 /// Whether `need` bytes fit in `free` bytes of device memory with room to spare.
-pub fn fits(need: u64, free: u64) -> bool {
+fn fits(need: u64, free: u64) -> bool {
     need as f64 <= USABLE_FRACTION * free as f64
 }
 
