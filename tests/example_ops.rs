@@ -4,7 +4,8 @@
 //! multiple of a warp and for `T = 1`; the layer norm (`layer_norm.rs`)
 //! against `candle_nn::ops::layer_norm_slow`, for widths below, at and above a
 //! warp's multiple; GPT-2's GELU (`gelu.rs`) against candle's `gelu` (whose
-//! backward rounds the constants to six digits); the Conv1D bias (`bias.rs`)
+//! backward rounds the constants to six digits) and against its definition
+//! in f64; the Conv1D bias (`bias.rs`)
 //! against `broadcast_add`. Values and every input's
 //! gradient under a random upstream
 //! gradient; on the CPU, and on CUDA (their kernels) when a GPU is there
@@ -141,6 +142,30 @@ fn gelu_matches_candles(device: &Device) -> candle::Result<()> {
     Ok(())
 }
 
+/// GELU and its slope from their definition (`gelu.rs`'s module docs) in f64.
+fn gelu_f64(x: f64) -> (f64, f64) {
+    let a = (2.0 / std::f64::consts::PI).sqrt();
+    let t = (a * (x + 0.044715 * x * x * x)).tanh();
+    (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * a * (1.0 + 3.0 * 0.044715 * x * x))
+}
+
+fn gelu_is_accurate(device: &Device) -> candle::Result<()> {
+    // Where tanh u nears ±1 (|x| from 3 to 6) the tanh form's `1 - tanh² u`
+    // cancels: its slope is off by up to 1.2e-6 there, this op's by 2e-7.
+    let xs: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 2e-3).chain([-30.0, -1e3, 30.0, 1e3]).collect();
+    let x = Var::from_tensor(&Tensor::new(xs.as_slice(), device)?)?;
+    let y = gelu::gelu(x.as_tensor())?;
+    let grads = y.sum_all()?.backward()?;
+    let slope = grads.get(x.as_tensor()).expect("a gradient").to_vec1::<f32>()?;
+    for ((&x, y), slope) in xs.iter().zip(y.to_vec1::<f32>()?).zip(slope) {
+        let (want_y, want_slope) = gelu_f64(f64::from(x));
+        let what = format!("gelu at x = {x} on {:?}", device.location());
+        assert!((f64::from(y) - want_y).abs() <= 4e-7 * want_y.abs().max(1.0), "{what}: {y} vs {want_y}");
+        assert!((f64::from(slope) - want_slope).abs() <= 4e-7, "{what}: slope {slope} vs {want_slope}");
+    }
+    Ok(())
+}
+
 fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 70), device)?)?;
     let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 70, device)?)?;
@@ -167,6 +192,11 @@ fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
 #[test]
 fn add_bias_matches_broadcast_add_on_every_device() -> candle::Result<()> {
     on_every_device(add_bias_matches_broadcast_add)
+}
+
+#[test]
+fn gelu_is_accurate_on_every_device() -> candle::Result<()> {
+    on_every_device(gelu_is_accurate)
 }
 
 #[test]
