@@ -283,14 +283,15 @@ fn checkpointing_holds_a_fraction_of_the_heap() -> anyhow::Result<()> {
 }
 
 #[test]
-fn logits_without_a_graph_are_the_logits() -> anyhow::Result<()> {
+fn hidden_states_without_a_graph_are_the_hidden_states() -> anyhow::Result<()> {
     let _shared = shared();
     let model = Gpt2::new(TINY, TINY.init(&mut Rng::new(3), &Device::Cpu)?, &Device::Cpu)?;
     let batch = data().batch(&mut Rng::new(4), 2, 12, &Device::Cpu)?;
-    let logits = model.logits_no_grad(&batch.inputs)?;
-    assert_same_bits("logits", &logits, &model.logits(&batch.inputs)?)?;
+    let hidden = model.hidden_no_grad(&batch.inputs)?;
+    assert!(!hidden.track_op(), "detached");
+    assert_same_bits("hidden states", &hidden, &model.hidden(&batch.inputs)?)?;
     let too_long = Tensor::zeros((1, TINY.context + 1), DType::U32, &Device::Cpu)?;
-    assert!(model.logits_no_grad(&too_long).is_err());
+    assert!(model.hidden_no_grad(&too_long).is_err());
     Ok(())
 }
 

@@ -267,20 +267,20 @@ impl Gpt2 {
     }
 
     /// Next-token logits `[B, T, V]` through the `lm_head`.
-    #[allow(dead_code)] // the example evaluates and samples with `logits_no_grad`; the tests use both
+    #[allow(dead_code)] // the tests' whole-graph reference; the example evaluates with the linear loss
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
         self.head(&self.hidden(tokens)?)
     }
 
-    /// [`logits`](Self::logits) for evaluation and sampling: the same values,
-    /// but no block's activations outlive the block (candle keeps every
-    /// intermediate tensor of a graph alive while its output is).
-    pub fn logits_no_grad(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// [`hidden`](Self::hidden) for evaluation and sampling, detached: the
+    /// same values, but no block's activations outlive the block (candle
+    /// keeps every intermediate tensor of a graph alive while its output is).
+    pub fn hidden_no_grad(&self, tokens: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(tokens)?.detach();
         for i in 0..self.config.layers {
             x = self.block(&x, i)?.detach();
         }
-        self.head(&self.final_norm(&x)?)
+        Ok(self.final_norm(&x)?.detach())
     }
 
     /// The loss that `loss_of(&self.hidden(tokens)?)` gives and the gradients

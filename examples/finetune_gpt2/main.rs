@@ -25,7 +25,7 @@ mod train;
 use adamw::AdamW;
 use anyhow::{bail, Context, Result};
 use candle::{Device, Tensor};
-use candle_chunked_ce::ChunkedCrossEntropy;
+use candle_chunked_ce::LinearCrossEntropy;
 use candle_nn::{Optimizer, ParamsAdamW};
 use clap::Parser;
 use cli::{Args, DeviceKind};
@@ -71,16 +71,14 @@ fn load_data(path: Option<&PathBuf>, bpe: &tiktoken_rs::CoreBPE) -> Result<Datas
 /// Mean loss and mean token accuracy (the model's top prediction is the next
 /// token) over `batches` fixed validation batches, from one pass of the loss.
 fn validation(model: &Gpt2, batches: &[train::Batch]) -> Result<(f32, f32)> {
+    // The loss the example trains with evaluates too, one chunk of logits at
+    // a time; the head detached, so that it computes no gradient.
+    let head = model.lm_head().detach();
     let (mut loss, mut accuracy) = (0f32, 0f32);
     for batch in batches {
-        let logits = model.logits_no_grad(&batch.inputs)?;
-        let out = ChunkedCrossEntropy::default().forward_with_outputs(
-            &logits,
-            &batch.labels,
-            Some(&batch.mask),
-            None,
-            None,
-        )?;
+        let hidden = model.hidden_no_grad(&batch.inputs)?;
+        let (labels, mask) = (&batch.labels, Some(&batch.mask));
+        let out = LinearCrossEntropy::default().forward_with_outputs(&hidden, &head, None, labels, mask, None, None)?;
         loss += out.loss.to_scalar::<f32>()?;
         accuracy += out.token_accuracy.to_scalar::<f32>()?;
     }
@@ -102,8 +100,9 @@ fn sample(model: &Gpt2, bpe: &tiktoken_rs::CoreBPE, prompt: &str, tokens: usize,
     for _ in 0..tokens {
         let start = ids.len().saturating_sub(model.config.context);
         let input = Tensor::new(&ids[start..], &Device::Cpu)?.to_device(model_device(model))?.unsqueeze(0)?;
-        let logits = model.logits_no_grad(&input)?.squeeze(0)?;
-        let last: Vec<f32> = logits.get(logits.dim(0)? - 1)?.to_vec1()?;
+        let hidden = model.hidden_no_grad(&input)?;
+        // The next token's logits only: the last position's.
+        let last: Vec<f32> = model.head(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.flatten_all()?.to_vec1()?;
         let mut top: Vec<(usize, f32)> = last.iter().copied().enumerate().collect();
         top.sort_by(|a, b| b.1.total_cmp(&a.1));
         top.truncate(40);
