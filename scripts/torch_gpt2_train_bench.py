@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch + transformers' side of the main job on a GPU: GPT-2 124M (transformers' GPT2Config()
-defaults, random weights, seeded) trained with AdamW in f32 on batches of random tokens, and the
-tokens/s over the timed steps. It also saves that model with save_pretrained (model.safetensors
+"""PyTorch + transformers' side of the main job: GPT-2 124M (transformers' GPT2Config()
+defaults, random weights, seeded; --layers/--width/--heads for finetune_gpt2's smaller models)
+trained with AdamW in f32 on batches of random tokens, and the tokens/s over the timed steps, on a
+GPU or with --device cpu (--threads: torch.set_num_threads). It also saves that model with save_pretrained (model.safetensors
 beside config.json) into --save, for `finetune_gpt2 --weights DIR` to train the same model, so that
 both run on the same card in one call (scripts/gpu-check.sh):
 
@@ -26,6 +27,10 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=12, help="n_layer (finetune_gpt2 --layers)")
+    ap.add_argument("--width", type=int, default=768, help="n_embd (finetune_gpt2 --width)")
+    ap.add_argument("--heads", type=int, default=12, help="n_head (finetune_gpt2 --heads)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     ap.add_argument("--save", help="save_pretrained the model here first")
     ap.add_argument("--tf32", action="store_true",
                     help="f32 matmuls in TF32 (torch.set_float32_matmul_precision('high')), as finetune_gpt2 --tf32")
@@ -34,7 +39,11 @@ def main():
         torch.set_float32_matmul_precision("high")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = transformers.GPT2Config(
+        n_layer=args.layers, n_embd=args.width, n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(config)
     if args.save:
         model.save_pretrained(args.save, safe_serialization=True)
