@@ -4,8 +4,10 @@
 //! ones before it, so that all of them are alive until that parameter is
 //! updated: 2 GB at once for GPT-2's `[50257, 768]` token embedding. For
 //! contiguous f32 parameters this one streams over each parameter three
-//! times and allocates nothing: on the CPU in Rust, on CUDA (feature `cuda`)
-//! by the three kernels of `adamw.cu`, one launch each instead of a dozen
+//! times and allocates nothing: on the CPU in Rust, on rayon's threads (a
+//! step over GPT-2 124M's parameters took 199-206 ms on one thread, 127-132
+//! on two, BENCHMARKS.md), on CUDA (feature `cuda`) by the three kernels of
+//! `adamw.cu`, one launch each instead of a dozen
 //! candle operations. Elsewhere (or for a dtype other than f32) it runs
 //! candle-nn's tensor operations, detached, so that each temporary is freed
 //! once used.
@@ -16,6 +18,7 @@ use candle::backprop::GradStore;
 use candle::CudaStorage;
 use candle::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
+use rayon::prelude::*;
 
 /// A parameter and its first and second moments.
 struct Slot {
@@ -130,6 +133,24 @@ fn affine(x: f32, mul: f64, add: f64) -> f32 {
 /// The errors' name for the in-place update's slices.
 const OP: &str = "AdamW's in-place update";
 
+/// Elements per rayon task of the CPU passes (64 KiB of f32 a slice): GPT-2's
+/// token embedding splits into some 2400 tasks, a bias is one.
+const TASK: usize = 1 << 14;
+
+/// `f(&mut x[i], a[i], b[i])` for every `i`, on rayon's threads (`b` empty
+/// for a pass that reads one input). The slices are of one length: the step
+/// checks the gradient's shape against the parameter's, whose moments share it.
+fn par_each(x: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
+    x.par_chunks_mut(TASK).enumerate().for_each(|(task, x)| {
+        let range = task * TASK..task * TASK + x.len();
+        let a = &a[range.clone()];
+        match b {
+            [] => x.iter_mut().zip(a).for_each(|(x, &a)| f(x, a, 0.0)),
+            b => x.iter_mut().zip(a).zip(&b[range]).for_each(|((x, &a), &b)| f(x, a, b)),
+        }
+    });
+}
+
 /// `m = m β1 + g (1 - β1)`.
 struct FirstMoment(Coefficients);
 
@@ -140,9 +161,9 @@ impl InplaceOp2 for FirstMoment {
 
     fn cpu_fwd(&self, m: &mut CpuStorage, m_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
         let k = self.0;
-        for (m, &g) in cpu_slice_mut(m, m_layout, OP)?.iter_mut().zip(cpu_slice(g, g_layout, OP)?) {
+        par_each(cpu_slice_mut(m, m_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |m, g, _| {
             *m = affine(*m, k.beta1, 0.0) + affine(g, 1.0 - k.beta1, 0.0);
-        }
+        });
         Ok(())
     }
 
@@ -163,9 +184,9 @@ impl InplaceOp2 for SecondMoment {
 
     fn cpu_fwd(&self, v: &mut CpuStorage, v_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
         let k = self.0;
-        for (v, &g) in cpu_slice_mut(v, v_layout, OP)?.iter_mut().zip(cpu_slice(g, g_layout, OP)?) {
+        par_each(cpu_slice_mut(v, v_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |v, g, _| {
             *v = affine(*v, k.beta2, 0.0) + affine(g * g, 1.0 - k.beta2, 0.0);
-        }
+        });
         Ok(())
     }
 
@@ -195,10 +216,10 @@ impl InplaceOp3 for Update {
     ) -> Result<()> {
         let k = self.0;
         let (m, v) = (cpu_slice(m, m_layout, OP)?, cpu_slice(v, v_layout, OP)?);
-        for ((theta, &m), &v) in cpu_slice_mut(theta, theta_layout, OP)?.iter_mut().zip(m).zip(v) {
+        par_each(cpu_slice_mut(theta, theta_layout, OP)?, m, v, |theta, m, v| {
             let adjusted = affine(m, k.scale_m, 0.0) / affine(affine(v, k.scale_v, 0.0).sqrt(), 1.0, k.eps);
             *theta = affine(*theta, k.decay, 0.0) - affine(adjusted, k.lr, 0.0);
-        }
+        });
         Ok(())
     }
 
