@@ -163,9 +163,14 @@ fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
     let scale_v = 1.0 / (1.0 - beta2.powi(t));
     let decay = 1.0 - lr * weight_decay;
 
-    // candle-nn's AdamW step, operation by operation, on the CPU.
+    // The gradients' scale (a clipping factor) that the moments apply first.
+    let scale = 0.37f32;
+
+    // candle-nn's AdamW step, operation by operation, on the CPU, on the
+    // gradients scaled by broadcast_mul.
     let tensor = |x: &[f32]| Tensor::new(x, &Device::Cpu);
-    let (t_theta, t_m, t_v, t_g) = (tensor(&theta)?, tensor(&m)?, tensor(&v)?, tensor(&g)?);
+    let (t_theta, t_m, t_v) = (tensor(&theta)?, tensor(&m)?, tensor(&v)?);
+    let t_g = tensor(&g)?.broadcast_mul(&Tensor::new(scale, &Device::Cpu)?)?;
     let next_m = ((&t_m * beta1)? + (&t_g * (1.0 - beta1))?)?;
     let next_v = ((&t_v * beta2)? + (t_g.sqr()? * (1.0 - beta2))?)?;
     let adjusted = ((&next_m * scale_m)? / ((&next_v * scale_v)?.sqrt()? + eps)?)?;
@@ -182,6 +187,7 @@ fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
         &mut [
             Arg::Floats(&mut m),
             Arg::Floats(&mut g.clone()),
+            Arg::Floats(&mut [scale]),
             Arg::I64(len),
             Arg::F32(f(beta1)),
             Arg::F32(f(1.0 - beta1)),
@@ -195,6 +201,7 @@ fn adamw_kernels_are_candle_nns_update_bit_for_bit() -> candle::Result<()> {
         &mut [
             Arg::Floats(&mut v),
             Arg::Floats(&mut g.clone()),
+            Arg::Floats(&mut [scale]),
             Arg::I64(len),
             Arg::F32(f(beta2)),
             Arg::F32(f(1.0 - beta2)),

@@ -359,8 +359,21 @@ fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
                 our_opt.set_learning_rate(1e-2);
                 their_opt.set_learning_rate(1e-2);
             }
-            our_opt.step(&g_ours)?;
-            their_opt.step(&g_theirs)?;
+            // From step 2 on, the gradients scaled as clipping scales them: ours
+            // through `step_scaled`, candle-nn's through scaled copies.
+            if step < 2 {
+                our_opt.step(&g_ours)?;
+                their_opt.step(&g_theirs)?;
+            } else {
+                let scale = Tensor::new(0.37f64, device)?;
+                our_opt.step_scaled(&g_ours, Some(&scale))?;
+                let mut scaled = candle::backprop::GradStore::default();
+                for var in &theirs {
+                    let g = g_theirs.get(var.as_tensor()).expect("a gradient");
+                    scaled.insert(var.as_tensor(), g.broadcast_mul(&scale.to_dtype(g.dtype())?)?);
+                }
+                their_opt.step(&scaled)?;
+            }
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                 assert_same_bits(&format!("{dtype:?} step {step}, parameter {i}"), a.as_tensor(), b.as_tensor())?;
             }

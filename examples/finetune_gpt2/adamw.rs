@@ -16,7 +16,7 @@ use crate::storage::{cpu_slice, cpu_slice_mut};
 use candle::backprop::GradStore;
 #[cfg(feature = "cuda")]
 use candle::CudaStorage;
-use candle::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use candle::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use rayon::prelude::*;
 
@@ -72,6 +72,30 @@ impl Optimizer for AdamW {
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, None)
+    }
+}
+
+impl AdamW {
+    /// [`Optimizer::step`] on every gradient times `scale` (the clipping's
+    /// factor): a float scalar on the parameters' device, read there, so that
+    /// the host never waits for it. The same update, bit for bit, as a step on
+    /// each gradient's `broadcast_mul` by `scale` rounded to the gradient's
+    /// dtype, without a scaled copy of the gradients.
+    ///
+    /// # Errors
+    /// A gradient whose shape is not its parameter's; a `scale` that is not
+    /// one float value.
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: Option<&Tensor>) -> Result<()> {
+        if let Some(scale) = scale {
+            if !scale.dtype().is_float() || scale.elem_count() != 1 {
+                candle::bail!(
+                    "AdamW: the gradients' scale must be one float value, got {:?} {:?}",
+                    scale.shape(),
+                    scale.dtype()
+                )
+            }
+        }
         self.step_t += 1;
         let p = &self.params;
         let k = Coefficients {
@@ -83,6 +107,8 @@ impl Optimizer for AdamW {
             lr: p.lr,
             eps: p.eps,
         };
+        // The in-place passes read the scale in f32, 1 (exact) where none is given.
+        let mut scale_f32: Option<Tensor> = None;
         for slot in &self.slots {
             if let Some(g) = grads.get(slot.theta.as_tensor()) {
                 if g.shape() != slot.theta.shape() {
@@ -98,11 +124,23 @@ impl Optimizer for AdamW {
                         && t.is_contiguous()
                 });
                 if in_place {
-                    slot.m.inplace_op2(g, &FirstMoment(k))?;
-                    slot.v.inplace_op2(g, &SecondMoment(k))?;
+                    let scale = match &scale_f32 {
+                        Some(s) => s.clone(),
+                        None => scale_f32
+                            .insert(match scale {
+                                Some(scale) => scale.to_dtype(DType::F32)?.flatten_all()?,
+                                None => Tensor::ones(1, DType::F32, g.device())?,
+                            })
+                            .clone(),
+                    };
+                    slot.m.inplace_op3(g, &scale, &FirstMoment(k))?;
+                    slot.v.inplace_op3(g, &scale, &SecondMoment(k))?;
                     slot.theta.inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &Update(k))?;
                 } else {
-                    tensor_step(slot, g, k)?;
+                    match scale {
+                        Some(scale) => tensor_step(slot, &g.broadcast_mul(&scale.to_dtype(g.dtype())?)?, k)?,
+                        None => tensor_step(slot, g, k)?,
+                    }
                 }
             }
         }
@@ -151,49 +189,90 @@ fn par_each(x: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) 
     });
 }
 
-/// `m = m β1 + g (1 - β1)`.
+/// `m = m β1 + (g s) (1 - β1)`, `s` the gradients' scale (one f32 value).
 struct FirstMoment(Coefficients);
 
-impl InplaceOp2 for FirstMoment {
+impl InplaceOp3 for FirstMoment {
     fn name(&self) -> &'static str {
         "adamw-first-moment"
     }
 
-    fn cpu_fwd(&self, m: &mut CpuStorage, m_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
-        let k = self.0;
+    fn cpu_fwd(
+        &self,
+        m: &mut CpuStorage,
+        m_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<()> {
+        let (k, s) = (self.0, cpu_scale(scale, scale_layout)?);
         par_each(cpu_slice_mut(m, m_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |m, g, _| {
-            *m = affine(*m, k.beta1, 0.0) + affine(g, 1.0 - k.beta1, 0.0);
+            *m = affine(*m, k.beta1, 0.0) + affine(g * s, 1.0 - k.beta1, 0.0);
         });
         Ok(())
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, m: &mut CudaStorage, m_layout: &Layout, g: &CudaStorage, g_layout: &Layout) -> Result<()> {
+    fn cuda_fwd(
+        &self,
+        m: &mut CudaStorage,
+        m_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+        scale: &CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<()> {
         let k = self.0;
-        cuda::moment("adamw_first_moment", (m, m_layout), (g, g_layout), k.beta1, 1.0 - k.beta1)
+        cuda::moment("adamw_first_moment", (m, m_layout), (g, g_layout), (scale, scale_layout), k.beta1, 1.0 - k.beta1)
     }
 }
 
-/// `v = v β2 + g² (1 - β2)`.
+/// `v = v β2 + (g s)² (1 - β2)`.
 struct SecondMoment(Coefficients);
 
-impl InplaceOp2 for SecondMoment {
+impl InplaceOp3 for SecondMoment {
     fn name(&self) -> &'static str {
         "adamw-second-moment"
     }
 
-    fn cpu_fwd(&self, v: &mut CpuStorage, v_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> Result<()> {
-        let k = self.0;
+    fn cpu_fwd(
+        &self,
+        v: &mut CpuStorage,
+        v_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<()> {
+        let (k, s) = (self.0, cpu_scale(scale, scale_layout)?);
         par_each(cpu_slice_mut(v, v_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |v, g, _| {
-            *v = affine(*v, k.beta2, 0.0) + affine(g * g, 1.0 - k.beta2, 0.0);
+            let scaled = g * s;
+            *v = affine(*v, k.beta2, 0.0) + affine(scaled * scaled, 1.0 - k.beta2, 0.0);
         });
         Ok(())
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, v: &mut CudaStorage, v_layout: &Layout, g: &CudaStorage, g_layout: &Layout) -> Result<()> {
+    fn cuda_fwd(
+        &self,
+        v: &mut CudaStorage,
+        v_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+        scale: &CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<()> {
         let k = self.0;
-        cuda::moment("adamw_second_moment", (v, v_layout), (g, g_layout), k.beta2, 1.0 - k.beta2)
+        cuda::moment("adamw_second_moment", (v, v_layout), (g, g_layout), (scale, scale_layout), k.beta2, 1.0 - k.beta2)
+    }
+}
+
+/// The one value of the gradients' scale.
+fn cpu_scale(scale: &CpuStorage, layout: &Layout) -> Result<f32> {
+    match cpu_slice(scale, layout, OP)? {
+        [s] => Ok(*s),
+        other => candle::bail!("AdamW: the gradients' scale must be one value, got {}", other.len()),
     }
 }
 
@@ -261,29 +340,35 @@ mod cuda {
         Ok(())
     }
 
-    /// `x = affine(x, decay, 0) + affine(f(g), rate, 0)` by `entry`
-    /// (`adamw_first_moment`: f(g) = g; `adamw_second_moment`: g²).
+    /// `x = affine(x, decay, 0) + affine(f(g s), rate, 0)` by `entry`
+    /// (`adamw_first_moment`: f(g) = g; `adamw_second_moment`: g²), `s` the
+    /// one value of `scale`.
     pub(super) fn moment(
         entry: &str,
         (x, x_layout): (&mut CudaStorage, &Layout),
         (g, g_layout): (&CudaStorage, &Layout),
+        (scale, scale_layout): (&CudaStorage, &Layout),
         decay: f64,
         rate: f64,
     ) -> Result<()> {
         let dev = x.device().clone();
-        let (mut x, g) = (view_mut(x, x_layout, OP)?, view(g, g_layout, OP)?);
+        let (mut x, g, scale) = (view_mut(x, x_layout, OP)?, view(g, g_layout, OP)?, view(scale, scale_layout, OP)?);
         let n = x.len();
         same_length(n, &[g.len()])?;
+        if scale.len() != 1 {
+            candle::bail!("AdamW (cuda): the gradients' scale must be one value, got {}", scale.len())
+        }
         if n == 0 {
             return Ok(());
         }
         let func = dev.get_or_load_custom_func(entry, MODULE, PTX)?;
         let (len, decay, rate) = (n as i64, decay as f32, rate as f32);
         let mut builder = func.builder();
-        builder.arg(&mut x).arg(&g).arg(&len).arg(&decay).arg(&rate);
-        // SAFETY: the entry takes (float* x, const float* g, int64_t n, float, float);
-        // `x` and `g` are views of exactly n f32 on this device (checked above),
-        // kept alive and ordered on the stream by their guards until after the launch.
+        builder.arg(&mut x).arg(&g).arg(&scale).arg(&len).arg(&decay).arg(&rate);
+        // SAFETY: the entry takes (float* x, const float* g, const float* scale,
+        // int64_t n, float, float); `x` and `g` are views of exactly n f32 and
+        // `scale` of one on this device (checked above), kept alive and ordered
+        // on the stream by their guards until after the launch.
         unsafe { builder.launch(elementwise(n)) }.w()?;
         Ok(())
     }

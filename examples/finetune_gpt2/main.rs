@@ -185,10 +185,10 @@ impl Optimizers {
         })
     }
 
-    fn step(&mut self, grads: &candle::backprop::GradStore, lr: f64) -> Result<()> {
+    fn step(&mut self, grads: &candle::backprop::GradStore, scale: Option<&Tensor>, lr: f64) -> Result<()> {
         for opt in [&mut self.decayed, &mut self.not_decayed] {
             opt.set_learning_rate(lr);
-            opt.step(grads)?;
+            opt.step_scaled(grads, scale)?;
         }
         Ok(())
     }
@@ -341,16 +341,16 @@ fn run(args: Args) -> Result<()> {
             .collect::<candle::Result<_>>()?;
         split.start(&device)?;
         let mut lap = |phase| split.lap(&device, phase);
-        let (step_loss, mut grads) =
-            train::step_gradients_timed(&model, &batches, args.loss, keep_activations, &mut lap)?;
+        let (step_loss, grads) = train::step_gradients_timed(&model, &batches, args.loss, keep_activations, &mut lap)?;
         if step == 0 {
             let missing = train::missing_gradients(&model, &grads);
             if !missing.is_empty() {
                 bail!("these parameters received no gradient: {missing:?}")
             }
         }
-        train::clip_grad_norm(&model, &mut grads, args.clip)?;
-        opt.step(&grads, train::learning_rate(step, args.steps, args.warmup, lr))?;
+        // The clipping's factor goes to AdamW, which scales each gradient as it reads it.
+        let clip = train::clip_factor(&model, &grads, args.clip)?;
+        opt.step(&grads, clip.factor.as_ref(), train::learning_rate(step, args.steps, args.warmup, lr))?;
         drop(grads); // not held through validation
         split.optimizer(&device)?;
         // The step's one read from the device, once all of it is queued.

@@ -301,15 +301,22 @@ pub fn missing_gradients(model: &Gpt2, grads: &GradStore) -> Vec<String> {
         .collect()
 }
 
-/// Scales the gradients so that their global L2 norm is at most `max_norm`
-/// (by `max_norm / norm` when the norm is larger, as PyTorch's
-/// `clip_grad_norm_`), all on the device: on a GPU nothing waits for it. An
-/// infinite `max_norm` clips nothing. Returns the norm before clipping, an f64
-/// scalar on the device.
+/// Gradient clipping, measured but not applied: the global L2 norm of the
+/// gradients and the factor that brings it to at most `max_norm`.
+pub struct Clip {
+    /// The norm before clipping, an f64 scalar on the device.
+    pub norm: Tensor,
+    /// `max_norm / norm` where the norm is larger, else exactly 1 (as
+    /// PyTorch's `clip_grad_norm_`): an f64 scalar on the device, for
+    /// `AdamW::step_scaled`. `None` for an infinite `max_norm`.
+    pub factor: Option<Tensor>,
+}
+
+/// The [`Clip`] of `grads`, all on the device: on a GPU nothing waits for it.
 ///
 /// # Errors
 /// A `max_norm` that is not positive (or is NaN).
-pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<Tensor> {
+pub fn clip_factor(model: &Gpt2, grads: &GradStore, max_norm: f64) -> Result<Clip> {
     if max_norm.is_nan() || max_norm <= 0.0 {
         candle::bail!("gradient clipping: the largest norm must be positive (inf: no clipping), got {max_norm}")
     }
@@ -324,22 +331,38 @@ pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Res
             });
         }
     }
-    let Some(squares) = squares else { return Tensor::zeros((), DType::F64, model.lm_head().device()) };
+    let Some(squares) = squares else {
+        return Ok(Clip { norm: Tensor::zeros((), DType::F64, model.lm_head().device())?, factor: None });
+    };
     let norm = squares.sqrt()?;
     if max_norm.is_infinite() {
-        return Ok(norm);
+        return Ok(Clip { norm, factor: None });
     }
-    // max_norm / norm (one f64 division, then rounded to each gradient's dtype)
-    // where the norm is larger, else exactly 1: a NaN norm (a NaN gradient)
-    // clips nothing, on every device; an infinite one zeroes every finite
-    // gradient, as before.
+    // max_norm / norm (one f64 division, rounded to each gradient's dtype where
+    // it is applied) where the norm is larger, else exactly 1: a NaN norm (a NaN
+    // gradient) clips nothing, on every device; an infinite one zeroes every
+    // finite gradient.
     let clips = norm.gt(max_norm)?;
     let ceiling = Tensor::full(max_norm, (), norm.device())?;
     let factor = clips.where_cond(&(&ceiling / &norm)?, &norm.ones_like()?)?;
-    for (_, var) in model.named_vars() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
-            grads.insert(var.as_tensor(), clipped);
+    Ok(Clip { norm, factor: Some(factor) })
+}
+
+/// Scales the gradients by their [`clip_factor`] (each rounded to its dtype),
+/// for an optimizer that cannot take the factor itself. Returns the norm
+/// before clipping, an f64 scalar on the device.
+///
+/// # Errors
+/// Those of [`clip_factor`].
+#[allow(dead_code)] // the tests' candle-nn AdamW path; the example's AdamW takes the factor
+pub fn clip_grad_norm(model: &Gpt2, grads: &mut GradStore, max_norm: f64) -> Result<Tensor> {
+    let Clip { norm, factor } = clip_factor(model, grads, max_norm)?;
+    if let Some(factor) = factor {
+        for (_, var) in model.named_vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
+                grads.insert(var.as_tensor(), clipped);
+            }
         }
     }
     Ok(norm)
