@@ -373,6 +373,11 @@ fn clip_grad_norm_scales_by_max_norm_over_norm() -> anyhow::Result<()> {
         let norm = train::clip_grad_norm(&model, &mut clipped, max_norm)?.to_scalar::<f64>()?;
         assert!((norm - want_norm).abs() <= 1e-6 * want_norm, "norm {norm} vs {want_norm}");
         let factor = if clips { (max_norm / norm) as f32 } else { 1.0 };
+        // The factor itself, as the example hands it to AdamW: none for no limit.
+        match train::clip_factor(&model, &grads, max_norm)?.factor {
+            None => assert!(max_norm.is_infinite(), "max_norm {max_norm}: no factor"),
+            Some(f) => assert_eq!(f.to_dtype(DType::F32)?.to_scalar::<f32>()?, factor, "max_norm {max_norm}: factor"),
+        }
         for (name, var) in model.named_vars() {
             let (before, after) = (grads.get(var.as_tensor()).unwrap(), clipped.get(var.as_tensor()).unwrap());
             let want: Vec<f32> = host(before)?.iter().map(|&x| x * factor).collect();

@@ -378,6 +378,16 @@ fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
                 assert_same_bits(&format!("{dtype:?} step {step}, parameter {i}"), a.as_tensor(), b.as_tensor())?;
             }
         }
+        // A scale of two values, or of integers, is an error before any parameter moves.
+        let before: Vec<Tensor> = ours.iter().map(|v| v.as_tensor().copy()).collect::<candle::Result<_>>()?;
+        let grads = (ours[0].as_tensor().sqr()?.sum_all()?).backward()?;
+        for bad in [Tensor::ones(2, DType::F32, device)?, Tensor::ones((), DType::U32, device)?] {
+            let err = our_opt.step_scaled(&grads, Some(&bad)).expect_err("a bad scale").to_string();
+            assert!(err.contains("one float value"), "{err}");
+        }
+        for (i, (var, was)) in ours.iter().zip(&before).enumerate() {
+            assert_same_bits(&format!("{dtype:?} parameter {i} after refused steps"), var.as_tensor(), was)?;
+        }
     }
     Ok(())
 }
