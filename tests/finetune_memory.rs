@@ -365,8 +365,9 @@ fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
                 our_opt.step(&g_ours)?;
                 their_opt.step(&g_theirs)?;
             } else {
+                // Any shape of one value (here [1, 1] for f64's tensor path).
                 let scale = Tensor::new(0.37f64, device)?;
-                our_opt.step_scaled(&g_ours, Some(&scale))?;
+                our_opt.step_scaled(&g_ours, Some(&scale.reshape((1, 1))?))?;
                 let mut scaled = candle::backprop::GradStore::default();
                 for var in &theirs {
                     let g = g_theirs.get(var.as_tensor()).expect("a gradient");
@@ -378,12 +379,20 @@ fn adamw_matches_candle_nn(device: &Device) -> anyhow::Result<()> {
                 assert_same_bits(&format!("{dtype:?} step {step}, parameter {i}"), a.as_tensor(), b.as_tensor())?;
             }
         }
-        // A scale of two values, or of integers, is an error before any parameter moves.
+        // A scale of two values, of integers, or (on CUDA) on the host is an
+        // error before any parameter moves.
         let before: Vec<Tensor> = ours.iter().map(|v| v.as_tensor().copy()).collect::<candle::Result<_>>()?;
         let grads = (ours[0].as_tensor().sqr()?.sum_all()?).backward()?;
-        for bad in [Tensor::ones(2, DType::F32, device)?, Tensor::ones((), DType::U32, device)?] {
-            let err = our_opt.step_scaled(&grads, Some(&bad)).expect_err("a bad scale").to_string();
-            assert!(err.contains("one float value"), "{err}");
+        let mut bad = vec![
+            (Tensor::ones(2, DType::F32, device)?, "one float value"),
+            (Tensor::ones((), DType::U32, device)?, "one float value"),
+        ];
+        if !device.is_cpu() {
+            bad.push((Tensor::ones((), DType::F32, &Device::Cpu)?, "the parameters on"));
+        }
+        for (scale, why) in bad {
+            let err = our_opt.step_scaled(&grads, Some(&scale)).expect_err("a bad scale").to_string();
+            assert!(err.contains(why), "{err}");
         }
         for (i, (var, was)) in ours.iter().zip(&before).enumerate() {
             assert_same_bits(&format!("{dtype:?} parameter {i} after refused steps"), var.as_tensor(), was)?;

@@ -85,17 +85,32 @@ impl AdamW {
     ///
     /// # Errors
     /// A gradient whose shape is not its parameter's; a `scale` that is not
-    /// one float value.
+    /// one float value on the parameters' device (refused before anything
+    /// moves).
     pub fn step_scaled(&mut self, grads: &GradStore, scale: Option<&Tensor>) -> Result<()> {
-        if let Some(scale) = scale {
-            if !scale.dtype().is_float() || scale.elem_count() != 1 {
-                candle::bail!(
-                    "AdamW: the gradients' scale must be one float value, got {:?} {:?}",
-                    scale.shape(),
-                    scale.dtype()
-                )
+        let scale = match scale {
+            None => None,
+            Some(scale) => {
+                if !scale.dtype().is_float() || scale.elem_count() != 1 {
+                    candle::bail!(
+                        "AdamW: the gradients' scale must be one float value, got {:?} {:?}",
+                        scale.shape(),
+                        scale.dtype()
+                    )
+                }
+                if let Some(slot) = self.slots.first() {
+                    if !scale.device().same_device(slot.theta.device()) {
+                        candle::bail!(
+                            "AdamW: the gradients' scale is on {:?}, the parameters on {:?}",
+                            scale.device().location(),
+                            slot.theta.device().location()
+                        )
+                    }
+                }
+                // A scalar, so that it broadcasts over any gradient.
+                Some(scale.flatten_all()?.squeeze(0)?)
             }
-        }
+        };
         self.step_t += 1;
         let p = &self.params;
         let k = Coefficients {
@@ -127,7 +142,7 @@ impl AdamW {
                     let scale = match &scale_f32 {
                         Some(s) => s.clone(),
                         None => scale_f32
-                            .insert(match scale {
+                            .insert(match &scale {
                                 Some(scale) => scale.to_dtype(DType::F32)?.flatten_all()?,
                                 None => Tensor::ones(1, DType::F32, g.device())?,
                             })
@@ -137,7 +152,7 @@ impl AdamW {
                     slot.v.inplace_op3(g, &scale, &SecondMoment(k))?;
                     slot.theta.inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &Update(k))?;
                 } else {
-                    match scale {
+                    match &scale {
                         Some(scale) => tensor_step(slot, &g.broadcast_mul(&scale.to_dtype(g.dtype())?)?, k)?,
                         None => tensor_step(slot, g, k)?,
                     }

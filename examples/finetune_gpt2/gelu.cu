@@ -4,8 +4,8 @@
 // here one elementwise pass each way. examples/finetune_gpt2/gelu.rs holds the
 // same maths on the CPU and says what it computes and why this form:
 //
-//   u = sqrt(2/pi) (x + 0.044715 x^3), e = e^(-2u) (exponent capped at 88), d = 1 / (1 + e),
-//   y = x d, dy/dx = d + 2 x e d^2 sqrt(2/pi) (1 + 3 0.044715 x^2).
+//   u = sqrt(2/pi) (x + 0.044715 x^3), e = e^(-2u) (exponent capped at 88),
+//   d = 1 / (1 + e) (0 from the cap on), y = x d, dy/dx = d + 2 x e d^2 sqrt(2/pi) (1 + 3 0.044715 x^2).
 //
 // Grid-stride loops over n elements; n is 64-bit.
 
@@ -16,8 +16,9 @@
 
 // e and d of the header, for x.
 __device__ __forceinline__ void exp_and_logistic(float x, float& e, float& d) {
-    e = expf(fminf(-2.0f * SQRT_2_OVER_PI * (x + CUBIC * x * x * x), 88.0f));
-    d = 1.0f / (1.0f + e);
+    const float z = -2.0f * SQRT_2_OVER_PI * (x + CUBIC * x * x * x);
+    e = expf(fminf(z, 88.0f));
+    d = z >= 88.0f ? 0.0f : 1.0f / (1.0f + e);
 }
 
 extern "C" __global__ void gelu_fwd(const float* __restrict__ x, float* __restrict__ y, int64_t n) {

@@ -14,10 +14,12 @@
 //! `tanh`, and no cancellation where `tanh u` nears ±1. Against f64 over
 //! x in [-12, 12], the slope is off by at most 2e-7 in f32 this way (the
 //! tests hold it to 4e-7) and by 1.2e-6 through `tanh`. glibc's `tanhf`
-//! (which calls `expm1f`) also took 9% of a GPT-2 124M step on the CPU, 6.7x
-//! the time of this form per element (BENCHMARKS.md). The exponent is capped
-//! at 88 so that `e` stays finite: beyond it `d` and `e d²` are 0 to f32
-//! anyway.
+//! (which calls `expm1f`) also took 9% of a GPT-2 124M step on the CPU,
+//! 6.3-6.8x the time of this form per element (BENCHMARKS.md). From
+//! `-2u = 88` on (x below about -10.5) `d` is taken as 0 and `e` is not
+//! formed (it would overflow): there `d` is below 6.1e-39, and the output
+//! and slope are 0. As through `tanh`, the slope is NaN only where `x²`
+//! overflows f32 (|x| above 1.8e19), the output only at x = -inf.
 //!
 //! On the CPU in Rust (on rayon's threads); on CUDA (feature `cuda`) by
 //! `gelu.cu`'s kernels, which the crate's build.rs compiles.
@@ -31,11 +33,12 @@ use rayon::prelude::*;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const CUBIC: f32 = 0.044715;
 
-/// `(e, d)` of the module docs: `e^(-2u)`, its exponent capped at 88, and
-/// `1 / (1 + e)`.
+/// `(e, d)` of the module docs: `e^(-2u)` (its exponent capped at 88) and
+/// `1 / (1 + e)`, 0 from that cap on.
 fn exp_and_logistic(x: f32) -> (f32, f32) {
-    let e = (-2.0 * SQRT_2_OVER_PI * (x + CUBIC * x * x * x)).min(88.0).exp();
-    (e, 1.0 / (1.0 + e))
+    let z = -2.0 * SQRT_2_OVER_PI * (x + CUBIC * x * x * x);
+    let e = z.min(88.0).exp();
+    (e, if z >= 88.0 { 0.0 } else { 1.0 / (1.0 + e) })
 }
 
 /// GELU (tanh) of `x` (f32, any shape), differentiable.

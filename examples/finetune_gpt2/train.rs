@@ -308,7 +308,7 @@ pub struct Clip {
     pub norm: Tensor,
     /// `max_norm / norm` where the norm is larger, else exactly 1 (as
     /// PyTorch's `clip_grad_norm_`): an f64 scalar on the device, for
-    /// `AdamW::step_scaled`. `None` for an infinite `max_norm`.
+    /// `AdamW::step_scaled`. `None` for an infinite `max_norm`, or no gradient.
     pub factor: Option<Tensor>,
 }
 
