@@ -2,8 +2,8 @@
 """PyTorch + transformers' side of the main job: GPT-2 124M (transformers' GPT2Config()
 defaults, random weights, seeded; --layers/--width/--heads for finetune_gpt2's smaller models)
 trained with AdamW in f32 on batches of random tokens, and the tokens/s over the timed steps, on a
-GPU or with --device cpu (--threads: torch.set_num_threads). It also saves that model with save_pretrained (model.safetensors
-beside config.json) into --save, for `finetune_gpt2 --weights DIR` to train the same model, so that
+GPU or with --device cpu (--threads: torch.set_num_threads). It also saves that model with
+save_pretrained (model.safetensors beside config.json) into --save, for `finetune_gpt2 --weights DIR` to train the same model, so that
 both run on the same card in one call (scripts/gpu-check.sh):
 
     python3 scripts/torch_gpt2_train_bench.py --save /tmp/gpt2-124m --batch 8 --seq 512 --steps 12

@@ -1,5 +1,5 @@
 // AdamW's in-place update on CUDA for the finetune_gpt2 example: the three
-// passes of examples/finetune_gpt2/adamw.rs (`FirstMoment`, `SecondMoment`,
+// passes of examples/finetune_gpt2/adamw.rs (`Moment::first`, `Moment::second`,
 // `Update`), one launch each per parameter, instead of candle-nn's dozen
 // tensor operations, each with a fresh parameter-sized output (on an H200 the
 // clipping and AdamW of GPT-2 124M took 44 ms a step, 2026-12-04).

@@ -148,8 +148,8 @@ impl AdamW {
                             })
                             .clone(),
                     };
-                    slot.m.inplace_op3(g, &scale, &FirstMoment(k))?;
-                    slot.v.inplace_op3(g, &scale, &SecondMoment(k))?;
+                    slot.m.inplace_op3(g, &scale, &Moment::first(k))?;
+                    slot.v.inplace_op3(g, &scale, &Moment::second(k))?;
                     slot.theta.inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &Update(k))?;
                 } else {
                     match &scale {
@@ -204,66 +204,47 @@ fn par_each(x: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) 
     });
 }
 
-/// `m = m β1 + (g s) (1 - β1)`, `s` the gradients' scale (one f32 value).
-struct FirstMoment(Coefficients);
+/// A moment's pass, `x = x β + f(g s) (1 - β)`, `s` the gradients' scale
+/// (one f32 value): the first moment `m` (`β1`, `f(g) = g`) or the second `v`
+/// (`β2`, `f(g) = g²`).
+struct Moment {
+    second: bool,
+    beta: f64,
+}
 
-impl InplaceOp3 for FirstMoment {
-    fn name(&self) -> &'static str {
-        "adamw-first-moment"
+impl Moment {
+    fn first(k: Coefficients) -> Self {
+        Self { second: false, beta: k.beta1 }
     }
 
-    fn cpu_fwd(
-        &self,
-        m: &mut CpuStorage,
-        m_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-        scale: &CpuStorage,
-        scale_layout: &Layout,
-    ) -> Result<()> {
-        let (k, s) = (self.0, cpu_scale(scale, scale_layout)?);
-        par_each(cpu_slice_mut(m, m_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |m, g, _| {
-            *m = affine(*m, k.beta1, 0.0) + affine(g * s, 1.0 - k.beta1, 0.0);
-        });
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        m: &mut CudaStorage,
-        m_layout: &Layout,
-        g: &CudaStorage,
-        g_layout: &Layout,
-        scale: &CudaStorage,
-        scale_layout: &Layout,
-    ) -> Result<()> {
-        let k = self.0;
-        cuda::moment("adamw_first_moment", (m, m_layout), (g, g_layout), (scale, scale_layout), k.beta1, 1.0 - k.beta1)
+    fn second(k: Coefficients) -> Self {
+        Self { second: true, beta: k.beta2 }
     }
 }
 
-/// `v = v β2 + (g s)² (1 - β2)`.
-struct SecondMoment(Coefficients);
-
-impl InplaceOp3 for SecondMoment {
+impl InplaceOp3 for Moment {
     fn name(&self) -> &'static str {
-        "adamw-second-moment"
+        if self.second {
+            "adamw-second-moment"
+        } else {
+            "adamw-first-moment"
+        }
     }
 
     fn cpu_fwd(
         &self,
-        v: &mut CpuStorage,
-        v_layout: &Layout,
+        x: &mut CpuStorage,
+        x_layout: &Layout,
         g: &CpuStorage,
         g_layout: &Layout,
         scale: &CpuStorage,
         scale_layout: &Layout,
     ) -> Result<()> {
-        let (k, s) = (self.0, cpu_scale(scale, scale_layout)?);
-        par_each(cpu_slice_mut(v, v_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |v, g, _| {
+        let (beta, second, s) = (self.beta, self.second, cpu_scale(scale, scale_layout)?);
+        par_each(cpu_slice_mut(x, x_layout, OP)?, cpu_slice(g, g_layout, OP)?, &[], |x, g, _| {
             let scaled = g * s;
-            *v = affine(*v, k.beta2, 0.0) + affine(scaled * scaled, 1.0 - k.beta2, 0.0);
+            let f = if second { scaled * scaled } else { scaled };
+            *x = affine(*x, beta, 0.0) + affine(f, 1.0 - beta, 0.0);
         });
         Ok(())
     }
@@ -271,15 +252,15 @@ impl InplaceOp3 for SecondMoment {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        v: &mut CudaStorage,
-        v_layout: &Layout,
+        x: &mut CudaStorage,
+        x_layout: &Layout,
         g: &CudaStorage,
         g_layout: &Layout,
         scale: &CudaStorage,
         scale_layout: &Layout,
     ) -> Result<()> {
-        let k = self.0;
-        cuda::moment("adamw_second_moment", (v, v_layout), (g, g_layout), (scale, scale_layout), k.beta2, 1.0 - k.beta2)
+        let entry = if self.second { "adamw_second_moment" } else { "adamw_first_moment" };
+        cuda::moment(entry, (x, x_layout), (g, g_layout), (scale, scale_layout), self.beta, 1.0 - self.beta)
     }
 }
 
