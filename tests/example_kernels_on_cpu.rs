@@ -7,7 +7,9 @@
 //! the causal softmax's (`softmax.cu`), the layer norm's (`layer_norm.cu`)
 //! the GELU's (`gelu.cu`) and the Conv1D bias's (`bias.cu`) against their
 //! ops' CPU engines, forward and
-//! backward, with more rows (elements) than the grid holds warps (threads).
+//! backward, with more rows (elements) than the grid holds warps (threads);
+//! the clipping's sum of squares (`sum_squares.cu`) block by block against
+//! the host's f64 sums of the same grid-stride shares.
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
@@ -33,7 +35,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 10] = [
+const ENTRIES: [&str; 11] = [
     "adamw_first_moment",
     "adamw_second_moment",
     "adamw_update",
@@ -44,6 +46,7 @@ const ENTRIES: [&str; 10] = [
     "gelu_fwd",
     "gelu_bwd",
     "add_bias",
+    "sum_squares",
 ];
 
 /// The kernels, compiled once, or why the test skips.
@@ -51,7 +54,7 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
     static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), NotBuilt>> = OnceLock::new();
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
-        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu"];
+        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu", "sum_squares.cu"];
         let prologue: String =
             std::iter::once("launch.h").chain(sources).map(|f| format!("#include \"{f}\"\n")).collect();
         // One unit: the example's entries are few, small and `extern "C"`.
@@ -70,6 +73,7 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
 /// One kernel argument, as the example's launcher passes it.
 enum Arg<'a> {
     Floats(&'a mut [f32]),
+    Doubles(&'a mut [f64]),
     I64(i64),
     I32(i32),
     F32(f32),
@@ -84,6 +88,7 @@ fn launch(launch: LaunchFn, entry: &str, blocks: u32, threads: u32, args: &mut [
     for arg in args.iter_mut() {
         let (kind, bytes, size) = match arg {
             Arg::Floats(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
+            Arg::Doubles(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
             Arg::I64(v) => (b'i', v.to_ne_bytes(), 8),
             Arg::I32(v) => {
                 let mut bytes = [0u8; 8];
@@ -407,5 +412,28 @@ fn add_bias_kernel_matches_the_cpu_op() -> candle::Result<()> {
     ];
     launch(launch_fn, "add_bias", 2, 64, &mut args);
     assert_eq!(y, want, "x + b, exactly");
+    Ok(())
+}
+
+/// The sum-of-squares kernel over 6221 elements on 4 x 256 threads (the
+/// launcher's block size; several elements a thread): each block's partial
+/// sum against the host's f64 sum of the elements its threads stride over,
+/// and no slot written past the grid's.
+#[test]
+fn sum_squares_kernel_sums_each_blocks_share() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("sum_squares_kernel_sums_each_blocks_share") else { return Ok(()) };
+    let (n, blocks, threads) = (6221usize, 4usize, 256usize);
+    let mut x: Vec<f32> = values(n, 15).into_iter().map(|v| 3.0 * v).collect();
+    let mut want = vec![0f64; blocks];
+    for (i, &v) in x.iter().enumerate() {
+        want[i % (blocks * threads) / threads] += f64::from(v) * f64::from(v);
+    }
+    let mut partials = vec![f64::NAN; blocks + 1];
+    let mut args = [Arg::Floats(&mut x), Arg::I64(n as i64), Arg::Doubles(&mut partials)];
+    launch(launch_fn, "sum_squares", blocks as u32, threads as u32, &mut args);
+    for (b, (&got, &want)) in partials.iter().zip(&want).enumerate() {
+        assert!((got - want).abs() <= 1e-12 * want, "block {b}: {got} vs {want}");
+    }
+    assert!(partials[blocks].is_nan(), "a slot past the grid's was written: {}", partials[blocks]);
     Ok(())
 }

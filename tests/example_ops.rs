@@ -8,7 +8,8 @@
 //! in f64; the Conv1D bias (`bias.rs`)
 //! against `broadcast_add`. Values and every input's
 //! gradient under a random upstream
-//! gradient; on the CPU, and on CUDA (their kernels) when a GPU is there
+//! gradient. The clipping's sum of squares (`sum_squares.rs`) against one
+//! formed in f64 on the host. On the CPU, and on CUDA (their kernels) when a GPU is there
 //! (skipping without one, failing with `CHUNKED_CE_REQUIRE_CUDA` set).
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
@@ -22,6 +23,8 @@ mod softmax;
 #[path = "../examples/finetune_gpt2/storage.rs"]
 #[allow(dead_code)]
 mod storage;
+#[path = "../examples/finetune_gpt2/sum_squares.rs"]
+mod sum_squares;
 
 use candle::{DType, Device, Tensor, Var, D};
 
@@ -189,6 +192,46 @@ fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
     let err = bias::add_bias(x.as_tensor(), &Tensor::zeros(69, DType::F32, device)?).expect_err("[69]").to_string();
     assert!(err.contains("bias [70]"), "{err}");
     Ok(())
+}
+
+/// The sum of squares of f32 tensors contiguous or not (longer than the CPU's
+/// tasks and the CUDA grid, so that both split them), f64, and empty, against
+/// the host's sum of each square in f64: within f64 rounding (an f32 sum is
+/// 1e-5 off here), the same on a second call, 0 for no tensors; a tensor
+/// that is not float, or on another device, is refused.
+fn sum_of_squares_is_f64_exact(device: &Device) -> candle::Result<()> {
+    let long = Tensor::randn(0f32, 1.0, (1 << 20) + 77, device)?;
+    let square = Tensor::randn(0f32, 3.0, (37, 41), device)?;
+    let transposed = square.t()?;
+    let narrowed = square.narrow(0, 5, 7)?;
+    let wide = Tensor::randn(0f64, 2.0, 1000, device)?;
+    let empty = Tensor::zeros(0, DType::F32, device)?;
+    let tensors = [&long, &transposed, &narrowed, &wide, &empty];
+    let mut want = 0f64;
+    for t in tensors {
+        want += t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.iter().map(|v| v * v).sum::<f64>();
+    }
+    let what = format!("on {:?}", device.location());
+    let got = sum_squares::sum_of_squares(&tensors, device)?;
+    assert_eq!((got.dims(), got.dtype()), (&[][..], DType::F64), "{what}: an f64 scalar");
+    let got = got.to_scalar::<f64>()?;
+    assert!((got - want).abs() <= 1e-12 * want, "{what}: {got} vs {want} (relative {:e})", (got - want) / want);
+    let again = sum_squares::sum_of_squares(&tensors, device)?.to_scalar::<f64>()?;
+    assert_eq!(got.to_bits(), again.to_bits(), "{what}: a second call differs");
+    assert_eq!(sum_squares::sum_of_squares(&[], device)?.to_scalar::<f64>()?, 0.0, "{what}: no tensors");
+    let ids = Tensor::zeros(3, DType::U32, device)?;
+    let err = sum_squares::sum_of_squares(&[&long, &ids], device).expect_err("u32").to_string();
+    assert!(err.contains("float tensors only"), "{what}: {err}");
+    if !device.is_cpu() {
+        let err = sum_squares::sum_of_squares(&[&long, &long.to_device(&Device::Cpu)?], device).expect_err("cpu");
+        assert!(err.to_string().contains("a tensor on Cpu"), "{what}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sum_of_squares_is_f64_exact_on_every_device() -> candle::Result<()> {
+    on_every_device(sum_of_squares_is_f64_exact)
 }
 
 #[test]

@@ -32,6 +32,8 @@ mod softmax;
 #[path = "../examples/finetune_gpt2/storage.rs"]
 #[allow(dead_code)]
 mod storage;
+#[path = "../examples/finetune_gpt2/sum_squares.rs"]
+mod sum_squares;
 #[path = "../examples/finetune_gpt2/train.rs"]
 #[allow(dead_code)]
 mod train;

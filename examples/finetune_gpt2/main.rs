@@ -20,6 +20,7 @@ mod rng;
 mod softmax;
 mod split;
 mod storage;
+mod sum_squares;
 mod train;
 
 use adamw::AdamW;

@@ -1,5 +1,5 @@
 //! Where the example's own ops (`adamw.rs`, `softmax.rs`, `layer_norm.rs`,
-//! `gelu.rs`, `bias.rs`) meet candle's storage, written once: contiguous f32
+//! `gelu.rs`, `bias.rs`, `sum_squares.rs`) meet candle's storage, written once: contiguous f32
 //! slices on the CPU; on CUDA (feature `cuda`) f32 views, the two launch
 //! shapes their kernels use (a grid-stride loop over elements, a warp per
 //! row), and the one launcher of the row kernels. Each takes the op's name
@@ -30,7 +30,7 @@ pub mod cuda {
     use candle::{CudaDevice, CudaStorage, Layout, Result};
 
     /// Threads per block of both shapes.
-    const THREADS: u32 = 256;
+    pub const THREADS: u32 = 256;
 
     /// The f32 elements of a contiguous layout of `storage`.
     pub fn view<'a>(storage: &'a CudaStorage, layout: &Layout, op: &str) -> Result<CudaView<'a, f32>> {

@@ -3,6 +3,7 @@
 
 use crate::gpt2::{Gpt2, Phase, TopLoss};
 use crate::rng::Rng;
+use crate::sum_squares::sum_of_squares;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor};
 use candle_chunked_ce::{ChunkedCrossEntropy, LinearCrossEntropy, LinearGradAccumulator};
@@ -320,20 +321,13 @@ pub fn clip_factor(model: &Gpt2, grads: &GradStore, max_norm: f64) -> Result<Cli
     if max_norm.is_nan() || max_norm <= 0.0 {
         candle::bail!("gradient clipping: the largest norm must be positive (inf: no clipping), got {max_norm}")
     }
-    // Summed in f64, in the parameters' order.
-    let mut squares: Option<Tensor> = None;
-    for (_, var) in model.named_vars() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let square = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
-            squares = Some(match squares {
-                None => square,
-                Some(sum) => (sum + square)?,
-            });
-        }
+    let gradients: Vec<&Tensor> =
+        model.named_vars().into_iter().filter_map(|(_, var)| grads.get(var.as_tensor())).collect();
+    let device = model.lm_head().device();
+    if gradients.is_empty() {
+        return Ok(Clip { norm: Tensor::zeros((), DType::F64, device)?, factor: None });
     }
-    let Some(squares) = squares else {
-        return Ok(Clip { norm: Tensor::zeros((), DType::F64, model.lm_head().device())?, factor: None });
-    };
+    let squares = sum_of_squares(&gradients, device)?;
     let norm = squares.sqrt()?;
     if max_norm.is_infinite() {
         return Ok(Clip { norm, factor: None });
