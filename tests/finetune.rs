@@ -1,7 +1,8 @@
 //! The `finetune_gpt2` example's model and training step, on a tiny GPT-2:
 //! the loss decreases, every parameter gets a gradient, and gradient
 //! accumulation over micro-batches equals one big batch; its step split puts
-//! each phase's time where it belongs.
+//! each phase's time where it belongs; its samples are text whatever the
+//! model draws.
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 #[allow(dead_code)]
@@ -21,6 +22,8 @@ mod layer_norm;
 #[path = "../examples/finetune_gpt2/rng.rs"]
 #[allow(dead_code)]
 mod rng;
+#[path = "../examples/finetune_gpt2/sampling.rs"]
+mod sampling;
 #[path = "../examples/finetune_gpt2/softmax.rs"]
 #[allow(dead_code)]
 mod softmax;
@@ -386,5 +389,50 @@ fn clip_grad_norm_scales_by_max_norm_over_norm() -> anyhow::Result<()> {
             assert_eq!(host(after)?, want, "{name}, max_norm {max_norm}: clipped gradient");
         }
     }
+    Ok(())
+}
+
+/// The id of the GPT-2 token whose bytes are exactly `bytes`.
+fn token_of(bpe: &tiktoken_rs::CoreBPE, bytes: &[u8]) -> u32 {
+    (0..sampling::TOKENIZER_VOCAB as u32)
+        .find(|&id| bpe._decode_native_and_split(vec![id]).next().as_deref() == Some(bytes))
+        .expect("a token of these bytes")
+}
+
+/// A token that is half of a UTF-8 character decodes to U+FFFD (tiktoken's
+/// `decode` refuses it: a sample ending in one failed the example after
+/// training), and a padded vocabulary's ids past the tokenizer's to nothing.
+#[test]
+fn samples_decode_half_characters_and_padded_ids() -> anyhow::Result<()> {
+    let bpe = tiktoken_rs::r50k_base()?;
+    let lead = token_of(&bpe, &[0xC3]); // the first byte of "é"
+    assert!(bpe.decode(vec![lead]).is_err(), "tiktoken's decode accepts a lone lead byte");
+    let mut ids = bpe.encode_ordinary("Hello");
+    ids.extend([lead, sampling::TOKENIZER_VOCAB as u32 + 2, token_of(&bpe, &[0xA9])]);
+    ids.push(lead);
+    assert_eq!(sampling::decode(&bpe, &ids), "Hello\u{e9}\u{fffd}");
+    Ok(())
+}
+
+/// Sampling draws only tokens the tokenizer has, the largest logit among
+/// them when it leads by far, even where a padded id's logit is larger;
+/// fewer logits than the tokenizer's vocabulary are refused.
+#[test]
+fn sampling_draws_decodable_tokens_only() -> anyhow::Result<()> {
+    let vocab = sampling::TOKENIZER_VOCAB;
+    let mut logits = vec![0f32; vocab + 5];
+    logits[vocab..].fill(100.0);
+    logits[7] = 60.0;
+    let mut rng = Rng::new(3);
+    for _ in 0..50 {
+        assert_eq!(sampling::next_token(&logits, &mut rng)?, 7);
+    }
+    let err = sampling::next_token(&logits[..vocab - 1], &mut rng).expect_err("too few logits").to_string();
+    assert!(err.contains("50256 logits for a tokenizer of 50257 tokens"), "{err}");
+    // A model with a padded vocabulary samples text after its prompt.
+    let config = Config::gpt2(vocab + 3, 16, 8, 1, 2);
+    let model = Gpt2::new(config, config.init(&mut Rng::new(4), &Device::Cpu)?, &Device::Cpu)?;
+    let text = sampling::sample(&model, &tiktoken_rs::r50k_base()?, "The loss", 24, &mut Rng::new(5))?;
+    assert!(text.starts_with("The loss") && text.len() > "The loss".len(), "{text:?}");
     Ok(())
 }

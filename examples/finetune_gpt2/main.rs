@@ -17,6 +17,7 @@ mod gpt2;
 mod layer_norm;
 mod memory_plan;
 mod rng;
+mod sampling;
 mod softmax;
 mod split;
 mod storage;
@@ -33,6 +34,7 @@ use cli::{Args, DeviceKind};
 use gpt2::{Config, Gpt2};
 use memory_plan::MicroBatch;
 use rng::Rng;
+use sampling::{sample, END_OF_TEXT, TOKENIZER_VOCAB};
 use split::Split;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,9 +50,6 @@ const REPO_TEXT: [&str; 6] = [
     include_str!("../../src/cpu/mod.rs"),
     include_str!("../../src/primitive.rs"),
 ];
-
-/// GPT-2's `<|endoftext|>`: ends every JSONL record, so that the model learns to stop.
-const END_OF_TEXT: u32 = 50256;
 
 /// Plain text, or JSONL prompt/completion records (prompt tokens masked out).
 fn load_data(path: Option<&PathBuf>, bpe: &tiktoken_rs::CoreBPE) -> Result<Dataset> {
@@ -95,33 +94,6 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Top-k sampling with temperature from `prompt`.
-fn sample(model: &Gpt2, bpe: &tiktoken_rs::CoreBPE, prompt: &str, tokens: usize, rng: &mut Rng) -> Result<String> {
-    let mut ids = bpe.encode_ordinary(prompt);
-    for _ in 0..tokens {
-        let start = ids.len().saturating_sub(model.config.context);
-        let input = Tensor::new(&ids[start..], &Device::Cpu)?.to_device(model_device(model))?.unsqueeze(0)?;
-        let hidden = model.hidden_no_grad(&input)?;
-        // The next token's logits only: the last position's.
-        let last: Vec<f32> = model.head(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.flatten_all()?.to_vec1()?;
-        let mut top: Vec<(usize, f32)> = last.iter().copied().enumerate().collect();
-        top.sort_by(|a, b| b.1.total_cmp(&a.1));
-        top.truncate(40);
-        let weights: Vec<f64> = top.iter().map(|(_, l)| (((l - top[0].1) / 0.8) as f64).exp()).collect();
-        let mut pick = rng.unit() * weights.iter().sum::<f64>();
-        let choice = top.iter().zip(&weights).find(|(_, w)| {
-            pick -= **w;
-            pick <= 0.0
-        });
-        ids.push(choice.map_or(top[0].0, |(t, _)| t.0) as u32);
-    }
-    bpe.decode(ids)
-}
-
-fn model_device(model: &Gpt2) -> &Device {
-    model.named_vars()[0].1.as_tensor().device()
-}
-
 fn plot(path: &PathBuf, train: &[(usize, f32)], val: &[(usize, f32)]) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
@@ -162,11 +134,6 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
-}
-
-/// The GPT-2 tokenizer's vocabulary: 50256 merges and `<|endoftext|>`.
-fn bpe_vocab() -> usize {
-    END_OF_TEXT as usize + 1
 }
 
 /// AdamW with weight decay on the matrices only: biases and layer-norm gains
@@ -282,11 +249,11 @@ fn run(args: Args) -> Result<()> {
     let (train_data, val_data) = data.split(0.1);
 
     let model = build_model(&args, &device)?;
-    if model.config.vocab < bpe_vocab() {
+    if model.config.vocab < TOKENIZER_VOCAB {
         bail!(
             "the model's vocabulary of {} tokens is smaller than the GPT-2 tokenizer's {}",
             model.config.vocab,
-            bpe_vocab()
+            TOKENIZER_VOCAB
         )
     }
     if args.seq > model.config.context {
@@ -386,12 +353,13 @@ fn run(args: Args) -> Result<()> {
         peak_rss().map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
     );
     println!("{}", split.summary(&device, keep_activations, args.accum * args.batch * args.seq)?);
-    for prompt in ["The loss", "fn forward", "cross-entropy"] {
-        println!("sample: {:?}", sample(&model, &bpe, prompt, 24, &mut rng)?);
-    }
+    // Saved before anything else can fail.
     if let Some(path) = &args.save {
         checkpoint::save(&model, path)?;
         println!("saved {}", path.display());
+    }
+    for prompt in ["The loss", "fn forward", "cross-entropy"] {
+        println!("sample: {:?}", sample(&model, &bpe, prompt, 24, &mut rng)?);
     }
     if let Some(path) = &args.plot {
         plot(path, &train_curve, &val_curve)?;
