@@ -105,6 +105,17 @@ fn bad_flags_are_errors() {
         assert_eq!(kind(&[clip]), Some(ErrorKind::ValueValidation), "{clip}");
     }
     assert_eq!(parse(&["--clip", "inf"]).map(|a| a.clip).ok(), Some(f64::INFINITY));
+    // A learning rate or weight decay of NaN, infinity or below 0 (each trained to NaN
+    // weights without a word); a model of no layers, width or heads.
+    for flag in ["--lr", "--weight-decay"] {
+        for value in ["NaN", "inf", "-1e-3"] {
+            assert_eq!(kind(&[&format!("{flag}={value}")]), Some(ErrorKind::ValueValidation), "{flag}={value}");
+        }
+        assert!(parse(&[flag, "0"]).is_ok(), "{flag} 0");
+    }
+    for flag in ["--layers", "--width", "--heads"] {
+        assert_eq!(kind(&[flag, "0"]), Some(ErrorKind::ValueValidation), "{flag} 0");
+    }
     // A fresh model's shape contradicts a checkpoint's.
     assert_eq!(kind(&["--weights", "model.safetensors", "--layers", "3"]), Some(ErrorKind::ArgumentConflict));
 }

@@ -44,10 +44,10 @@ pub struct Args {
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub seq: usize,
     /// Peak learning rate [default: 3e-3 for a fresh model, 1e-4 with --weights]
-    #[arg(long)]
+    #[arg(long, value_parser = finite_non_negative)]
     pub lr: Option<f64>,
     /// AdamW weight decay, on matrices only (never on biases or layer-norm gains)
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = finite_non_negative)]
     pub weight_decay: f64,
     /// Linear warm-up steps, then cosine decay to 10% of --lr
     #[arg(long, default_value_t = 15)]
@@ -62,14 +62,14 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Layers of a fresh model
-    #[arg(long, default_value_t = 2, conflicts_with = "weights")]
+    #[arg(long, default_value_t = 2, conflicts_with = "weights", value_parser = at_least_one)]
     pub layers: usize,
     /// Width of a fresh model
-    #[arg(long, default_value_t = 128, conflicts_with = "weights")]
+    #[arg(long, default_value_t = 128, conflicts_with = "weights", value_parser = at_least_one)]
     pub width: usize,
     /// Attention heads [default: 4 for a fresh model; with --weights config.json's n_head (an error if they
     /// differ), or width / 64 without a config.json]
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub heads: Option<usize>,
     /// Save the trained model here (and its config.json beside it)
     #[arg(long, value_name = "FILE")]
@@ -98,6 +98,13 @@ fn positive(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(x) if x > 0.0 => Ok(x),
         _ => Err("must be a number above 0 (inf: no clipping)".into()),
+    }
+}
+
+fn finite_non_negative(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err("must be a finite number of at least 0".into()),
     }
 }
 
