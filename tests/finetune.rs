@@ -56,7 +56,7 @@ fn tiny_model(seed: u64) -> anyhow::Result<Gpt2> {
 fn data() -> Dataset {
     let tokens: Vec<u32> = (0..600u32).map(|i| (i * 7 + i / 5) % TINY.vocab as u32).collect();
     let mask: Vec<u8> = (0..600).map(|i| u8::from(i % 9 != 0)).collect();
-    Dataset { sequences: vec![(tokens, mask)] }
+    Dataset { sequences: vec![(tokens, mask)], records: false }
 }
 
 #[test]
@@ -167,7 +167,30 @@ fn bad_inputs_are_errors() -> anyhow::Result<()> {
     let too_long = model.logits(&long).expect_err("too long");
     assert!(too_long.to_string().contains("exceeds the model's context"), "{too_long}");
     let empty = Dataset::from_tokens(vec![]).batch(&mut Rng::new(1), 1, 4, &Device::Cpu).expect_err("empty data");
-    assert!(empty.to_string().contains("no sequence"), "{empty}");
+    assert!(empty.to_string().contains("no token to train on"), "{empty}");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// `--save` and `--plot` paths, resolved and checked before training (a bad
+/// one failed after the whole run): a directory saves `model.safetensors` in
+/// it, missing directories are created, and a directory that cannot be
+/// created, or a directory given as the file, is refused.
+#[test]
+fn output_paths_are_checked_before_training() -> anyhow::Result<()> {
+    let dir = scratch("outputs")?;
+    assert_eq!(checkpoint::save_path(&dir)?, dir.join("model.safetensors"));
+    let new = dir.join("new").join("sub");
+    let with_separator = std::path::PathBuf::from(format!("{}{}", new.display(), std::path::MAIN_SEPARATOR));
+    assert_eq!(checkpoint::save_path(&with_separator)?, new.join("model.safetensors"));
+    assert!(new.is_dir(), "the directory is created");
+    assert_eq!(checkpoint::save_path(&dir.join("a/b.safetensors"))?, dir.join("a/b.safetensors"));
+    assert!(dir.join("a").is_dir(), "the file's directory is created");
+    std::fs::write(dir.join("file"), b"")?;
+    let err = checkpoint::save_path(&dir.join("file/m.safetensors")).expect_err("under a file").to_string();
+    assert!(err.contains("cannot create the directory"), "{err}");
+    let err = checkpoint::writable_directory_of(&dir).expect_err("a directory as the plot").to_string();
+    assert!(err.contains("is a directory, not a file"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
@@ -304,6 +327,37 @@ fn jsonl_records_end_with_end_of_text() -> anyhow::Result<()> {
     assert_eq!(message, "t.jsonl line 3: no string \"prompt\"");
     let message = checkpoint::message(&Dataset::from_jsonl("{", "t.jsonl", bytes, 0).expect_err("not JSON"));
     assert!(message.starts_with("t.jsonl line 1: not JSON"), "{message}");
+    Ok(())
+}
+
+/// Prompt/completion records whose prompts are longer than a window: every
+/// window reaches the completion (randomly placed windows mostly held prompt
+/// tokens only, and a step of them trained on nothing with a loss of 0), and
+/// the data splits by records, at least one to validate; a single record is
+/// an error, not a prompt-only training set.
+#[test]
+fn long_prompts_keep_their_completions_in_the_window() -> anyhow::Result<()> {
+    let record = |i: u32| -> String {
+        let prompt: String = (0..120).map(|w| format!("w{} ", (w + i) % 7)).collect();
+        format!("{{\"prompt\": \"{prompt}\", \"completion\": \"x{i}\"}}\n")
+    };
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let text: String = (0..5).map(record).collect();
+    let data = Dataset::from_jsonl(&text, "t.jsonl", bytes, 50256)?;
+    let (train, val) = data.clone().split(0.1)?;
+    assert_eq!((train.sequences.len(), val.sequences.len()), (4, 1));
+    assert_eq!(val.sequences[0], data.sequences[4]);
+    let mut rng = Rng::new(21);
+    for set in [&train, &val] {
+        let batch = set.batch(&mut rng, 16, 12, &Device::Cpu)?;
+        for (row, mask) in batch.mask.to_vec2::<u8>()?.iter().enumerate() {
+            // The completion (2 bytes) and <|endoftext|>, all of them, each window.
+            assert_eq!(mask.iter().filter(|&&m| m != 0).count(), 3, "window {row}: {mask:?}");
+        }
+    }
+    let one = Dataset::from_jsonl(&record(0), "t.jsonl", bytes, 50256)?;
+    let err = one.split(0.1).expect_err("one record").to_string();
+    assert!(err.contains("1 record(s) with a token to train on: at least 2"), "{err}");
     Ok(())
 }
 

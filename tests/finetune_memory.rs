@@ -138,7 +138,7 @@ const TINY: Config = Config::gpt2(23, 16, 16, 3, 2);
 fn data() -> Dataset {
     let tokens: Vec<u32> = (0..400u32).map(|i| (i * 5 + i / 7) % TINY.vocab as u32).collect();
     let mask: Vec<u8> = (0..400).map(|i| u8::from(i % 6 != 0)).collect();
-    Dataset { sequences: vec![(tokens, mask)] }
+    Dataset { sequences: vec![(tokens, mask)], records: false }
 }
 
 /// Asserts that two tensors hold the same values, bit for bit (as f64).

@@ -241,6 +241,41 @@ pub fn load(path: &Path, heads: Option<usize>, device: &Device) -> Result<(Gpt2,
     from_checkpoint(tensors, hf.as_ref(), heads, device)
 }
 
+/// Where [`save`] writes for `--save PATH`: `PATH/model.safetensors` for a
+/// directory (one that exists, or a path ending in a separator), else PATH;
+/// its directory created and checked writable, so that a bad path fails
+/// before the training, not after it.
+///
+/// # Errors
+/// A directory that cannot be created or written to.
+pub fn save_path(path: &Path) -> Result<PathBuf> {
+    let names_a_directory = path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    let file = if path.is_dir() || names_a_directory { path.join("model.safetensors") } else { path.to_path_buf() };
+    writable_directory_of(&file)?;
+    Ok(file)
+}
+
+/// Creates the directory `file` will be written in, if need be, and checks
+/// that a file can be created there.
+///
+/// # Errors
+/// `file` is a directory, or its directory cannot be created or written to.
+pub fn writable_directory_of(file: &Path) -> Result<()> {
+    if file.is_dir() {
+        candle::bail!("{} is a directory, not a file", file.display())
+    }
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| candle::Error::Msg(format!("cannot create the directory {}: {e}", dir.display())))?;
+    let probe = dir.join(format!(".finetune_gpt2_probe_{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| candle::Error::Msg(format!("cannot write in {}: {e}", dir.display())))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
 /// Saves the model as `save_pretrained` would: the safetensors at `path`, and
 /// its `config.json` beside it (replacing one that is there).
 pub fn save(model: &Gpt2, path: &Path) -> Result<()> {

@@ -202,6 +202,11 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// The model: from --weights, or fresh (saved and loaded back, as a checkpoint would be).
+/// `flag: message` of an error about the path a flag names (the message names the path).
+fn flag_error(flag: &str, e: &candle::Error) -> anyhow::Error {
+    anyhow::anyhow!("{flag}: {}", checkpoint::message(e))
+}
+
 fn build_model(args: &Args, device: &Device) -> Result<Gpt2> {
     let (model, notice) = match &args.weights {
         Some(path) => checkpoint::load(path, args.heads, device)?,
@@ -241,12 +246,23 @@ fn run(args: Args) -> Result<()> {
         // candle's switch, which the loss's own cuBLAS products follow too.
         candle::cuda::set_gemm_reduced_precision_f32(true);
     }
+    // The outputs' paths, checked before any training.
+    let save_path = match &args.save {
+        Some(path) => Some(checkpoint::save_path(path).map_err(|e| flag_error("--save", &e))?),
+        None => None,
+    };
+    if let Some(path) = &args.plot {
+        checkpoint::writable_directory_of(path).map_err(|e| flag_error("--plot", &e))?;
+    }
     let bpe = tiktoken_rs::r50k_base()?;
     let data = load_data(args.data.as_ref(), &bpe)?;
     if data.len() < 2 {
         bail!("the data holds {} tokens: nothing to train on", data.len())
     }
-    let (train_data, val_data) = data.split(0.1);
+    let (train_data, val_data) = data.split(0.1).map_err(|e| {
+        let source = args.data.as_ref().map_or("the data".into(), |p| format!("--data {}", p.display()));
+        anyhow::anyhow!("{source}: {}", checkpoint::message(&e))
+    })?;
 
     let model = build_model(&args, &device)?;
     if model.config.vocab < TOKENIZER_VOCAB {
@@ -274,7 +290,17 @@ fn run(args: Args) -> Result<()> {
     );
 
     let mut rng = Rng::new(args.seed);
-    let val_source = if val_data.len() > args.seq { &val_data } else { &train_data };
+    // Records are padded to a window; plain text needs one window's tokens.
+    let val_source = if val_data.records || val_data.len() > args.seq {
+        &val_data
+    } else {
+        println!(
+            "note: validating on training text: the last 10% of the text is {} tokens, not a window of --seq {} + 1",
+            val_data.len(),
+            args.seq
+        );
+        &train_data
+    };
     let val_batches: Vec<train::Batch> =
         (0..4).map(|_| val_source.batch(&mut rng, args.batch, args.seq, &device)).collect::<candle::Result<_>>()?;
     let mut opt = Optimizers::new(&model, lr, args.weight_decay)?;
@@ -354,7 +380,7 @@ fn run(args: Args) -> Result<()> {
     );
     println!("{}", split.summary(&device, keep_activations, args.accum * args.batch * args.seq)?);
     // Saved before anything else can fail.
-    if let Some(path) = &args.save {
+    if let Some(path) = &save_path {
         checkpoint::save(&model, path)?;
         println!("saved {}", path.display());
     }

@@ -24,13 +24,15 @@ pub enum LossKind {
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub sequences: Vec<(Vec<u32>, Vec<u8>)>,
+    /// Prompt/completion records, one sequence each (else plain text, one sequence).
+    pub records: bool,
 }
 
 impl Dataset {
     /// Plain text: one sequence, every token trained on.
     pub fn from_tokens(tokens: Vec<u32>) -> Self {
         let mask = vec![1; tokens.len()];
-        Self { sequences: vec![(tokens, mask)] }
+        Self { sequences: vec![(tokens, mask)], records: false }
     }
 
     /// JSONL records `{"prompt": .., "completion": ..}`, one sequence each:
@@ -38,7 +40,7 @@ impl Dataset {
     /// masked out of the loss, the completion and its end are trained on.
     /// Blank lines are skipped; `source` names the text in errors.
     pub fn from_jsonl(text: &str, source: &str, encode: impl Fn(&str) -> Vec<u32>, end_of_text: u32) -> Result<Self> {
-        let mut data = Self::default();
+        let mut data = Self { sequences: Vec::new(), records: true };
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let at = || format!("{source} line {}", i + 1);
             let record: serde_json::Value =
@@ -58,34 +60,64 @@ impl Dataset {
         self.sequences.iter().map(|(t, _)| t.len()).sum()
     }
 
-    /// Splits off the last `fraction` of the tokens (of each plain-text
-    /// sequence, or of the records) as validation data.
-    pub fn split(self, fraction: f64) -> (Self, Self) {
-        if self.sequences.len() == 1 {
-            let (tokens, mask) = self.sequences.into_iter().next().expect("one sequence");
-            let cut = ((tokens.len() as f64) * (1.0 - fraction)) as usize;
-            let train = (tokens[..cut].to_vec(), mask[..cut].to_vec());
-            let val = (tokens[cut..].to_vec(), mask[cut..].to_vec());
-            return (Self { sequences: vec![train] }, Self { sequences: vec![val] });
+    /// Splits off the last `fraction` of the tokens (of plain text) or of the
+    /// records (at least one) as validation data.
+    ///
+    /// # Errors
+    /// Records of which fewer than two hold a token to train on: none would be
+    /// left to train on or to validate with.
+    pub fn split(self, fraction: f64) -> Result<(Self, Self)> {
+        let records = self.records;
+        if !records {
+            let mut train = self;
+            let mut val = Self::default();
+            for (tokens, mask) in &mut train.sequences {
+                let cut = ((tokens.len() as f64) * (1.0 - fraction)) as usize;
+                val.sequences.push((tokens.split_off(cut), mask.split_off(cut)));
+            }
+            return Ok((train, val));
         }
-        let cut = ((self.sequences.len() as f64) * (1.0 - fraction)).ceil() as usize;
-        let mut train = self.sequences;
-        let val = train.split_off(cut.min(train.len()));
-        (Self { sequences: train }, Self { sequences: val })
+        let mut train: Vec<(Vec<u32>, Vec<u8>)> =
+            self.sequences.into_iter().filter(|(tokens, mask)| first_label(tokens, mask).is_some()).collect();
+        if train.len() < 2 {
+            candle::bail!(
+                "{} record(s) with a token to train on: at least 2 are needed, one to train on and one to validate",
+                train.len()
+            )
+        }
+        let cut = (((train.len() as f64) * (1.0 - fraction)).ceil() as usize).min(train.len() - 1);
+        let val = train.split_off(cut);
+        Ok((Self { sequences: train, records }, Self { sequences: val, records }))
     }
 
     /// `batch` windows of `seq + 1` tokens at random places (records shorter
     /// than that are padded, with mask 0). Inputs are the first `seq` tokens,
-    /// labels the next `seq`, and the mask is that of the labels.
+    /// labels the next `seq`, and the mask is that of the labels. Each window
+    /// reaches its sequence's first label trained on. A record is one
+    /// example: where its completion and end fit in a window, the window ends
+    /// with the record (a prompt too long for it is cut from its start); a
+    /// longer completion is windowed at random from its first token on.
+    ///
+    /// # Errors
+    /// No sequence with a label to train on.
     pub fn batch(&self, rng: &mut Rng, batch: usize, seq: usize, device: &Device) -> Result<Batch> {
         let (mut inputs, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        let long: Vec<&(Vec<u32>, Vec<u8>)> = self.sequences.iter().filter(|(t, _)| t.len() >= 2).collect();
-        if long.is_empty() {
-            candle::bail!("the data has no sequence of at least two tokens")
+        // Each sequence with a label to train on, and that label's position.
+        let trained: Vec<(&[u32], &[u8], usize)> = self
+            .sequences
+            .iter()
+            .filter_map(|(tokens, mask)| Some((tokens.as_slice(), mask.as_slice(), first_label(tokens, mask)?)))
+            .collect();
+        if trained.is_empty() {
+            candle::bail!("the data has no token to train on (a sequence of at least two tokens, not all masked)")
         }
         for _ in 0..batch {
-            let (tokens, keep) = long[rng.below(long.len())];
-            let start = rng.below(tokens.len().saturating_sub(seq + 1) + 1);
+            let (tokens, keep, first) = trained[rng.below(trained.len())];
+            // Window starts from the first whose labels reach `first` to the last that fits.
+            let (earliest, latest) = (first.saturating_sub(seq), tokens.len().saturating_sub(seq + 1));
+            let drawn = earliest.min(latest) + rng.below(latest.saturating_sub(earliest) + 1);
+            // A record whose trained tokens fit in a window ends it: its prompt is cut from the start.
+            let start = if self.records && tokens.len() - first <= seq { latest } else { drawn };
             for i in 0..seq {
                 let (x, y) = (start + i, start + i + 1);
                 inputs.push(tokens.get(x).copied().unwrap_or(0));
@@ -105,6 +137,12 @@ impl Dataset {
             valid,
         })
     }
+}
+
+/// The position of the first token trained on as a label (never the first
+/// token, which is no token's label), if any.
+fn first_label(tokens: &[u32], mask: &[u8]) -> Option<usize> {
+    (1..tokens.len()).find(|&i| mask[i] != 0)
 }
 
 /// Inputs and labels `[B, T]` (u32) and the labels' loss mask `[B, T]` (u8);
