@@ -199,7 +199,7 @@ fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
 /// the host's sum of each square in f64: within f64 rounding (an f32 sum is
 /// 1e-5 off here), the same on a second call, 0 for no tensors; a tensor
 /// that is not float, or on another device, is refused.
-fn sum_of_squares_is_f64_exact(device: &Device) -> candle::Result<()> {
+fn sum_of_squares_matches_an_f64_sum(device: &Device) -> candle::Result<()> {
     let long = Tensor::randn(0f32, 1.0, (1 << 20) + 77, device)?;
     let square = Tensor::randn(0f32, 3.0, (37, 41), device)?;
     let transposed = square.t()?;
@@ -230,8 +230,8 @@ fn sum_of_squares_is_f64_exact(device: &Device) -> candle::Result<()> {
 }
 
 #[test]
-fn sum_of_squares_is_f64_exact_on_every_device() -> candle::Result<()> {
-    on_every_device(sum_of_squares_is_f64_exact)
+fn sum_of_squares_matches_an_f64_sum_on_every_device() -> candle::Result<()> {
+    on_every_device(sum_of_squares_matches_an_f64_sum)
 }
 
 #[test]

@@ -71,8 +71,9 @@ pub struct Args {
     /// differ), or width / 64 without a config.json]
     #[arg(long, value_parser = at_least_one)]
     pub heads: Option<usize>,
-    /// Save the trained model here (and its config.json beside it)
-    #[arg(long, value_name = "FILE")]
+    /// Save the trained model here (and its config.json beside it); a directory gets model.safetensors.
+    /// Checked writable (missing directories created) before training
+    #[arg(long, value_name = "FILE|DIR")]
     pub save: Option<PathBuf>,
     /// Plot the loss curves to this SVG
     #[arg(long, value_name = "FILE.svg")]

@@ -201,12 +201,12 @@ fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-/// The model: from --weights, or fresh (saved and loaded back, as a checkpoint would be).
 /// `flag: message` of an error about the path a flag names (the message names the path).
 fn flag_error(flag: &str, e: &candle::Error) -> anyhow::Error {
     anyhow::anyhow!("{flag}: {}", checkpoint::message(e))
 }
 
+/// The model: from --weights, or fresh (saved and loaded back, as a checkpoint would be).
 fn build_model(args: &Args, device: &Device) -> Result<Gpt2> {
     let (model, notice) = match &args.weights {
         Some(path) => checkpoint::load(path, args.heads, device)?,

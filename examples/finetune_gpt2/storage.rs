@@ -30,7 +30,7 @@ pub mod cuda {
     use candle::{CudaDevice, CudaStorage, Layout, Result};
 
     /// Threads per block of both shapes.
-    pub const THREADS: u32 = 256;
+    const THREADS: u32 = 256;
 
     /// The f32 elements of a contiguous layout of `storage`.
     pub fn view<'a>(storage: &'a CudaStorage, layout: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
@@ -50,7 +50,13 @@ pub mod cuda {
 
     /// A grid-stride loop over `n` elements: whole blocks, at most 4096.
     pub fn elementwise(n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+        grid_stride(n, 4096)
+    }
+
+    /// A grid-stride loop over `n` elements: whole blocks, at least one and
+    /// at most `max_blocks`.
+    pub fn grid_stride(n: usize, max_blocks: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, max_blocks) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 

@@ -7,7 +7,8 @@
 // of an f32 is exact there) and writes the block's sum to partials[b]; the
 // caller sums the partials. Which thread adds which element, and the order of
 // the warp and block sums, depend on n and the launch shape alone: the same
-// result on every run. n is 64-bit; at most 1024 threads a block.
+// result on every run. n is 64-bit; threads a block: a multiple of 32 (the
+// full-mask shuffles), at most 1024 (the warp sums' array).
 
 #include <stdint.h>
 

@@ -13,9 +13,10 @@ use candle::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// `Σ x²` over every element of `tensors` (any float dtypes, any layouts, one
-/// device): an f64 scalar on that device, 0 for no tensors. Contiguous or
-/// not, f32 tensors on the CPU or CUDA take one pass each; others candle's
-/// `sqr` and `sum_all` in their dtype.
+/// device): an f64 scalar on that device, 0 for no tensors. Contiguous f32
+/// tensors on the CPU or CUDA take one pass each (others of f32 a
+/// contiguous copy first); other dtypes candle's `sqr` and `sum_all` in
+/// their own.
 ///
 /// # Errors
 /// Tensors on different devices, or not of a float dtype.
@@ -32,14 +33,18 @@ pub fn sum_of_squares(tensors: &[&Tensor], device: &Device) -> Result<Tensor> {
         t.dtype() == DType::F32 && (t.device().is_cpu() || cfg!(feature = "cuda") && t.device().is_cuda())
     };
     let (f32s, others): (Vec<&Tensor>, Vec<&Tensor>) = tensors.iter().partition(one_pass);
-    // One row of partial sums per tensor: each CUDA block writes its own (the
-    // rest stay 0); the CPU writes the first.
-    let slots = if device.is_cuda() { SLOTS } else { 1 };
-    let partials = Tensor::zeros((f32s.len(), slots), DType::F64, device)?;
-    for (row, t) in f32s.iter().enumerate() {
-        partials.narrow(0, row, 1)?.inplace_op2(&t.contiguous()?, &SumSquaresInto)?;
-    }
-    let mut total = partials.sum_all()?;
+    let mut total = if f32s.is_empty() {
+        Tensor::zeros((), DType::F64, device)?
+    } else {
+        // One row of partial sums per tensor: each CUDA block writes its own (the
+        // rest stay 0); the CPU writes the first.
+        let slots = if device.is_cuda() { SLOTS } else { 1 };
+        let partials = Tensor::zeros((f32s.len(), slots), DType::F64, device)?;
+        for (row, t) in f32s.iter().enumerate() {
+            partials.narrow(0, row, 1)?.inplace_op2(&t.contiguous()?, &SumSquaresInto)?;
+        }
+        partials.sum_all()?
+    };
     for t in others {
         total = (total + t.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
     }
@@ -103,9 +108,9 @@ impl InplaceOp2 for SumSquaresInto {
         x: &candle::CudaStorage,
         x_layout: &Layout,
     ) -> Result<()> {
-        use crate::storage::cuda::{view, THREADS};
+        use crate::storage::cuda::{grid_stride, view};
         use candle::backend::BackendStorage;
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_sum_squares.ptx"));
         let dev = partials.device().clone();
@@ -118,17 +123,16 @@ impl InplaceOp2 for SumSquaresInto {
         if n == 0 {
             return Ok(());
         }
-        let blocks = n.div_ceil(THREADS as usize).min(SLOTS) as u32;
         let func = dev.get_or_load_custom_func("sum_squares", "finetune_gpt2-sum_squares", PTX)?;
         let len = n as i64;
         let mut builder = func.builder();
         builder.arg(&x).arg(&len).arg(&mut row);
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `sum_squares` takes (const float* x, int64_t n, double*
         // partials) and block b writes partials[b] only: x holds n f32, the row
-        // SLOTS >= blocks f64 (checked above), and the views' guards order the
-        // launch on the stream and outlive it.
-        unsafe { builder.launch(config) }.w()?;
+        // SLOTS f64, at least the grid's blocks (checked above); the two are
+        // different buffers (f32 and f64), as `__restrict__` assumes; the views'
+        // guards order the launch on the stream and outlive it.
+        unsafe { builder.launch(grid_stride(n, SLOTS)) }.w()?;
         Ok(())
     }
 }

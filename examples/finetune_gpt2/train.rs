@@ -37,7 +37,9 @@ impl Dataset {
 
     /// JSONL records `{"prompt": .., "completion": ..}`, one sequence each:
     /// the prompt's tokens, the completion's, then `end_of_text`; the prompt is
-    /// masked out of the loss, the completion and its end are trained on.
+    /// masked out of the loss, the completion and its end are trained on
+    /// (all but a sequence's first token, which is no token's label: with an
+    /// empty prompt, the completion's first).
     /// Blank lines are skipped; `source` names the text in errors.
     pub fn from_jsonl(text: &str, source: &str, encode: impl Fn(&str) -> Vec<u32>, end_of_text: u32) -> Result<Self> {
         let mut data = Self { sequences: Vec::new(), records: true };
@@ -85,7 +87,7 @@ impl Dataset {
                 train.len()
             )
         }
-        let cut = (((train.len() as f64) * (1.0 - fraction)).ceil() as usize).min(train.len() - 1);
+        let cut = (((train.len() as f64) * (1.0 - fraction)).ceil() as usize).clamp(1, train.len() - 1);
         let val = train.split_off(cut);
         Ok((Self { sequences: train, records }, Self { sequences: val, records }))
     }
@@ -102,17 +104,18 @@ impl Dataset {
     /// No sequence with a label to train on.
     pub fn batch(&self, rng: &mut Rng, batch: usize, seq: usize, device: &Device) -> Result<Batch> {
         let (mut inputs, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        // Each sequence with a label to train on, and that label's position.
-        let trained: Vec<(&[u32], &[u8], usize)> = self
-            .sequences
-            .iter()
-            .filter_map(|(tokens, mask)| Some((tokens.as_slice(), mask.as_slice(), first_label(tokens, mask)?)))
-            .collect();
-        if trained.is_empty() {
+        // Stops at the first sequence with a label to train on (the first, after `split`).
+        if !self.sequences.iter().any(|(tokens, mask)| first_label(tokens, mask).is_some()) {
             candle::bail!("the data has no token to train on (a sequence of at least two tokens, not all masked)")
         }
         for _ in 0..batch {
-            let (tokens, keep, first) = trained[rng.below(trained.len())];
+            // Uniform over the sequences with a label to train on: drawn again past one without.
+            let (tokens, keep, first) = loop {
+                let (tokens, keep) = &self.sequences[rng.below(self.sequences.len())];
+                if let Some(first) = first_label(tokens, keep) {
+                    break (tokens, keep, first);
+                }
+            };
             // Window starts from the first whose labels reach `first` to the last that fits.
             let (earliest, latest) = (first.saturating_sub(seq), tokens.len().saturating_sub(seq + 1));
             let drawn = earliest.min(latest) + rng.below(latest.saturating_sub(earliest) + 1);
