@@ -131,6 +131,10 @@ fn bad_inputs(device: &Device) -> anyhow::Result<()> {
         let ignored = Tensor::full(-100i64, 4, device)?;
         let err = message(ce.forward(&hidden, &Tensor::zeros((0, 8), DType::F32, device)?, &ignored, None));
         assert!(err.contains("empty vocabulary"), "{err}");
+        let (no_features, no_columns) =
+            (Tensor::zeros((4, 0), DType::F32, device)?, Tensor::zeros((10, 0), DType::F32, device)?);
+        let err = message(ce.forward(&no_features, &no_columns, &good, None));
+        assert!(err.contains("has no features (H = 0)"), "{err}");
     }
     Ok(())
 }

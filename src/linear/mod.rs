@@ -212,8 +212,8 @@ impl LinearCrossEntropy {
     /// - `labels`, `mask` and the result: as in [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward).
     ///
     /// # Errors
-    /// Those of [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward), and `weight` not `[V, H]`
-    /// with `hidden`'s `H`, dtype and device.
+    /// Those of [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward), `hidden` of width
+    /// `H = 0`, and `weight` not `[V, H]` with `hidden`'s `H`, dtype and device.
     pub fn forward(&self, hidden: &Tensor, weight: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(hidden, weight, labels, mask, None)
     }

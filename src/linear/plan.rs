@@ -133,10 +133,13 @@ pub(super) struct ChunkedCall {
     pub(super) weight_sum: DType,
 }
 
-/// Checks `weight` (`[V, H]` for `hidden`'s `H`) and `bias` (`[V]`) against
-/// `hidden`'s dtype and device, and returns `V`.
+/// Checks `hidden`'s `H` (at least 1), `weight` (`[V, H]`) and `bias`
+/// (`[V]`) against `hidden`'s dtype and device, and returns `V`.
 fn checked_projection(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<usize> {
     let width = hidden.dim(candle::D::Minus1)?;
+    if width == 0 {
+        bail!("linear cross-entropy: hidden {:?} has no features (H = 0): nothing to project", hidden.shape())
+    }
     let vocab = match weight.dims() {
         [v, h] if *h == width => *v,
         _ => bail!(
