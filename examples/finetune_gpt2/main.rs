@@ -14,6 +14,7 @@ mod checkpoint;
 mod cli;
 mod gelu;
 mod gpt2;
+mod heap;
 mod layer_norm;
 mod memory_plan;
 mod rng;
@@ -120,22 +121,6 @@ fn plot(path: &PathBuf, train: &[(usize, f32)], val: &[(usize, f32)]) -> Result<
     Ok(())
 }
 
-/// glibc hands every freed buffer above its mmap threshold back to the OS, so
-/// each training step would fault its logits-sized buffers in again, 4 KiB at a
-/// time (most of a step's time on our 2-core VMs, see BENCHMARKS.md). This
-/// process keeps freed memory in its heap instead; both losses run with it.
-/// It costs the heap's high-water mark above the live memory; fine-tuning
-/// GPT-2 124M at batch 4 x 256 tokens peaks at 3.1 GB RSS with it
-/// (BENCHMARKS.md).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes glibc's allocator; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 /// AdamW with weight decay on the matrices only: biases and layer-norm gains
 /// (the vectors) are not decayed, as in GPT-2's and most fine-tuning recipes.
 struct Optimizers {
@@ -163,7 +148,7 @@ impl Optimizers {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    heap::keep_freed_memory();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
