@@ -11,7 +11,10 @@
 /// Large buffers come from the heap, never `mmap`, and the heap is never
 /// trimmed (`M_TRIM_THRESHOLD = -1`, which mallopt(3) documents as turning
 /// trimming off; its largest positive value, `i32::MAX`, still trims 2 GiB
-/// of free top). Call before any other thread exists. Nothing outside glibc.
+/// of free top). That holds for the main thread, where candle allocates the
+/// outputs of the ops it runs: other threads allocate from glibc's thread
+/// arenas, which still map a buffer larger than their 64 MiB heaps. Call
+/// before any other thread exists. Nothing outside glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes glibc's allocator; called before any other thread exists.
