@@ -3,8 +3,8 @@
 //! passes the trim threshold, so each training step would fault its large
 //! buffers in again, 4 KiB at a time (about 1.4 µs a page on our 2-core
 //! VMs). GPT-2 124M at batch 4 x 256 tokens can free more than 2 GiB at the
-//! heap's top at once: with the trim threshold at `i32::MAX`, 7 of 9 runs
-//! faulted 1.8-2.9 GB in again every step and took 1.15-1.39x as long
+//! heap's top at once: with the trim threshold at `i32::MAX`, 5 of 6 runs
+//! faulted gigabytes in again every step and took 1.15-1.39x as long
 //! (BENCHMARKS.md). It costs the heap's high-water mark above the live
 //! memory.
 
