@@ -122,8 +122,12 @@ impl AdamW {
             lr: p.lr,
             eps: p.eps,
         };
-        // The in-place passes read the scale in f32, 1 (exact) where none is given.
-        let mut scale_f32: Option<Tensor> = None;
+        let Some(device) = self.slots.first().map(|slot| slot.theta.device().clone()) else { return Ok(()) };
+        // The in-place passes read the scale as one f32 value, 1 (exact) where none is given.
+        let scale_f32 = match &scale {
+            Some(scale) => scale.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::ones(1, DType::F32, &device)?,
+        };
         for slot in &self.slots {
             if let Some(g) = grads.get(slot.theta.as_tensor()) {
                 if g.shape() != slot.theta.shape() {
@@ -139,17 +143,8 @@ impl AdamW {
                         && t.is_contiguous()
                 });
                 if in_place {
-                    let scale = match &scale_f32 {
-                        Some(s) => s.clone(),
-                        None => scale_f32
-                            .insert(match &scale {
-                                Some(scale) => scale.to_dtype(DType::F32)?.flatten_all()?,
-                                None => Tensor::ones(1, DType::F32, g.device())?,
-                            })
-                            .clone(),
-                    };
-                    slot.m.inplace_op3(g, &scale, &Moment::first(k))?;
-                    slot.v.inplace_op3(g, &scale, &Moment::second(k))?;
+                    slot.m.inplace_op3(g, &scale_f32, &Moment::first(k))?;
+                    slot.v.inplace_op3(g, &scale_f32, &Moment::second(k))?;
                     slot.theta.inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &Update(k))?;
                 } else {
                     match &scale {

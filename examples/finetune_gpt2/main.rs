@@ -186,9 +186,9 @@ fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-/// `flag: message` of an error about the path a flag names (the message names the path).
-fn flag_error(flag: &str, e: &candle::Error) -> anyhow::Error {
-    anyhow::anyhow!("{flag}: {}", checkpoint::message(e))
+/// `what: message` of an error about what a flag names (`--save`, `--data FILE`).
+fn flag_error(what: &str, e: &candle::Error) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", checkpoint::message(e))
 }
 
 /// The model: from --weights, or fresh (saved and loaded back, as a checkpoint would be).
@@ -245,8 +245,7 @@ fn run(args: Args) -> Result<()> {
         bail!("the data holds {} tokens: nothing to train on", data.len())
     }
     let (train_data, val_data) = data.split(0.1).map_err(|e| {
-        let source = args.data.as_ref().map_or("the data".into(), |p| format!("--data {}", p.display()));
-        anyhow::anyhow!("{source}: {}", checkpoint::message(&e))
+        flag_error(&args.data.as_ref().map_or("the data".into(), |p| format!("--data {}", p.display())), &e)
     })?;
 
     let model = build_model(&args, &device)?;

@@ -350,7 +350,7 @@ pub struct Clip {
     pub norm: Tensor,
     /// `max_norm / norm` where the norm is larger, else exactly 1 (as
     /// PyTorch's `clip_grad_norm_`): an f64 scalar on the device, for
-    /// `AdamW::step_scaled`. `None` for an infinite `max_norm`, or no gradient.
+    /// `AdamW::step_scaled`. `None` for an infinite `max_norm`.
     pub factor: Option<Tensor>,
 }
 
@@ -364,12 +364,8 @@ pub fn clip_factor(model: &Gpt2, grads: &GradStore, max_norm: f64) -> Result<Cli
     }
     let gradients: Vec<&Tensor> =
         model.named_vars().into_iter().filter_map(|(_, var)| grads.get(var.as_tensor())).collect();
-    let device = model.lm_head().device();
-    if gradients.is_empty() {
-        return Ok(Clip { norm: Tensor::zeros((), DType::F64, device)?, factor: None });
-    }
-    let squares = sum_of_squares(&gradients, device)?;
-    let norm = squares.sqrt()?;
+    // 0 for no gradient, which then clips nothing.
+    let norm = sum_of_squares(&gradients, model.lm_head().device())?.sqrt()?;
     if max_norm.is_infinite() {
         return Ok(Clip { norm, factor: None });
     }
