@@ -11,8 +11,9 @@
 //! issue 21, timed against the default in the same call; `--row-threads`
 //! launches blocks of T threads where a block shares a row, instead of
 //! `kernel_abi::MAX_ROW_BLOCK`); `gpu_table --linear [NxHxV] [--reps R]
-//! [--only TEXT]` (default 8192x4096x128256, bf16; `--only`: the rows whose
-//! name contains TEXT) times `LinearCrossEntropy` instead, against
+//! [--only TEXT] [--ignore-every K]` (default 8192x4096x128256, bf16;
+//! `--only`: the rows whose name contains TEXT; every K-th label ignored, 10
+//! by default as in PyTorch's script, 0 for none) times `LinearCrossEntropy` instead, against
 //! issue 5's memory target (the bf16 weight gradient plus 1 GiB); PyTorch's
 //! figures for it come from `scripts/torch_linear_ce_bench.py`.
 
@@ -182,14 +183,28 @@ fn measure(ce: &ChunkedCrossEntropy, inputs: &[Tensor], labels: &Tensor, reps: u
 /// `loss_and_grads` (automatic and 2048-row chunks; the gradients handed over), and `accumulate_grads` into an f32 accumulator made beforehand;
 /// then autograd and `loss_and_grads` with `low_memory` (the weight's gradient
 /// summed in bf16, smaller chunks), against Liger's peak.
-fn linear_table(n: usize, h: usize, v: usize, reps: usize, only: Option<&str>, pool: &Pool, device: &Device) {
+/// The rows of the linear table: `[n, h]` hidden states and a `[v, h]`
+/// weight, every `ignore_every`-th label ignored (0: none), as
+/// `scripts/torch_linear_ce_bench.py --ignore-every` ignores PyTorch's.
+struct LinearShape {
+    n: usize,
+    h: usize,
+    v: usize,
+    ignore_every: usize,
+}
+
+fn linear_table(shape: LinearShape, reps: usize, only: Option<&str>, pool: &Pool, device: &Device) {
+    let LinearShape { n, h, v, ignore_every } = shape;
     let dtype = DType::BF16;
     let hidden = Tensor::randn(0f32, 1.0, (n, h), device).unwrap().to_dtype(dtype).unwrap();
     let weight = Tensor::randn(0f32, 0.02, (v, h), device).unwrap().to_dtype(dtype).unwrap();
-    let labels = Tensor::rand(0f32, v as f32, n, device).unwrap().to_dtype(DType::I64).unwrap();
+    let ignored = |i: usize| ignore_every > 0 && i.is_multiple_of(ignore_every);
+    let labels: Vec<i64> = (0..n).map(|i| if ignored(i) { -100 } else { (i * 7919 % v) as i64 }).collect();
+    let labels = Tensor::from_vec(labels, n, device).unwrap();
     let weight_grad_gib = (v * h * dtype.size_in_bytes()) as f64 / (1u64 << 30) as f64;
+    let share = if ignore_every > 0 { format!("1 in {ignore_every}") } else { "no".into() };
     println!(
-        "linear: N={n} H={h} V={v} bf16; weight gradient {weight_grad_gib:.2} GiB, target peak <= {:.2} GiB",
+        "linear: N={n} H={h} V={v} bf16, {share} label ignored; weight gradient {weight_grad_gib:.2} GiB, target peak <= {:.2} GiB",
         weight_grad_gib + 1.0
     );
     println!("| implementation | fwd+bwd ms | peak extra GiB |");
@@ -259,7 +274,12 @@ fn main() {
             println!("memory pool: freed memory retained (candle_chunked_ce::retain_freed_memory)");
         }
         let only = args.iter().position(|a| a == "--only").map(|i| args.get(i + 1).expect("--only TEXT").as_str());
-        linear_table(dims[0], dims[1], dims[2], reps.min(10), only, &Pool::new(), &device);
+        let ignore_every = args
+            .iter()
+            .position(|a| a == "--ignore-every")
+            .map_or(10, |i| args[i + 1].parse().expect("--ignore-every K"));
+        let shape = LinearShape { n: dims[0], h: dims[1], v: dims[2], ignore_every };
+        linear_table(shape, reps.min(10), only, &Pool::new(), &device);
         return;
     }
     let mut shapes: Vec<(usize, usize)> =

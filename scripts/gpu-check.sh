@@ -210,7 +210,12 @@ done
 # about 110 s. The headline shape alone.
 run_step torch_ce 120 "$py" scripts/torch_ce_bench.py --shapes 8192x128256 --dtypes bf16,f32
 bench_steps+=("$step_log")
-run_step gpu_table-linear 60 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5
+# Every 10th label ignored, as PyTorch's script below ignores them; then every row valid, as the
+# linear tables before 2026-12-05 ran (no row selection, no scatter of the rows' gradient).
+run_step gpu_table-linear 60 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5 --ignore-every 10
+bench_steps+=("$step_log")
+run_step gpu_table-linear-all-valid 30 "$bin/gpu_table" --linear 8192x4096x128256 --reps 5 --ignore-every 0 \
+  --only "automatic chunks"
 bench_steps+=("$step_log")
 run_step torch_linear_ce 60 "$py" scripts/torch_linear_ce_bench.py --shape 8192x4096x128256 --dtype bf16 --reps 5
 bench_steps+=("$step_log")

@@ -65,17 +65,11 @@ fn kernels_used(logits: DType, labels: DType) -> BTreeSet<String> {
     // op/mod.rs, unit_factors (the linear loss and the in-place forward with gradient):
     // `Tensor::full` columns, `affine` of lse, `cat`.
     add(&[format!("const_set_{c}")]);
-    // linear.rs: rows selected and scattered back by u32 index (hidden states, labels,
-    // weights, statistics), the bias added, its gradient summed over rows, the rows'
-    // gradient placed chunk by chunk, accumulators rounded to the inputs' dtype, and
-    // upstream_scale's comparison in f64 on the host.
-    add(&[
-        format!("is_u32_{t}"),
-        "is_u32_i64".into(),
-        format!("is_u32_{c}"),
-        format!("ia_u32_{t}"),
-        format!("ia_u32_{c}"),
-    ]);
+    // linear/rows.rs: rows selected, and put back among all rows, by u32 index (hidden
+    // states, labels, weights, statistics); linear.rs: the bias added, its gradient summed
+    // over rows, the rows' gradient placed chunk by chunk, accumulators rounded to the
+    // inputs' dtype, and upstream_scale's comparison in f64 on the host.
+    add(&[format!("is_u32_{t}"), "is_u32_i64".into(), format!("is_u32_{c}")]);
     add(&[
         format!("badd_{t}"),
         format!("cast_{t}_{c}"),

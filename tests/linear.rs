@@ -394,7 +394,24 @@ fn label_dtypes(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the linear loss's row scatter (`src/linear/rows.rs`) relies on in
+/// candle: `index_select` with a `u32` index of `u32::MAX` gives a zero row
+/// (on the CPU and in candle-kernels' CUDA kernel), in the dtypes the scatter
+/// meets (the hidden states' gradient, f32 statistics). A candle that
+/// dropped it would fail here (an out-of-range index) rather than in the loss.
+fn index_select_zeroes_rows_at_the_index_maximum(device: &Device) -> anyhow::Result<()> {
+    let places = Tensor::new(&[u32::MAX, 1, u32::MAX, 0, 2], device)?;
+    let expected = [[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 2.0], [5.0, 6.0]];
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let rows = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], device)?.to_dtype(dtype)?;
+        let scattered = rows.index_select(&places, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        assert_eq!(scattered, expected, "{dtype:?}");
+    }
+    Ok(())
+}
+
 device_tests!(
+    index_select_zeroes_rows_at_the_index_maximum,
     label_dtypes,
     matches_full_logits,
     tied_weights,

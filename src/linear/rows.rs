@@ -12,11 +12,23 @@ use candle::{bail, Device, Result, Tensor};
 pub(super) enum RowSelection {
     /// Every row is valid: the rows as they are, no copy.
     All,
-    /// The valid rows' indices (`[n_valid]` u32, ascending) among `total`;
-    /// `None` when no row is valid (candle's CUDA index ops would launch an
-    /// empty grid, which the driver refuses).
-    Valid { index: Option<Tensor>, total: usize },
+    /// Some rows are ignored: `None` when none is valid (candle's CUDA index
+    /// ops would launch an empty grid, which the driver refuses).
+    Valid { rows: Option<ValidRows>, total: usize },
 }
+
+/// Where the valid rows are, both ways, as `u32` index tensors on the rows' device.
+pub(super) struct ValidRows {
+    /// `[n_valid]`: each valid row's place among all rows, ascending.
+    index: Tensor,
+    /// `[total]`: each row's place among the valid rows, or [`NO_ROW`] for an ignored row.
+    places: Tensor,
+}
+
+/// The index that candle's `index_select` turns into a zero row: the index
+/// dtype's maximum, on the CPU and in candle-kernels' CUDA kernel (candle
+/// 0.11; `tests/linear.rs`, `index_select_zeroes_rows_at_the_index_maximum`).
+const NO_ROW: u32 = u32::MAX;
 
 impl RowSelection {
     pub(super) fn of(labels: &[RowLabel], device: &Device) -> Result<Self> {
@@ -26,28 +38,43 @@ impl RowSelection {
         if u32::try_from(labels.len()).is_err() {
             bail!("linear cross-entropy: {} rows exceed the u32 row index", labels.len())
         }
-        let index: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize].is_some()).collect();
-        let len = index.len();
-        let index = (len > 0).then(|| Tensor::from_vec(index, len, device)).transpose()?;
-        Ok(Self::Valid { index, total: labels.len() })
+        let total = labels.len();
+        let index: Vec<u32> = (0..total as u32).filter(|&i| labels[i as usize].is_some()).collect();
+        if index.is_empty() {
+            return Ok(Self::Valid { rows: None, total });
+        }
+        // A place is below `total <= u32::MAX`: never NO_ROW.
+        let mut places = vec![NO_ROW; total];
+        for (place, &row) in index.iter().enumerate() {
+            places[row as usize] = place as u32;
+        }
+        let valid = index.len();
+        let rows = ValidRows {
+            index: Tensor::from_vec(index, valid, device)?,
+            places: Tensor::from_vec(places, total, device)?,
+        };
+        Ok(Self::Valid { rows: Some(rows), total })
     }
 
     /// The selected rows (dim 0) of `t`.
     pub(super) fn gather(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { index: Some(index), .. } => t.index_select(index, 0),
-            Self::Valid { index: None, .. } => zero_rows(t, 0),
+            Self::Valid { rows: Some(rows), .. } => t.index_select(&rows.index, 0),
+            Self::Valid { rows: None, .. } => zero_rows(t, 0),
         }
     }
 
     /// The rows of `t`, one per selected row, put back in their places among
-    /// all rows, with zero rows for the others.
+    /// all rows, with zero rows for the others: one gather, each row of the
+    /// result read from its place in `t` or zeroed. (candle's `index_add` into
+    /// zeros, used before, runs on CUDA one thread per column, each adding
+    /// every row in turn: `H` threads, `n_valid` steps each.)
     pub(super) fn scatter(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { index: Some(index), total } => zero_rows(t, *total)?.index_add(index, t, 0),
-            Self::Valid { index: None, total } => zero_rows(t, *total),
+            Self::Valid { rows: Some(rows), .. } => t.index_select(&rows.places, 0),
+            Self::Valid { rows: None, total } => zero_rows(t, *total),
         }
     }
 
