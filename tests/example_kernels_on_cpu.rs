@@ -9,7 +9,8 @@
 //! ops' CPU engines, forward and
 //! backward, with more rows (elements) than the grid holds warps (threads);
 //! the clipping's sum of squares (`sum_squares.cu`) block by block against
-//! the host's f64 sums of the same grid-stride shares.
+//! the host's f64 sums of the same grid-stride shares; the token embedding's
+//! backward (`embedding.cu`) against its op on the CPU, bit for bit.
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
@@ -17,6 +18,9 @@
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 mod bias;
+#[path = "../examples/finetune_gpt2/embedding.rs"]
+#[allow(dead_code)]
+mod embedding;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
 mod gelu;
 #[path = "hip_cpu/library.rs"]
@@ -35,7 +39,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 11] = [
+const ENTRIES: [&str; 12] = [
     "adamw_first_moment",
     "adamw_second_moment",
     "adamw_update",
@@ -47,6 +51,7 @@ const ENTRIES: [&str; 11] = [
     "gelu_bwd",
     "add_bias",
     "sum_squares",
+    "embedding_bwd",
 ];
 
 /// The kernels, compiled once, or why the test skips.
@@ -54,7 +59,8 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
     static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), NotBuilt>> = OnceLock::new();
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
-        let sources = ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu", "sum_squares.cu"];
+        let sources =
+            ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu", "sum_squares.cu", "embedding.cu"];
         let prologue: String =
             std::iter::once("launch.h").chain(sources).map(|f| format!("#include \"{f}\"\n")).collect();
         // One unit: the example's entries are few, small and `extern "C"`.
@@ -74,6 +80,7 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
 enum Arg<'a> {
     Floats(&'a mut [f32]),
     Doubles(&'a mut [f64]),
+    U32s(&'a mut [u32]),
     I64(i64),
     I32(i32),
     F32(f32),
@@ -89,6 +96,7 @@ fn launch(launch: LaunchFn, entry: &str, blocks: u32, threads: u32, args: &mut [
         let (kind, bytes, size) = match arg {
             Arg::Floats(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
             Arg::Doubles(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
+            Arg::U32s(v) => (b'p', (v.as_mut_ptr() as usize as u64).to_ne_bytes(), 8),
             Arg::I64(v) => (b'i', v.to_ne_bytes(), 8),
             Arg::I32(v) => {
                 let mut bytes = [0u8; 8];
@@ -435,5 +443,45 @@ fn sum_squares_kernel_sums_each_blocks_share() -> candle::Result<()> {
         assert!((got - want).abs() <= 1e-12 * want, "block {b}: {got} vs {want}");
     }
     assert!(partials[blocks].is_nan(), "a slot past the grid's was written: {}", partials[blocks]);
+    Ok(())
+}
+
+/// The embedding's backward over 700 positions of repeated ids (an id first
+/// seen in the second tile of 256, one only at the last position, one never,
+/// one outside the vocabulary) and rows of 300 (more than a block's 256
+/// threads), on 37 blocks (fewer than the positions: the grid-stride loop),
+/// against the op on the CPU bit for bit, without the outside id's row (the
+/// kernel skips it; the CPU op refuses it).
+#[test]
+fn embedding_kernel_sums_rows_as_the_cpu_op() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("embedding_kernel_sums_rows_as_the_cpu_op") else { return Ok(()) };
+    let (n, vocab, width) = (700usize, 11usize, 300usize);
+    let mut ids: Vec<u32> = (0..n).map(|i| ((i * i + 3 * i) % 7) as u32).collect();
+    (ids[301], ids[377], ids[n - 1], ids[500]) = (7, 7, 8, vocab as u32);
+    let grad = values(n * width, 16);
+    let inside: Vec<usize> = (0..n).filter(|&i| ids[i] < vocab as u32).collect();
+    let want = embedding::embedding_grad(
+        &Tensor::new(inside.iter().map(|&i| ids[i]).collect::<Vec<_>>().as_slice(), &Device::Cpu)?,
+        &Tensor::from_vec(
+            inside.iter().flat_map(|&i| grad[i * width..][..width].to_vec()).collect(),
+            (inside.len(), width),
+            &Device::Cpu,
+        )?,
+        vocab,
+    )?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
+    let (mut grad_in, mut sums) = (grad.clone(), vec![0f32; vocab * width]);
+    let mut args = [
+        Arg::Floats(&mut grad_in),
+        Arg::U32s(&mut ids),
+        Arg::Floats(&mut sums),
+        Arg::I64(n as i64),
+        Arg::I32(width as i32),
+        Arg::I64(vocab as i64),
+    ];
+    launch(launch_fn, "embedding_bwd", 37, 256, &mut args);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&sums), bits(&want), "the sums, bit for bit");
     Ok(())
 }

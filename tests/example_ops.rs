@@ -6,7 +6,8 @@
 //! warp's multiple; GPT-2's GELU (`gelu.rs`) against candle's `gelu` (whose
 //! backward rounds the constants to six digits) and against its definition
 //! in f64; the Conv1D bias (`bias.rs`)
-//! against `broadcast_add`. Values and every input's
+//! against `broadcast_add`; the token embedding (`embedding.rs`) against
+//! `index_select` and, bit for bit, its backward against `index_add`. Values and every input's
 //! gradient under a random upstream
 //! gradient. The clipping's sum of squares (`sum_squares.rs`) against one
 //! formed in f64 on the host. On the CPU, and on CUDA (their kernels) when a GPU is there
@@ -14,6 +15,8 @@
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 mod bias;
+#[path = "../examples/finetune_gpt2/embedding.rs"]
+mod embedding;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
 mod gelu;
 #[path = "../examples/finetune_gpt2/layer_norm.rs"]
@@ -192,6 +195,55 @@ fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
     let err = bias::add_bias(x.as_tensor(), &Tensor::zeros(69, DType::F32, device)?).expect_err("[69]").to_string();
     assert!(err.contains("bias [70]"), "{err}");
     Ok(())
+}
+
+/// Ids `[n]` over a vocabulary of `vocab`: most from its first 7 (each many
+/// times, in every tile of 256 positions), one first seen past position 300,
+/// one only at the last position, and `vocab - 1` never (a zero row).
+fn repeated_ids(n: usize, vocab: u32) -> Vec<u32> {
+    assert!(vocab >= 10 && n > 400);
+    let mut ids: Vec<u32> = (0..n).map(|i| ((i * i + 3 * i) % 7) as u32).collect();
+    ids[301] = 7;
+    ids[377] = 7;
+    ids[n - 1] = 8;
+    ids
+}
+
+/// The embedding's rows are `index_select`'s, exactly; the table's gradient,
+/// through candle's backward and from `embedding_grad`, is `index_add`'s into
+/// zeros bit for bit (the same additions in the same order) for 700 positions
+/// of repeated ids and rows wider than a CUDA block; an id outside the
+/// vocabulary and a wrong dtype are refused by name.
+fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Result<()> {
+    let (n, vocab, width) = (700usize, 11usize, 300usize);
+    let what = format!("on {:?}", device.location());
+    let table = Var::from_tensor(&Tensor::randn(0f32, 1.0, (vocab, width), device)?)?;
+    let ids = Tensor::new(repeated_ids(n, vocab as u32).as_slice(), device)?;
+    let upstream = Tensor::randn(0f32, 1.0, (n, width), device)?;
+    let rows = embedding::embedding(table.as_tensor(), &ids)?;
+    let want_rows = table.as_tensor().index_select(&ids, 0)?;
+    assert_eq!(rows.to_vec2::<f32>()?, want_rows.to_vec2::<f32>()?, "{what}: rows");
+    let want = table.zeros_like()?.index_add(&ids, &upstream, 0)?.to_vec2::<f32>()?;
+    let direct = embedding::embedding_grad(&ids, &upstream, vocab)?.to_vec2::<f32>()?;
+    let bits = |m: &[Vec<f32>]| m.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&direct), bits(&want), "{what}: embedding_grad against index_add, bit for bit");
+    assert!(want[vocab - 1].iter().all(|&v| v == 0.0), "{what}: the test wants an unused id");
+    let grads = (&rows * &upstream)?.sum_all()?.backward()?;
+    let through_graph = grads.get(table.as_tensor()).expect("the table's gradient").to_vec2::<f32>()?;
+    assert_eq!(through_graph, want, "{what}: through candle's backward");
+    let outside = Tensor::new(&[3u32, vocab as u32], device)?;
+    if device.is_cpu() {
+        let err = embedding::embedding_grad(&outside, &upstream.narrow(0, 0, 2)?, vocab).expect_err("id 11");
+        assert!(err.to_string().contains("id 11 is outside the vocabulary of 11"), "{what}: {err}");
+    }
+    let err = embedding::embedding(&table.to_dtype(DType::F64)?, &ids).expect_err("f64").to_string();
+    assert!(err.contains("an f32 table"), "{what}: {err}");
+    Ok(())
+}
+
+#[test]
+fn embedding_matches_index_select_and_index_add_on_every_device() -> candle::Result<()> {
+    on_every_device(embedding_matches_index_select_and_index_add)
 }
 
 /// The sum of squares of f32 tensors contiguous or not (longer than the CPU's

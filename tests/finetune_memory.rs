@@ -19,6 +19,9 @@ mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;
+#[path = "../examples/finetune_gpt2/embedding.rs"]
+#[allow(dead_code)]
+mod embedding;
 #[path = "finetune_memory/estimate.rs"]
 mod estimate;
 #[path = "../examples/finetune_gpt2/gelu.rs"]

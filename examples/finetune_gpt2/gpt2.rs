@@ -5,12 +5,13 @@
 //! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
 //! `checkpoint.rs` reads and writes them with their `config.json`. Only
 //! differentiable ops are used (candle-nn's fused `LayerNorm` and
-//! `softmax_last_dim` record no backward): candle's, and four ops with their
-//! own backward, the layer norm (`layer_norm.rs`), the attention's causal
-//! softmax (`softmax.rs`), GPT-2's GELU (`gelu.rs`) and the Conv1D bias
-//! (`bias.rs`).
+//! `softmax_last_dim` record no backward): candle's, and five ops with their
+//! own backward, the token embedding (`embedding.rs`), the layer norm
+//! (`layer_norm.rs`), the attention's causal softmax (`softmax.rs`), GPT-2's
+//! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`).
 
 use crate::bias::add_bias;
+use crate::embedding::{embedding, embedding_grad};
 use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
@@ -228,7 +229,7 @@ impl Gpt2 {
         if t > self.config.context {
             candle::bail!("sequence length {t} exceeds the model's context of {} tokens", self.config.context)
         }
-        let embedded = wte.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.width))?;
+        let embedded = embedding(wte, &tokens.flatten_all()?)?.reshape((b, t, self.config.width))?;
         embedded.broadcast_add(&self.p("wpe.weight").narrow(0, 0, t)?)
     }
 
@@ -284,37 +285,96 @@ impl Gpt2 {
     }
 
     /// The loss that `loss_of(&self.hidden(tokens)?)` gives and the gradients
-    /// of the parameters (detached), with activation checkpointing: the
-    /// forward pass keeps each block's input only, and the backward pass
-    /// recomputes one block at a time from it, so that one block's
-    /// activations are alive at a time instead of the whole model's. The
-    /// gradients are those of `loss.backward()` on the whole graph, bit for
-    /// bit: each block's backward runs the same operations in the same order,
-    /// started from the gradient of its output through `sum(output *
-    /// gradient)`. A loss that forms its gradients itself ([`TopLoss::Direct`])
-    /// hands over the final hidden states' gradient, which starts the
-    /// backward the same way; the parameters it reads get theirs from it.
-    /// `lap` is called as each [`Phase`] ends (to time them).
+    /// of the parameters (detached), those of `loss.backward()` on the whole
+    /// graph, bit for bit. With `keep_activations` the blocks run as one
+    /// graph, every block's activations alive until the backward pass ends.
+    /// Without, activation checkpointing: the forward pass keeps each block's
+    /// input only, and the backward pass recomputes one block at a time from
+    /// it, so that one block's activations are alive at a time instead of the
+    /// whole model's; each block's backward runs the same operations in the
+    /// same order, started from the gradient of its output through
+    /// `sum(output * gradient)`. A loss that forms its gradients itself
+    /// ([`TopLoss::Direct`]) hands over the final hidden states' gradient,
+    /// which starts the backward the same way; the parameters it reads get
+    /// theirs from it. Either way the embeddings stay outside the blocks'
+    /// graph: the token embedding's gradient is added by hand, as the whole
+    /// graph's backward adds it, and not into a `[V, C]` buffer of candle's
+    /// zeros. `lap` is called as each [`Phase`] ends (to time them).
     pub fn loss_and_gradients(
         &self,
         tokens: &Tensor,
         loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        keep_activations: bool,
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<(Tensor, GradStore)> {
         let mut kept = GradStore::default();
-        let mut keep = |grads: &mut GradStore| {
-            for var in self.params.values() {
-                if let Some(g) = grads.remove(var.as_tensor()) {
-                    kept.insert(var.as_tensor(), g.detach());
-                }
-            }
-        };
-        // The token embedding is taken detached: its gradient is added below
-        // by hand, after the lm_head's, as the whole graph's backward adds it.
         let wte = self.p("wte.weight");
         let embedded = self.embed_with(&wte.detach(), tokens)?;
+        let first = embedded.detach();
+        let (loss, grad) = if keep_activations {
+            self.backward_kept(first, loss_of, &mut kept, lap)?
+        } else {
+            self.backward_recomputed(first, loss_of, &mut kept, lap)?
+        };
+        let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
+        self.keep(&mut grads, &mut kept);
+        let (b, t) = tokens.dims2()?;
+        // The whole graph's backward adds the rows' sums to the lm_head's
+        // gradient, if any, or into zeros (unchanged by that: they hold no -0).
+        let rows =
+            embedding_grad(&tokens.flatten_all()?, &grad.reshape((b * t, self.config.width))?, self.config.vocab)?;
+        let wte_grad = match kept.remove(wte) {
+            Some(g) => (g + rows)?,
+            None => rows,
+        };
+        kept.insert(wte, wte_grad);
+        lap(Phase::Backward)?;
+        Ok((loss, kept))
+    }
+
+    /// Moves the parameters' gradients from `grads` to `kept`, detached.
+    fn keep(&self, grads: &mut GradStore, kept: &mut GradStore) {
+        for var in self.params.values() {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                kept.insert(var.as_tensor(), g.detach());
+            }
+        }
+    }
+
+    /// The loss and the gradient of the blocks' input `first`, through one
+    /// graph of every block (the parameters' gradients go to `kept`).
+    fn backward_kept(
+        &self,
+        first: Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        kept: &mut GradStore,
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
+        let first = Var::from_tensor(&first)?;
+        let mut x = first.as_tensor().clone();
+        for i in 0..self.config.layers {
+            x = self.block(&x, i)?;
+        }
+        let hidden = self.final_norm(&x)?;
+        drop(x);
+        lap(Phase::Forward)?;
+        let loss = loss_of(&hidden)?;
+        lap(Phase::Loss)?;
+        let (loss, mut grads) = loss.backward(&hidden)?;
+        self.keep(&mut grads, kept);
+        Ok((loss, output_gradient(&mut grads, &first)?))
+    }
+
+    /// [`backward_kept`](Self::backward_kept), one block's graph at a time.
+    fn backward_recomputed(
+        &self,
+        first: Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        kept: &mut GradStore,
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
         let mut inputs = Vec::with_capacity(self.config.layers);
-        let mut x = embedded.detach();
+        let mut x = first;
         for i in 0..self.config.layers {
             let next = self.block(&x, i)?.detach();
             inputs.push(x);
@@ -327,26 +387,16 @@ impl Gpt2 {
         let loss = loss_of(&hidden)?;
         lap(Phase::Loss)?;
         let (loss, mut grads) = loss.backward(&hidden)?;
-        keep(&mut grads);
+        self.keep(&mut grads, kept);
         let mut grad = output_gradient(&mut grads, &top)?;
         drop(grads);
         for i in (0..self.config.layers).rev() {
             let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
             let mut grads = (self.block(input.as_tensor(), i)? * &grad)?.sum_all()?.backward()?;
-            keep(&mut grads);
+            self.keep(&mut grads, kept);
             grad = output_gradient(&mut grads, &input)?;
         }
-        let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
-        keep(&mut grads);
-        let (b, t) = tokens.dims2()?;
-        let wte_grad = match kept.remove(wte) {
-            Some(g) => g,
-            None => wte.zeros_like()?,
-        };
-        let ids = tokens.flatten_all()?.contiguous()?;
-        kept.insert(wte, wte_grad.index_add(&ids, &grad.reshape((b * t, self.config.width))?, 0)?);
-        lap(Phase::Backward)?;
-        Ok((loss, kept))
+        Ok((loss, grad))
     }
 }
 

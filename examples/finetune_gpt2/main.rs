@@ -12,6 +12,7 @@ mod adamw;
 mod bias;
 mod checkpoint;
 mod cli;
+mod embedding;
 mod gelu;
 mod gpt2;
 mod heap;

@@ -271,7 +271,7 @@ pub fn step_gradients_timed(
     let mut lm_head =
         (kind == LossKind::Linear).then(|| LinearGradAccumulator::new(model.lm_head(), None)).transpose()?;
     for batch in batches {
-        let mut top_loss = |hidden: &Tensor| -> Result<TopLoss> {
+        let top_loss = |hidden: &Tensor| -> Result<TopLoss> {
             match lm_head.as_mut() {
                 Some(acc) => {
                     let (labels, mask, n) = (&batch.labels, Some(&batch.mask), Some(num_label_tokens));
@@ -289,17 +289,7 @@ pub fn step_gradients_timed(
                 None => Ok(TopLoss::Graph(hidden_loss(model, hidden, batch, kind, num_label_tokens)?)),
             }
         };
-        let (loss, mut grads) = if keep_activations {
-            let hidden = model.hidden(&batch.inputs)?;
-            lap(Phase::Forward)?;
-            let loss = top_loss(&hidden)?;
-            lap(Phase::Loss)?;
-            let backward = loss.backward(&hidden)?;
-            lap(Phase::Backward)?;
-            backward
-        } else {
-            model.loss_and_gradients(&batch.inputs, top_loss, lap)?
-        };
+        let (loss, mut grads) = model.loss_and_gradients(&batch.inputs, top_loss, keep_activations, lap)?;
         let loss = loss.detach();
         total = Some(match total {
             None => loss,
