@@ -18,6 +18,8 @@
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 mod bias;
+#[path = "../examples/finetune_gpt2/column_sums.rs"]
+mod column_sums;
 #[path = "../examples/finetune_gpt2/embedding.rs"]
 #[allow(dead_code)]
 mod embedding;

@@ -7,7 +7,9 @@
 //! backward rounds the constants to six digits) and against its definition
 //! in f64; the Conv1D bias (`bias.rs`)
 //! against `broadcast_add`; the token embedding (`embedding.rs`) against
-//! `index_select` and, bit for bit, its backward against `index_add`. Values and every input's
+//! `index_select` and, bit for bit, its backward against `index_add`; the
+//! column sums of their backward (`column_sums.rs`) against candle's `sum(0)`
+//! bit for bit. Values and every input's
 //! gradient under a random upstream
 //! gradient. The clipping's sum of squares (`sum_squares.rs`) against one
 //! formed in f64 on the host. On the CPU, and on CUDA (their kernels) when a GPU is there
@@ -15,6 +17,8 @@
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 mod bias;
+#[path = "../examples/finetune_gpt2/column_sums.rs"]
+mod column_sums;
 #[path = "../examples/finetune_gpt2/embedding.rs"]
 mod embedding;
 #[path = "../examples/finetune_gpt2/gelu.rs"]
@@ -239,6 +243,31 @@ fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Resu
     let err = embedding::embedding(&table.to_dtype(DType::F64)?, &ids).expect_err("f64").to_string();
     assert!(err.contains("an f32 table"), "{what}: {err}");
     Ok(())
+}
+
+/// Column sums of `[3, 333, 70]` (a width no band of 16 divides), of a
+/// transposed matrix (copied contiguous first) and of no rows, against
+/// candle's `sum` over the leading dimensions, bit for bit: the same
+/// additions in the same order (on CUDA it is candle's own).
+fn column_sums_are_candles_sums(device: &Device) -> candle::Result<()> {
+    let what = format!("on {:?}", device.location());
+    let x = Tensor::randn(0f32, 1.0, (3, 333, 70), device)?;
+    let transposed = Tensor::randn(0f32, 1.0, (70, 999), device)?.t()?;
+    let none = Tensor::zeros((0, 70), DType::F32, device)?;
+    for (name, t) in [("[3, 333, 70]", &x), ("transposed", &transposed), ("no rows", &none)] {
+        let got = column_sums::column_sums(t)?.to_vec1::<f32>()?;
+        let want = t.reshape(((), 70))?.sum(0)?.to_vec1::<f32>()?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{what}: {name}");
+    }
+    let err = column_sums::column_sums(&x.to_dtype(DType::F64)?).expect_err("f64").to_string();
+    assert!(err.contains("f32 only"), "{what}: {err}");
+    Ok(())
+}
+
+#[test]
+fn column_sums_are_candles_sums_on_every_device() -> candle::Result<()> {
+    on_every_device(column_sums_are_candles_sums)
 }
 
 #[test]

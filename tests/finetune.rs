@@ -10,6 +10,9 @@ mod bias;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;
+#[path = "../examples/finetune_gpt2/column_sums.rs"]
+#[allow(dead_code)]
+mod column_sums;
 #[path = "../examples/finetune_gpt2/embedding.rs"]
 #[allow(dead_code)]
 mod embedding;

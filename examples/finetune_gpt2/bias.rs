@@ -5,6 +5,7 @@
 //! and the bias its row sums. On the CPU in Rust; on CUDA (feature `cuda`) by
 //! `bias.cu`, which the crate's build.rs compiles.
 
+use crate::column_sums::column_sums;
 use crate::storage::cpu_slice;
 #[cfg(feature = "cuda")]
 use candle::backend::BackendStorage;
@@ -78,8 +79,7 @@ impl CustomOp2 for AddBias {
         Ok((candle::CudaStorage::wrap_cuda_slice(y, dev), x_layout.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, bias: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let rows = grad.reshape(((), bias.dim(0)?))?;
-        Ok((Some(grad.clone()), Some(rows.sum(0)?)))
+    fn bwd(&self, _x: &Tensor, _bias: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(column_sums(grad)?)))
     }
 }

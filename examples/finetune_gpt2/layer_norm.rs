@@ -13,6 +13,7 @@
 //! On the CPU in Rust (rows on rayon's threads); on CUDA (feature `cuda`) by
 //! `layer_norm.cu`'s kernels, which the crate's build.rs compiles. Sums in f32.
 
+use crate::column_sums::column_sums;
 use crate::storage::cpu_slice;
 #[cfg(feature = "cuda")]
 use candle::backend::BackendStorage;
@@ -107,13 +108,11 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let width = x.dim(D::Minus1)?;
         let dy = dy.contiguous()?;
         // [2, .., C]: dx, then dy n.
         let both = x.apply_op3_no_bwd(gamma, &dy, &LayerNormBackward { eps: self.eps })?;
         let (dx, dy_n) = (both.get(0)?, both.get(1)?);
-        let rows = |t: &Tensor| t.reshape(((), width));
-        Ok((Some(dx), Some(rows(&dy_n)?.sum(0)?), Some(rows(&dy)?.sum(0)?)))
+        Ok((Some(dx), Some(column_sums(&dy_n)?), Some(column_sums(&dy)?)))
     }
 }
 

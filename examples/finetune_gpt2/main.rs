@@ -12,6 +12,7 @@ mod adamw;
 mod bias;
 mod checkpoint;
 mod cli;
+mod column_sums;
 mod embedding;
 mod gelu;
 mod gpt2;
