@@ -277,7 +277,7 @@ fn main() {
         let ignore_every = args
             .iter()
             .position(|a| a == "--ignore-every")
-            .map_or(10, |i| args[i + 1].parse().expect("--ignore-every K"));
+            .map_or(10, |i| args.get(i + 1).and_then(|k| k.parse().ok()).expect("--ignore-every K"));
         let shape = LinearShape { n: dims[0], h: dims[1], v: dims[2], ignore_every };
         linear_table(shape, reps.min(10), only, &Pool::new(), &device);
         return;

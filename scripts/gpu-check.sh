@@ -4,7 +4,8 @@
 #   run tool: carry ["gpu-bin", ".whl"], command `bash scripts/gpu-check.sh`, timeout_s >= 480
 # In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
 # compute-sanitizer (memcheck over a few small CUDA tests, the gradient formed in forward among
-# them; racecheck over one; initcheck over the linear loss's cuBLAS sums), the example
+# them; racecheck over one; initcheck over the linear loss's cuBLAS sums; racecheck and
+# synccheck over the example's embedding backward, whose barriers HIP-CPU cannot judge), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
@@ -19,12 +20,12 @@
 # Budget: one deadline for everything, GPU_CHECK_BUDGET seconds (450) from the start; each step
 # runs under `timeout` with its own cap, cut to what is left; a step that cannot get
 # MIN_STEP_S seconds is skipped and says so. Arguments go to gpu_table (e.g. 8192x32000).
-# Output, in $OUT (gpu-out/ when unset), at most 6 files:
+# Output, in $OUT (gpu-out/ when unset), at most 8 files:
 #   summary.md        one line per test binary, the sanitizers' verdicts, the benchmarks' table
 #                     rows, the example's last lines, the wall time (printed to stdout at the end)
 #   gpu-check.log     summary.md, then every step's full output (appended as each step ends, so
 #                     a run cut short still brings back what it did)
-#   compute-sanitizer-{memcheck,racecheck,initcheck}-BINARY.log   the sanitizers' own reports
+#   compute-sanitizer-{memcheck,racecheck,initcheck,synccheck}-BINARY.log   the sanitizers' own reports
 # Exit status: 1 if a test failed, crashed or timed out, or a sanitizer found errors; else 0.
 set -u
 t_start=$(date +%s)
@@ -157,7 +158,8 @@ for cand in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/b
 done
 # TOOL|BINARY|FILTERS (the filters several words); each run has its report.
 for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHECK_GRAD_FILTERS" \
-  "racecheck|parity|$RACECHECK_FILTERS" "initcheck|linear|$INITCHECK_FILTERS"; do
+  "racecheck|parity|$RACECHECK_FILTERS" "initcheck|linear|$INITCHECK_FILTERS" \
+  "racecheck|example_ops|embedding" "synccheck|example_ops|embedding"; do
   IFS="|" read -r tool binary filters <<<"$run"
   if [ -z "$sanitizer" ]; then
     echo "- $tool: not run, compute-sanitizer not on PATH, in \$CUDA_HOME/bin, /usr/local/cuda/bin or $venv" >>"$sanitizer_md"

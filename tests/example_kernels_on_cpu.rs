@@ -450,8 +450,9 @@ fn sum_squares_kernel_sums_each_blocks_share() -> candle::Result<()> {
 
 /// The embedding's backward over 700 positions of repeated ids (an id first
 /// seen in the second tile of 256, one only at the last position, one never,
-/// one outside the vocabulary) and rows of 300 (more than a block's 256
-/// threads), on 37 blocks (fewer than the positions: the grid-stride loop),
+/// `u32::MAX` and one outside the vocabulary) and rows of 300 (more than a
+/// block's threads), added into sums that start nonzero, on 37 blocks (fewer
+/// than the positions: the grid-stride loop) of 256 and of 128 threads,
 /// against the op on the CPU bit for bit, without the outside id's row (the
 /// kernel skips it; the CPU op refuses it).
 #[test]
@@ -459,31 +460,33 @@ fn embedding_kernel_sums_rows_as_the_cpu_op() -> candle::Result<()> {
     let Some(launch_fn) = launcher("embedding_kernel_sums_rows_as_the_cpu_op") else { return Ok(()) };
     let (n, vocab, width) = (700usize, 11usize, 300usize);
     let mut ids: Vec<u32> = (0..n).map(|i| ((i * i + 3 * i) % 7) as u32).collect();
-    (ids[301], ids[377], ids[n - 1], ids[500]) = (7, 7, 8, vocab as u32);
-    let grad = values(n * width, 16);
-    let inside: Vec<usize> = (0..n).filter(|&i| ids[i] < vocab as u32).collect();
-    let want = embedding::embedding_grad(
+    (ids[301], ids[377], ids[n - 1], ids[500], ids[9]) = (7, 7, 8, vocab as u32, u32::MAX);
+    let (grad, start) = (values(n * width, 16), values(vocab * width, 17));
+    let inside: Vec<usize> = (0..n).filter(|&i| ids[i] as usize != vocab).collect();
+    let want = Tensor::from_vec(start.clone(), (vocab, width), &Device::Cpu)?;
+    embedding::add_embedding_grad(
+        &want,
         &Tensor::new(inside.iter().map(|&i| ids[i]).collect::<Vec<_>>().as_slice(), &Device::Cpu)?,
         &Tensor::from_vec(
             inside.iter().flat_map(|&i| grad[i * width..][..width].to_vec()).collect(),
             (inside.len(), width),
             &Device::Cpu,
         )?,
-        vocab,
-    )?
-    .flatten_all()?
-    .to_vec1::<f32>()?;
-    let (mut grad_in, mut sums) = (grad.clone(), vec![0f32; vocab * width]);
-    let mut args = [
-        Arg::Floats(&mut grad_in),
-        Arg::U32s(&mut ids),
-        Arg::Floats(&mut sums),
-        Arg::I64(n as i64),
-        Arg::I32(width as i32),
-        Arg::I64(vocab as i64),
-    ];
-    launch(launch_fn, "embedding_bwd", 37, 256, &mut args);
+    )?;
+    let want = want.flatten_all()?.to_vec1::<f32>()?;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&sums), bits(&want), "the sums, bit for bit");
+    for threads in [256, 128] {
+        let (mut grad_in, mut sums) = (grad.clone(), start.clone());
+        let mut args = [
+            Arg::Floats(&mut grad_in),
+            Arg::U32s(&mut ids),
+            Arg::Floats(&mut sums),
+            Arg::I64(n as i64),
+            Arg::I32(width as i32),
+            Arg::I64(vocab as i64),
+        ];
+        launch(launch_fn, "embedding_bwd", 37, threads, &mut args);
+        assert_eq!(bits(&sums), bits(&want), "{threads} threads: the sums, bit for bit");
+    }
     Ok(())
 }

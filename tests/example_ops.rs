@@ -203,21 +203,24 @@ fn add_bias_matches_broadcast_add(device: &Device) -> candle::Result<()> {
 
 /// Ids `[n]` over a vocabulary of `vocab`: most from its first 7 (each many
 /// times, in every tile of 256 positions), one first seen past position 300,
-/// one only at the last position, and `vocab - 1` never (a zero row).
+/// one only at the last position, `vocab - 1` never (a zero row), and two
+/// positions with no row (`u32::MAX`).
 fn repeated_ids(n: usize, vocab: u32) -> Vec<u32> {
     assert!(vocab >= 10 && n > 400);
     let mut ids: Vec<u32> = (0..n).map(|i| ((i * i + 3 * i) % 7) as u32).collect();
-    ids[301] = 7;
-    ids[377] = 7;
-    ids[n - 1] = 8;
+    (ids[301], ids[377], ids[n - 1]) = (7, 7, 8);
+    (ids[5], ids[260]) = (u32::MAX, u32::MAX);
     ids
 }
 
-/// The embedding's rows are `index_select`'s, exactly; the table's gradient,
-/// through candle's backward and from `embedding_grad`, is `index_add`'s into
-/// zeros bit for bit (the same additions in the same order) for 700 positions
-/// of repeated ids and rows wider than a CUDA block; an id outside the
-/// vocabulary and a wrong dtype are refused by name.
+/// The embedding's rows are `index_select`'s, exactly (a zero row for
+/// `u32::MAX`); the table's gradient, through candle's backward and from
+/// `embedding_grad`, is `index_add`'s into zeros bit for bit (the same
+/// additions in the same order, `u32::MAX` skipped), and `add_embedding_grad`
+/// into another gradient is that gradient plus those sums, bit for bit, for
+/// 700 positions of repeated ids and rows wider than a CUDA block. An id
+/// outside the vocabulary (on the CPU), a wrong dtype, width or layout are
+/// refused by name.
 fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Result<()> {
     let (n, vocab, width) = (700usize, 11usize, 300usize);
     let what = format!("on {:?}", device.location());
@@ -227,7 +230,8 @@ fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Resu
     let rows = embedding::embedding(table.as_tensor(), &ids)?;
     let want_rows = table.as_tensor().index_select(&ids, 0)?;
     assert_eq!(rows.to_vec2::<f32>()?, want_rows.to_vec2::<f32>()?, "{what}: rows");
-    let want = table.zeros_like()?.index_add(&ids, &upstream, 0)?.to_vec2::<f32>()?;
+    let sums = table.zeros_like()?.index_add(&ids, &upstream, 0)?;
+    let want = sums.to_vec2::<f32>()?;
     let direct = embedding::embedding_grad(&ids, &upstream, vocab)?.to_vec2::<f32>()?;
     let bits = |m: &[Vec<f32>]| m.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&direct), bits(&want), "{what}: embedding_grad against index_add, bit for bit");
@@ -235,6 +239,12 @@ fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Resu
     let grads = (&rows * &upstream)?.sum_all()?.backward()?;
     let through_graph = grads.get(table.as_tensor()).expect("the table's gradient").to_vec2::<f32>()?;
     assert_eq!(through_graph, want, "{what}: through candle's backward");
+    // Into another gradient, in place: what candle's backward adds when the table has one.
+    let head = Tensor::randn(0f32, 1.0, (vocab, width), device)?;
+    let want_added = (&head + &sums)?.to_vec2::<f32>()?;
+    let added = head.copy()?;
+    embedding::add_embedding_grad(&added, &ids, &upstream)?;
+    assert_eq!(bits(&added.to_vec2::<f32>()?), bits(&want_added), "{what}: added in place, bit for bit");
     let outside = Tensor::new(&[3u32, vocab as u32], device)?;
     if device.is_cpu() {
         let err = embedding::embedding_grad(&outside, &upstream.narrow(0, 0, 2)?, vocab).expect_err("id 11");
@@ -242,6 +252,11 @@ fn embedding_matches_index_select_and_index_add(device: &Device) -> candle::Resu
     }
     let err = embedding::embedding(&table.to_dtype(DType::F64)?, &ids).expect_err("f64").to_string();
     assert!(err.contains("an f32 table"), "{what}: {err}");
+    let err = embedding::add_embedding_grad(&head.narrow(1, 0, 7)?, &ids, &upstream).expect_err("width");
+    assert!(err.to_string().contains("sums [V, 300] f32"), "{what}: {err}");
+    let transposed = Tensor::zeros((width, vocab), DType::F32, device)?.t()?;
+    let err = embedding::add_embedding_grad(&transposed, &ids, &upstream).expect_err("strided").to_string();
+    assert!(err.contains("must be contiguous"), "{what}: {err}");
     Ok(())
 }
 

@@ -5,20 +5,28 @@
 //! position's row in turn: for GPT-2 124M at 8 x 512 tokens, 768 threads in
 //! one block, 4096 dependent steps each. Here (`embedding.cu` on CUDA, feature
 //! `cuda`, which the crate's build.rs compiles) the positions run in parallel
-//! and each id's row is summed by one block. The sums are candle's bit for
-//! bit: each id's rows added into 0 in position order, on every device.
+//! and each id's row is summed by one block. Each id's rows are summed from 0
+//! in position order and the sum added to the row: into zeros that is
+//! candle's `index_add`, bit for bit, on every device (a sum started from +0
+//! is never -0, so adding it to 0 leaves it as it is); into another gradient
+//! it is what candle's backward adds when the table has one already (GPT-2's
+//! `lm_head` tied to it), in place.
+//!
+//! An id of `u32::MAX` is no row, as in candle's `index_select` (a zero row)
+//! and `index_add` (skipped). Any other id of `V` or more is an error on the
+//! CPU; CUDA's kernel skips it without reading the ids back (candle's
+//! `index_select` forward has stopped at a device assertion by then), so the
+//! example checks its tokens against the vocabulary first.
 
 use crate::storage::{cpu_slice, cpu_slice_mut};
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor, D};
 
 /// The rows `table[ids]`, `[N, C]`, of a `[V, C]` f32 table and `[N]` u32
 /// ids, differentiable with respect to the table ([`embedding_grad`]).
 ///
 /// # Errors
-/// Another dtype or rank, or an id of `V` or more (on the CPU: candle's
-/// `index_select` checks; the callers check ids against the vocabulary first,
-/// since on CUDA candle's kernel stops at a device assertion).
+/// Another dtype or rank, or (on the CPU) an id of `V` or more but `u32::MAX`.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (_, width) = table.dims2()?;
     let n = ids.dims1()?;
@@ -33,23 +41,41 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// u32) is `v`, added into 0 in position order (0 where no id is `v`).
 ///
 /// # Errors
-/// Another dtype or rank, lengths that differ, or, on the CPU, an id of
-/// `vocab` or more (CUDA's kernel skips one without reading the ids back;
-/// [`embedding`]'s forward stops at candle's device assertion first).
+/// As [`add_embedding_grad`].
 pub fn embedding_grad(ids: &Tensor, grad: &Tensor, vocab: usize) -> Result<Tensor> {
+    let sums = Tensor::zeros((vocab, grad.dim(D::Minus1)?), DType::F32, grad.device())?;
+    add_embedding_grad(&sums, ids, grad)?;
+    Ok(sums)
+}
+
+/// Adds [`embedding_grad`]'s rows into `sums` (`[vocab, C]` f32, contiguous,
+/// on `grad`'s device), in place: row `v` becomes `sums[v] + s`, with `s`
+/// the rows of `grad` at the positions whose id is `v` summed from 0 in
+/// position order; only the ids' rows are touched.
+///
+/// # Errors
+/// Another dtype or rank, lengths or widths that differ, `sums` not
+/// contiguous, ids on another device, or, on the CPU, an id of `vocab` or
+/// more but `u32::MAX` (see the module docs).
+pub fn add_embedding_grad(sums: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<()> {
     let (n, width) = grad.dims2()?;
-    if grad.dtype() != DType::F32 || ids.dtype() != DType::U32 || ids.dims1()? != n {
+    let (vocab, sums_width) = sums.dims2()?;
+    let dtypes = (sums.dtype(), grad.dtype(), ids.dtype());
+    if dtypes != (DType::F32, DType::F32, DType::U32) || ids.dims1()? != n || sums_width != width {
         candle::bail!(
-            "{OP}: grad [{n}, {width}] f32 and ids [{n}] u32, got {:?} {:?} {:?}",
+            "{OP}: sums [V, {width}] f32, grad [{n}, {width}] f32 and ids [{n}] u32, got {:?} {:?} {:?} {dtypes:?}",
+            sums.shape(),
+            grad.shape(),
             ids.shape(),
-            ids.dtype(),
-            grad.dtype()
         )
     }
-    let sums = Tensor::zeros((vocab, width), DType::F32, grad.device())?;
-    let rows = Rows { ids: ids.contiguous()?, vocab };
-    sums.inplace_op2(&grad.contiguous()?, &rows)?;
-    Ok(sums)
+    if !sums.is_contiguous() {
+        candle::bail!("{OP}: the sums must be contiguous")
+    }
+    if !ids.device().same_device(grad.device()) {
+        candle::bail!("{OP}: ids on {:?}, the gradient on {:?}", ids.device().location(), grad.device().location())
+    }
+    sums.inplace_op2(&grad.contiguous()?, &AddRows { ids: ids.contiguous()?, vocab })
 }
 
 /// The errors' name.
@@ -96,36 +122,35 @@ impl CustomOp2 for Embedding {
     }
 }
 
-/// Adds the rows of a gradient `[N, C]` into zeros `[vocab, C]` at their ids.
-struct Rows {
+/// Adds the rows of a gradient `[N, C]` into `[vocab, C]` sums at their ids.
+struct AddRows {
     ids: Tensor,
     vocab: usize,
 }
 
-impl Rows {
-    /// The ids as a host slice (the CPU's) after checking them against the vocabulary.
-    fn checked<'a>(&self, ids: &'a [u32]) -> Result<&'a [u32]> {
-        match ids.iter().find(|&&id| id as usize >= self.vocab) {
-            Some(id) => candle::bail!("{OP}: id {id} is outside the vocabulary of {}", self.vocab),
-            None => Ok(ids),
-        }
-    }
-}
-
-impl InplaceOp2 for Rows {
+impl InplaceOp2 for AddRows {
     fn name(&self) -> &'static str {
-        "embedding-grad"
+        "add-embedding-grad"
     }
 
     fn cpu_fwd(&self, sums: &mut CpuStorage, s_layout: &Layout, grad: &CpuStorage, g_layout: &Layout) -> Result<()> {
         let (sums, grad) = (cpu_slice_mut(sums, s_layout, OP)?, cpu_slice(grad, g_layout, OP)?);
         let ids = self.ids.to_vec1::<u32>()?;
-        let ids = self.checked(&ids)?;
+        if let Some(id) = ids.iter().find(|&&id| id != NO_ROW && id as usize >= self.vocab) {
+            candle::bail!("{OP}: id {id} is outside the vocabulary of {}", self.vocab)
+        }
         let width = sums.len() / self.vocab.max(1);
-        // Position by position, as candle's `index_add` adds them.
-        for (&id, row) in ids.iter().zip(grad.chunks_exact(width.max(1))) {
-            let start = id as usize * width;
-            sums[start..start + width].iter_mut().zip(row).for_each(|(s, &g)| *s += g);
+        // The positions grouped by id, each group in position order (a stable sort).
+        let mut positions: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] != NO_ROW).collect();
+        positions.sort_by_key(|&p| ids[p]);
+        let mut sum = vec![0f32; width];
+        for group in positions.chunk_by(|&a, &b| ids[a] == ids[b]) {
+            sum.fill(0.0);
+            for &p in group {
+                sum.iter_mut().zip(&grad[p * width..(p + 1) * width]).for_each(|(s, &g)| *s += g);
+            }
+            let start = ids[group[0]] as usize * width;
+            sums[start..start + width].iter_mut().zip(&sum).for_each(|(s, &v)| *s += v);
         }
         Ok(())
     }
@@ -139,6 +164,7 @@ impl InplaceOp2 for Rows {
         g_layout: &Layout,
     ) -> Result<()> {
         use crate::storage::cuda::{view, view_mut};
+        use candle::backend::BackendDevice;
         use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle::cuda_backend::WrapErr;
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetune_embedding.ptx"));
@@ -150,7 +176,9 @@ impl InplaceOp2 for Rows {
         }
         let (ids_storage, ids_layout) = self.ids.storage_and_layout();
         let ids = match (&*ids_storage, ids_layout.contiguous_offsets()) {
-            (candle::Storage::Cuda(s), Some((start, end))) => s.as_cuda_slice::<u32>()?.slice(start..end),
+            (candle::Storage::Cuda(s), Some((start, end))) if s.device().same_device(&dev) => {
+                s.as_cuda_slice::<u32>()?.slice(start..end)
+            }
             _ => candle::bail!("{OP}: the ids must be contiguous u32 on the gradient's device"),
         };
         let grad = view(grad, g_layout, OP)?;
@@ -163,18 +191,18 @@ impl InplaceOp2 for Rows {
         builder.arg(&grad).arg(&ids).arg(&mut sums).arg(&len).arg(&width_arg).arg(&vocab);
         // A block per position, the blocks looping over further positions past 65535.
         let blocks = n.clamp(1, 65535) as u32;
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `embedding_bwd` takes (const float* grad, const unsigned* ids,
-        // float* sums, int64_t n, int width, int64_t vocab), with blocks of
-        // BLOCK threads (its shared arrays' length): grad holds n rows of width
-        // f32, ids n u32, sums vocab rows of width f32 (zeros, from
-        // `embedding_grad`); an id of vocab or more is skipped by the kernel; the
-        // views' guards order the launch on the stream and outlive it.
+        // float* sums, int64_t n, int width, int64_t vocab), with blocks of at
+        // most 1024 threads (its shared arrays' length): grad holds n rows of
+        // width f32, ids n u32, sums vocab rows of width f32 (checked by
+        // `add_embedding_grad`); an id of vocab or more is skipped by the kernel;
+        // the three are different buffers, as `__restrict__` assumes; the views'
+        // guards order the launch on the stream and outlive it.
         unsafe { builder.launch(config) }.w()?;
         Ok(())
     }
 }
 
-/// Threads per block of `embedding_bwd`: `embedding.cu`'s `BLOCK`.
-#[cfg(feature = "cuda")]
-const BLOCK: u32 = 256;
+/// The id that is no row (see the module docs).
+const NO_ROW: u32 = u32::MAX;

@@ -11,7 +11,7 @@
 //! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`).
 
 use crate::bias::add_bias;
-use crate::embedding::{embedding, embedding_grad};
+use crate::embedding::{add_embedding_grad, embedding, embedding_grad};
 use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
@@ -298,8 +298,9 @@ impl Gpt2 {
     /// which starts the backward the same way; the parameters it reads get
     /// theirs from it. Either way the embeddings stay outside the blocks'
     /// graph: the token embedding's gradient is added by hand, as the whole
-    /// graph's backward adds it, and not into a `[V, C]` buffer of candle's
-    /// zeros. `lap` is called as each [`Phase`] ends (to time them).
+    /// graph's backward adds it, in place into the `lm_head`'s when they are
+    /// tied, without candle's `[V, C]` zeros and add. `lap` is called as each
+    /// [`Phase`] ends (to time them).
     pub fn loss_and_gradients(
         &self,
         tokens: &Tensor,
@@ -318,14 +319,17 @@ impl Gpt2 {
         };
         let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
         self.keep(&mut grads, &mut kept);
+        // As the whole graph's backward adds them: into the lm_head's gradient
+        // (tied), here in place, or alone (into zeros, which leaves them as they are).
         let (b, t) = tokens.dims2()?;
-        // The whole graph's backward adds the rows' sums to the lm_head's
-        // gradient, if any, or into zeros (unchanged by that: they hold no -0).
-        let rows =
-            embedding_grad(&tokens.flatten_all()?, &grad.reshape((b * t, self.config.width))?, self.config.vocab)?;
+        let (ids, rows) = (tokens.flatten_all()?, grad.reshape((b * t, self.config.width))?);
         let wte_grad = match kept.remove(wte) {
-            Some(g) => (g + rows)?,
-            None => rows,
+            Some(head) => {
+                let head = head.contiguous()?;
+                add_embedding_grad(&head, &ids, &rows)?;
+                head
+            }
+            None => embedding_grad(&ids, &rows, self.config.vocab)?,
         };
         kept.insert(wte, wte_grad);
         lap(Phase::Backward)?;
@@ -339,6 +343,25 @@ impl Gpt2 {
                 kept.insert(var.as_tensor(), g.detach());
             }
         }
+    }
+
+    /// The final norm of the last block's output `x`, the loss of it, and
+    /// candle's backward from that loss: the loss and the gradients, less the
+    /// parameters' (moved to `kept`). The forward and loss phases end here.
+    fn top_backward(
+        &self,
+        x: &Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        kept: &mut GradStore,
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<(Tensor, GradStore)> {
+        let hidden = self.final_norm(x)?;
+        lap(Phase::Forward)?;
+        let loss = loss_of(&hidden)?;
+        lap(Phase::Loss)?;
+        let (loss, mut grads) = loss.backward(&hidden)?;
+        self.keep(&mut grads, kept);
+        Ok((loss, grads))
     }
 
     /// The loss and the gradient of the blocks' input `first`, through one
@@ -355,13 +378,7 @@ impl Gpt2 {
         for i in 0..self.config.layers {
             x = self.block(&x, i)?;
         }
-        let hidden = self.final_norm(&x)?;
-        drop(x);
-        lap(Phase::Forward)?;
-        let loss = loss_of(&hidden)?;
-        lap(Phase::Loss)?;
-        let (loss, mut grads) = loss.backward(&hidden)?;
-        self.keep(&mut grads, kept);
+        let (loss, mut grads) = self.top_backward(&x, loss_of, kept, lap)?;
         Ok((loss, output_gradient(&mut grads, &first)?))
     }
 
@@ -382,12 +399,7 @@ impl Gpt2 {
         }
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let hidden = self.final_norm(top.as_tensor())?;
-        lap(Phase::Forward)?;
-        let loss = loss_of(&hidden)?;
-        lap(Phase::Loss)?;
-        let (loss, mut grads) = loss.backward(&hidden)?;
-        self.keep(&mut grads, kept);
+        let (loss, mut grads) = self.top_backward(top.as_tensor(), loss_of, kept, lap)?;
         let mut grad = output_gradient(&mut grads, &top)?;
         drop(grads);
         for i in (0..self.config.layers).rev() {

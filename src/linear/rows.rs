@@ -60,7 +60,7 @@ impl RowSelection {
     pub(super) fn gather(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { rows: Some(rows), .. } => t.index_select(&rows.index, 0),
+            Self::Valid { rows: Some(rows), .. } => indexed_rows(t, &rows.index),
             Self::Valid { rows: None, .. } => zero_rows(t, 0),
         }
     }
@@ -73,7 +73,7 @@ impl RowSelection {
     pub(super) fn scatter(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Self::All => Ok(t.clone()),
-            Self::Valid { rows: Some(rows), .. } => t.index_select(&rows.places, 0),
+            Self::Valid { rows: Some(rows), .. } => indexed_rows(t, &rows.places),
             Self::Valid { rows: None, total } => zero_rows(t, *total),
         }
     }
@@ -84,6 +84,21 @@ impl RowSelection {
         gradients[0] = gradients[0].take().map(|g| self.scatter(&g)).transpose()?;
         Ok(gradients)
     }
+}
+
+/// `t.index_select(index, 0)`, refused where candle-kernels' CUDA kernel
+/// would count the source's or the result's elements past 32 bits (its loop
+/// and indices are `unsigned int`: the result would be wrong, not an error).
+fn indexed_rows(t: &Tensor, index: &Tensor) -> Result<Tensor> {
+    let row = t.elem_count() / t.dim(0)?.max(1);
+    let largest = t.elem_count().max(index.elem_count() * row);
+    if t.device().is_cuda() && u32::try_from(largest).is_err() {
+        bail!(
+            "linear cross-entropy: {largest} elements ({} rows of {row}) exceed the 32-bit count of candle's CUDA index_select; pass fewer rows a call",
+            t.dim(0)?.max(index.elem_count())
+        )
+    }
+    t.index_select(index, 0)
 }
 
 /// `rows` rows of zeros shaped like those of `t` (dim 0).
