@@ -86,25 +86,40 @@ fn fits(need: u64, free: u64) -> bool {
 }
 
 /// The default of `--keep-activations` on `device` for a step that needs
-/// `need` bytes with them kept ([`kept_step_bytes`]): on CUDA, kept when that
-/// [`fits`] the device's available memory now (`candle_chunked_ce::available_memory`),
-/// with a note to print when it does not; recomputed on the CPU (and any other
-/// device).
+/// `need` bytes with them kept ([`kept_step_bytes`]): kept when that [`fits`]
+/// the memory available now, with a note to print when it does not. On CUDA
+/// the device's (`candle_chunked_ce::available_memory`); on the CPU the
+/// host's (Linux's `MemAvailable`): GPT-2 124M at 4 x 256 tokens trains
+/// 1.2-1.4x faster kept, at 4.7 GB resident instead of 2.8. Recomputed where
+/// neither can be read.
 ///
 /// # Errors
 /// The driver's, if it cannot report the device's memory.
 pub fn default_keep_activations(device: &Device, need: u64) -> Result<(bool, Option<String>)> {
     // The driver's free memory and what CUDA's pool keeps unused (the example retains freed memory).
-    let Some(free) = candle_chunked_ce::available_memory(device)? else { return Ok((false, None)) };
+    let available = match candle_chunked_ce::available_memory(device)? {
+        Some(free) => Some((free, "the GPU")),
+        None if device.is_cpu() => host_available_memory().map(|free| (free, "this machine")),
+        None => None,
+    };
+    let Some((free, what)) = available else { return Ok((false, None)) };
     if fits(need, free) {
         return Ok((true, None));
     }
     let gb = |bytes: u64| bytes as f64 / 1e9;
     let note = format!(
-        "keeping every block's activations would need about {:.1} GB and the GPU has {:.1} GB available: recomputing \
+        "keeping every block's activations would need about {:.1} GB and {what} has {:.1} GB available: recomputing \
          each block in the backward pass instead (--keep-activations overrides this)",
         gb(need),
         gb(free)
     );
     Ok((false, Some(note)))
+}
+
+/// The memory new allocations can have now on this host: Linux's
+/// `MemAvailable` (`/proc/meminfo`), in bytes; `None` where it cannot be read.
+fn host_available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|line| line.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?;
+    Some(kib.trim().parse::<u64>().ok()? * 1024)
 }

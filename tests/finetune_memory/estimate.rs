@@ -112,12 +112,18 @@ fn a_kept_step_stays_under_its_estimate() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--keep-activations`' default: recomputed on the CPU whatever the
-/// estimate; on CUDA (below) kept when the step fits the available memory.
+/// `--keep-activations`' default on the CPU: kept when the step fits the
+/// host's available memory (Linux's `MemAvailable`); a step that needs more
+/// than any machine has recomputes them, saying so.
+#[cfg(target_os = "linux")]
 #[test]
-fn the_cpu_recomputes_by_default() -> anyhow::Result<()> {
+fn the_cpu_keeps_activations_where_they_fit() -> anyhow::Result<()> {
     let _shared = shared();
-    assert_eq!(memory_plan::default_keep_activations(&Device::Cpu, 1 << 20)?, (false, None));
+    assert_eq!(memory_plan::default_keep_activations(&Device::Cpu, 1 << 20)?, (true, None));
+    let (keep, note) = memory_plan::default_keep_activations(&Device::Cpu, 1 << 50)?;
+    assert!(!keep, "a petabyte fits?");
+    let note = note.expect("a note saying why");
+    assert!(note.contains("recomputing") && note.contains("this machine has"), "{note}");
     Ok(())
 }
 
