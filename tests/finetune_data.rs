@@ -1,7 +1,7 @@
 //! The `finetune_gpt2` example's data and samples: JSONL records (each ended
 //! by `<|endoftext|>`, the prompt masked), the windows batches take from
 //! records and plain text, the split into training and validation; samples
-//! decoded as text whatever the model draws.
+//! decoded as text whatever the model draws; the fresh weights' draws.
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 #[allow(dead_code)]
@@ -165,4 +165,17 @@ fn sampling_draws_decodable_tokens_only() -> anyhow::Result<()> {
     let text = sampling::sample(&model, &tiktoken_rs::r50k_base()?, "The loss", 24, &mut Rng::new(5))?;
     assert!(text.starts_with("The loss") && text.len() > "The loss".len(), "{text:?}");
     Ok(())
+}
+
+/// The fresh model's draws on rayon's threads are the sequential ones, bit
+/// for bit, and leave the stream where the sequential calls do: the same
+/// weights for a seed as before, and the same draws after them.
+#[test]
+fn parallel_normals_are_the_sequential_draws() {
+    let (n, std) = (100_003usize, 0.02);
+    let (mut sequential, mut parallel) = (Rng::new(7), Rng::new(7));
+    let want: Vec<u32> = (0..n).map(|_| ((sequential.normal() * std) as f32).to_bits()).collect();
+    let got: Vec<u32> = parallel.normals(n, std).into_iter().map(f32::to_bits).collect();
+    assert!(got == want, "the draws differ");
+    assert_eq!(parallel.next_u64(), sequential.next_u64(), "the stream after them");
 }

@@ -121,8 +121,7 @@ impl Config {
                     Tensor::zeros(shape, DType::F32, device)?
                 } else {
                     let std = if name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
-                    let values: Vec<f32> = (0..shape.iter().product()).map(|_| (rng.normal() * std) as f32).collect();
-                    Tensor::from_vec(values, shape, device)?
+                    Tensor::from_vec(rng.normals(shape.iter().product(), std), shape, device)?
                 };
                 Ok((name, tensor))
             })
