@@ -101,6 +101,15 @@ impl Projection {
 #[derive(Default)]
 pub(super) struct LogitsBuffer(Option<Tensor>);
 
+/// The column sums `[V]` of a chunk's logits' gradient `[n, V]`, in `acc`, as
+/// a `[1, n] x [n, V]` product: candle's `sum(0)` visits the elements one at a
+/// time on one thread on the CPU (205 ms for 1024 x 50257 f32 on the 2-vCPU
+/// VM, where the product takes 12.6 ms).
+fn column_sums(logits_grad: &Tensor, acc: DType) -> Result<Tensor> {
+    let g = logits_grad.to_dtype(acc)?;
+    Tensor::ones((1, g.dim(0)?), acc, g.device())?.matmul(&g)?.squeeze(0)
+}
+
 /// The gradients of the rows, the weight and the bias that are [`Wanted`],
 /// summed chunk by chunk: each chunk's rows get `G · W` (in their dtype), the
 /// weight `Gᵀ · H` and the bias the column sums of `G` (both accumulated in
@@ -152,7 +161,7 @@ impl GradientSums {
             weight.add(logits_grad, chunk)?;
         }
         if let Some(bias) = &mut self.bias {
-            bias.add(logits_grad.to_dtype(self.acc)?.sum(0)?)?;
+            bias.add(column_sums(logits_grad, self.acc)?)?;
         }
         Ok(())
     }
