@@ -1,8 +1,11 @@
 //! The `finetune_gpt2` example's memory savings: what they save, and that
-//! they compute what they replace. Activation checkpointing holds a fraction
-//! of the heap that the whole graph holds (measured by this binary's counting
-//! allocator) and gives the whole graph's gradients, bit for bit (the linear
-//! loss's output layer, which it forms itself: to rounding); gradient
+//! they compute what they replace. The training step (the blocks' backward
+//! by hand, `block.rs`, their activations checkpointed) gives the gradients
+//! of candle's backward through the whole graph, bit for bit (the linear
+//! loss's output layer, which it forms itself: to rounding), and keeping the
+//! activations gives the checkpointed gradients bit for bit; checkpointing
+//! holds a fraction of the heap that keeping them holds (measured by this
+//! binary's counting allocator); gradient
 //! accumulation over micro-batches, with activations kept or checkpointed,
 //! gives the gradients of one batch holding them all; the in-place AdamW gives
 //! candle-nn's updates, and the graph-free logits the logits.
@@ -16,6 +19,9 @@ mod adamw;
 #[path = "../examples/finetune_gpt2/bias.rs"]
 #[allow(dead_code)]
 mod bias;
+#[path = "../examples/finetune_gpt2/block.rs"]
+#[allow(dead_code)]
+mod block;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;
@@ -183,37 +189,90 @@ fn concatenated(batches: &[Batch]) -> anyhow::Result<Batch> {
 /// measured within 2 ulp of f32 of the largest, 16 allowed.
 const REORDERED: f64 = 16.0 * f32::EPSILON as f64;
 
-/// Checkpointed, one batch: the whole graph's loss and gradients bit for bit,
-/// but for the output layer's under the linear loss, which forms it itself
-/// and sums it in f32 (see `train::step_gradients`): the same terms in another
-/// order.
+/// One batch, activations checkpointed and kept: the whole graph's loss and
+/// gradients bit for bit, but for the output layer's under the linear loss,
+/// which forms it itself and sums it in f32 (see `train::step_gradients`):
+/// the same terms in another order.
 #[test]
-fn checkpointed_gradients_are_the_whole_graphs() -> anyhow::Result<()> {
+fn step_gradients_are_the_whole_graphs() -> anyhow::Result<()> {
     let _shared = shared();
+    step_against_whole_graph(&Device::Cpu, true)
+}
+
+/// [`step_gradients_are_the_whole_graphs`] on CUDA (feature `cuda`; skipped
+/// without a GPU, failing then with `CHUNKED_CE_REQUIRE_CUDA` set), to the
+/// rounding of terms summed in another order: cuBLAS picks its kernels by
+/// shape and layout, which the blocks' backward by hand gives each product
+/// as candle's backward does, but the GPU's bits are not held here. The
+/// values that differ in their bits are counted on stderr.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_step_gradients_are_the_whole_graphs() -> anyhow::Result<()> {
+    let _shared = shared();
+    match Device::new_cuda(0) {
+        Ok(device) => step_against_whole_graph(&device, false),
+        Err(e) => {
+            assert!(std::env::var_os("CHUNKED_CE_REQUIRE_CUDA").is_none(), "no CUDA device: {e}");
+            eprintln!("SKIP cuda_step_gradients_are_the_whole_graphs: no CUDA device");
+            Ok(())
+        }
+    }
+}
+
+/// The training step's loss and gradients on `device`, tied and untied, each
+/// loss, activations checkpointed and kept, against `loss.backward()` through
+/// the whole graph: bit for bit with `bitwise`, else to [`REORDERED`].
+fn step_against_whole_graph(device: &Device, bitwise: bool) -> anyhow::Result<()> {
     for tied in [true, false] {
         let config = Config { tied, ..TINY };
-        let model = Gpt2::new(config, config.init(&mut Rng::new(1), &Device::Cpu)?, &Device::Cpu)?;
-        let batch = data().batch(&mut Rng::new(2), 3, 10, &Device::Cpu)?;
+        let model = Gpt2::new(config, config.init(&mut Rng::new(1), device)?, device)?;
+        let batch = data().batch(&mut Rng::new(2), 3, 10, device)?;
         let n = batch.valid_tokens();
         for kind in [LossKind::Chunked, LossKind::Linear, LossKind::CandleNn] {
-            let what = format!("tied {tied}, {kind:?}");
             let whole_loss = train::batch_loss(&model, &batch, kind, n)?;
             let whole = whole_loss.backward()?;
-            let (loss, grads) = train::step_gradients(&model, std::slice::from_ref(&batch), kind)?;
-            assert_eq!(loss.to_bits(), whole_loss.to_scalar::<f32>()?.to_bits(), "{what}: loss");
-            for (name, var) in model.named_vars() {
-                let expected = whole.get(var.as_tensor()).expect("the whole graph's gradient");
-                let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-                assert!(!got.track_op(), "{what}: {name}'s gradient holds a graph");
-                if kind == LossKind::Linear && var.as_tensor().id() == model.lm_head().id() {
-                    assert_close(&format!("{what}: {name}"), got, expected, REORDERED)?;
+            for keep_activations in [false, true] {
+                let what =
+                    format!("{:?}, tied {tied}, {kind:?}, keep_activations {keep_activations}", device.location());
+                let (loss, grads) =
+                    train::step_gradients_with(&model, std::slice::from_ref(&batch), kind, keep_activations)?;
+                let whole_loss = whole_loss.to_scalar::<f32>()?;
+                if bitwise {
+                    assert_eq!(loss.to_bits(), whole_loss.to_bits(), "{what}: loss");
                 } else {
-                    assert_same_bits(&format!("{what}: {name}"), got, expected)?;
+                    assert!(
+                        (loss - whole_loss).abs() <= 1e-6 * whole_loss.abs(),
+                        "{what}: loss {loss} vs {whole_loss}"
+                    );
+                }
+                let mut differ = 0;
+                for (name, var) in model.named_vars() {
+                    let expected = whole.get(var.as_tensor()).expect("the whole graph's gradient");
+                    let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+                    assert!(!got.track_op(), "{what}: {name}'s gradient holds a graph");
+                    let what = format!("{what}: {name}");
+                    let output_layer = kind == LossKind::Linear && var.as_tensor().id() == model.lm_head().id();
+                    if bitwise && !output_layer {
+                        assert_same_bits(&what, got, expected)?;
+                    } else {
+                        assert_close(&what, got, expected, REORDERED)?;
+                        differ += bits_differ(got, expected)?;
+                    }
+                }
+                if !bitwise {
+                    eprintln!("{what}: {differ} gradient values differ from the whole graph's in their bits");
                 }
             }
         }
     }
     Ok(())
+}
+
+/// How many values of two tensors of one shape differ in their bits (as f64).
+fn bits_differ(got: &Tensor, expected: &Tensor) -> anyhow::Result<usize> {
+    let values = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+    let (got, expected) = (values(got)?, values(expected)?);
+    Ok(got.iter().zip(&expected).filter(|(g, e)| g.to_bits() != e.to_bits()).count())
 }
 
 /// Gradient accumulation, activations kept or checkpointed: two micro-batches
@@ -267,9 +326,9 @@ fn micro_batches_add_up_to_the_whole_batch() -> anyhow::Result<()> {
 }
 
 /// What checkpointing saves: eight blocks at 4 x 64 tokens, whose backward
-/// through the whole graph holds every block's activations at once, and
-/// through checkpoints one block's and the blocks' inputs. Measured
-/// (2026-12-04): 6.0 MB checkpointed, 24.8 MB kept (24%).
+/// with the activations kept holds every block's at once, and through
+/// checkpoints one block's and the blocks' inputs. Measured (2026-12-05,
+/// the blocks' backward by hand): 1.3 MB checkpointed, 5.6 MB kept (23%).
 #[test]
 fn checkpointing_holds_a_fraction_of_the_heap() -> anyhow::Result<()> {
     let _alone = alone();

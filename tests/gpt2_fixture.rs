@@ -11,6 +11,9 @@
 #[path = "../examples/finetune_gpt2/bias.rs"]
 #[allow(dead_code)]
 mod bias;
+#[path = "../examples/finetune_gpt2/block.rs"]
+#[allow(dead_code)]
+mod block;
 #[path = "../examples/finetune_gpt2/checkpoint.rs"]
 #[allow(dead_code)]
 mod checkpoint;

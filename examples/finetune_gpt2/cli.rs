@@ -36,7 +36,7 @@ pub struct Args {
     pub accum: usize,
     /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
     /// same gradients, bit for bit): 1.2-1.4x the tokens/s for GPT-2 124M at batch 4 x 256 tokens on the CPU, at
-    /// 4.7 GB peak instead of 2.8 GB [default: true when the step's estimated memory fits in 90% of the memory
+    /// 3.0 GB peak instead of 2.6 GB [default: true when the step's estimated memory fits in 90% of the memory
     /// available now, the GPU's on CUDA, the machine's on the CPU (else false, with a note)]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub keep_activations: Option<bool>,

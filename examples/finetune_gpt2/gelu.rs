@@ -74,11 +74,21 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        if dy.shape() != x.shape() {
-            candle::bail!("{OP} backward: gradient {:?} for input {:?}", dy.shape(), x.shape())
-        }
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward)?))
+        Ok(Some(gelu_backward(x, dy)?))
     }
+}
+
+/// The input's gradient of [`gelu`] from its input `x` (contiguous) and the
+/// output's gradient `dy` (`x`'s shape), without a graph: the op's backward,
+/// for a block's backward by hand (`block.rs`).
+///
+/// # Errors
+/// Another dtype than f32, or a `dy` of another shape.
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if dy.shape() != x.shape() {
+        candle::bail!("{OP} backward: gradient {:?} for input {:?}", dy.shape(), x.shape())
+    }
+    x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward)
 }
 
 /// `dx = dy · dy/dx` from `x` and `dy` (of one shape: checked by the forward

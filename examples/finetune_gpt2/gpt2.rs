@@ -1,54 +1,24 @@
 //! A GPT-2 for training with candle: token and position embeddings, blocks of
 //! (layer norm, causal self-attention with fused `c_attn` / `c_proj`, layer
-//! norm, GELU MLP), a final layer norm, and an `lm_head` tied to the token
-//! embedding (or its own `lm_head.weight` when untied). Tensor names and shapes
-//! are those of Hugging Face's GPT-2 (Conv1D weights stored `[in, out]`);
-//! `checkpoint.rs` reads and writes them with their `config.json`. Only
-//! differentiable ops are used (candle-nn's fused `LayerNorm` and
+//! norm, GELU MLP; `block.rs`), a final layer norm, and an `lm_head` tied to
+//! the token embedding (or its own `lm_head.weight` when untied). Tensor names
+//! and shapes are those of Hugging Face's GPT-2 (Conv1D weights stored `[in,
+//! out]`); `checkpoint.rs` reads and writes them with their `config.json`.
+//! Only differentiable ops are used (candle-nn's fused `LayerNorm` and
 //! `softmax_last_dim` record no backward): candle's, and five ops with their
 //! own backward, the token embedding (`embedding.rs`), the layer norm
 //! (`layer_norm.rs`), the attention's causal softmax (`softmax.rs`), GPT-2's
-//! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`).
+//! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`). Training runs the blocks'
+//! backward by hand (`block.rs`), candle's backward through the rest.
 
-use crate::bias::add_bias;
+pub use crate::block::Activation;
+use crate::block::{Block, Saved};
 use crate::embedding::{add_embedding_grad, embedding, embedding_grad};
-use crate::gelu::gelu;
 use crate::layer_norm::layer_norm;
 use crate::rng::Rng;
-use crate::softmax::causal_softmax;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
-
-/// The GELU variants of Hugging Face's `activation_function` this model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu_new` (GPT-2's) and `gelu_pytorch_tanh`: the tanh approximation.
-    GeluTanh,
-    /// `gelu`: the exact, erf-based GELU.
-    GeluErf,
-}
-
-impl Activation {
-    /// The names accepted in `config.json`, each with its activation.
-    pub const NAMES: [(&'static str, Activation); 3] =
-        [("gelu_new", Self::GeluTanh), ("gelu_pytorch_tanh", Self::GeluTanh), ("gelu", Self::GeluErf)];
-
-    /// The name written to `config.json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::GeluTanh => "gelu_new",
-            Self::GeluErf => "gelu",
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::GeluTanh => gelu(x),
-            Self::GeluErf => x.gelu_erf(),
-        }
-    }
-}
 
 /// The shape and settings of a GPT-2.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,30 +161,18 @@ impl Gpt2 {
         layer_norm(x, weight, bias, self.config.layer_norm_epsilon)
     }
 
-    /// GPT-2's Conv1D: `x @ W + b` with `W` stored `[in, out]`, for `x` `[B,
-    /// T, in]`, as one `[B * T, in] x [in, out]` product: `broadcast_matmul`
-    /// would run B products, and its backward would form the weight's
-    /// gradient as B `[in, out]` products and then sum them, instead of one
-    /// product over all B * T rows. The bias is added by `add_bias`, whose
-    /// backward sums the rows without a zero-filled `[B * T, out]` first.
-    fn conv1d(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
-        let (b, t, width) = x.dims3()?;
-        let weight = self.p(&format!("{prefix}.weight"));
-        let y = add_bias(&x.reshape((b * t, width))?.matmul(weight)?, self.p(&format!("{prefix}.bias")))?;
-        y.reshape((b, t, weight.dim(1)?))
-    }
-
-    fn attention(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (heads, head_dim) = (self.config.heads, c / self.config.heads);
-        // [B, T, 3, H, D] is a view of the product; each of q, k and v is then one copy, [B, H, T, D]
-        // (reshaping the narrowed [B, T, C] first would copy it twice: its strides do not reshape).
-        let qkv = self.conv1d(x, &format!("{prefix}.c_attn"))?.reshape((b, t, 3, heads, head_dim))?;
-        let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let weights = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
-        let y = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.conv1d(&y, &format!("{prefix}.c_proj"))
+    /// Block `i`'s parameters: the `Var`s themselves (a forward then records
+    /// candle's graph), or `detached` (it records none).
+    fn block_params(&self, i: usize, detached: bool) -> Block {
+        let params = Block::PARAMS.map(|name| {
+            let t = self.p(&format!("h.{i}.{name}"));
+            if detached {
+                t.detach()
+            } else {
+                t.clone()
+            }
+        });
+        Block::new(params, self.config.heads, self.config.layer_norm_epsilon, self.config.activation)
     }
 
     /// The token plus position embeddings `[B, T, C]` of token ids `[B, T]` (u32).
@@ -233,13 +191,9 @@ impl Gpt2 {
     }
 
     /// Transformer block `i` (pre-norm attention, then pre-norm MLP, each
-    /// added to the residual stream) of `x` `[B, T, C]`.
+    /// added to the residual stream) of `x` `[B, T, C]`, through candle's graph.
     pub fn block(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let h = format!("h.{i}");
-        let x = (x + self.attention(&self.layer_norm(x, &format!("{h}.ln_1"))?, &format!("{h}.attn"))?)?;
-        let m = self.conv1d(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
-        let m = self.config.activation.apply(&m)?;
-        &x + self.conv1d(&m, &format!("{h}.mlp.c_proj"))?
+        self.block_params(i, false).forward(x)
     }
 
     /// The final layer norm of the last block's output.
@@ -278,28 +232,28 @@ impl Gpt2 {
     pub fn hidden_no_grad(&self, tokens: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(tokens)?.detach();
         for i in 0..self.config.layers {
-            x = self.block(&x, i)?.detach();
+            x = self.block_params(i, true).forward(&x)?;
         }
         Ok(self.final_norm(&x)?.detach())
     }
 
     /// The loss that `loss_of(&self.hidden(tokens)?)` gives and the gradients
     /// of the parameters (detached), those of `loss.backward()` on the whole
-    /// graph, bit for bit. With `keep_activations` the blocks run as one
-    /// graph, every block's activations alive until the backward pass ends.
+    /// graph, bit for bit. The blocks run without candle's graph, and their
+    /// backward by hand ([`Block::backward`]). With `keep_activations` every
+    /// block's [`Saved`] activations stay alive until the backward pass ends.
     /// Without, activation checkpointing: the forward pass keeps each block's
-    /// input only, and the backward pass recomputes one block at a time from
-    /// it, so that one block's activations are alive at a time instead of the
-    /// whole model's; each block's backward runs the same operations in the
-    /// same order, started from the gradient of its output through
-    /// `sum(output * gradient)`. A loss that forms its gradients itself
-    /// ([`TopLoss::Direct`]) hands over the final hidden states' gradient,
-    /// which starts the backward the same way; the parameters it reads get
-    /// theirs from it. Either way the embeddings stay outside the blocks'
-    /// graph: the token embedding's gradient is added by hand, as the whole
-    /// graph's backward adds it, in place into the `lm_head`'s when they are
-    /// tied, without candle's `[V, C]` zeros and add. `lap` is called as each
-    /// [`Phase`] ends (to time them).
+    /// input only, and the backward pass runs one block at a time from it
+    /// again, so that one block's activations are alive at a time instead of
+    /// the whole model's. The final norm and the loss run through candle's
+    /// graph. A loss that forms its gradients itself ([`TopLoss::Direct`])
+    /// hands over the final hidden states' gradient, which starts the
+    /// backward the same way; the parameters it reads get theirs from it.
+    /// Either way the embeddings stay outside the blocks: the token
+    /// embedding's gradient is added by hand, as the whole graph's backward
+    /// adds it, in place into the `lm_head`'s when they are tied, without
+    /// candle's `[V, C]` zeros and add. `lap` is called as each [`Phase`] ends
+    /// (to time them).
     pub fn loss_and_gradients(
         &self,
         tokens: &Tensor,
@@ -311,11 +265,7 @@ impl Gpt2 {
         let wte = self.p("wte.weight");
         let embedded = self.embed_with(&wte.detach(), tokens)?;
         let first = embedded.detach();
-        let (loss, grad) = if keep_activations {
-            self.backward_kept(first, loss_of, &mut kept, lap)?
-        } else {
-            self.backward_recomputed(first, loss_of, &mut kept, lap)?
-        };
+        let (loss, grad) = self.backward_blocks(first, loss_of, keep_activations, &mut kept, lap)?;
         let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
         self.keep(&mut grads, &mut kept);
         // As the whole graph's backward adds them: into the lm_head's gradient
@@ -363,52 +313,67 @@ impl Gpt2 {
         Ok((loss, grads))
     }
 
-    /// The loss and the gradient of the blocks' input `first`, through one
-    /// graph of every block (the parameters' gradients go to `kept`).
-    fn backward_kept(
-        &self,
-        first: Tensor,
-        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
-        kept: &mut GradStore,
-        lap: &mut dyn FnMut(Phase) -> Result<()>,
-    ) -> Result<(Tensor, Tensor)> {
-        let first = Var::from_tensor(&first)?;
-        let mut x = first.as_tensor().clone();
-        for i in 0..self.config.layers {
-            x = self.block(&x, i)?;
-        }
-        let (loss, mut grads) = self.top_backward(&x, loss_of, kept, lap)?;
-        Ok((loss, output_gradient(&mut grads, &first)?))
-    }
-
-    /// [`backward_kept`](Self::backward_kept), one block's graph at a time.
-    fn backward_recomputed(
-        &self,
-        first: Tensor,
-        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
-        kept: &mut GradStore,
-        lap: &mut dyn FnMut(Phase) -> Result<()>,
-    ) -> Result<(Tensor, Tensor)> {
-        let mut inputs = Vec::with_capacity(self.config.layers);
+    /// The last block's output for the blocks' input `first` `[B, T, C]`, run
+    /// without candle's graph, and what each block keeps for its backward:
+    /// everything its backward reads with `keep_activations`, else its input.
+    pub fn forward_checkpoints(&self, first: Tensor, keep_activations: bool) -> Result<(Tensor, Vec<Checkpoint>)> {
+        let mut checkpoints = Vec::with_capacity(self.config.layers);
         let mut x = first;
         for i in 0..self.config.layers {
-            let next = self.block(&x, i)?.detach();
-            inputs.push(x);
-            x = next;
+            let block = self.block_params(i, true);
+            let (out, checkpoint) = if keep_activations {
+                let (out, saved) = block.forward_saved(&x)?;
+                (out, Checkpoint::Saved(saved))
+            } else {
+                (block.forward(&x)?, Checkpoint::Input(x))
+            };
+            checkpoints.push(checkpoint);
+            x = out;
         }
+        Ok((x, checkpoints))
+    }
+
+    /// The loss and the gradient of the blocks' input `first`; the blocks'
+    /// parameters' gradients go to `kept`. The forward keeps every block's
+    /// [`Saved`] activations, or (without `keep_activations`) its input only,
+    /// from which the backward recomputes them one block at a time. Each
+    /// block's backward is [`Block::backward`], by hand; the top's candle's.
+    fn backward_blocks(
+        &self,
+        first: Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
+        keep_activations: bool,
+        kept: &mut GradStore,
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, checkpoints) = self.forward_checkpoints(first, keep_activations)?;
         let top = Var::from_tensor(&x)?;
         drop(x);
         let (loss, mut grads) = self.top_backward(top.as_tensor(), loss_of, kept, lap)?;
         let mut grad = output_gradient(&mut grads, &top)?;
-        drop(grads);
-        for i in (0..self.config.layers).rev() {
-            let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
-            let mut grads = (self.block(input.as_tensor(), i)? * &grad)?.sum_all()?.backward()?;
-            self.keep(&mut grads, kept);
-            grad = output_gradient(&mut grads, &input)?;
+        drop((grads, top));
+        for (i, checkpoint) in checkpoints.into_iter().enumerate().rev() {
+            let block = self.block_params(i, true);
+            let saved = match checkpoint {
+                Checkpoint::Saved(saved) => saved,
+                Checkpoint::Input(x) => block.forward_saved(&x)?.1,
+            };
+            let (dx, block_grads) = block.backward(saved, &grad)?;
+            for (name, g) in Block::PARAMS.iter().zip(block_grads) {
+                kept.insert(self.p(&format!("h.{i}.{name}")), g);
+            }
+            grad = dx;
         }
         Ok((loss, grad))
     }
+}
+
+/// What the forward pass keeps of a block for the backward pass.
+pub enum Checkpoint {
+    /// Everything its backward reads.
+    Saved(Saved),
+    /// Its input, to run it again from.
+    Input(Tensor),
 }
 
 /// What a loss hands the model's top for the backward pass.

@@ -108,12 +108,27 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        // [2, .., C]: dx, then dy n.
-        let both = x.apply_op3_no_bwd(gamma, &dy, &LayerNormBackward { eps: self.eps })?;
-        let (dx, dy_n) = (both.get(0)?, both.get(1)?);
-        Ok((Some(dx), Some(column_sums(&dy_n)?), Some(column_sums(&dy)?)))
+        let (dx, dgamma, dbeta) = layer_norm_backward(x, gamma, dy, f64::from(self.eps))?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
+}
+
+/// The gradients `(dx, dγ, dβ)` of [`layer_norm`] from its input `x`
+/// (contiguous), gain `gamma` and output gradient `dy` (`x`'s shape; see the
+/// module docs), without a graph: the op's backward, for a block's backward by
+/// hand (`block.rs`).
+///
+/// # Errors
+/// As [`layer_norm`]'s, and a `dy` of another shape.
+pub fn layer_norm_backward(x: &Tensor, gamma: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    if dy.shape() != x.shape() {
+        candle::bail!("{OP} backward: gradient {:?} for input {:?}", dy.shape(), x.shape())
+    }
+    let dy = dy.contiguous()?;
+    // [2, .., C]: dx, then dy n.
+    let both = x.apply_op3_no_bwd(gamma, &dy, &LayerNormBackward { eps: eps as f32 })?;
+    let (dx, dy_n) = (both.get(0)?, both.get(1)?);
+    Ok((dx, column_sums(&dy_n)?, column_sums(&dy)?))
 }
 
 /// `[2, .., C]`: the input's gradient, then `dy n` (see the module docs).

@@ -10,6 +10,7 @@
 
 mod adamw;
 mod bias;
+mod block;
 mod checkpoint;
 mod cli;
 mod column_sums;
@@ -297,7 +298,7 @@ fn run(args: Args) -> Result<()> {
         None => {
             let shape = MicroBatch { batch: args.batch, seq: args.seq };
             let elem = model.lm_head().dtype().size_in_bytes();
-            let need = memory_plan::kept_step_bytes(&model.config, shape, elem, params, args.loss);
+            let need = memory_plan::kept_step_bytes(&model.config, shape, elem, params, args.loss, args.accum);
             let (keep, note) = memory_plan::default_keep_activations(&device, need)?;
             if let Some(note) = note {
                 println!("note: {note}");

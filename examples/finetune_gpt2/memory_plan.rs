@@ -1,10 +1,10 @@
 //! Whether a training step keeps every block's activations for the backward
 //! pass or recomputes them one block at a time, when `--keep-activations`
-//! leaves it open: kept on a GPU whose available memory holds the step (recomputing
-//! costs a second forward pass of every block), recomputed on the CPU (kept is
-//! 2% faster there, at twice the peak). The estimate counts the tensors the
-//! model's code creates; `tests/finetune_memory/estimate.rs` holds it against
-//! the heap that the same code holds on the CPU.
+//! leaves it open: kept where the available memory (the GPU's, or the
+//! machine's on the CPU) holds the step, since recomputing costs a second
+//! forward pass of every block. The estimate counts the tensors the model's
+//! code creates; `tests/finetune_memory/estimate.rs` holds it against the
+//! heap that the same code holds on the CPU.
 
 use crate::gpt2::Config;
 use crate::train::LossKind;
@@ -17,29 +17,28 @@ pub struct MicroBatch {
     pub seq: usize,
 }
 
-/// `[B * T, C]` tensors the graph of one block holds once its forward pass
-/// has run (`Gpt2::block`): the first layer norm (1); the QKV product and its
-/// bias (3 + 3); q, k and v, each a contiguous copy of a strided view (3); the
-/// attention output and its reshaped copy (2); the output projection and its
-/// bias (2); the residual sum (1); the second layer norm (1); the MLP's
-/// product, bias and GELU (4 + 4 + 4); its projection and bias (2); the
-/// residual sum (1).
-const BLOCK_ROW_TENSORS: u64 = 31;
-/// `[B, H, T, T]` tensors a block holds: the attention scores and the causal
-/// softmax's weights.
-const BLOCK_SCORE_TENSORS: u64 = 2;
+/// `[B * T, C]` tensors a block keeps for its backward pass once its forward
+/// pass has run (`block::Saved`, with its output, the next block's input):
+/// the first layer norm (1); q, k and v (3); the heads merged (1); the
+/// residual sum (1); the second layer norm (1); the MLP's product with its
+/// bias, and the GELU of it (4 + 4); the block's output (1).
+const BLOCK_ROW_TENSORS: u64 = 16;
+/// `[B, H, T, T]` tensors a block keeps: the causal softmax's weights.
+const BLOCK_SCORE_TENSORS: u64 = 1;
 /// `[B * T, C]` tensors outside the blocks: the token embeddings, their sum
-/// with the positions', and the final layer norm.
-const OUTER_ROW_TENSORS: u64 = 3;
+/// with the positions' (the first block's input), the last block's output
+/// copied into the `Var` the top's graph starts from, and the final layer
+/// norm.
+const OUTER_ROW_TENSORS: u64 = 4;
 
-/// Bytes of device memory the whole graph of one micro-batch's forward pass
-/// holds until its backward pass, for a model of `elem`-byte parameters:
-/// every block's activations (see [`BLOCK_ROW_TENSORS`]) and the embeddings'.
-pub fn graph_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
-    config.layers as u64 * block_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem)
+/// Bytes of device memory the blocks of one micro-batch's forward pass keep
+/// for its backward pass, for a model of `elem`-byte parameters: every
+/// block's activations (see [`BLOCK_ROW_TENSORS`]).
+pub fn kept_activation_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
+    config.layers as u64 * block_bytes(config, shape, elem)
 }
 
-/// One block's share of [`graph_bytes`].
+/// One block's share of [`kept_activation_bytes`].
 fn block_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
     let (b, t, h) = (shape.batch as u64, shape.seq as u64, config.heads as u64);
     BLOCK_ROW_TENSORS * row_tensor_bytes(config, shape, elem) + BLOCK_SCORE_TENSORS * b * h * t * t * elem as u64
@@ -50,29 +49,47 @@ fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
 }
 
 /// Bytes a training step with every block's activations kept needs beyond
-/// the parameters and the optimizer's moments (already allocated), at most:
-/// - the graph ([`graph_bytes`]);
-/// - the gradients of the activations, formed while the backward pass walks
-///   the graph: two blocks' worth;
-/// - the parameters' gradients (`params` elements), their sum over
-///   micro-batches beside them, and the zero-filled sum and its result that
-///   candle's backward adds each new gradient into: three times `params`;
+/// the parameters and the optimizer's moments (already allocated), at most,
+/// for `micro_batches` micro-batches of `shape` and `params` parameters. Its
+/// peak comes while the loss runs or while the backward pass does; both hold
+/// the blocks' activations ([`kept_activation_bytes`]) and those outside the
+/// blocks ([`OUTER_ROW_TENSORS`]), and, from the second micro-batch on, the
+/// sum of the parameters' gradients so far. Beside those:
 /// - the loss's own buffers: the linear loss's f32 sum of the output
 ///   layer's gradient (`[V, C]`), a chunk of logits (on CUDA at least 2048
 ///   rows: counted as all of them, `[B * T, V]`) and the hidden states'
 ///   gradient; the chunked loss holds the logits, their gradient,
 ///   and candle's zero-filled gradient sum and its result (four
 ///   `[B * T, V]`); candle-nn's, with its log-softmax's intermediates and
-///   their gradients, ten (9.2 measured on the CPU).
-pub fn kept_step_bytes(config: &Config, shape: MicroBatch, elem: usize, params: usize, loss: LossKind) -> u64 {
+///   their gradients, ten (9.2 measured on the CPU); either of those two
+///   also the output layer's gradient (`[V, C]`) and the zeros candle's
+///   backward adds it into;
+/// - the backward pass's: the gradients of one block's activations, formed
+///   as it walks back through that block (counted as two blocks' worth), the
+///   parameters' gradients, and the linear loss's f32 sum.
+pub fn kept_step_bytes(
+    config: &Config,
+    shape: MicroBatch,
+    elem: usize,
+    params: usize,
+    loss: LossKind,
+    micro_batches: usize,
+) -> u64 {
     let rows = (shape.batch * shape.seq) as u64;
     let (vocab, width, elem64) = (config.vocab as u64, config.width as u64, elem as u64);
+    let linear_sum = 4 * vocab * width;
+    let output_layer_grad = 2 * vocab * width * elem64;
     let loss_bytes = match loss {
-        LossKind::Linear => 4 * vocab * width + rows * vocab * elem64 + 2 * rows * width * elem64,
-        LossKind::Chunked => 4 * rows * vocab * elem64,
-        LossKind::CandleNn => 10 * rows * vocab * elem64,
+        LossKind::Linear => linear_sum + rows * vocab * elem64 + 2 * rows * width * elem64,
+        LossKind::Chunked => 4 * rows * vocab * elem64 + output_layer_grad,
+        LossKind::CandleNn => 10 * rows * vocab * elem64 + output_layer_grad,
     };
-    graph_bytes(config, shape, elem) + 2 * block_bytes(config, shape, elem) + 3 * (params * elem) as u64 + loss_bytes
+    let grads = params as u64 * elem64;
+    let earlier_sum = if micro_batches > 1 { grads } else { 0 };
+    let activations =
+        kept_activation_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem);
+    let backward = 2 * block_bytes(config, shape, elem) + grads + if loss == LossKind::Linear { linear_sum } else { 0 };
+    activations + earlier_sum + loss_bytes.max(backward)
 }
 
 /// The part of the available memory a step may plan to use: the rest is left to
@@ -90,7 +107,7 @@ fn fits(need: u64, free: u64) -> bool {
 /// the memory available now, with a note to print when it does not. On CUDA
 /// the device's (`candle_chunked_ce::available_memory`); on the CPU the
 /// host's (Linux's `MemAvailable`): GPT-2 124M at 4 x 256 tokens trains
-/// 1.2-1.4x faster kept, at 4.7 GB resident instead of 2.8. Recomputed where
+/// 1.2-1.4x faster kept, at 3.0 GB resident instead of 2.6. Recomputed where
 /// neither can be read.
 ///
 /// # Errors

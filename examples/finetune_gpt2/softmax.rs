@@ -80,12 +80,22 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if grad.shape() != probs.shape() {
-            candle::bail!("{OP} backward: gradient {:?} for probabilities {:?}", grad.shape(), probs.shape())
-        }
-        let backward = CausalSoftmaxBackward { scale: self.scale };
-        Ok(Some(probs.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+        Ok(Some(causal_softmax_backward(probs, grad, f64::from(self.scale))?))
     }
+}
+
+/// The scores' gradient of [`causal_softmax`] from its output `probs`
+/// (contiguous) and their gradient `grad` (`probs`' shape), without a graph:
+/// the op's backward, for a block's backward by hand (`block.rs`).
+///
+/// # Errors
+/// Probabilities that are not `[.., T, T]` f32, or a `grad` of another shape.
+pub fn causal_softmax_backward(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    square_rows(probs.dtype(), probs.shape())?;
+    if grad.shape() != probs.shape() {
+        candle::bail!("{OP} backward: gradient {:?} for probabilities {:?}", grad.shape(), probs.shape())
+    }
+    probs.apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBackward { scale: scale as f32 })
 }
 
 /// The scores' gradient from the probabilities and their gradient (of one

@@ -233,14 +233,13 @@ pub fn step_gradients(model: &Gpt2, batches: &[Batch], kind: LossKind) -> Result
     step_gradients_with(model, batches, kind, false)
 }
 
-/// [`step_gradients`], or with `keep_activations` through the whole graph:
-/// every block's activations alive during the backward pass instead of
-/// recomputed block by block (faster, and more memory). Either way only
-/// the parameters' gradients are kept, detached: candle's backward returns
-/// each one holding the graph that computed it (all the activations), with
-/// gradients of tensors that are not parameters (the causal mask's), so
-/// that the sum would otherwise hold every micro-batch's activations until
-/// the optimizer step.
+/// [`step_gradients`], or with `keep_activations` every block's
+/// activations alive during the backward pass instead of recomputed block
+/// by block (faster, and more memory). Either way only the parameters'
+/// gradients are kept, detached: those candle's backward returns (the top's
+/// and the embeddings') each hold the graph that computed them, so that the
+/// sum would otherwise hold every micro-batch's graph until the optimizer
+/// step.
 pub fn step_gradients_with(
     model: &Gpt2,
     batches: &[Batch],
