@@ -29,7 +29,7 @@ fn main() {
     println!("cargo::rerun-if-changed=examples/finetune_gpt2/adamw.cu");
     let adamw = "examples/finetune_gpt2/adamw.cu";
     compile(&nvcc, &arch, adamw, &out_dir.join("finetune_adamw.ptx"), &["-fmad=false"]);
-    for kernels in ["softmax", "layer_norm", "gelu", "bias", "sum_squares", "embedding"] {
+    for kernels in ["softmax", "layer_norm", "gelu", "bias", "sum_squares", "embedding", "column_sums"] {
         let source = format!("examples/finetune_gpt2/{kernels}.cu");
         println!("cargo::rerun-if-changed={source}");
         compile(&nvcc, &arch, &source, &out_dir.join(format!("finetune_{kernels}.ptx")), &[]);

@@ -5,7 +5,7 @@
 # In order: the environment (scripts/gpu-env.sh), the test binaries with CHUNKED_CE_REQUIRE_CUDA=1,
 # compute-sanitizer (memcheck over a few small CUDA tests, the gradient formed in forward among
 # them; racecheck over one; initcheck over the linear loss's cuBLAS sums; racecheck and
-# synccheck over the example's embedding backward, whose barriers HIP-CPU cannot judge), the example
+# synccheck over the example's embedding backward and column sums, whose barriers HIP-CPU cannot judge), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
 # in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
@@ -159,7 +159,7 @@ done
 # TOOL|BINARY|FILTERS (the filters several words); each run has its report.
 for run in "memcheck|parity|$MEMCHECK_FILTERS" "memcheck|grad_in_forward|$MEMCHECK_GRAD_FILTERS" \
   "racecheck|parity|$RACECHECK_FILTERS" "initcheck|linear|$INITCHECK_FILTERS" \
-  "racecheck|example_ops|embedding" "synccheck|example_ops|embedding"; do
+  "racecheck|example_ops|embedding column_sums" "synccheck|example_ops|embedding column_sums"; do
   IFS="|" read -r tool binary filters <<<"$run"
   if [ -z "$sanitizer" ]; then
     echo "- $tool: not run, compute-sanitizer not on PATH, in \$CUDA_HOME/bin, /usr/local/cuda/bin or $venv" >>"$sanitizer_md"

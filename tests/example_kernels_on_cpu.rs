@@ -10,7 +10,9 @@
 //! backward, with more rows (elements) than the grid holds warps (threads);
 //! the clipping's sum of squares (`sum_squares.cu`) block by block against
 //! the host's f64 sums of the same grid-stride shares; the token embedding's
-//! backward (`embedding.cu`) against its op on the CPU, bit for bit.
+//! backward (`embedding.cu`) against its op on the CPU, bit for bit; the
+//! column sums (`column_sums.cu`) against the host's sums in the kernels'
+//! order, bit for bit.
 //!
 //! Without HIP-CPU, a C++ compiler or TBB the test prints why it skips; with
 //! `CHUNKED_CE_REQUIRE_HIP_CPU=1` (set by `.ci/run`) it fails instead.
@@ -41,7 +43,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const ENTRIES: [&str; 12] = [
+const ENTRIES: [&str; 14] = [
     "adamw_first_moment",
     "adamw_second_moment",
     "adamw_update",
@@ -54,6 +56,8 @@ const ENTRIES: [&str; 12] = [
     "add_bias",
     "sum_squares",
     "embedding_bwd",
+    "column_sums_partial",
+    "column_sums_finish",
 ];
 
 /// The kernels, compiled once, or why the test skips.
@@ -61,8 +65,16 @@ fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
     static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), NotBuilt>> = OnceLock::new();
     KERNELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
-        let sources =
-            ["adamw.cu", "softmax.cu", "layer_norm.cu", "gelu.cu", "bias.cu", "sum_squares.cu", "embedding.cu"];
+        let sources = [
+            "adamw.cu",
+            "softmax.cu",
+            "layer_norm.cu",
+            "gelu.cu",
+            "bias.cu",
+            "sum_squares.cu",
+            "embedding.cu",
+            "column_sums.cu",
+        ];
         let prologue: String =
             std::iter::once("launch.h").chain(sources).map(|f| format!("#include \"{f}\"\n")).collect();
         // One unit: the example's entries are few, small and `extern "C"`.
@@ -487,6 +499,62 @@ fn embedding_kernel_sums_rows_as_the_cpu_op() -> candle::Result<()> {
         ];
         launch(launch_fn, "embedding_bwd", 37, threads, &mut args);
         assert_eq!(bits(&sums), bits(&want), "{threads} threads: the sums, bit for bit");
+    }
+    Ok(())
+}
+
+/// The column sums' two kernels over 300 x 70 (three blocks of 32 columns,
+/// the last short) in segments of 64 rows (the last short), on 256 and 128
+/// threads a block, and over 5000 x 70 as `cuda_plan` splits it: the
+/// partial sums and the sums against the host's in the kernels' order
+/// (warp w adds rows w, w + warps, .. of its segment; the warps' sums in
+/// warp order; the segments' in segment order), bit for bit, and within f32
+/// rounding of candle's `sum(0)`.
+#[test]
+fn column_sums_kernels_sum_in_their_order() -> candle::Result<()> {
+    let Some(launch_fn) = launcher("column_sums_kernels_sum_in_their_order") else { return Ok(()) };
+    let width = 70usize;
+    let planned = column_sums::cuda_plan(5000, width);
+    for (rows, (segment, parts), threads) in [(300usize, (64, 5), 256usize), (300, (64, 5), 128), (5000, planned, 256)]
+    {
+        let what = format!("{rows} x {width}, segments of {segment}, {threads} threads");
+        assert_eq!(parts, rows.div_ceil(segment), "{what}: parts");
+        let mut x = values(rows * width, 18);
+        let warps = threads / 32;
+        let mut want_partials = vec![0f32; parts * width];
+        for (part, partials) in want_partials.chunks_mut(width).enumerate() {
+            let segment_rows: Vec<usize> = (part * segment..rows.min((part + 1) * segment)).collect();
+            for (column, partial) in partials.iter_mut().enumerate() {
+                let warp_sum =
+                    |w: usize| segment_rows.iter().skip(w).step_by(warps).fold(0f32, |s, &r| s + x[r * width + column]);
+                *partial = (0..warps).fold(0f32, |s, w| s + warp_sum(w));
+            }
+        }
+        let want: Vec<f32> =
+            (0..width).map(|c| (0..parts).fold(0f32, |s, p| s + want_partials[p * width + c])).collect();
+        let mut partials = vec![f32::NAN; parts * width];
+        let blocks = (width.div_ceil(32) * parts) as u32;
+        let mut args = [
+            Arg::Floats(&mut x),
+            Arg::I64(rows as i64),
+            Arg::I32(width as i32),
+            Arg::I64(segment as i64),
+            Arg::Floats(&mut partials),
+        ];
+        launch(launch_fn, "column_sums_partial", blocks, threads as u32, &mut args);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&partials), bits(&want_partials), "{what}: the partial sums, bit for bit");
+        let mut sums = vec![f32::NAN; width];
+        let mut args =
+            [Arg::Floats(&mut partials), Arg::I32(parts as i32), Arg::I32(width as i32), Arg::Floats(&mut sums)];
+        launch(launch_fn, "column_sums_finish", 1, 64, &mut args);
+        assert_eq!(bits(&sums), bits(&want), "{what}: the sums, bit for bit");
+        let candle_sums = Tensor::from_vec(x, (rows, width), &Device::Cpu)?.sum(0)?.to_vec1::<f32>()?;
+        for (c, (&got, &expected)) in sums.iter().zip(&candle_sums).enumerate() {
+            // Values in [-1, 1): reordered f32 sums differ by 1e-5 or so; an element lost or
+            // added, by its value.
+            assert!((got - expected).abs() <= 1e-3, "{what}: column {c}: {got} vs candle's {expected}");
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Where the example's own ops (`adamw.rs`, `softmax.rs`, `layer_norm.rs`,
-//! `gelu.rs`, `bias.rs`, `sum_squares.rs`, `embedding.rs`) meet candle's storage, written
+//! `gelu.rs`, `bias.rs`, `sum_squares.rs`, `embedding.rs`, `column_sums.rs`) meet candle's storage, written
 //! once: contiguous f32 slices on the CPU; on CUDA (feature `cuda`) f32
 //! views, the two launch shapes their kernels use (a grid-stride loop over
 //! elements, a warp per row), and the one launcher of the row kernels. Each
