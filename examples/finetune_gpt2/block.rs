@@ -10,8 +10,8 @@
 //! operations on the same operands, less those: each gradient is formed
 //! once, and a block keeps only what its backward reads ([`Saved`]). Its
 //! gradients are candle's bit for bit (`tests/finetune_memory.rs`): where
-//! candle adds a gradient into zeros, `0 + g` is `g`; where it adds two into
-//! one, so does this, and `a + b` is `b + a`.
+//! candle adds a gradient into zeros, `0 + g` is `g` (but for the sign of a
+//! zero); where it adds two into one, so does this, and `a + b` is `b + a`.
 //!
 //! The maths, for `out = x1 + act(ln2(x1) W_fc + b_fc) W_mp + b_mp`,
 //! `x1 = x + attn(ln1(x)) W_p + b_p`, with `dout` given:
@@ -190,37 +190,41 @@ impl Block {
 
     /// The block's output `[B, T, C]` for its input `x` `[B, T, C]` (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, false)?.0)
+        Ok(self.forward_saved(x)?.0)
     }
 
     /// [`Self::forward`], and what [`Self::backward`] reads.
     pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
-        let (out, saved) = self.run(x, true)?;
-        Ok((out, saved.expect("saved when asked")))
+        let saved = self.saved(x)?;
+        let out = (&saved.x1 + self.mlp_proj.forward(&saved.act)?)?;
+        Ok((out, saved))
     }
 
-    fn scale(&self, head_dim: usize) -> f64 {
-        1.0 / (head_dim as f64).sqrt()
-    }
-
-    fn run(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+    /// What [`Self::backward`] reads of the forward of `x`: the forward up to
+    /// the MLP's activation (the rest, its projection, the backward does not
+    /// read), for a backward that runs the block again from its input.
+    pub fn saved(&self, x: &Tensor) -> Result<Saved> {
         let (b, t, c) = x.dims3()?;
         let (heads, head_dim) = (self.heads, c / self.heads);
-        let ln1 = layer_norm(x, &self.ln_1.gain, &self.ln_1.shift, self.eps)?;
+        let x = x.contiguous()?;
+        let ln1 = layer_norm(&x, &self.ln_1.gain, &self.ln_1.shift, self.eps)?;
         // [B, T, 3, H, D] is a view of the product; each of q, k and v is then one copy, [B, H, T, D]
         // (reshaping the narrowed [B, T, C] first would copy it twice: its strides do not reshape).
         let qkv = self.c_attn.forward(&ln1)?.reshape((b, t, 3, heads, head_dim))?;
         let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        drop(qkv);
         let probs = causal_softmax(&q.matmul(&k.t()?)?, self.scale(head_dim))?;
         let merged = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        let x1 = (x + self.c_proj.forward(&merged)?)?;
+        let x1 = (&x + self.c_proj.forward(&merged)?)?;
         let ln2 = layer_norm(&x1, &self.ln_2.gain, &self.ln_2.shift, self.eps)?;
         let pre = self.c_fc.forward(&ln2)?;
         let act = self.activation.apply(&pre)?;
-        let out = (&x1 + self.mlp_proj.forward(&act)?)?;
-        let saved = save.then(|| Saved { x: x.clone(), ln1, q, k, v, probs, merged, x1, ln2, pre, act });
-        Ok((out, saved))
+        Ok(Saved { x, ln1, q, k, v, probs, merged, x1, ln2, pre, act })
+    }
+
+    fn scale(&self, head_dim: usize) -> f64 {
+        1.0 / (head_dim as f64).sqrt()
     }
 
     /// The gradient of the block's input `[B, T, C]` and of its parameters,
@@ -230,7 +234,7 @@ impl Block {
     ///
     /// # Errors
     /// A `dout` of another shape than the block's output; candle's errors.
-    pub fn backward(&self, saved: Saved, dout: &Tensor) -> Result<(Tensor, BlockGrads)> {
+    pub fn backward(&self, saved: Saved, dout: Tensor) -> Result<(Tensor, BlockGrads)> {
         let Saved { x, ln1, q, k, v, probs, merged, x1, ln2, pre, act } = saved;
         if dout.shape() != x.shape() {
             candle::bail!("block backward: output gradient {:?} for a block of {:?}", dout.shape(), x.shape())
@@ -243,27 +247,30 @@ impl Block {
         drop(act);
         let d_pre = self.activation.backward(&pre, &d_act)?;
         drop((pre, d_act));
-        let (d_ln2, c_fc) = self.c_fc.backward(&ln2, &d_pre.reshape((rows, 4 * c))?)?;
+        let (d_ln2, c_fc) = self.c_fc.backward(&ln2, &d_pre.reshape((rows, ()))?)?;
         drop((ln2, d_pre));
         let (dx1_norm, ln_2_gain, ln_2_shift) = layer_norm_backward(&x1, &self.ln_2.gain, &d_ln2, self.eps)?;
         let dx1 = (&dout + dx1_norm)?;
-        drop((x1, dout));
+        drop((x1, dout, d_ln2));
         // The attention.
         let (d_merged, c_proj) = self.c_proj.backward(&merged, &dx1.reshape((rows, c))?)?;
         drop(merged);
         let d_o = d_merged.reshape((b, t, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+        drop(d_merged);
         let d_probs = d_o.matmul(&v.t()?)?;
+        drop(v);
         let d_v = probs.t()?.matmul(&d_o)?;
         drop(d_o);
         let d_scores = causal_softmax_backward(&probs, &d_probs, self.scale(head_dim))?;
         drop((probs, d_probs));
         let d_q = d_scores.matmul(&k.t()?.t()?)?;
         let d_k = q.t()?.matmul(&d_scores)?.t()?;
-        drop(d_scores);
-        // q, k and v's gradients into the product's [B, T, 3, H, D].
-        let d_qkv = Tensor::stack(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2)?;
-        drop((d_q, d_k, d_v, q, k, v));
-        let (d_ln1, c_attn) = self.c_attn.backward(&ln1, &d_qkv.reshape((rows, 3 * c))?)?;
+        drop((d_scores, q, k));
+        // q, k and v's gradients into the product's [B, T, 3, H, D], as [B * T, 3C].
+        let d_qkv = Tensor::stack(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2)?
+            .reshape((rows, 3 * c))?;
+        drop((d_q, d_k, d_v));
+        let (d_ln1, c_attn) = self.c_attn.backward(&ln1, &d_qkv)?;
         drop((ln1, d_qkv));
         let (dx_norm, ln_1_gain, ln_1_shift) = layer_norm_backward(&x, &self.ln_1.gain, &d_ln1, self.eps)?;
         let dx = (dx1 + dx_norm)?;

@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub accum: usize,
     /// Keep every block's activations for the backward pass instead of recomputing them one block at a time (the
-    /// same gradients, bit for bit): 1.2-1.4x the tokens/s for GPT-2 124M at batch 4 x 256 tokens on the CPU, at
+    /// same gradients, bit for bit): 1.1-1.2x the tokens/s for GPT-2 124M at batch 4 x 256 tokens on the CPU, at
     /// 3.0 GB peak instead of 2.6 GB [default: true when the step's estimated memory fits in 90% of the memory
     /// available now, the GPU's on CUDA, the machine's on the CPU (else false, with a note)]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]

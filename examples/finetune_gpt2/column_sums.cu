@@ -42,7 +42,8 @@ extern "C" __global__ void column_sums_partial(const float* __restrict__ x, int6
 
 extern "C" __global__ void column_sums_finish(const float* __restrict__ partials, int parts, int width,
                                               float* __restrict__ sums) {
-    for (int column = blockIdx.x * blockDim.x + threadIdx.x; column < width; column += gridDim.x * blockDim.x) {
+    for (int64_t column = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; column < width;
+         column += int64_t(gridDim.x) * blockDim.x) {
         float total = 0.0f;
         for (int p = 0; p < parts; ++p) total += partials[int64_t(p) * width + column];
         sums[column] = total;

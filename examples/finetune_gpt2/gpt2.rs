@@ -356,9 +356,9 @@ impl Gpt2 {
             let block = self.block_params(i, true);
             let saved = match checkpoint {
                 Checkpoint::Saved(saved) => saved,
-                Checkpoint::Input(x) => block.forward_saved(&x)?.1,
+                Checkpoint::Input(x) => block.saved(&x)?,
             };
-            let (dx, block_grads) = block.backward(saved, &grad)?;
+            let (dx, block_grads) = block.backward(saved, grad)?;
             for (name, g) in Block::PARAMS.iter().zip(block_grads) {
                 kept.insert(self.p(&format!("h.{i}.{name}")), g);
             }

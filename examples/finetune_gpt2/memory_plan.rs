@@ -54,7 +54,9 @@ fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
 /// peak comes while the loss runs or while the backward pass does; both hold
 /// the blocks' activations ([`kept_activation_bytes`]) and those outside the
 /// blocks ([`OUTER_ROW_TENSORS`]), and, from the second micro-batch on, the
-/// sum of the parameters' gradients so far. Beside those:
+/// sum of the parameters' gradients so far and, as each new gradient is
+/// added to it, one sum beside the other (counted as the largest, the token
+/// embedding's `[V, C]`). Beside those:
 /// - the loss's own buffers: the linear loss's f32 sum of the output
 ///   layer's gradient (`[V, C]`), a chunk of logits (on CUDA at least 2048
 ///   rows: counted as all of them, `[B * T, V]`) and the hidden states'
@@ -85,7 +87,7 @@ pub fn kept_step_bytes(
         LossKind::CandleNn => 10 * rows * vocab * elem64 + output_layer_grad,
     };
     let grads = params as u64 * elem64;
-    let earlier_sum = if micro_batches > 1 { grads } else { 0 };
+    let earlier_sum = if micro_batches > 1 { grads + vocab * width * elem64 } else { 0 };
     let activations =
         kept_activation_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem);
     let backward = 2 * block_bytes(config, shape, elem) + grads + if loss == LossKind::Linear { linear_sum } else { 0 };
@@ -107,7 +109,7 @@ fn fits(need: u64, free: u64) -> bool {
 /// the memory available now, with a note to print when it does not. On CUDA
 /// the device's (`candle_chunked_ce::available_memory`); on the CPU the
 /// host's (Linux's `MemAvailable`): GPT-2 124M at 4 x 256 tokens trains
-/// 1.2-1.4x faster kept, at 3.0 GB resident instead of 2.6. Recomputed where
+/// 1.1-1.2x faster kept, at 3.0 GB resident instead of 2.6. Recomputed where
 /// neither can be read.
 ///
 /// # Errors
