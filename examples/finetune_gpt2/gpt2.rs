@@ -8,13 +8,15 @@
 //! `softmax_last_dim` record no backward): candle's, and five ops with their
 //! own backward, the token embedding (`embedding.rs`), the layer norm
 //! (`layer_norm.rs`), the attention's causal softmax (`softmax.rs`), GPT-2's
-//! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`). Training runs the blocks'
-//! backward by hand (`block.rs`), candle's backward through the rest.
+//! GELU (`gelu.rs`) and the Conv1D bias (`bias.rs`). Training runs the
+//! backward by hand (the blocks' in `block.rs`), but for a loss that candle
+//! differentiates: candle's backward from it through the final norm.
 
 pub use crate::block::Activation;
 use crate::block::{Block, Saved};
+use crate::column_sums::column_sums;
 use crate::embedding::{add_embedding_grad, embedding, embedding_grad};
-use crate::layer_norm::layer_norm;
+use crate::layer_norm::{layer_norm, layer_norm_backward};
 use crate::rng::Rng;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Result, Tensor, Var};
@@ -177,17 +179,17 @@ impl Gpt2 {
 
     /// The token plus position embeddings `[B, T, C]` of token ids `[B, T]` (u32).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.embed_with(self.p("wte.weight"), tokens)
+        self.embed_with(self.p("wte.weight"), self.p("wpe.weight"), tokens)
     }
 
-    /// [`embed`](Self::embed) through this token embedding.
-    fn embed_with(&self, wte: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    /// [`embed`](Self::embed) through these token and position embeddings.
+    fn embed_with(&self, wte: &Tensor, wpe: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if t > self.config.context {
             candle::bail!("sequence length {t} exceeds the model's context of {} tokens", self.config.context)
         }
         let embedded = embedding(wte, &tokens.flatten_all()?)?.reshape((b, t, self.config.width))?;
-        embedded.broadcast_add(&self.p("wpe.weight").narrow(0, 0, t)?)
+        embedded.broadcast_add(&wpe.narrow(0, 0, t)?)
     }
 
     /// Transformer block `i` (pre-norm attention, then pre-norm MLP, each
@@ -245,15 +247,14 @@ impl Gpt2 {
     /// Without, activation checkpointing: the forward pass keeps each block's
     /// input only, and the backward pass runs one block at a time from it
     /// again, so that one block's activations are alive at a time instead of
-    /// the whole model's. The final norm and the loss run through candle's
-    /// graph. A loss that forms its gradients itself ([`TopLoss::Direct`])
-    /// hands over the final hidden states' gradient, which starts the
-    /// backward the same way; the parameters it reads get theirs from it.
-    /// Either way the embeddings stay outside the blocks: the token
-    /// embedding's gradient is added by hand, as the whole graph's backward
-    /// adds it, in place into the `lm_head`'s when they are tied, without
-    /// candle's `[V, C]` zeros and add. `lap` is called as each [`Phase`] ends
-    /// (to time them).
+    /// the whole model's. A loss that forms its gradients itself
+    /// ([`TopLoss::Direct`]) hands over the final hidden states' gradient, and
+    /// the final norm's backward runs by hand from it; another runs candle's
+    /// backward from the loss through the final norm. The embeddings'
+    /// gradients are formed by hand too, as the whole graph's backward forms
+    /// them: the token embedding's added in place into the `lm_head`'s when
+    /// they are tied, without candle's `[V, C]` zeros and add. `lap` is called
+    /// as each [`Phase`] ends (to time them).
     pub fn loss_and_gradients(
         &self,
         tokens: &Tensor,
@@ -262,16 +263,25 @@ impl Gpt2 {
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<(Tensor, GradStore)> {
         let mut kept = GradStore::default();
-        let wte = self.p("wte.weight");
-        let embedded = self.embed_with(&wte.detach(), tokens)?;
-        let first = embedded.detach();
+        let (wte, wpe) = (self.p("wte.weight"), self.p("wpe.weight"));
+        let first = self.embed_with(&wte.detach(), &wpe.detach(), tokens)?;
         let (loss, grad) = self.backward_blocks(first, loss_of, keep_activations, &mut kept, lap)?;
-        let mut grads = (embedded * &grad)?.sum_all()?.backward()?;
-        self.keep(&mut grads, &mut kept);
+        let (b, t) = tokens.dims2()?;
+        let (c, context) = (self.config.width, self.config.context);
+        // The positions' rows: the sum over the batch (candle's backward of the broadcast add sums
+        // it from 0 in batch order, as `column_sums` does), then zeros for the positions past T.
+        let positions = column_sums(&grad.reshape((b, t * c))?)?.reshape((t, c))?;
+        let wpe_grad = match context - t {
+            0 => positions,
+            rest => {
+                let zeros = Tensor::zeros((rest, c), positions.dtype(), positions.device())?;
+                Tensor::cat(&[positions, zeros], 0)?
+            }
+        };
+        kept.insert(wpe, wpe_grad);
         // As the whole graph's backward adds them: into the lm_head's gradient
         // (tied), here in place, or alone (into zeros, which leaves them as they are).
-        let (b, t) = tokens.dims2()?;
-        let (ids, rows) = (tokens.flatten_all()?, grad.reshape((b * t, self.config.width))?);
+        let (ids, rows) = (tokens.flatten_all()?, grad.reshape((b * t, c))?);
         let wte_grad = match kept.remove(wte) {
             Some(head) => {
                 let head = head.contiguous()?;
@@ -294,23 +304,42 @@ impl Gpt2 {
         }
     }
 
-    /// The final norm of the last block's output `x`, the loss of it, and
-    /// candle's backward from that loss: the loss and the gradients, less the
-    /// parameters' (moved to `kept`). The forward and loss phases end here.
+    /// The final norm of the last block's output `x`, the loss of it, and the
+    /// loss (detached) and the gradient of `x`; the parameters' gradients go
+    /// to `kept`. A [`TopLoss::Graph`] runs candle's backward from the loss
+    /// (the norm's input is a `Var` for it); a [`TopLoss::Direct`] hands over
+    /// the final hidden states' gradient, from which the norm's backward runs
+    /// by hand, as candle's backward of `sum(hidden * hidden_grad)` would run
+    /// it. The forward and loss phases end here.
     fn top_backward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         loss_of: impl FnOnce(&Tensor) -> Result<TopLoss>,
         kept: &mut GradStore,
         lap: &mut dyn FnMut(Phase) -> Result<()>,
-    ) -> Result<(Tensor, GradStore)> {
-        let hidden = self.final_norm(x)?;
+    ) -> Result<(Tensor, Tensor)> {
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let hidden = self.final_norm(top.as_tensor())?;
         lap(Phase::Forward)?;
         let loss = loss_of(&hidden)?;
         lap(Phase::Loss)?;
-        let (loss, mut grads) = loss.backward(&hidden)?;
-        self.keep(&mut grads, kept);
-        Ok((loss, grads))
+        drop(hidden);
+        match loss {
+            TopLoss::Graph(loss) => {
+                let mut grads = loss.backward()?;
+                self.keep(&mut grads, kept);
+                Ok((loss.detach(), output_gradient(&mut grads, &top)?))
+            }
+            TopLoss::Direct { loss, hidden_grad } => {
+                let (gain, shift) = (self.p("ln_f.weight"), self.p("ln_f.bias"));
+                let eps = self.config.layer_norm_epsilon;
+                let (dx, d_gain, d_shift) = layer_norm_backward(top.as_tensor(), gain, &hidden_grad, eps)?;
+                kept.insert(gain, d_gain);
+                kept.insert(shift, d_shift);
+                Ok((loss, dx))
+            }
+        }
     }
 
     /// The last block's output for the blocks' input `first` `[B, T, C]`, run
@@ -347,11 +376,7 @@ impl Gpt2 {
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<(Tensor, Tensor)> {
         let (x, checkpoints) = self.forward_checkpoints(first, keep_activations)?;
-        let top = Var::from_tensor(&x)?;
-        drop(x);
-        let (loss, mut grads) = self.top_backward(top.as_tensor(), loss_of, kept, lap)?;
-        let mut grad = output_gradient(&mut grads, &top)?;
-        drop((grads, top));
+        let (loss, mut grad) = self.top_backward(x, loss_of, kept, lap)?;
         for (i, checkpoint) in checkpoints.into_iter().enumerate().rev() {
             let block = self.block_params(i, true);
             let saved = match checkpoint {
@@ -386,19 +411,6 @@ pub enum TopLoss {
     Direct { loss: Tensor, hidden_grad: Tensor },
 }
 
-impl TopLoss {
-    /// The loss (detached), and the gradients of what `hidden` (the final
-    /// hidden states the loss read) depends on: candle's backward from the
-    /// loss, or from `sum(hidden * hidden_grad)`, whose gradient with respect
-    /// to `hidden` is `hidden_grad` exactly.
-    pub fn backward(self, hidden: &Tensor) -> Result<(Tensor, GradStore)> {
-        match self {
-            TopLoss::Graph(loss) => Ok((loss.detach(), loss.backward()?)),
-            TopLoss::Direct { loss, hidden_grad } => Ok((loss, (hidden * hidden_grad)?.sum_all()?.backward()?)),
-        }
-    }
-}
-
 /// The phases of a training step, as [`Gpt2::loss_and_gradients`] reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -410,7 +422,7 @@ pub enum Phase {
     Backward,
 }
 
-/// The gradient of a block's input `var`, detached.
+/// The gradient of `var` in `grads`, detached (zeros where it has none).
 fn output_gradient(grads: &mut GradStore, var: &Var) -> Result<Tensor> {
     match grads.remove(var.as_tensor()) {
         Some(g) => Ok(g.detach()),

@@ -25,6 +25,14 @@ pub struct MicroBatch {
 const BLOCK_ROW_TENSORS: u64 = 16;
 /// `[B, H, T, T]` tensors a block keeps: the causal softmax's weights.
 const BLOCK_SCORE_TENSORS: u64 = 1;
+/// `[B * T, C]` gradients `block::Block::backward` holds beside what the
+/// block kept, at most: in the MLP the output's, the activation's and its
+/// input's (1 + 4 + 4); in the attention the residual's, and q, k and v's
+/// with their stack and its copy as `[B * T, 3C]` (1 + 3 + 3 + 3).
+const BACKWARD_ROW_TENSORS: u64 = 10;
+/// `[B, H, T, T]` gradients it holds at most: the probabilities' and the
+/// scores' (beside the probabilities it kept).
+const BACKWARD_SCORE_TENSORS: u64 = 2;
 /// `[B * T, C]` tensors outside the blocks: the token embeddings, their sum
 /// with the positions' (the first block's input), the last block's output
 /// copied into the `Var` the top's graph starts from, and the final layer
@@ -67,8 +75,9 @@ fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
 ///   also the output layer's gradient (`[V, C]`) and the zeros candle's
 ///   backward adds it into;
 /// - the backward pass's: the gradients of one block's activations, formed
-///   as it walks back through that block (counted as two blocks' worth), the
-///   parameters' gradients, and the linear loss's f32 sum.
+///   as it walks back through that block ([`BACKWARD_ROW_TENSORS`],
+///   [`BACKWARD_SCORE_TENSORS`]), the parameters' gradients, and the linear
+///   loss's f32 sum.
 pub fn kept_step_bytes(
     config: &Config,
     shape: MicroBatch,
@@ -90,7 +99,10 @@ pub fn kept_step_bytes(
     let earlier_sum = if micro_batches > 1 { grads + vocab * width * elem64 } else { 0 };
     let activations =
         kept_activation_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem);
-    let backward = 2 * block_bytes(config, shape, elem) + grads + if loss == LossKind::Linear { linear_sum } else { 0 };
+    let (b, t, h) = (shape.batch as u64, shape.seq as u64, config.heads as u64);
+    let walking_back =
+        BACKWARD_ROW_TENSORS * row_tensor_bytes(config, shape, elem) + BACKWARD_SCORE_TENSORS * b * h * t * t * elem64;
+    let backward = walking_back + grads + if loss == LossKind::Linear { linear_sum } else { 0 };
     activations + earlier_sum + loss_bytes.max(backward)
 }
 
