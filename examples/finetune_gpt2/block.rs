@@ -188,6 +188,14 @@ impl Block {
         }
     }
 
+    /// The parameters' shapes at width `c`, in [`Self::PARAMS`]' order.
+    pub fn param_shapes(c: usize) -> [Vec<usize>; 12] {
+        let (norm, conv) = (|| vec![c], |inputs: usize, outputs: usize| [vec![inputs, outputs], vec![outputs]]);
+        let ([attn_w, attn_b], [proj_w, proj_b]) = (conv(c, 3 * c), conv(c, c));
+        let ([fc_w, fc_b], [mlp_w, mlp_b]) = (conv(c, 4 * c), conv(4 * c, c));
+        [norm(), norm(), attn_w, attn_b, proj_w, proj_b, norm(), norm(), fc_w, fc_b, mlp_w, mlp_b]
+    }
+
     /// The block's output `[B, T, C]` for its input `x` `[B, T, C]` (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.forward_saved(x)?.0)

@@ -81,7 +81,7 @@ impl CustomOp1 for ColumnSums {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, storage: &candle::CudaStorage, layout: &Layout) -> Result<(candle::CudaStorage, Shape)> {
-        use crate::storage::cuda::view;
+        use crate::storage::cuda::{elementwise, view};
         use candle::backend::BackendStorage;
         use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle::cuda_backend::WrapErr;
@@ -114,12 +114,10 @@ impl CustomOp1 for ColumnSums {
         unsafe { builder.launch(config) }.w()?;
         let mut builder = finish.builder();
         builder.arg(&partials).arg(&parts_arg).arg(&width_arg).arg(&mut sums);
-        let blocks = width.div_ceil(THREADS as usize).min(4096) as u32;
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `column_sums_finish(const float* partials, int parts, int width,
         // float* sums)`: partials holds parts * width f32, sums width; a
         // grid-stride loop over the columns; both outlive the launch.
-        unsafe { builder.launch(config) }.w()?;
+        unsafe { builder.launch(elementwise(width)) }.w()?;
         Ok((candle::CudaStorage::wrap_cuda_slice(sums, dev), Shape::from(width)))
     }
 }

@@ -57,21 +57,8 @@ impl Config {
         let mut shapes =
             vec![("wte.weight".to_string(), vec![self.vocab, c]), ("wpe.weight".into(), vec![self.context, c])];
         for i in 0..self.layers {
-            let p = |name: &str| format!("h.{i}.{name}");
-            shapes.extend([
-                (p("ln_1.weight"), vec![c]),
-                (p("ln_1.bias"), vec![c]),
-                (p("attn.c_attn.weight"), vec![c, 3 * c]),
-                (p("attn.c_attn.bias"), vec![3 * c]),
-                (p("attn.c_proj.weight"), vec![c, c]),
-                (p("attn.c_proj.bias"), vec![c]),
-                (p("ln_2.weight"), vec![c]),
-                (p("ln_2.bias"), vec![c]),
-                (p("mlp.c_fc.weight"), vec![c, 4 * c]),
-                (p("mlp.c_fc.bias"), vec![4 * c]),
-                (p("mlp.c_proj.weight"), vec![4 * c, c]),
-                (p("mlp.c_proj.bias"), vec![c]),
-            ]);
+            let block = Block::PARAMS.iter().zip(Block::param_shapes(c));
+            shapes.extend(block.map(|(name, shape)| (format!("h.{i}.{name}"), shape)));
         }
         shapes.extend([("ln_f.weight".into(), vec![c]), ("ln_f.bias".into(), vec![c])]);
         if !self.tied {

@@ -33,11 +33,11 @@ const BACKWARD_ROW_TENSORS: u64 = 10;
 /// `[B, H, T, T]` gradients it holds at most: the probabilities' and the
 /// scores' (beside the probabilities it kept).
 const BACKWARD_SCORE_TENSORS: u64 = 2;
-/// `[B * T, C]` tensors outside the blocks: the token embeddings, their sum
-/// with the positions' (the first block's input), the last block's output
-/// copied into the `Var` the top's graph starts from, and the final layer
-/// norm.
-const OUTER_ROW_TENSORS: u64 = 4;
+/// `[B * T, C]` tensors outside the blocks: the embeddings (the token
+/// embeddings plus the positions', the first block's input), the last
+/// block's output copied into the `Var` the top's graph starts from, and the
+/// final layer norm.
+const OUTER_ROW_TENSORS: u64 = 3;
 
 /// Bytes of device memory the blocks of one micro-batch's forward pass keep
 /// for its backward pass, for a model of `elem`-byte parameters: every
@@ -48,12 +48,16 @@ pub fn kept_activation_bytes(config: &Config, shape: MicroBatch, elem: usize) ->
 
 /// One block's share of [`kept_activation_bytes`].
 fn block_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
-    let (b, t, h) = (shape.batch as u64, shape.seq as u64, config.heads as u64);
-    BLOCK_ROW_TENSORS * row_tensor_bytes(config, shape, elem) + BLOCK_SCORE_TENSORS * b * h * t * t * elem as u64
+    BLOCK_ROW_TENSORS * row_tensor_bytes(config, shape, elem)
+        + BLOCK_SCORE_TENSORS * score_tensor_bytes(config, shape, elem)
 }
 
 fn row_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
     (shape.batch * shape.seq * config.width * elem) as u64
+}
+
+fn score_tensor_bytes(config: &Config, shape: MicroBatch, elem: usize) -> u64 {
+    (shape.batch * config.heads * shape.seq * shape.seq * elem) as u64
 }
 
 /// Bytes a training step with every block's activations kept needs beyond
@@ -99,9 +103,8 @@ pub fn kept_step_bytes(
     let earlier_sum = if micro_batches > 1 { grads + vocab * width * elem64 } else { 0 };
     let activations =
         kept_activation_bytes(config, shape, elem) + OUTER_ROW_TENSORS * row_tensor_bytes(config, shape, elem);
-    let (b, t, h) = (shape.batch as u64, shape.seq as u64, config.heads as u64);
-    let walking_back =
-        BACKWARD_ROW_TENSORS * row_tensor_bytes(config, shape, elem) + BACKWARD_SCORE_TENSORS * b * h * t * t * elem64;
+    let walking_back = BACKWARD_ROW_TENSORS * row_tensor_bytes(config, shape, elem)
+        + BACKWARD_SCORE_TENSORS * score_tensor_bytes(config, shape, elem);
     let backward = walking_back + grads + if loss == LossKind::Linear { linear_sum } else { 0 };
     activations + earlier_sum + loss_bytes.max(backward)
 }

@@ -236,10 +236,10 @@ pub fn step_gradients(model: &Gpt2, batches: &[Batch], kind: LossKind) -> Result
 /// [`step_gradients`], or with `keep_activations` every block's
 /// activations alive during the backward pass instead of recomputed block
 /// by block (faster, and more memory). Either way only the parameters'
-/// gradients are kept, detached: those candle's backward returns (the top's
-/// and the embeddings') each hold the graph that computed them, so that the
-/// sum would otherwise hold every micro-batch's graph until the optimizer
-/// step.
+/// gradients are kept, detached: those candle's backward returns (the top's,
+/// for a loss candle differentiates) each hold the graph that computed them,
+/// so that the sum would otherwise hold every micro-batch's graph until the
+/// optimizer step.
 pub fn step_gradients_with(
     model: &Gpt2,
     batches: &[Batch],

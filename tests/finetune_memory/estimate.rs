@@ -89,7 +89,7 @@ fn the_kept_activations_are_as_estimated() -> anyhow::Result<()> {
 /// recompute where it need not. The bound adds up what each phase holds at
 /// its most (the loss's buffers, then the backward's), so it is loosest
 /// where the parameters' gradients dominate (these small models): measured
-/// (2026-12-05, the blocks' backward by hand) 1.01-1.72x the peak.
+/// (2026-12-05, the blocks' backward by hand) 1.01-1.70x the peak.
 #[test]
 fn a_kept_step_stays_under_its_estimate() -> anyhow::Result<()> {
     let _alone = alone();
