@@ -90,7 +90,8 @@ fn defaults() -> Result<(), clap::Error> {
     let args = parse(&[])?;
     assert_eq!(args.loss, LossKind::Linear);
     assert_eq!((args.steps, args.batch, args.accum, args.seq), (150, 8, 2, 64));
-    assert_eq!(args.device, DeviceKind::Cpu);
+    assert_eq!(args.device, DeviceKind::Auto);
+    assert_eq!(parse(&["--device", "cpu"])?.device, DeviceKind::Cpu);
     // No --keep-activations: the device decides (on CUDA by its free memory, memory_plan.rs).
     assert!(args.weights.is_none() && args.heads.is_none() && args.lr.is_none() && args.keep_activations.is_none());
     assert!(!args.tf32);

@@ -78,8 +78,8 @@ pub struct Args {
     /// Plot the loss curves to this SVG
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Where to train (cuda needs --features cuda and a GPU)
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    /// Where to train
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
     /// On CUDA, let f32 matrix products use TF32 tensor cores, as PyTorch's
     /// `torch.backends.cuda.matmul.allow_tf32 = True` does: several times the f32 throughput, the products'
@@ -112,6 +112,10 @@ fn finite_non_negative(value: &str) -> Result<f64, String> {
 /// Where the example trains.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// CUDA's first GPU where built with `--features cuda` and one opens; else the CPU, saying why
+    Auto,
+    /// The CPU
     Cpu,
+    /// CUDA's first GPU (needs `--features cuda`): an error where none opens
     Cuda,
 }

@@ -217,19 +217,46 @@ fn build_model(args: &Args, device: &Device) -> Result<Gpt2> {
     Ok(model)
 }
 
-fn run(args: Args) -> Result<()> {
-    let device = match args.device {
+/// The device `kind` names. `auto` takes CUDA's first GPU where the example
+/// was built with the `cuda` feature and one opens; where none opens it trains
+/// on the CPU and says why on stderr (so that a GPU machine's driver problem
+/// is not a silent CPU run).
+fn open_device(kind: DeviceKind) -> Result<Device> {
+    let cuda = || Device::new_cuda(0);
+    Ok(match kind {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+        DeviceKind::Cuda => cuda().map_err(|e| {
             anyhow::anyhow!("--device cuda needs --features cuda and a GPU ({})", checkpoint::message(&e))
         })?,
-    };
+        DeviceKind::Auto if cfg!(feature = "cuda") => cuda().unwrap_or_else(|e| {
+            eprintln!("note: no GPU opened ({}): training on the CPU", checkpoint::message(&e));
+            Device::Cpu
+        }),
+        DeviceKind::Auto => Device::Cpu,
+    })
+}
+
+/// "the CPU", or the GPU's name as the driver gives it.
+fn device_name(device: &Device) -> String {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => match dev.cuda_stream().context().name() {
+            Ok(name) => format!("GPU 0 ({name})"),
+            Err(_) => "GPU 0".into(),
+        },
+        Device::Cpu => "the CPU".into(),
+        other => format!("{:?}", other.location()),
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = open_device(args.device)?;
     // On a GPU: keep freed memory in CUDA's pool (every step's buffers are the same, and mapping them
     // afresh each step cost 2.9x end to end in the loss's own benchmark).
     candle_chunked_ce::retain_freed_memory(&device)?;
     if args.tf32 {
         if !device.is_cuda() {
-            bail!("--tf32 applies to CUDA's f32 matrix products: add --device cuda")
+            bail!("--tf32 applies to CUDA's f32 matrix products, and this run trains on the CPU")
         }
         // candle's switch, which the loss's own cuBLAS products follow too.
         candle::cuda::set_gemm_reduced_precision_f32(true);
@@ -265,7 +292,7 @@ fn run(args: Args) -> Result<()> {
     let lr = args.lr.unwrap_or(if args.weights.is_some() { 1e-4 } else { 3e-3 });
     let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     println!(
-        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}; lr {lr:e}{}",
+        "GPT-2: {} layers, width {}, {} heads, {:.1} M parameters; {} training / {} validation tokens; loss: {:?}; lr {lr:e}{}; on {}",
         model.config.layers,
         model.config.width,
         model.config.heads,
@@ -273,7 +300,8 @@ fn run(args: Args) -> Result<()> {
         train_data.len(),
         val_data.len(),
         args.loss,
-        if args.tf32 { "; f32 products in TF32" } else { "" }
+        if args.tf32 { "; f32 products in TF32" } else { "" },
+        device_name(&device)
     );
 
     let mut rng = Rng::new(args.seed);
