@@ -4,47 +4,10 @@
 //! each phase's time where it belongs. The data and the samples:
 //! `finetune_data.rs`.
 
-#[path = "../examples/finetune_gpt2/bias.rs"]
-#[allow(dead_code)]
-mod bias;
-#[path = "../examples/finetune_gpt2/block.rs"]
-#[allow(dead_code)]
-mod block;
-#[path = "../examples/finetune_gpt2/checkpoint.rs"]
-#[allow(dead_code)]
-mod checkpoint;
-#[path = "../examples/finetune_gpt2/column_sums.rs"]
-#[allow(dead_code)]
-mod column_sums;
-#[path = "../examples/finetune_gpt2/embedding.rs"]
-#[allow(dead_code)]
-mod embedding;
-#[path = "../examples/finetune_gpt2/gelu.rs"]
-#[allow(dead_code)]
-mod gelu;
-#[path = "../examples/finetune_gpt2/gpt2.rs"]
-#[allow(dead_code)]
-mod gpt2;
-#[path = "../examples/finetune_gpt2/layer_norm.rs"]
-#[allow(dead_code)]
-mod layer_norm;
-#[path = "../examples/finetune_gpt2/rng.rs"]
-#[allow(dead_code)]
-mod rng;
-#[path = "../examples/finetune_gpt2/softmax.rs"]
-#[allow(dead_code)]
-mod softmax;
+include!("common/finetune_model.rs");
 #[path = "../examples/finetune_gpt2/split.rs"]
 #[allow(dead_code)]
 mod split;
-#[path = "../examples/finetune_gpt2/storage.rs"]
-#[allow(dead_code)]
-mod storage;
-#[path = "../examples/finetune_gpt2/sum_squares.rs"]
-mod sum_squares;
-#[path = "../examples/finetune_gpt2/train.rs"]
-#[allow(dead_code)]
-mod train;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
