@@ -56,6 +56,14 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and kinds & set(m["target"]["kind"]):
         print(m["executable"] + "\t" + m["manifest_path"])' "$1"
 }
+# This checkout's own units are always rebuilt (about 2 minutes here). The shared target dir may
+# hold them from another checkout, a CI clone or a worktree, and cargo takes those as fresh here:
+# the same metadata hash, and the sources compared by their paths relative to the package, by
+# mtime. They may then be built from other sources, and bake that checkout's path as
+# env!("CARGO_MANIFEST_DIR"), where the fixture tests look on the GPU machine (2026-12-05: a CI
+# clone's test binaries were about to be packed). Touching the build script reruns it (the
+# kernels' PTX), touching the library's root rebuilds it and everything that links it.
+touch build.rs src/lib.rs
 # Cargo's progress and errors go to stderr, as usual; set -o pipefail catches a failed build.
 artifacts=$(
   cargo test --release --features cuda --no-run --message-format=json | executables lib,test
@@ -66,6 +74,14 @@ artifacts=$(
 
 manifest_dirs=$(cut -f2 <<<"$artifacts" | xargs -n1 dirname | sort -u)
 [ "$(wc -l <<<"$manifest_dirs")" -eq 1 ] || { echo "build-gpu-bins: several manifest dirs: $manifest_dirs" >&2; exit 1; }
+# rustc's dep-info beside each hashed binary names the CARGO_MANIFEST_DIR it baked in: none other.
+while IFS=$'\t' read -r path _; do
+  baked=$(sed -n 's/^# env-dep:CARGO_MANIFEST_DIR=//p' "$path.d" 2>/dev/null | sort -u)
+  if [ -n "$baked" ] && [ "$baked" != "$manifest_dirs" ]; then
+    echo "build-gpu-bins: $path was built in $baked, not $manifest_dirs" >&2
+    exit 1
+  fi
+done <<<"$artifacts"
 
 names=()
 while IFS=$'\t' read -r path _; do
