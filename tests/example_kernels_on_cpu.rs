@@ -23,6 +23,8 @@
 
 #[path = "../examples/finetune_gpt2/bias.rs"]
 mod bias;
+#[path = "common/checkout.rs"]
+mod checkout;
 #[path = "../examples/finetune_gpt2/column_sums.rs"]
 mod column_sums;
 #[path = "../examples/finetune_gpt2/embedding.rs"]

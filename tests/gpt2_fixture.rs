@@ -9,6 +9,8 @@
 //! moves the logits by more).
 
 include!("common/finetune_model.rs");
+#[path = "common/checkout.rs"]
+mod checkout;
 
 use candle::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -20,7 +22,7 @@ const LOSS_TOL: f64 = 1e-6;
 const GRAD_TOL: f64 = 1e-5;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_tiny")
+    checkout::checkout().join("tests/fixtures/gpt2_tiny")
 }
 
 fn expected() -> candle::Result<HashMap<String, Tensor>> {

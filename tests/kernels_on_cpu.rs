@@ -24,6 +24,8 @@
 
 #[path = "kernels_on_cpu/case.rs"]
 mod case;
+#[path = "common/checkout.rs"]
+mod checkout;
 mod common;
 #[path = "hip_cpu/library.rs"]
 mod hip_library;

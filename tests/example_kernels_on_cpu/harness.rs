@@ -4,7 +4,6 @@
 
 use crate::hip_library::{self, LaunchFn, NotBuilt};
 use std::ffi::{c_char, c_void, CStr};
-use std::path::Path;
 use std::sync::OnceLock;
 
 const ENTRIES: [&str; 14] = [
@@ -28,7 +27,7 @@ const ENTRIES: [&str; 14] = [
 fn kernels() -> &'static Result<(libloading::Library, LaunchFn), NotBuilt> {
     static KERNELS: OnceLock<Result<(libloading::Library, LaunchFn), NotBuilt>> = OnceLock::new();
     KERNELS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune_gpt2");
+        let dir = crate::checkout::checkout().join("examples/finetune_gpt2");
         let sources = [
             "adamw.cu",
             "softmax.cu",

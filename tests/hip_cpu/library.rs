@@ -68,7 +68,7 @@ const NOT_IN_THIS_PART: i32 = -1;
 /// Compiles `kernels` into `lib{name}_{hash}.so`, at most as many units at
 /// once as the machine has cores, and loads it with its launcher.
 pub fn build(kernels: &Kernels<'_>) -> Result<(libloading::Library, LaunchFn), NotBuilt> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = crate::checkout::checkout();
     let hip_cpu =
         std::env::var_os("HIP_CPU_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../shared/hip-cpu"));
     if !hip_cpu.join("include/hip/hip_runtime.h").exists() {

@@ -32,7 +32,7 @@ pub(crate) fn kernels(test: &str) -> Option<&'static CpuKernels> {
 
 /// Compiles the kernels (see `tests/hip_cpu/library.rs`) and loads them.
 pub(crate) fn build() -> std::result::Result<CpuKernels, NotBuilt> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = crate::checkout::checkout();
     let (library, launch) = hip_library::build(&hip_library::Kernels {
         name: "ce",
         // `static` entries: each unit compiles only those its launcher names.
