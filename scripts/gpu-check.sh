@@ -203,11 +203,14 @@ gpt2_log=$step_log
 # --- f. benchmarks: ours and PyTorch's on the same card -------------------------------------
 run_step gpu_table 120 "$bin/gpu_table" "$@"
 bench_steps+=("$step_log")
-# The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool. Also at
-# 16384 x 128256: its bf16 rows move the bytes of 8192 x 128256 f32, whose out-of-place backward
-# stayed at 7-8 ms with the memory kept (bf16 1.3): the same there would point at the size, not
-# the dtype (f3's ncu reads the f32 backward's DRAM bytes).
-run_step gpu_table-retain-freed 45 "$bin/gpu_table" 8192x128256 16384x128256 --retain-freed
+# The allocation lead (issue 21): the same table with freed memory kept in CUDA's pool. 8192 x
+# 128256 f32's out-of-place backward stayed at 7-8 ms with the memory kept (bf16 1.3); two bf16
+# shapes each share one of its sizes: 16384 x 128256 its 8.4 GB of logits and gradient (at bf16's
+# 256 KB a row), 4096 x 256512 its 513 KB rows (a block's row, so the bytes the resident blocks
+# stream at once, at bf16's 4.2 GB in all). Slow only in the first: the buffers' size; only in the
+# second: the rows' (the concurrent footprint); in neither: the f32 code (f3's ncu reads the f32
+# backward's DRAM bytes).
+run_step gpu_table-retain-freed 60 "$bin/gpu_table" 8192x128256 16384x128256 4096x256512 --retain-freed
 bench_steps+=("$step_log")
 # The row-sharing block size (issue 21: the default is kernel_abi::MAX_ROW_BLOCK = 512), both sides of it.
 for threads in 256 1024; do
