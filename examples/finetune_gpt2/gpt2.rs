@@ -258,13 +258,7 @@ impl Gpt2 {
         // The positions' rows: the sum over the batch (candle's backward of the broadcast add sums
         // it from 0 in batch order, as `column_sums` does), then zeros for the positions past T.
         let positions = column_sums(&grad.reshape((b, t * c))?)?.reshape((t, c))?;
-        let wpe_grad = match context - t {
-            0 => positions,
-            rest => {
-                let zeros = Tensor::zeros((rest, c), positions.dtype(), positions.device())?;
-                Tensor::cat(&[positions, zeros], 0)?
-            }
-        };
+        let wpe_grad = positions.pad_with_zeros(0, 0, context - t)?;
         kept.insert(wpe, wpe_grad);
         // As the whole graph's backward adds them: into the lm_head's gradient
         // (tied), here in place, or alone (into zeros, which leaves them as they are).
