@@ -84,6 +84,8 @@ fn bad_flags_are_errors() {
         for value in ["NaN", "inf", "-1e-3"] {
             assert_eq!(kind(&[&format!("{flag}={value}")]), Some(ErrorKind::ValueValidation), "{flag}={value}");
         }
+        // Written apart, a negative value is still the flag's value, refused for being below 0.
+        assert_eq!(kind(&[flag, "-1"]), Some(ErrorKind::ValueValidation), "{flag} -1");
         assert!(parse(&[flag, "0"]).is_ok(), "{flag} 0");
     }
     for flag in ["--layers", "--width", "--heads"] {

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 /// repository contains. With --weights: a Hugging Face GPT-2 checkpoint, with
 /// defaults for fine-tuning pretrained weights.
 #[derive(Parser, Debug)]
-#[command(name = "finetune_gpt2")]
+// Negative numbers parse as values, so that `--lr -1` is refused for its value (at least 0)
+// rather than as an unknown argument `-1`.
+#[command(name = "finetune_gpt2", allow_negative_numbers = true)]
 pub struct Args {
     /// GPT-2 model.safetensors (or its directory) in Hugging Face's layout; its config.json beside it gives the
     /// heads, layer-norm epsilon, activation and tying [default: a fresh model]
