@@ -6,11 +6,12 @@
 //! PyTorch's figures come from `scripts/torch_ce_bench.py` in the same call.
 //!
 //! `gpu_table [NxV ...] [--reps R] [--dtype bf16|f32] [--retain-freed]
-//! [--row-threads T]` (both dtypes unless `--dtype` names one;
+//! [--row-threads T] [--row-splits S]` (both dtypes unless `--dtype` names one;
 //! `--retain-freed` keeps freed memory in CUDA's pool: the allocation lead of
 //! issue 21, timed against the default in the same call; `--row-threads`
 //! launches blocks of T threads where a block shares a row, instead of
-//! `kernel_abi::MAX_ROW_BLOCK`); `gpu_table --linear [NxHxV] [--reps R]
+//! `kernel_abi::MAX_ROW_BLOCK`; `--row-splits` has S blocks share each such
+//! row in the backward, instead of one); `gpu_table --linear [NxHxV] [--reps R]
 //! [--only TEXT] [--ignore-every K]` (default 8192x4096x128256, bf16;
 //! `--only`: the rows whose name contains TEXT; every K-th label ignored, 10
 //! by default as in PyTorch's script, 0 for none) times `LinearCrossEntropy` instead, against
@@ -298,6 +299,11 @@ fn main() {
         let threads: u32 = args[i + 1].parse().expect("--row-threads T");
         candle_chunked_ce::kernel_abi::set_row_block_threads(Some(threads)).expect("a block size");
         println!("row blocks: {threads} threads (kernel_abi::set_row_block_threads)");
+    }
+    if let Some(i) = args.iter().position(|a| a == "--row-splits") {
+        let splits: u32 = args[i + 1].parse().expect("--row-splits S");
+        candle_chunked_ce::kernel_abi::set_row_splits(Some(splits)).expect("a split count");
+        println!("backward rows: {splits} blocks a row (kernel_abi::set_row_splits)");
     }
     let dtypes = match args.iter().position(|a| a == "--dtype").map(|i| args[i + 1].as_str()) {
         None => vec![DType::BF16, DType::F32],

@@ -9,7 +9,8 @@
 // (ce, lse, logit_sum, correct) for the row. It never
 // materialises probabilities. Backward: the same traversal reads the row once
 // more and writes the gradient in the logits' dtype, into a fresh buffer or
-// over the logits. Both apply the optional soft-cap cap * tanh(x / cap) to each
+// over the logits; given the row's factors every element is independent, so
+// `row_splits` blocks may share a row there. Both apply the optional soft-cap cap * tanh(x / cap) to each
 // logit as they read it. The maths, and why the loss and the target term are
 // formed as they are (no cancellation when p_y -> 1), is written once in
 // src/op/mod.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
@@ -137,30 +138,30 @@ __device__ __forceinline__ void dispatch_forward(LogitsPtr<GRAD, T> logits, cons
     CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME(const T* __restrict__ logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,  \
              const A* __restrict__ factors, T* __restrict__ grad, int64_t rows, int vocab, int64_t ignore_index,   \
-             A cap, int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                        \
+             A cap, int rows_per_block, int row_splits, int64_t start, int64_t inner, int64_t stride_outer,        \
              int64_t stride_inner) {                                                                               \
         if (cap > A(0))                                                                                            \
             backward<T, A, true, WEIGHTED>(logits, labels, sum_weights, factors, grad, rows, vocab, ignore_index,  \
-                                           cap, rows_per_block, start, inner, stride_outer, stride_inner, 0, rows, \
-                                           0, vocab);                                                              \
+                                           cap, rows_per_block, row_splits, start, inner, stride_outer,            \
+                                           stride_inner, 0, rows, 0, vocab);                                       \
         else                                                                                                       \
             backward<T, A, false, WEIGHTED>(logits, labels, sum_weights, factors, grad, rows, vocab, ignore_index, \
-                                            cap, rows_per_block, start, inner, stride_outer, stride_inner, 0,      \
-                                            rows, 0, vocab);                                                       \
+                                            cap, rows_per_block, row_splits, start, inner, stride_outer,           \
+                                            stride_inner, 0, rows, 0, vocab);                                      \
     }                                                                                                              \
     CE_ENTRY void __launch_bounds__(MAX_THREADS, 1)                                                                \
         NAME_IN_PLACE(T* logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,            \
                       const A* __restrict__ factors, int64_t rows, int vocab, int64_t ignore_index, A cap,         \
-                      int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,                      \
+                      int rows_per_block, int row_splits, int64_t start, int64_t inner, int64_t stride_outer,      \
                       int64_t stride_inner) {                                                                      \
         if (cap > A(0))                                                                                            \
             backward<T, A, true, WEIGHTED>(logits, labels, sum_weights, factors, logits, rows, vocab,              \
-                                           ignore_index, cap, rows_per_block, start, inner, stride_outer,          \
-                                           stride_inner, start, inner, stride_outer, stride_inner);                \
+                                           ignore_index, cap, rows_per_block, row_splits, start, inner,            \
+                                           stride_outer, stride_inner, start, inner, stride_outer, stride_inner);  \
         else                                                                                                       \
             backward<T, A, false, WEIGHTED>(logits, labels, sum_weights, factors, logits, rows, vocab,             \
-                                            ignore_index, cap, rows_per_block, start, inner, stride_outer,         \
-                                            stride_inner, start, inner, stride_outer, stride_inner);               \
+                                            ignore_index, cap, rows_per_block, row_splits, start, inner,           \
+                                            stride_outer, stride_inner, start, inner, stride_outer, stride_inner); \
     }
 
 FORWARD(ce_fwd_f32, float, float, 1024, false)

@@ -7,7 +7,8 @@
 # them; racecheck over one; initcheck over the linear loss's cuBLAS sums; racecheck and
 # synccheck over the example's embedding backward and column sums, whose barriers HIP-CPU cannot judge), the example
 # fine-tuning GPT-2 on the GPU for a few seconds, our GPU table (and again with freed memory kept
-# in CUDA's pool, and with row blocks of 256 and 1024 threads) and PyTorch's cross-entropy on the
+# in CUDA's pool, with each row's backward split across 4 and 16 blocks, and with row blocks of 256
+# and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
 # (after GPT-2 124M against PyTorch again with f32 products in TF32 on both sides) and over the
 # linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
@@ -212,6 +213,14 @@ bench_steps+=("$step_log")
 # backward's DRAM bytes).
 run_step gpu_table-retain-freed 60 "$bin/gpu_table" 8192x128256 16384x128256 4096x256512 --retain-freed
 bench_steps+=("$step_log")
+# Rows split across blocks in the backward (issue 21 item 2; kernel_abi::set_row_splits): S blocks
+# share each row, so the resident blocks stream an S-th of the rows, and of the memory span, at once.
+# If the f32 out-of-place backward is slow for the span its resident blocks stream (the staged
+# shapes above), it speeds up here; the bf16 rows say whether splitting pays at the headline shape.
+for splits in 4 16; do
+  run_step "gpu_table-row-splits-$splits" 30 "$bin/gpu_table" 8192x128256 --retain-freed --reps 10 --row-splits "$splits"
+  bench_steps+=("$step_log")
+done
 # The row-sharing block size (issue 21: the default is kernel_abi::MAX_ROW_BLOCK = 512), both sides of it.
 for threads in 256 1024; do
   run_step "gpu_table-row-threads-$threads" 30 "$bin/gpu_table" 8192x128256 --retain-freed --reps 10 --row-threads "$threads"

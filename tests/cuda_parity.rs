@@ -1,8 +1,9 @@
 //! CPU against CUDA at realistic sizes (feature `cuda`; skipped with a message
 //! when no GPU is present): the same inputs through the fused kernels on both
 //! devices give the same losses and gradients, also beyond 2^31 elements,
-//! beyond one launch's blocks, in place over strided views, with NaN and
-//! infinite logits, and with class weights.
+//! beyond one launch's blocks, with each row's backward split across blocks,
+//! in place over strided views, with NaN and infinite logits, and with class
+//! weights.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -50,6 +51,28 @@ fn llama3_vocabulary_f32() -> anyhow::Result<()> {
 #[test]
 fn llama3_vocabulary_bf16() -> anyhow::Result<()> {
     cpu_vs_cuda(128, 128256, DType::BF16)
+}
+
+/// Each row's backward shared by several blocks
+/// (`kernel_abi::set_row_splits`, a process-wide test hook: tests of this
+/// binary that run meanwhile get split launches too, which must pass as
+/// well): the same losses and gradients as the CPU engine's, out of place and
+/// in place, 3 splits (not dividing a row's packs evenly) and 16.
+#[test]
+fn rows_split_across_blocks() -> anyhow::Result<()> {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = candle_chunked_ce::kernel_abi::set_row_splits(None);
+        }
+    }
+    let _restore = Restore;
+    for splits in [3, 16] {
+        candle_chunked_ce::kernel_abi::set_row_splits(Some(splits))?;
+        cpu_vs_cuda(128, 128256, DType::F32)?;
+        cpu_vs_cuda(128, 128256, DType::BF16)?;
+    }
+    Ok(())
 }
 
 /// N * V beyond 2^31 elements (64-bit offsets in the kernels), random bf16

@@ -50,13 +50,18 @@ use std::process::Command;
 const DTYPES: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
 
 /// Block shapes to run besides the launcher's: a 1024-thread block per row (512
-/// for f64, its largest) and 1024 threads with a warp per row.
+/// for f64, its largest), 1024 threads with a warp per row, and 3 blocks of 64
+/// threads sharing each row in the backward, 5 blocks in all (so that each
+/// block takes splits of several rows, and some splits of short rows have no
+/// packs, or only the head or tail).
 fn shapes(dtype: DType) -> Vec<Option<LaunchShape>> {
     let threads = kernel_abi::max_threads(dtype);
+    let max_blocks = kernel_abi::MAX_BLOCKS;
     vec![
         None,
-        Some(LaunchShape { threads, rows_per_block: 1, max_blocks: kernel_abi::MAX_BLOCKS }),
-        Some(LaunchShape { threads, rows_per_block: threads / 32, max_blocks: kernel_abi::MAX_BLOCKS }),
+        Some(LaunchShape { threads, rows_per_block: 1, max_blocks, row_splits: 1 }),
+        Some(LaunchShape { threads, rows_per_block: threads / 32, max_blocks, row_splits: 1 }),
+        Some(LaunchShape { threads: 64, rows_per_block: 1, max_blocks: 5, row_splits: 3 }),
     ]
 }
 
@@ -134,7 +139,7 @@ fn more_rows_than_blocks() -> Result<()> {
         for (vocab, rows_per_block) in [(200, 8), (3001, 1)] {
             let rows = 57;
             let mut case = Case::random(format!("{dtype:?} V={vocab}"), 7, &[rows, vocab], dtype, rows, vocab)?;
-            case.shape = Some(LaunchShape { threads: 256, rows_per_block, max_blocks: 3 });
+            case.shape = Some(LaunchShape { threads: 256, rows_per_block, max_blocks: 3, row_splits: 1 });
             case.check(kernels)?;
         }
     }

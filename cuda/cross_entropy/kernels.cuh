@@ -122,16 +122,24 @@ __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ l
 
 // The gradient of every row from factors[r] = (g_ce, g_lse, g_sum, lse, ce),
 // into `grad` or over `logits` (in place), with the class weights sum_weights
-// in the g_sum terms with WEIGHTED. No barriers: rows are independent.
+// in the g_sum terms with WEIGHTED. No barriers: rows are independent, and so
+// is every element of a row once its factors are known: with row_splits > 1
+// (a block per row, rows_per_block 1) that many consecutive blocks share a
+// row, block s of them taking the stretches s, s + row_splits, ... of
+// blockDim.x packs (`RowGroup::split`). The resident blocks then cover a
+// row_splits-th as many rows at a time: a smaller span of memory in flight.
 template <typename T, typename A, bool CAP, bool WEIGHTED>
 __device__ void backward(const T* logits, const int64_t* __restrict__ labels, const A* __restrict__ sum_weights,
                          const A* __restrict__ factors, T* grad, int64_t rows, int vocab, int64_t ignore_index, A cap,
-                         int rows_per_block, int64_t start, int64_t inner, int64_t stride_outer,
+                         int rows_per_block, int row_splits, int64_t start, int64_t inner, int64_t stride_outer,
                          int64_t stride_inner, int64_t out_start, int64_t out_inner, int64_t out_stride_outer,
                          int64_t out_stride_inner) {
-    const RowGroup group(rows_per_block);
-    for (int64_t r = int64_t(blockIdx.x) * rows_per_block + group.index; r < rows;
-         r += int64_t(gridDim.x) * rows_per_block) {
+    const RowGroup whole(rows_per_block);
+    const int64_t items = rows * row_splits;
+    for (int64_t item = int64_t(blockIdx.x) * rows_per_block + whole.index; item < items;
+         item += int64_t(gridDim.x) * rows_per_block) {
+        const int64_t r = item / row_splits;
+        const RowGroup group = whole.split(int(item % row_splits), row_splits);
         const int64_t label = labels[r];
         const T* row = logits + row_offset(r, start, inner, stride_outer, stride_inner);
         T* out = grad + row_offset(r, out_start, out_inner, out_stride_outer, out_stride_inner);

@@ -109,6 +109,16 @@ struct RowGroup {
           index(whole_block ? 0 : int(threadIdx.x / 32)),
           lane(whole_block ? int(threadIdx.x) : int(threadIdx.x % 32)),
           threads(whole_block ? int(blockDim.x) : 32) {}
+
+    // The lanes of split s of `splits` groups that share one row: lane k of
+    // group s is lane s * threads + k of one group splits times as large, so
+    // that the groups together take every pack once, head and tail included.
+    __device__ RowGroup split(int s, int splits) const {
+        RowGroup part = *this;
+        part.lane += s * threads;
+        part.threads *= splits;
+        return part;
+    }
 };
 
 // Hands lane 0's (lse, ce) to every thread of its row group: a shuffle within

@@ -23,9 +23,9 @@ mod tests;
 pub use crate::config::UnitFactors;
 use candle::{bail, DType, Result, Tensor};
 pub use geometry::{LabelGeometry, MaskElements, RowGeometry};
+pub use shape::{max_threads, LaunchShape, MAX_BLOCKS, MAX_ROW_BLOCK, MAX_ROW_SPLITS};
 #[cfg(feature = "testing")]
-pub use shape::set_row_block_threads;
-pub use shape::{max_threads, LaunchShape, MAX_BLOCKS, MAX_ROW_BLOCK};
+pub use shape::{set_row_block_threads, set_row_splits};
 
 /// Every kernel entry of `cuda/cross_entropy.cu`: `ce_{kind}_{dtype}`, and
 /// `ce_{kind}_weighted_{dtype}` for a class-weighted logit sum (see
@@ -188,7 +188,7 @@ pub fn forward(
     args.extend([Op(Operand::Stats), Op(Operand::FirstBadRow)]);
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
-    row_launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args, RowSharing::WithinBlock)
 }
 
 /// The forward that also writes the gradient of a scalar loss whose value
@@ -220,7 +220,7 @@ pub fn forward_with_grad(
     args.extend(row_args(rows, dtype, options));
     args.push(I32(i32::from(options.logit_sum)));
     args.extend([unit.ce, unit.lse, unit.lse_squared, unit.logit_sum].map(|v| accumulator(dtype, v)));
-    row_launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args, RowSharing::WithinBlock)
 }
 
 /// The backward into [`Operand::Grad`] (`in_place == false`), or over
@@ -242,7 +242,7 @@ pub fn backward(
         entry("bwd", weighted, dtype)?
     };
     args.extend(row_args(rows, dtype, options));
-    row_launch(entry, rows, dtype, shape, args)
+    row_launch(entry, rows, dtype, shape, args, RowSharing::AcrossBlocks)
 }
 
 /// Threads per block of the labels' conversion (one label per thread).
@@ -315,23 +315,43 @@ fn accumulator(dtype: DType, value: f64) -> KernelArg {
     }
 }
 
-/// Appends `rows_per_block` and the row geometry, and sizes the grid: the
-/// launch of a row kernel, or `None` when the rows are empty (the arguments
-/// are still checked, so that an empty call fails where a full one would).
+/// Whether an entry's rows may be shared by several blocks
+/// ([`LaunchShape::row_splits`]): the backward's may, the forward's reduce
+/// within one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowSharing {
+    WithinBlock,
+    AcrossBlocks,
+}
+
+/// Appends `rows_per_block` (and the backward's `row_splits`) and the row
+/// geometry, and sizes the grid: the launch of a row kernel, or `None` when
+/// the rows are empty (the arguments are still checked, so that an empty call
+/// fails where a full one would).
 fn row_launch(
     entry: &'static str,
     rows: &RowGeometry,
     dtype: DType,
     shape: LaunchShape,
     mut args: Vec<KernelArg>,
+    sharing: RowSharing,
 ) -> Result<Option<KernelLaunch>> {
     shape.check(dtype)?;
     if rows.is_empty() {
         return Ok(None);
     }
     args.push(KernelArg::I32(shape.rows_per_block as i32));
+    let splits = match sharing {
+        RowSharing::WithinBlock => 1,
+        RowSharing::AcrossBlocks => {
+            args.push(KernelArg::I32(shape.row_splits as i32));
+            shape.row_splits as usize
+        }
+    };
     args.extend(rows.strided.args());
-    let blocks = rows.rows.div_ceil(shape.rows_per_block as usize).min(shape.max_blocks as usize) as u32;
+    // Each block's work item is a row group (one split of a row with row_splits > 1).
+    let items = rows.rows.saturating_mul(splits);
+    let blocks = items.div_ceil(shape.rows_per_block as usize).min(shape.max_blocks as usize) as u32;
     Ok(Some(KernelLaunch { entry, blocks, threads: shape.threads, args }))
 }
 

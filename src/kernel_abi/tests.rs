@@ -46,7 +46,7 @@ fn every_dtype_has_its_entries() -> Result<()> {
         assert_eq!(out.args[2], KernelArg::Operand(Operand::Grad));
     }
     assert!(forward(&rows, DType::U8, &options, LaunchShape::for_vocab(DType::U8, 7)).is_err());
-    let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1 };
+    let bad = LaunchShape { threads: 100, rows_per_block: 1, max_blocks: 1, row_splits: 1 };
     assert!(forward(&rows, DType::F32, &options, bad).is_err());
     for dtype in LABEL_DTYPES {
         let geometry = LabelGeometry::new(&Layout::contiguous(3), None)?;
@@ -64,9 +64,10 @@ fn no_empty_launch_can_be_built() -> Result<()> {
     for dims in [[0, 7], [5, 0], [0, 0], [3, 7]] {
         let rows = RowGeometry::new(&Layout::contiguous((dims[0], dims[1])))?;
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-            for shape in
-                [LaunchShape::for_vocab(dtype, dims[1]), LaunchShape { threads: 32, rows_per_block: 1, max_blocks: 1 }]
-            {
+            for shape in [
+                LaunchShape::for_vocab(dtype, dims[1]),
+                LaunchShape { threads: 32, rows_per_block: 1, max_blocks: 1, row_splits: 1 },
+            ] {
                 let options = options();
                 let launches = [
                     forward(&rows, dtype, &options, shape)?,
@@ -155,4 +156,53 @@ fn class_weights_pick_the_weighted_entries() -> Result<()> {
         assert!(backward(&rows, DType::BF16, &options, false, shape).is_err());
     }
     Ok(())
+}
+
+/// Split rows: the backward's grid has a block for each split of each row
+/// (up to `max_blocks`) and passes the count after `rows_per_block`; the
+/// forward, which reduces a row within one block, neither sizes its grid by
+/// the splits nor takes them; counts outside 1 to `MAX_ROW_SPLITS`, and
+/// splits of rows that a warp works on, are refused.
+#[test]
+fn split_rows_size_the_backward_only() -> Result<()> {
+    let rows = RowGeometry::new(&Layout::contiguous((10, 5000)))?;
+    let split = LaunchShape { threads: 128, rows_per_block: 1, max_blocks: MAX_BLOCKS, row_splits: 4 };
+    let whole = LaunchShape { row_splits: 1, ..split };
+    for in_place in [false, true] {
+        let launch = backward(&rows, DType::F32, &options(), in_place, split)?.expect("a launch");
+        assert_eq!(launch.blocks, 40, "{in_place}");
+        let unsplit = backward(&rows, DType::F32, &options(), in_place, whole)?.expect("a launch");
+        assert_eq!(unsplit.blocks, 10);
+        // rows_per_block, then row_splits, where the unsplit launch has them too.
+        let at = launch.args.iter().position(|a| *a == KernelArg::I32(1)).expect("rows_per_block");
+        assert_eq!(launch.args[at + 1], KernelArg::I32(4));
+        assert_eq!(unsplit.args[at + 1], KernelArg::I32(1));
+        assert_eq!(launch.args.len(), unsplit.args.len());
+    }
+    let capped = LaunchShape { max_blocks: 7, ..split };
+    assert_eq!(backward(&rows, DType::F32, &options(), false, capped)?.expect("a launch").blocks, 7);
+    let forward_launch = forward(&rows, DType::F32, &options(), split)?.expect("a launch");
+    assert_eq!(forward_launch, forward(&rows, DType::F32, &options(), whole)?.expect("a launch"));
+    assert_eq!(forward_launch.blocks, 10);
+    for bad in [
+        LaunchShape { row_splits: 0, ..split },
+        LaunchShape { row_splits: MAX_ROW_SPLITS + 1, ..split },
+        LaunchShape { rows_per_block: 4, ..split },
+    ] {
+        let err = backward(&rows, DType::F32, &options(), false, bad).expect_err("a bad split").to_string();
+        assert!(err.contains("row_splits") || err.contains("share a row"), "{bad:?}: {err}");
+    }
+    Ok(())
+}
+
+/// Bad split counts are refused and change nothing (a good one would change
+/// every test's launches: the GPU table sets it, no test does).
+#[cfg(feature = "testing")]
+#[test]
+fn bad_row_split_counts_are_refused() {
+    for bad in [0, MAX_ROW_SPLITS + 1, 1000] {
+        let err = set_row_splits(Some(bad)).expect_err("a bad split count").to_string();
+        assert!(err.contains("shared by 1 to 64 blocks"), "{err}");
+    }
+    assert_eq!(LaunchShape::for_vocab(DType::BF16, 128_256).row_splits, 1);
 }
