@@ -33,7 +33,8 @@ impl LaunchShape {
     /// The shape the launcher uses for rows of `vocab` elements of `dtype`:
     /// a warp per row while each lane has at most 8 sixteen-byte packs, else a
     /// block per row with at least 8 packs per thread (two of the kernels'
-    /// batches of loads), 64 to [`MAX_ROW_BLOCK`] threads.
+    /// batches of loads), 64 to [`MAX_ROW_BLOCK`] threads; one block a row in
+    /// the backward too (`row_splits` 1: split rows are unmeasured on a GPU).
     pub fn for_vocab(dtype: DType, vocab: usize) -> Self {
         let packs = vocab.div_ceil(16 / dtype.size_in_bytes().max(1));
         if packs <= 32 * 8 {
