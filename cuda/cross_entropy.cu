@@ -26,7 +26,12 @@
 //   [B, S-1, V] view, or with an odd V, start anywhere.
 // - The target class and the accuracy bookkeeping are handled per pack, not
 //   per element: only the one pack that holds the target looks at indices.
-// - exp(x - m) is exp2(x * log2(e) - m * log2(e)), one FMA and one ex2.
+// - exp(x - m) is exp2(x * log2(e) - m * log2(e)), one FMA and one ex2 that
+//   flushes results below 2^-126 to zero (`exp2_of`: exp2f spends three more
+//   instructions an element on them); bf16 packs are widened a 32-bit word at
+//   a time (`widen_pack`). Both cut the forward's bf16 loop from 355 to 244
+//   instructions per batch of four packs, and the backward's from 346 to 235
+//   (cuobjdump -sass, sm_90, 2026-12-05).
 // - In-row indices are 32-bit (V < 2^31 is checked by the host); row offsets
 //   are 64-bit: N * V passes 2^31 at N = 16384, V = 131072.
 // - The logit sum's class weights c ([V], `sum_weights`) have entries of their

@@ -68,8 +68,9 @@ __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ l
             constexpr int U = kInFlight<T, HEAVY>;
             for_each_pack<T, U>(body, packs, group.lane, group.threads, [&](const Pack<T>& pack, int k) {
                 A x[W];
+                widen_pack(pack, x);
 #pragma unroll
-                for (int i = 0; i < W; ++i) x[i] = capped<CAP>(A(widen(pack.e[i])), cap);
+                for (int i = 0; i < W; ++i) x[i] = capped<CAP>(x[i], cap);
                 add_logits<SUM, WEIGHTED>(p, x, head + k * W, y, sum_weights);
             });
             if (group.lane < vocab - tail) {

@@ -78,8 +78,7 @@ __device__ void write_row_grad(const T* row, T* out, int vocab, int y, const Row
         for_each_pack<T, U>(body, packs, group.lane, group.threads, [&](const Pack<T>& pack, int k) {
             const int j0 = head + k * W;
             A x[W], g[W];
-#pragma unroll
-            for (int i = 0; i < W; ++i) x[i] = A(widen(pack.e[i]));
+            widen_pack(pack, x);
             grad_of<CAP, WEIGHTED>(x, g, j0, y, f, cap, sum_weights);
             store_grad<T>(out, j0, g, out_aligned_like_in);
         });
