@@ -29,9 +29,14 @@
 // - exp(x - m) is exp2(x * log2(e) - m * log2(e)), one FMA and one ex2 that
 //   flushes results below 2^-126 to zero (`exp2_of`: exp2f spends three more
 //   instructions an element on them); bf16 packs are widened a 32-bit word at
-//   a time (`widen_pack`). Both cut the forward's bf16 loop from 355 to 244
-//   instructions per batch of four packs, and the backward's from 346 to 235
-//   (cuobjdump -sass, sm_90, 2026-12-05).
+//   a time (`widen_pack`); the backward's gradient has a loop of its own for
+//   each alignment (`write_row_grad`). The forward's bf16 loop issues 244
+//   instructions per batch of four packs where it issued 355, the backward's
+//   197 where it issued 346 out of place and 309 in place; f32's forward 143
+//   (191), backward 109 (173 out of place, 148 in place): bash
+//   scripts/sass-loops.sh (sm_90, 2026-12-05). Fewer instructions leave more
+//   of each SM's issue slots to absorb stalls (see that script); no GPU has
+//   timed them yet.
 // - In-row indices are 32-bit (V < 2^31 is checked by the host); row offsets
 //   are 64-bit: N * V passes 2^31 at N = 16384, V = 131072.
 // - The logit sum's class weights c ([V], `sum_weights`) have entries of their

@@ -110,11 +110,11 @@ __device__ void forward(LogitsPtr<GRAD, T> logits, const int64_t* __restrict__ l
                 const RowGrad<A> f(unit.ce, unit.lse + unit.lse_squared * lse, unit.sum, lse, ce, A(1));
                 if constexpr (GRAD == GRAD_IN_PLACE) {
                     // Each element is read before its own thread rewrites it.
-                    write_row_grad<T, A, CAP, false>(row, row, vocab, y, f, cap, sum_weights, group);
+                    write_row_grad<T, A, CAP, false, false>(row, row, vocab, y, f, cap, sum_weights, group);
                 } else {
                     // 64-bit: rows * V passes 2^31 at realistic sizes.
                     T* out = grad + r * int64_t(vocab);
-                    write_row_grad<T, A, CAP, false>(row, out, vocab, y, f, cap, sum_weights, group);
+                    write_row_grad<T, A, CAP, false, false>(row, out, vocab, y, f, cap, sum_weights, group);
                 }
             }
         }
@@ -150,7 +150,7 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
         const RowGrad<A> row_grad = valid ? RowGrad<A>(f[FACTOR_G_CE], f[FACTOR_G_LSE], f[FACTOR_G_SUM], f[FACTOR_LSE],
                                                        f[FACTOR_CE], target_weight)
                                           : RowGrad<A>(0, 0, 0, 0, 0, 0);
-        write_row_grad<T, A, CAP, WEIGHTED>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, sum_weights,
+        write_row_grad<T, A, CAP, WEIGHTED, true>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, sum_weights,
                                             group);
     }
 }
