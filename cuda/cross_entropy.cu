@@ -30,10 +30,12 @@
 //   flushes results below 2^-126 to zero (`exp2_of`: exp2f spends three more
 //   instructions an element on them); bf16 packs are widened a 32-bit word at
 //   a time (`widen_pack`); the backward's gradient has a loop of its own for
-//   each alignment (`write_row_grad`). The forward's bf16 loop issues 244
-//   instructions per batch of four packs where it issued 355, the backward's
-//   197 where it issued 346 out of place and 309 in place; f32's forward 143
-//   (191), backward 109 (173 out of place, 148 in place): bash
+//   each alignment (`write_row_grad`); the forward forms its exponents' shift
+//   when the running max changes, not per pack (`RowPartial::shift`). The
+//   forward's bf16 loop issues 225 instructions per batch of four packs where
+//   it issued 355, the backward's 197 where it issued 346 out of place and 309
+//   in place; f32's forward 127 (191), backward 109 (173 out of place, 148 in
+//   place): bash
 //   scripts/sass-loops.sh (sm_90, 2026-12-05). Fewer instructions leave more
 //   of each SM's issue slots to absorb stalls (see that script); no GPU has
 //   timed them yet.

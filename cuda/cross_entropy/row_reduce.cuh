@@ -14,10 +14,13 @@ template <typename A> struct RowPartial {
     A sum;         // of exp(x_j - max), j != y; NaN poisons it, as in PyTorch
     A max_before;  // of the logits j < y, NaN while there is none: token accuracy needs no other index
     double logit_sum;  // of all logits (times their class weights), only for label smoothing
+    // max log2(e), or 0 while max is -inf: what add_logits subtracts from each exponent, formed
+    // when max changes instead of once per pack. Only add_logits keeps it (merges leave it stale).
+    A shift;
 };
 
 template <typename A> __device__ __forceinline__ RowPartial<A> empty_partial() {
-    return RowPartial<A>{neg_inf<A>(), A(0), A(NAN), 0.0};
+    return RowPartial<A>{neg_inf<A>(), A(0), A(NAN), 0.0, A(0)};
 }
 
 // Merges (m2, s2) into (m, s). A sum of 0 contributes nothing whatever its max.
@@ -62,11 +65,11 @@ __device__ __forceinline__ void add_logits(RowPartial<A>& p, A (&x)[N], int j0, 
     if (pack_max > p.max) {
         p.sum = p.sum == A(0) ? A(0) : p.sum * exp2_of((p.max - pack_max) * log2e<A>());
         p.max = pack_max;
+        // While the max is -inf every logit so far is -inf (contributes 0) or NaN.
+        p.shift = p.max > neg_inf<A>() ? p.max * log2e<A>() : A(0);
     }
-    // While the max is -inf every logit so far is -inf (contributes 0) or NaN.
-    const A shift = p.max > neg_inf<A>() ? p.max * log2e<A>() : A(0);
 #pragma unroll
-    for (int i = 0; i < N; ++i) p.sum += exp2_of(fma_of(x[i], log2e<A>(), -shift));
+    for (int i = 0; i < N; ++i) p.sum += exp2_of(fma_of(x[i], log2e<A>(), -p.shift));
 }
 
 // Merges the partials of a warp's 32 lanes; every lane returns the result.
