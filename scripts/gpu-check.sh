@@ -11,7 +11,8 @@
 # and 1024 threads) and PyTorch's cross-entropy on the
 # same card, the linear loss against PyTorch's, then ncu's kernel times over two GPT-2 124M steps
 # (after GPT-2 124M against PyTorch again with f32 products in TF32 on both sides) and over the
-# linear loss's loss_and_grads, and its DRAM bytes of the f32 backward entries.
+# linear loss's loss_and_grads, and the DRAM bytes and issue slots of the bf16 forward and f32
+# backward entries.
 # On an H200 (2026-12-04) the whole check took 300 s, before the row-block tables, the in_forward
 # cells, initcheck and the ncu steps were added.
 # Parts: GPU_CHECK_PARTS=all (the default), core (everything but ncu and TF32) or profile (the
@@ -287,15 +288,21 @@ if [ -n "$ncu" ]; then
   ncu_linear_log=$step_log
 fi
 
-# --- f3. the f32 out-of-place backward: 7-8 ms where in place takes 2.5 and bf16 out of place 1.3,
-# freed memory retained (issue 21, not understood). DRAM bytes and time of one launch of each f32
-# backward entry at 8192 x 128256 (4.2 GB each way): reads beyond the logits would be the writes'
-# allocation, a time beyond the bytes something else.
+# --- f3. one launch each of the bf16 forward and the f32 backward entries at 8192 x 128256: time,
+# DRAM bytes, the share of issue slots used and of DRAM bandwidth. The bf16 forward read 2.0 TB/s
+# (2026-12-04); its loop issues 225 instructions per four packs where it issued 355 then
+# (scripts/sass-loops.sh): issue slots near 100% would say the instructions still bound it. The f32
+# out-of-place backward: 7-8 ms where in place takes 2.5 and bf16 out of place 1.3, freed memory
+# retained (issue 21, not understood): reads beyond the logits would be the writes' allocation, a
+# time beyond the bytes something else.
+ncu_metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+ncu_metrics+=,smsp__issue_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed
 if [ -n "$ncu" ]; then
-  for entry in ce_bwd_f32 ce_bwd_inplace_f32; do
+  for entry_dtype in ce_fwd_bf16:bf16 ce_bwd_f32:f32 ce_bwd_inplace_f32:f32; do
+    entry=${entry_dtype%:*}
     run_step "ncu-$entry" 40 "$ncu" --kernel-name "regex:^${entry}\$" --launch-skip 2 --launch-count 1 \
-      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv --print-units base \
-      --clock-control none "$bin/gpu_table" 8192x128256 --dtype f32 --retain-freed --reps 2
+      --metrics "$ncu_metrics" --csv --print-units base \
+      --clock-control none "$bin/gpu_table" 8192x128256 --dtype "${entry_dtype#*:}" --retain-freed --reps 2
     ncu_bwd_logs+=("$step_log")
   done
 fi
@@ -355,10 +362,10 @@ summary=$out_dir/summary.md
   echo "## ncu: the kernels of 4 loss_and_grads calls at 8192 x 4096 x 128256 bf16, the inputs' setup included (${ncu:-ncu not found})"
   if [ -n "$ncu_linear_log" ]; then grep -E '^\||^kernel time|^no ' "$ncu_linear_log" | head -25; else echo "not run"; fi
   echo
-  echo "## ncu: the f32 backward entries at 8192 x 128256, one launch each (metric, bytes or ns)"
+  echo "## ncu: the bf16 forward and the f32 backward entries at 8192 x 128256, one launch each (metric, bytes, ns or %)"
   for log in "${ncu_bwd_logs[@]}"; do
     head -1 "$log" | sed 's/^== /- /'
-    grep -E '"(gpu__time_duration|dram__bytes_(read|write))\.sum"' "$log" |
+    grep -E '"((gpu__time_duration|dram__bytes_(read|write))\.sum|smsp__issue_active\.avg\.pct_of_peak_sustained_active|dram__throughput\.avg\.pct_of_peak_sustained_elapsed)"' "$log" |
       awk -F'","' '{ printf "  - %s %s: %s\n", $5, $(NF-2), $NF }' | tr -d '"'
   done
   echo
