@@ -10,8 +10,8 @@
 // materialises probabilities. Backward: the same traversal reads the row once
 // more and writes the gradient in the logits' dtype, into a fresh buffer or
 // over the logits; given the row's factors every element is independent, so
-// `row_splits` blocks may share a row there. Both apply the optional soft-cap cap * tanh(x / cap) to each
-// logit as they read it. The maths, and why the loss and the target term are
+// `row_splits` blocks may share a row there. Both apply the optional soft-cap
+// cap * tanh(x / cap) to each logit as they read it. The maths, and why the loss and the target term are
 // formed as they are (no cancellation when p_y -> 1), is written once in
 // src/op/mod.rs; the CPU kernels in src/cpu/ compute the same thing. The argument
 // lists of the entries below are described once, in src/kernel_abi/, for both the CUDA
@@ -35,10 +35,9 @@
 //   forward's bf16 loop issues 225 instructions per batch of four packs where
 //   it issued 355, the backward's 197 where it issued 346 out of place and 309
 //   in place; f32's forward 127 (191), backward 109 (173 out of place, 148 in
-//   place): bash
-//   scripts/sass-loops.sh (sm_90, 2026-12-05). Fewer instructions leave more
-//   of each SM's issue slots to absorb stalls (see that script); no GPU has
-//   timed them yet.
+//   place), by `bash scripts/sass-loops.sh` (sm_90, 2026-12-05). Fewer
+//   instructions leave more of each SM's issue slots to absorb stalls (see
+//   that script); no GPU has timed them yet.
 // - In-row indices are 32-bit (V < 2^31 is checked by the host); row offsets
 //   are 64-bit: N * V passes 2^31 at N = 16384, V = 131072.
 // - The logit sum's class weights c ([V], `sum_weights`) have entries of their

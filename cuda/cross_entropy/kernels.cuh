@@ -150,7 +150,7 @@ __device__ void backward(const T* logits, const int64_t* __restrict__ labels, co
         const RowGrad<A> row_grad = valid ? RowGrad<A>(f[FACTOR_G_CE], f[FACTOR_G_LSE], f[FACTOR_G_SUM], f[FACTOR_LSE],
                                                        f[FACTOR_CE], target_weight)
                                           : RowGrad<A>(0, 0, 0, 0, 0, 0);
-        write_row_grad<T, A, CAP, WEIGHTED, true>(row, out, vocab, valid ? int(label) : -1, row_grad, cap, sum_weights,
-                                            group);
+        write_row_grad<T, A, CAP, WEIGHTED, true>(row, out, vocab, valid ? int(label) : -1, row_grad, cap,
+                                                  sum_weights, group);
     }
 }
