@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -48,7 +49,7 @@ __device__ __forceinline__ float exp2_of(float x) {
     return y;
 #else
     const float y = exp2f(x);
-    return y < 1.17549435e-38f ? 0.0f : y;
+    return y < FLT_MIN ? 0.0f : y;
 #endif
 }
 __device__ __forceinline__ double exp2_of(double x) { return exp2(x); }

@@ -48,10 +48,7 @@ impl LaunchShape {
             chosen => chosen.min(max_threads(dtype)),
         };
         #[cfg(feature = "testing")]
-        let row_splits = match ROW_SPLITS.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => 1,
-            chosen => chosen,
-        };
+        let row_splits = ROW_SPLITS.load(std::sync::atomic::Ordering::Relaxed).max(1);
         #[cfg(not(feature = "testing"))]
         let row_splits = 1;
         Self { threads, rows_per_block: 1, max_blocks: MAX_BLOCKS, row_splits }
