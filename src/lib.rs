@@ -68,6 +68,7 @@
 #![warn(missing_docs)]
 
 mod call;
+mod candle_limits;
 mod config;
 mod cpu;
 #[cfg(feature = "cuda")]

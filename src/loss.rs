@@ -7,6 +7,7 @@ use crate::call::{
     checked_labels, checked_logits, CallLabels, CallWeights, ClassWeights, CrossEntropyOutput, LossCall, Reduction,
     Settings, TokenCall,
 };
+use crate::candle_limits::check_cuda_elements;
 use crate::config::{Engine, OpConfig};
 use crate::op::{self, LogitsBackward, StatsNode};
 use crate::precomputed::{boost_of, PrecomputedGrad};
@@ -239,7 +240,12 @@ impl ChunkedCrossEntropy {
     /// `compile = false`; `label_smoothing` outside `[0, 1]`, a negative or
     /// non-finite `z_loss`, a soft-cap that is not positive and finite;
     /// `grad_in_forward` with [`Reduction::None`]; labels on a device other
-    /// than the logits' and the CPU, a mask on another device than the labels.
+    /// than the logits' and the CPU, a mask on another device than the labels;
+    /// on CUDA, logits of `2^32 - 2^24` elements or more that have a gradient
+    /// (candle's backward adds it), need a copy to a unit-stride `V` or go
+    /// through `force_autograd`: candle's own CUDA kernels count elements in
+    /// 32 bits and would take over 100 times their work or never finish (our
+    /// kernels count in 64 bits: detached logits of any size are fine).
     pub fn forward(&self, logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(logits, labels, mask, None)
     }
@@ -437,6 +443,16 @@ impl ChunkedCrossEntropy {
         mask: Option<&Tensor>,
         cfg: &OpConfig,
     ) -> Result<(Tensor, CallLabels, OpConfig)> {
+        if logits.track_op() || cfg.engine == Engine::Autograd {
+            check_cuda_elements(logits.device(), logits.elem_count(), || {
+                format!(
+                    "chunked cross-entropy: logits {:?} whose gradient candle's backward adds (or that candle's ops \
+                     reduce, with force_autograd): use LinearCrossEntropy (no [N, V] logits or gradient), or form \
+                     the logits of fewer tokens a call",
+                    logits.shape()
+                )
+            })?;
+        }
         let logits = checked_logits(logits)?;
         let vocab = logits.dim(candle::D::Minus1)?;
         let labels = checked_labels(&logits, vocab, labels, mask, self.settings.ignore_index)?;

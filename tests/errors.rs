@@ -386,3 +386,47 @@ device_tests!(
     compute_cross_entropy_bad_target,
     labels_unchanged_after_error,
 );
+
+/// On CUDA, tensors that candle's own kernels would walk past their 32-bit
+/// element counts (`2^32 - 2^24` elements and more: over 100 times their work,
+/// or a kernel that never ends) are refused with an error instead of a hung
+/// GPU: logits whose gradient candle's backward adds, logits it must copy to
+/// a unit-stride vocabulary, and hidden states whose gradient it adds. The
+/// same logits detached (only our 64-bit kernels read them) give their loss.
+#[cfg(feature = "cuda")]
+#[test]
+fn candle_cuda_element_limit() -> anyhow::Result<()> {
+    use candle::Var;
+    let Some(gpu) = common::cuda_or_skip("candle_cuda_element_limit") else { return Ok(()) };
+    // 65280 x 65536 = 2^32 - 2^24 elements, 8.6 GB of f16 (a zero fill; nothing else runs over them).
+    let (rows, vocab) = (65_280usize, 65_536usize);
+    let limit_words = ["elements on CUDA", "32 bits", "2^32 - 2^24"];
+    let labels = Tensor::zeros(rows, DType::U32, &gpu)?;
+    let ce = ChunkedCrossEntropy::default();
+    let logits = Var::from_tensor(&Tensor::zeros((rows, vocab), DType::F16, &gpu)?)?;
+    expect_err(
+        ce.forward(logits.as_tensor(), &labels, None),
+        &[&limit_words[..], &["logits", "LinearCrossEntropy"]].concat(),
+        "logits with a gradient",
+    );
+    // Uniform logits: every token's loss is ln V (to f32 sums over 65280 tokens).
+    let loss = ce.forward(&logits.as_tensor().detach(), &labels, None)?.to_scalar::<f32>()? as f64;
+    let want = (vocab as f64).ln();
+    assert!((loss - want).abs() < 1e-3 * want, "detached logits: loss {loss}, want ln {vocab} = {want}");
+    drop(logits);
+    let transposed = Tensor::zeros((vocab, rows), DType::F16, &gpu)?.t()?;
+    expect_err(
+        ce.forward(&transposed, &labels, None),
+        &[&limit_words[..], &["unit-stride", "copies"]].concat(),
+        "transposed logits",
+    );
+    drop(transposed);
+    let hidden = Var::from_tensor(&Tensor::zeros((rows, vocab), DType::F16, &gpu)?)?;
+    let weight = Tensor::zeros((8, vocab), DType::F16, &gpu)?;
+    expect_err(
+        LinearCrossEntropy::default().forward(hidden.as_tensor(), &weight, &labels, None),
+        &[&limit_words[..], &["hidden states"]].concat(),
+        "hidden states with a gradient",
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! class and per-token loss weights), and its weights in the loss's dtype.
 
 use super::{ClassWeights, Settings};
+use crate::candle_limits::check_cuda_elements;
 use crate::config::{compute_dtype, LABEL_DTYPES};
 use crate::op::RowWeights;
 use candle::{bail, DType, Result, Shape, Tensor};
@@ -134,7 +135,8 @@ fn checked_weights(name: &str, weights: &Tensor, dims: &[usize], expected: &str,
 }
 
 /// Checks rank and dtype, and gives the vocabulary dim unit stride (a copy
-/// only when it has another stride, e.g. transposed logits).
+/// only when it has another stride, e.g. transposed logits; refused on CUDA
+/// past what candle's copy can count, see `candle_limits`).
 pub(crate) fn checked_logits(logits: &Tensor) -> Result<Tensor> {
     if !matches!(logits.rank(), 2 | 3) {
         bail!("chunked cross-entropy: logits must be [N, V] or [B, S, V], got {:?}", logits.shape())
@@ -147,6 +149,12 @@ pub(crate) fn checked_logits(logits: &Tensor) -> Result<Tensor> {
     if unit_stride {
         Ok(logits.clone())
     } else {
+        check_cuda_elements(logits.device(), logits.elem_count(), || {
+            format!(
+                "chunked cross-entropy: {:?} inputs without a unit-stride last dim, which candle copies",
+                logits.shape()
+            )
+        })?;
         logits.contiguous()
     }
 }

@@ -213,7 +213,11 @@ impl LinearCrossEntropy {
     ///
     /// # Errors
     /// Those of [`ChunkedCrossEntropy::forward`](crate::ChunkedCrossEntropy::forward), `hidden` of width
-    /// `H = 0`, and `weight` not `[V, H]` with `hidden`'s `H`, dtype and device.
+    /// `H = 0`, and `weight` not `[V, H]` with `hidden`'s `H`, dtype and device. On CUDA, as there,
+    /// what candle's own kernels would walk past `2^32 - 2^24` elements: `hidden` with a gradient,
+    /// a `weight` whose gradient is handed out (through autograd or
+    /// [`loss_and_grads`](Self::loss_and_grads)), the rows gathered when labels are ignored, and
+    /// the whole `[N, V]` logits with `force_autograd`.
     pub fn forward(&self, hidden: &Tensor, weight: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         self.forward_with_num_label_tokens(hidden, weight, labels, mask, None)
     }

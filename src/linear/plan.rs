@@ -9,6 +9,7 @@ use super::products::Projection;
 use super::rows::RowSelection;
 use super::LinearCrossEntropy;
 use crate::call::{checked_labels, checked_logits, CallWeights, LossCall, TokenCall};
+use crate::candle_limits::check_cuda_elements;
 use crate::config::{Engine, OpConfig};
 use crate::op::{self, RowWeights};
 use crate::primitive;
@@ -49,6 +50,7 @@ impl LinearCrossEntropy {
         let rows = hidden.reshape(((), width))?;
         let weights = self.settings.call_weights(&rows, vocab, &labels, &labels_shape, loss_weights)?;
         let cfg = OpConfig { sum_weights: weights.sum_weights.clone(), ..self.settings.op_config(hidden.device())? };
+        check_candle_counts(&hidden, weight, weight_grad, cfg.engine)?;
         let inputs: Vec<&Tensor> = [&hidden, weight].into_iter().chain(bias).collect();
         if let Some(call) = self.settings.empty_call(&inputs, &labels, &labels_shape)? {
             return Ok(Plan::Empty(call));
@@ -102,6 +104,33 @@ impl LinearCrossEntropy {
             weight_sum,
         }))
     }
+}
+
+/// Refuses, on CUDA, what candle's own kernels would walk past their 32-bit
+/// counts (see `candle_limits`): hidden states whose gradient candle's
+/// backward adds, a weight whose gradient the call hands out (candle adds it,
+/// or casts it from its f32 sum), and the `[N, V]` logits a recorded call
+/// (`force_autograd`) forms with candle's ops.
+fn check_candle_counts(hidden: &Tensor, weight: &Tensor, weight_grad: WeightGrad, engine: Engine) -> Result<()> {
+    let device = hidden.device();
+    let (width, vocab) = (hidden.dim(candle::D::Minus1)?, weight.dim(0)?);
+    let rows = hidden.elem_count() / width.max(1);
+    if hidden.track_op() {
+        check_cuda_elements(device, hidden.elem_count(), || {
+            format!("linear cross-entropy: hidden states {:?} whose gradient candle's backward adds", hidden.shape())
+        })?;
+    }
+    if weight_grad == WeightGrad::Fresh {
+        check_cuda_elements(device, weight.elem_count(), || {
+            format!("linear cross-entropy: a weight {:?} whose gradient candle adds or casts", weight.shape())
+        })?;
+    }
+    if engine == Engine::Autograd {
+        check_cuda_elements(device, rows.saturating_mul(vocab), || {
+            format!("linear cross-entropy: the [{rows}, {vocab}] logits that force_autograd forms with candle's ops")
+        })?;
+    }
+    Ok(())
 }
 
 /// What a linear-loss call computes, once its inputs are validated.

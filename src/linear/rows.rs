@@ -1,5 +1,6 @@
 //! The rows the linear loss's products run on: the valid ones only.
 
+use crate::candle_limits::check_cuda_elements;
 use crate::config::RowLabel;
 use candle::{bail, Device, Result, Tensor};
 
@@ -87,17 +88,15 @@ impl RowSelection {
 }
 
 /// `t.index_select(index, 0)`, refused where candle-kernels' CUDA kernel
-/// would count the source's or the result's elements past 32 bits (its loop
-/// and indices are `unsigned int`: the result would be wrong, not an error).
+/// could not count the source's or the result's elements (its loop and
+/// indices are `unsigned int`: see `candle_limits`).
 fn indexed_rows(t: &Tensor, index: &Tensor) -> Result<Tensor> {
     let row = t.elem_count() / t.dim(0)?.max(1);
     let largest = t.elem_count().max(index.elem_count() * row);
-    if t.device().is_cuda() && u32::try_from(largest).is_err() {
-        bail!(
-            "linear cross-entropy: {largest} elements ({} rows of {row}) exceed the 32-bit count of candle's CUDA index_select; pass fewer rows a call",
-            t.dim(0)?.max(index.elem_count())
-        )
-    }
+    check_cuda_elements(t.device(), largest, || {
+        let rows = t.dim(0).unwrap_or(0).max(index.elem_count());
+        format!("linear cross-entropy: {rows} rows of {row} gathered by candle's index_select; pass fewer rows a call")
+    })?;
     t.index_select(index, 0)
 }
 
